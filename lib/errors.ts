@@ -1,0 +1,207 @@
+// Typed errors. Every failure lockmgr reports is one of these classes, with a
+// stable `code`; a failure that came from a system call carries a Node-style
+// system error as its `cause` (errno, code, syscall, path), worded like Node's
+// own fs errors. docs/errors.md is the table of every errno and its class.
+import { getSystemErrorMap, getSystemErrorName } from 'node:util';
+import { constants as osConstants } from 'node:os';
+
+/** A Node-style system error, as fs produces: `EAGAIN: resource temporarily unavailable, fcntl '/path'`. */
+export interface SystemError extends Error {
+  errno: number;
+  code: string;
+  syscall: string;
+  path?: string;
+}
+
+export class LockManagerError extends Error {
+  readonly code: string = 'ERR_LOCKMGR';
+  constructor(message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = new.target.name;
+  }
+}
+
+/** A bad mode, range, path or option. Nothing was opened, locked or spawned. */
+export class InvalidArgumentError extends LockManagerError {
+  override readonly code = 'ERR_INVALID_ARGUMENT';
+}
+
+/** The resource could not be opened: it is missing, not accessible, read-only, ... */
+export class ResourceAccessError extends LockManagerError {
+  override readonly code = 'ERR_RESOURCE_ACCESS';
+}
+
+/** Who holds a conflicting lock, as far as the kernel tells. */
+export interface LockHolder {
+  mode: 'exclusive' | 'shared';
+  start: number;
+  length: number;
+  /** -1 for an OFD lock: the kernel does not record which process holds it. */
+  pid: number;
+}
+
+/** A conflicting lock is held. `holder` says what is known of it. */
+export class ResourceBusyError extends LockManagerError {
+  override readonly code = 'ERR_RESOURCE_BUSY';
+  readonly holder: LockHolder | null;
+  constructor(message: string, options?: { cause?: unknown; holder?: LockHolder | null }) {
+    super(message, options);
+    this.holder = options?.holder ?? null;
+  }
+}
+
+/** A wait for a lock ran out of time. The lock is not held. */
+export class LockTimeoutError extends LockManagerError {
+  override readonly code = 'ERR_LOCK_TIMEOUT';
+  readonly timeout: number;
+  /** The conflicting lock at the moment the wait gave up, if one was still there. */
+  readonly holder: LockHolder | null;
+  constructor(message: string, options: { timeout: number; holder?: LockHolder | null; cause?: unknown }) {
+    super(message, options);
+    this.timeout = options.timeout;
+    this.holder = options.holder ?? null;
+  }
+}
+
+/** A wait was aborted through its AbortSignal. `cause` is the signal's reason. The lock is not held. */
+export class AbortError extends LockManagerError {
+  override readonly code = 'ABORT_ERR';
+  constructor(message = 'The operation was aborted', options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = 'AbortError';
+  }
+}
+
+/** An exclusive lock on a file opened for reading only. */
+export class AccessModeError extends LockManagerError {
+  override readonly code = 'ERR_ACCESS_MODE';
+}
+
+/** The filesystem, kernel or process cannot do this. */
+export class UnsupportedError extends LockManagerError {
+  override readonly code = 'ERR_UNSUPPORTED';
+}
+
+/** The kernel's lock table is full, or a network lock manager is down (ENOLCK). */
+export class NoLocksAvailableError extends LockManagerError {
+  override readonly code = 'ERR_NO_LOCKS';
+}
+
+/** Out of file descriptors, memory or threads. Nothing was left half-done. */
+export class ResourceExhaustedError extends LockManagerError {
+  override readonly code = 'ERR_RESOURCE_EXHAUSTED';
+}
+
+/** A call at the wrong time: use after close, or a state that does not allow it. */
+export class InvalidStateError extends LockManagerError {
+  override readonly code = 'ERR_INVALID_STATE';
+}
+
+/** The kernel returned something it is documented never to return here. A bug, ours or the kernel's. */
+export class InternalError extends LockManagerError {
+  override readonly code = 'ERR_INTERNAL';
+}
+
+export type ErrorClass = new (message: string, options?: { cause?: unknown }) => LockManagerError;
+
+/** The system calls whose errors lockmgr maps. */
+export type Syscall = 'open' | 'fcntl';
+
+/**
+ * Every errno open(2) and fcntl(2) can return on Linux, and the class it maps to.
+ * An errno not listed is InternalError. EINTR never surfaces: it is retried.
+ * docs/errors.md shows this table; a test keeps the two equal.
+ */
+export const ERRNO_CLASSES: Readonly<Record<Syscall, Readonly<Record<string, ErrorClass>>>> = {
+  open: {
+    ENOENT: ResourceAccessError,
+    ENOTDIR: ResourceAccessError,
+    EACCES: ResourceAccessError,
+    EPERM: ResourceAccessError,
+    EROFS: ResourceAccessError,
+    EISDIR: ResourceAccessError,
+    ELOOP: ResourceAccessError,
+    ENXIO: ResourceAccessError,
+    ENODEV: ResourceAccessError,
+    ENAMETOOLONG: ResourceAccessError,
+    ETXTBSY: ResourceAccessError,
+    EFBIG: ResourceAccessError,
+    EOVERFLOW: ResourceAccessError,
+    EINVAL: ResourceAccessError,
+    EIO: ResourceAccessError,
+    ENOMEDIUM: ResourceAccessError,
+    ESTALE: ResourceAccessError,
+    EBUSY: ResourceAccessError,
+    EOPNOTSUPP: ResourceAccessError,
+    EAGAIN: ResourceBusyError,
+    EMFILE: ResourceExhaustedError,
+    ENFILE: ResourceExhaustedError,
+    ENOMEM: ResourceExhaustedError,
+    ENOSPC: ResourceExhaustedError,
+    EDQUOT: ResourceExhaustedError,
+    EFAULT: InternalError,
+    EBADF: InternalError,
+    EEXIST: InternalError,
+  },
+  fcntl: {
+    EAGAIN: ResourceBusyError,
+    EACCES: ResourceBusyError,
+    EDEADLK: ResourceBusyError,
+    EBADF: AccessModeError,
+    EINVAL: UnsupportedError,
+    EOPNOTSUPP: UnsupportedError,
+    ENOSYS: UnsupportedError,
+    ENOLCK: NoLocksAvailableError,
+    EOVERFLOW: InvalidArgumentError,
+    EIO: ResourceAccessError,
+    ESTALE: ResourceAccessError,
+    ENOMEM: ResourceExhaustedError,
+    EFAULT: InternalError,
+  },
+};
+
+const errorMap = getSystemErrorMap();
+
+/** Positive errno of a name such as 'EAGAIN'. */
+export function errnoOf(name: string): number {
+  const n = (osConstants.errno as Record<string, number>)[name];
+  if (n === undefined) throw new RangeError(`unknown errno name ${name}`);
+  return n;
+}
+
+/** Builds the Node-style system error for a positive errno. */
+export function systemError(errno: number, syscall: string, path?: string): SystemError {
+  const name = errnoName(errno);
+  const description = errorMap.get(-errno)?.[1] ?? 'unknown error';
+  const where = path === undefined ? syscall : `${syscall} '${path}'`;
+  const err = new Error(`${name}: ${description}, ${where}`) as SystemError;
+  err.errno = -errno;
+  err.code = name;
+  err.syscall = syscall;
+  if (path !== undefined) err.path = path;
+  return err;
+}
+
+function errnoName(errno: number): string {
+  try {
+    return getSystemErrorName(-errno);
+  } catch {
+    return `Unknown system error ${errno}`;
+  }
+}
+
+/** The class a system call's errno maps to. */
+export function classForErrno(syscall: Syscall, errno: number): ErrorClass {
+  return ERRNO_CLASSES[syscall][errnoName(errno)] ?? InternalError;
+}
+
+/**
+ * The typed error for a failed system call: `message` says what lockmgr was
+ * doing, the cause is the system error. ENOSYS/EINVAL/... become UnsupportedError
+ * and so on, per ERRNO_CLASSES.
+ */
+export function fromErrno(syscall: Syscall, errno: number, path: string | undefined, message: string): LockManagerError {
+  const cause = systemError(errno, syscall, path);
+  const Class = classForErrno(syscall, errno);
+  return new Class(`${message}: ${cause.message}`, { cause });
+}

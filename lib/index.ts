@@ -1,0 +1,15 @@
+// lockmgr: OFD byte-range locks, pidfd supervision and a libvirt-style lock
+// manager for Node.js on Linux.
+export {
+  openLockable,
+  LockableFile,
+  type Access,
+  type ByteRange,
+  type LockConflict,
+  type LockMode,
+  type LockOptions,
+  type OpenOptions,
+  type ResourceIdentity,
+  type ResourceKind,
+} from './locks.js';
+export * from './errors.js';

@@ -1,0 +1,404 @@
+// OFD byte-range locks on files and block devices.
+//
+// An OFD lock belongs to the open file description, not to the process: closing
+// another fd of the same file never drops it, two openLockable() calls on one
+// file in one process conflict like two processes do, and an fd handed to a
+// child (keepFds) carries the lock with it.
+//
+// tryLock() is one F_OFD_SETLK on the calling thread. lock() tries the same
+// first; only on conflict does it park an F_OFD_SETLKW on a dedicated native
+// waiter thread (native/waiters.cc), never on the event loop or libuv's pool.
+import { fstatSync, type BigIntStats } from 'node:fs';
+import {
+  AbortError,
+  InvalidArgumentError,
+  InvalidStateError,
+  LockTimeoutError,
+  ResourceAccessError,
+  ResourceExhaustedError,
+  UnsupportedError,
+  errnoOf,
+  fromErrno,
+  systemError,
+  type LockHolder,
+  type LockManagerError,
+} from './errors.js';
+import { native } from './native.js';
+import { checkOffset, checkOneOf, checkOptions, checkPath, checkSignal, checkTimeout, describe } from './validate.js';
+
+export type LockMode = 'exclusive' | 'shared';
+export type Access = 'read' | 'readwrite';
+export type ResourceKind = 'file' | 'block-device';
+export type LockConflict = LockHolder;
+
+/** A byte range. Defaults: start 0, length 0, where length 0 means "to the end of the file and beyond". */
+export interface ByteRange {
+  start?: number;
+  length?: number;
+}
+
+export interface OpenOptions {
+  /** 'readwrite' (default) allows exclusive and shared locks; 'read' allows shared locks only. */
+  access?: Access;
+}
+
+export interface LockOptions {
+  /** Milliseconds to wait for a conflicting lock to go; 0 tries once. Default: wait as long as it takes. */
+  timeout?: number;
+  /** Aborting it ends the wait with an AbortError. */
+  signal?: AbortSignal;
+}
+
+/**
+ * Which file this is, whatever path reached it: dev and inode for a regular
+ * file, the device number (rdev) for a block device, whose inode differs per
+ * device node. `key` is a string form that sorts the same in every process.
+ */
+export interface ResourceIdentity {
+  readonly dev: bigint;
+  readonly ino: bigint;
+  readonly key: string;
+}
+
+const SHARED = 0;
+const EXCLUSIVE = 1;
+const UNLOCK = 2;
+
+const EAGAIN = errnoOf('EAGAIN');
+const EACCES = errnoOf('EACCES');
+const EBADF = errnoOf('EBADF');
+const EBUSY = errnoOf('EBUSY');
+const EINVAL = errnoOf('EINVAL');
+const ECANCELED = errnoOf('ECANCELED');
+const ETIMEDOUT = errnoOf('ETIMEDOUT');
+
+// The range of the call in progress. tryLock() runs millions of times a second
+// in a tight loop; parsing into these instead of a fresh object keeps its
+// success path free of allocations.
+let rangeStart = 0;
+let rangeLength = 0;
+
+function parseRange(range: ByteRange | undefined): void {
+  if (range === undefined) {
+    rangeStart = 0;
+    rangeLength = 0;
+    return;
+  }
+  if (range === null || typeof range !== 'object') {
+    throw new InvalidArgumentError(`range must be an object { start, length }, got ${describe(range)}`);
+  }
+  for (const key in range) {
+    if (key !== 'start' && key !== 'length') {
+      throw new InvalidArgumentError(`range has an unknown key '${key}' (allowed: start, length)`);
+    }
+  }
+  rangeStart = range.start === undefined ? 0 : checkOffset(range.start, 'range.start');
+  rangeLength = range.length === undefined ? 0 : checkOffset(range.length, 'range.length');
+}
+
+function lockType(mode: LockMode): number {
+  if (mode === 'exclusive') return EXCLUSIVE;
+  if (mode === 'shared') return SHARED;
+  throw new InvalidArgumentError(`mode must be 'exclusive' or 'shared', got ${describe(mode)}`);
+}
+
+const article = (mode: LockMode): string => (mode === 'exclusive' ? 'an exclusive' : 'a shared');
+
+function rangeText(start: number, length: number): string {
+  if (length === 0) return start === 0 ? 'the whole file' : `bytes ${start} to the end`;
+  return length === 1 ? `byte ${start}` : `bytes ${start}-${start + length - 1}`;
+}
+
+function holderText(holder: LockHolder): string {
+  const who = holder.pid > 0 ? `process ${holder.pid}` : 'another open file description (OFD locks record no pid)';
+  return `${holder.mode} lock on ${rangeText(holder.start, holder.length)} held by ${who}`;
+}
+
+interface PendingWait {
+  readonly id: number;
+  readonly file: LockableFile;
+  readonly mode: LockMode;
+  readonly start: number;
+  readonly length: number;
+  readonly timeout: number | undefined;
+  readonly signal: AbortSignal | undefined;
+  readonly resolve: () => void;
+  readonly reject: (err: LockManagerError) => void;
+  onAbort: (() => void) | undefined;
+  /** Already rejected (by close()); its completion only frees the fd. */
+  settled: boolean;
+}
+
+/** Waits of this environment by request id. */
+const pendingWaits = new Map<number, PendingWait>();
+let waitersReady = false;
+
+/** Default wake-up signal: SIGRTMIN + 6. Node uses no real-time signal; valgrind reserves SIGRTMAX. */
+function wakeSignal(): number {
+  const text = process.env.LOCKMGR_WAKE_SIGNAL;
+  if (text === undefined || text === '') return -1;
+  const n = Number(text);
+  if (!Number.isInteger(n)) {
+    throw new InvalidArgumentError(`LOCKMGR_WAKE_SIGNAL must be a real-time signal number, got ${describe(text)}`);
+  }
+  return n;
+}
+
+function ensureWaiters(): void {
+  if (waitersReady) return;
+  const signal = wakeSignal();
+  const e = native.initWaiters(onWaitsDone, signal);
+  if (e === EBUSY) {
+    throw new UnsupportedError(
+      `the wake-up signal ${signal < 0 ? 'SIGRTMIN+6' : signal} already has a handler in this process, so blocking lock waits` +
+        ' cannot be interrupted; set LOCKMGR_WAKE_SIGNAL to a free real-time signal number',
+      { cause: systemError(e, 'sigaction') },
+    );
+  }
+  if (e === EINVAL) {
+    throw new InvalidArgumentError(`LOCKMGR_WAKE_SIGNAL must be a real-time signal number (SIGRTMIN..SIGRTMAX), got ${signal}`);
+  }
+  if (e !== 0) throw new UnsupportedError('blocking lock waits are unavailable', { cause: systemError(e, 'sigaction') });
+  waitersReady = true;
+}
+
+function onWaitsDone(batch: Float64Array): void {
+  for (let i = 0; i < batch.length; i += 2) {
+    const wait = pendingWaits.get(batch[i]!);
+    if (wait === undefined) continue;
+    pendingWaits.delete(wait.id);
+    LockableFile.finishWait(wait, batch[i + 1]!);
+  }
+}
+
+function abortError(signal: AbortSignal): AbortError {
+  return new AbortError('the lock wait was aborted', { cause: signal.reason });
+}
+
+const constructing = Symbol('LockableFile');
+
+/** An open file or block device that can be locked. Create it with openLockable(). */
+export class LockableFile implements Disposable {
+  readonly path: string;
+  readonly kind: ResourceKind;
+  readonly identity: ResourceIdentity;
+  readonly access: Access;
+  #fd: number;
+  #closed = false;
+  readonly #waits = new Set<PendingWait>();
+
+  /** @internal */
+  constructor(token: symbol, fd: number, path: string, kind: ResourceKind, identity: ResourceIdentity, access: Access) {
+    if (token !== constructing) throw new InvalidStateError('use openLockable() to open a lockable file');
+    this.#fd = fd;
+    this.path = path;
+    this.kind = kind;
+    this.identity = identity;
+    this.access = access;
+  }
+
+  /** The file descriptor (O_CLOEXEC). Hand it to a child to let the child carry the locks. */
+  get fd(): number {
+    this.#check('fd');
+    return this.#fd;
+  }
+
+  get closed(): boolean {
+    return this.#closed;
+  }
+
+  /** Takes the lock if no one else holds a conflicting one. Never waits. */
+  tryLock(mode: LockMode, range?: ByteRange): boolean {
+    this.#check('tryLock');
+    const type = lockType(mode);
+    parseRange(range);
+    const e = native.setlk(this.#fd, type, rangeStart, rangeLength);
+    if (e === 0) return true;
+    if (e === EAGAIN || e === EACCES) return false;
+    throw this.#lockError(e, mode, rangeStart, rangeLength);
+  }
+
+  /**
+   * Takes the lock, waiting while someone else holds a conflicting one. Rejects
+   * with LockTimeoutError or AbortError when the wait ends without the lock.
+   */
+  async lock(mode: LockMode, range?: ByteRange, options?: LockOptions): Promise<void> {
+    this.#check('lock');
+    const type = lockType(mode);
+    parseRange(range);
+    const start = rangeStart;
+    const length = rangeLength;
+    const opts = checkOptions<LockOptions>(options, ['timeout', 'signal'], 'lock options');
+    const timeout = checkTimeout(opts.timeout);
+    const signal = checkSignal(opts.signal);
+    if (signal?.aborted) throw abortError(signal);
+    const e = native.setlk(this.#fd, type, start, length);
+    if (e === 0) return;
+    if (e !== EAGAIN && e !== EACCES) throw this.#lockError(e, mode, start, length);
+    if (timeout === 0) throw this.#timeoutError(mode, start, length, 0);
+    return this.#wait(type, mode, start, length, timeout, signal);
+  }
+
+  /** Releases the range. Unlocking what is not locked is a no-op. */
+  unlock(range?: ByteRange): void {
+    this.#check('unlock');
+    parseRange(range);
+    const e = native.setlk(this.#fd, UNLOCK, rangeStart, rangeLength);
+    if (e !== 0) throw fromErrno('fcntl', e, this.path, `cannot unlock ${rangeText(rangeStart, rangeLength)} of '${this.path}'`);
+  }
+
+  /** The lock that would block `mode` on the range (F_OFD_GETLK), or null. Our own locks never conflict. */
+  getConflict(mode: LockMode, range?: ByteRange): LockConflict | null {
+    this.#check('getConflict');
+    const type = lockType(mode);
+    parseRange(range);
+    return this.#conflict(type, rangeStart, rangeLength);
+  }
+
+  /**
+   * Closes the file. Its locks go with it, unless a child still holds a copy of
+   * the fd. Pending lock() calls reject with InvalidStateError. Idempotent.
+   */
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    if (this.#waits.size === 0) {
+      this.#closeFd();
+      return;
+    }
+    // Waiter threads still use the fd number: closing it now could let a new
+    // open() reuse the number under them. Release the locks now and close the
+    // fd when the last waiter has let go (within microseconds: each is woken).
+    native.setlk(this.#fd, UNLOCK, 0, 0);
+    for (const wait of this.#waits) {
+      wait.settled = true;
+      if (wait.onAbort) wait.signal?.removeEventListener('abort', wait.onAbort);
+      wait.reject(new InvalidStateError(`'${this.path}' was closed while a lock() was waiting`));
+      native.cancelWait(wait.id);
+    }
+  }
+
+  [Symbol.dispose](): void {
+    this.close();
+  }
+
+  /** @internal Called with the errno a waiter thread finished with. */
+  static finishWait(wait: PendingWait, errno: number): void {
+    const file = wait.file;
+    file.#waits.delete(wait);
+    if (wait.onAbort) wait.signal?.removeEventListener('abort', wait.onAbort);
+    if (!wait.settled) {
+      if (errno === 0) wait.resolve();
+      else if (errno === ECANCELED && wait.signal?.aborted) wait.reject(abortError(wait.signal));
+      else if (errno === ETIMEDOUT) wait.reject(file.#timeoutError(wait.mode, wait.start, wait.length, wait.timeout ?? 0));
+      else wait.reject(file.#lockError(errno, wait.mode, wait.start, wait.length));
+    }
+    if (file.#closed && file.#waits.size === 0) file.#closeFd();
+  }
+
+  #wait(type: number, mode: LockMode, start: number, length: number, timeout: number | undefined, signal: AbortSignal | undefined): Promise<void> {
+    ensureWaiters();
+    const id = native.waitLock(this.#fd, type, start, length, timeout ?? -1);
+    if (id < 0) {
+      const cause = systemError(-id, 'pthread_create');
+      throw new ResourceExhaustedError(`cannot start a thread to wait for a lock on '${this.path}': ${cause.message}`, { cause });
+    }
+    return new Promise<void>((resolve, reject) => {
+      const wait: PendingWait = { id, file: this, mode, start, length, timeout, signal, resolve, reject, onAbort: undefined, settled: false };
+      pendingWaits.set(id, wait);
+      this.#waits.add(wait);
+      if (signal !== undefined) {
+        wait.onAbort = () => native.cancelWait(id);
+        signal.addEventListener('abort', wait.onAbort, { once: true });
+      }
+    });
+  }
+
+  #conflict(type: number, start: number, length: number): LockConflict | null {
+    const e = native.getlk(this.#fd, type, start, length, conflictScratch);
+    if (e !== 0) throw this.#lockError(e, type === EXCLUSIVE ? 'exclusive' : 'shared', start, length);
+    if (conflictScratch[0] === UNLOCK) return null;
+    return {
+      mode: conflictScratch[0] === EXCLUSIVE ? 'exclusive' : 'shared',
+      start: conflictScratch[1]!,
+      length: conflictScratch[2]!,
+      pid: conflictScratch[3]!,
+    };
+  }
+
+  #lockError(errno: number, mode: LockMode, start: number, length: number): LockManagerError {
+    const what = `cannot take ${article(mode)} lock on ${rangeText(start, length)} of '${this.path}'`;
+    if (errno === EBADF && mode === 'exclusive' && this.access === 'read') {
+      return fromErrno('fcntl', errno, this.path, `${what}: exclusive locks need readwrite access, and it was opened for reading only`);
+    }
+    return fromErrno('fcntl', errno, this.path, what);
+  }
+
+  #timeoutError(mode: LockMode, start: number, length: number, timeout: number): LockTimeoutError {
+    let holder: LockHolder | null = null;
+    if (!this.#closed) {
+      try {
+        holder = this.#conflict(mode === 'exclusive' ? EXCLUSIVE : SHARED, start, length);
+      } catch {
+        holder = null;
+      }
+    }
+    const still = holder === null ? '' : `; still in the way: ${holderText(holder)}`;
+    return new LockTimeoutError(
+      `timed out after ${timeout} ms waiting for ${article(mode)} lock on ${rangeText(start, length)} of '${this.path}'${still}`,
+      { timeout, holder },
+    );
+  }
+
+  #closeFd(): void {
+    native.closeFd(this.#fd);
+    this.#fd = -1;
+  }
+
+  #check(what: string): void {
+    if (this.#closed) throw new InvalidStateError(`${what}: '${this.path}' is closed`);
+  }
+}
+
+const conflictScratch = new Float64Array(4);
+
+const statTypes: ReadonlyArray<[(st: BigIntStats) => boolean, string]> = [
+  [(st) => st.isCharacterDevice(), 'character device'],
+  [(st) => st.isFIFO(), 'FIFO'],
+  [(st) => st.isSocket(), 'socket'],
+];
+
+/**
+ * Opens a regular file or block device for locking. Never creates; the fd is
+ * O_CLOEXEC | O_NOCTTY. Throws InvalidArgumentError for a bad path or option,
+ * ResourceAccessError when the open fails or the path is a directory.
+ */
+export function openLockable(path: string, options?: OpenOptions): LockableFile {
+  checkPath(path);
+  const opts = checkOptions<OpenOptions>(options, ['access'], 'openLockable options');
+  const access = opts.access === undefined ? 'readwrite' : checkOneOf(opts.access, ['read', 'readwrite'] as const, 'access');
+  const fd = native.openFile(path, access === 'readwrite');
+  if (fd < 0) {
+    throw fromErrno('open', -fd, path, `cannot open '${path}' for ${access === 'readwrite' ? 'reading and writing' : 'reading'}`);
+  }
+  let st: BigIntStats;
+  try {
+    st = fstatSync(fd, { bigint: true });
+  } catch (err) {
+    native.closeFd(fd);
+    throw fromErrno('open', -((err as NodeJS.ErrnoException).errno ?? -EINVAL), path, `cannot stat '${path}'`);
+  }
+  if (st.isFile()) {
+    return new LockableFile(constructing, fd, path, 'file', { dev: st.dev, ino: st.ino, key: `f:${st.dev}:${st.ino}` }, access);
+  }
+  if (st.isBlockDevice()) {
+    return new LockableFile(constructing, fd, path, 'block-device', { dev: st.rdev, ino: 0n, key: `b:${st.rdev}` }, access);
+  }
+  native.closeFd(fd);
+  if (st.isDirectory()) {
+    const cause = systemError(errnoOf('EISDIR'), 'open', path);
+    throw new ResourceAccessError(`cannot lock '${path}': ${cause.message}`, { cause });
+  }
+  const type = statTypes.find(([test]) => test(st))?.[1] ?? 'special file';
+  throw new InvalidArgumentError(`'${path}' is a ${type}; only regular files and block devices can be locked`);
+}

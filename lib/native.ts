@@ -1,0 +1,45 @@
+// Loads the addon: a prebuilt binary from prebuilds/ or a local build from
+// build/Release, whichever node-gyp-build finds. Every native call is typed here;
+// the addon itself knows nothing of modes, identities or error classes.
+import { createRequire } from 'node:module';
+import { dirname, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { UnsupportedError } from './errors.js';
+
+export interface Native {
+  /** fd, or -errno. O_CLOEXEC | O_NOCTTY, never creates. */
+  openFile(path: string, writable: boolean): number;
+  /** F_OFD_SETLK; type 0 shared, 1 exclusive, 2 unlock. 0 or errno. */
+  setlk(fd: number, type: number, start: number, length: number): number;
+  /** F_OFD_GETLK into out = [type, start, length, pid]; type 2 = no conflict. 0 or errno. */
+  getlk(fd: number, type: number, start: number, length: number, out: Float64Array): number;
+  closeFd(fd: number): number;
+  /** Starts this environment's waiter pool. 0 or errno. */
+  initWaiters(onDone: (batch: Float64Array) => void, wakeSignal: number): number;
+  /** F_OFD_SETLKW on a waiter thread: request id (> 0) or -errno; timeoutMs < 0 for none. */
+  waitLock(fd: number, type: number, start: number, length: number, timeoutMs: number): number;
+  cancelWait(id: number): void;
+  waiterThreads(): number;
+}
+
+const packageRoot = resolve(dirname(fileURLToPath(import.meta.url)), '..');
+
+function load(): Native {
+  if (process.platform !== 'linux') {
+    throw new UnsupportedError(`lockmgr runs on Linux only, not on ${process.platform}`);
+  }
+  const require = createRequire(import.meta.url);
+  try {
+    const nodeGypBuild = require('node-gyp-build') as (dir: string) => unknown;
+    return nodeGypBuild(packageRoot) as Native;
+  } catch (cause) {
+    throw new UnsupportedError(
+      `lockmgr: the native addon could not be loaded for Node ${process.version} on ${process.arch}` +
+        ` (${(cause as Error).message}). Rebuild it with \`npm rebuild lockmgr --build-from-source\`` +
+        ' (needs python3, make and a C++17 compiler), or install a release that ships a prebuilt binary for this platform.',
+      { cause },
+    );
+  }
+}
+
+export const native: Native = load();

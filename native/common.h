@@ -1,0 +1,26 @@
+// Shared declarations of the addon's native parts. The native layer is mechanical:
+// scalars in, errno out. Policy (modes, identity, error classes) lives in lib/.
+#pragma once
+
+#include <napi.h>
+
+namespace lockmgr {
+
+class WaitPool;
+struct SpawnState;
+
+// Per-environment state (main thread and each worker thread have their own).
+// N-API gives an addon one instance-data slot, so the parts share this struct.
+struct AddonData {
+  WaitPool* waiters = nullptr;
+  SpawnState* spawn = nullptr;
+};
+
+inline AddonData* GetAddonData(Napi::Env env) { return env.GetInstanceData<AddonData>(); }
+
+// Each native part adds its functions to the addon's exports.
+void InitOfd(Napi::Env env, Napi::Object exports);
+void InitWaiters(Napi::Env env, Napi::Object exports);
+void InitSpawn(Napi::Env env, Napi::Object exports);
+
+}  // namespace lockmgr

@@ -1,0 +1,140 @@
+// OFD byte-range lock primitives: thin wrappers over open(2), fcntl(2) and close(2).
+// Every function returns 0 or a positive errno (open returns the fd or -errno);
+// nothing here allocates a JS object on the success path, so tryLock costs about
+// one syscall plus the N-API call.
+#include <errno.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <unistd.h>
+
+#include "common.h"
+
+#ifndef F_OFD_GETLK
+#define F_OFD_GETLK 36
+#define F_OFD_SETLK 37
+#define F_OFD_SETLKW 38
+#endif
+
+namespace lockmgr {
+namespace {
+
+// Lock types as JS passes them; kept apart from F_RDLCK/F_WRLCK so lib/ never
+// depends on the values of libc's constants.
+constexpr int kShared = 0;
+constexpr int kExclusive = 1;
+constexpr int kUnlock = 2;
+
+short ToLockType(int t) {
+  switch (t) {
+    case kShared: return F_RDLCK;
+    case kExclusive: return F_WRLCK;
+    default: return F_UNLCK;
+  }
+}
+
+int FromLockType(short t) {
+  switch (t) {
+    case F_RDLCK: return kShared;
+    case F_WRLCK: return kExclusive;
+    default: return kUnlock;
+  }
+}
+
+void FillFlock(struct flock* fl, int type, int64_t start, int64_t len) {
+  *fl = {};
+  fl->l_type = ToLockType(type);
+  fl->l_whence = SEEK_SET;
+  fl->l_start = start;
+  fl->l_len = len;
+  fl->l_pid = 0;  // OFD commands reject any other value with EINVAL.
+}
+
+int32_t Int32Arg(const Napi::CallbackInfo& info, size_t i) {
+  int32_t v = 0;
+  napi_get_value_int32(info.Env(), info[i], &v);
+  return v;
+}
+
+int64_t Int64Arg(const Napi::CallbackInfo& info, size_t i) {
+  int64_t v = 0;
+  napi_get_value_int64(info.Env(), info[i], &v);
+  return v;
+}
+
+Napi::Value Int(Napi::Env env, int32_t v) {
+  napi_value out;
+  napi_create_int32(env, v, &out);
+  return Napi::Value(env, out);
+}
+
+// openFile(path, writable) -> fd | -errno.
+// O_NONBLOCK only for the open itself: a FIFO opened for reading would otherwise
+// block the event loop until a writer appears, and a file with a lease held by
+// someone else would block until the lease breaks. It is cleared afterwards so a
+// descriptor handed to a child behaves normally.
+Napi::Value OpenFile(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::string path = info[0].As<Napi::String>().Utf8Value();
+  bool writable = info[1].As<Napi::Boolean>().Value();
+  int flags = (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC | O_NOCTTY | O_NONBLOCK;
+  int fd;
+  do {
+    fd = open(path.c_str(), flags);
+  } while (fd < 0 && errno == EINTR);
+  if (fd < 0) return Int(env, -errno);
+  int fl = fcntl(fd, F_GETFL);
+  if (fl < 0 || fcntl(fd, F_SETFL, fl & ~O_NONBLOCK) < 0) {
+    int e = errno;
+    close(fd);
+    return Int(env, -e);
+  }
+  return Int(env, fd);
+}
+
+// setlk(fd, type, start, length) -> 0 | errno. Never waits.
+Napi::Value SetLk(const Napi::CallbackInfo& info) {
+  struct flock fl;
+  FillFlock(&fl, Int32Arg(info, 1), Int64Arg(info, 2), Int64Arg(info, 3));
+  int fd = Int32Arg(info, 0);
+  int rc;
+  do {
+    rc = fcntl(fd, F_OFD_SETLK, &fl);
+  } while (rc < 0 && errno == EINTR);
+  return Int(info.Env(), rc < 0 ? errno : 0);
+}
+
+// getlk(fd, type, start, length, out Float64Array[4]) -> 0 | errno.
+// out receives [type, start, length, pid]; type kUnlock means no conflict.
+Napi::Value GetLk(const Napi::CallbackInfo& info) {
+  struct flock fl;
+  FillFlock(&fl, Int32Arg(info, 1), Int64Arg(info, 2), Int64Arg(info, 3));
+  int rc;
+  do {
+    rc = fcntl(Int32Arg(info, 0), F_OFD_GETLK, &fl);
+  } while (rc < 0 && errno == EINTR);
+  if (rc < 0) return Int(info.Env(), errno);
+  Napi::Float64Array out = info[4].As<Napi::Float64Array>();
+  if (out.ElementLength() >= 4) {
+    out[0] = FromLockType(fl.l_type);
+    out[1] = static_cast<double>(fl.l_start);
+    out[2] = static_cast<double>(fl.l_len);
+    out[3] = fl.l_pid;
+  }
+  return Int(info.Env(), 0);
+}
+
+// closeFd(fd) -> 0 | errno. Not retried on EINTR: on Linux the fd is gone either way.
+Napi::Value CloseFd(const Napi::CallbackInfo& info) {
+  return Int(info.Env(), close(Int32Arg(info, 0)) < 0 ? errno : 0);
+}
+
+}  // namespace
+
+void InitOfd(Napi::Env env, Napi::Object exports) {
+  exports["openFile"] = Napi::Function::New(env, OpenFile, "openFile");
+  exports["setlk"] = Napi::Function::New(env, SetLk, "setlk");
+  exports["getlk"] = Napi::Function::New(env, GetLk, "getlk");
+  exports["closeFd"] = Napi::Function::New(env, CloseFd, "closeFd");
+}
+
+}  // namespace lockmgr

@@ -1,0 +1,419 @@
+// Blocking OFD lock waits (F_OFD_SETLKW) on dedicated threads.
+//
+// Why dedicated threads: a waiter may block for minutes. On libuv's threadpool
+// four such waiters would stall every fs call in the process; on the event-loop
+// thread one would stall everything.
+//
+// Why a per-thread POSIX timer: the only way to get a thread out of F_OFD_SETLKW
+// is a signal whose handler was installed without SA_RESTART. Each waiter thread
+// owns a CLOCK_MONOTONIC timer that delivers the wake-up signal to that thread
+// alone (SIGEV_THREAD_ID). A timeout arms it at the deadline; an abort arms it to
+// fire at once. Either way it keeps firing every millisecond until the thread
+// disarms it, which closes the lost-wake-up race: a signal that lands just
+// before the thread enters fcntl is followed by another one that lands inside.
+//
+// Results go back to JS in batches through one thread-safe function per
+// environment, so a release that wakes 1,000 waiters costs a handful of JS calls.
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+#include "common.h"
+
+#ifndef F_OFD_SETLKW
+#define F_OFD_SETLKW 38
+#endif
+
+#ifndef sigev_notify_thread_id
+#define sigev_notify_thread_id _sigev_un._tid
+#endif
+
+namespace lockmgr {
+namespace {
+
+// Small stacks: a waiter only runs fcntl and an empty signal handler, and
+// 1,000 waiters at the default 8 MiB would reserve 8 GiB of address space.
+constexpr size_t kStackSize = 64 * 1024;
+// An idle thread waits this long for more work before it exits, so bursts reuse
+// threads and a quiet process returns to its baseline thread count.
+constexpr int kIdleMs = 1000;
+constexpr long kRefireNs = 1000 * 1000;
+
+// errno values the pool reports for its own outcomes.
+constexpr int kCancelled = ECANCELED;
+constexpr int kTimedOut = ETIMEDOUT;
+// The wake-up signal already has a handler that is not ours.
+constexpr int kSignalTaken = EBUSY;
+
+void NoopHandler(int) {}
+
+std::mutex g_signal_mu;
+int g_signal = 0;  // installed wake-up signal, 0 until the first wait
+
+// Installs the no-op handler once per process. Every environment (worker
+// threads included) shares it. Returns 0 or an errno.
+int EnsureWakeSignal(int sig) {
+  if (sig < 0) sig = SIGRTMIN + 6;  // default; lib/ documents it
+  std::lock_guard<std::mutex> lock(g_signal_mu);
+  if (g_signal != 0) return g_signal == sig ? 0 : kSignalTaken;
+  if (sig < SIGRTMIN || sig > SIGRTMAX) return EINVAL;
+  struct sigaction old;
+  if (sigaction(sig, nullptr, &old) < 0) return errno;
+  bool has_handler = (old.sa_flags & SA_SIGINFO)
+                         ? old.sa_sigaction != nullptr
+                         : (old.sa_handler != SIG_DFL && old.sa_handler != SIG_IGN);
+  if (has_handler) return kSignalTaken;
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_handler = NoopHandler;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = 0;  // no SA_RESTART: the point is to interrupt fcntl
+  if (sigaction(sig, &sa, nullptr) < 0) return errno;
+  g_signal = sig;
+  return 0;
+}
+
+timespec Now() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return ts;
+}
+
+bool After(const timespec& a, const timespec& b) {
+  return a.tv_sec != b.tv_sec ? a.tv_sec > b.tv_sec : a.tv_nsec >= b.tv_nsec;
+}
+
+struct Waiter;
+
+struct Request {
+  double id;
+  int fd;
+  short type;
+  int64_t start;
+  int64_t len;
+  bool has_deadline;
+  timespec deadline;
+  std::atomic<bool> cancelled{false};
+  Waiter* waiter = nullptr;  // guarded by WaitPool::mu_; set while a thread runs it
+};
+
+struct Waiter {
+  timer_t timer;
+  int timer_error = 0;  // nonzero when timer_create failed: waits are refused
+};
+
+void Arm(Waiter* w, int flags, const timespec& first) {
+  itimerspec its;
+  its.it_value = first;
+  its.it_interval.tv_sec = 0;
+  its.it_interval.tv_nsec = kRefireNs;
+  timer_settime(w->timer, flags, &its, nullptr);
+}
+
+void Disarm(Waiter* w) {
+  itimerspec its;
+  memset(&its, 0, sizeof its);
+  timer_settime(w->timer, 0, &its, nullptr);
+}
+
+}  // namespace
+
+class WaitPool {
+ public:
+  explicit WaitPool(Napi::Env env) : env_(env) {}
+
+  // Must run on the JS thread before any Submit. Creates the thread-safe function
+  // that carries results back; it starts unreferenced so an idle pool never keeps
+  // the process alive.
+  void Init(Napi::Function on_done) {
+    tsfn_ = Napi::ThreadSafeFunction::New(env_, on_done, "lockmgr:lock-wait", 0, 1);
+    tsfn_.Unref(env_);
+  }
+
+  // Returns the request id (> 0) or -errno.
+  double Submit(int fd, short type, int64_t start, int64_t len, double timeout_ms) {
+    Request* req = new Request();
+    req->fd = fd;
+    req->type = type;
+    req->start = start;
+    req->len = len;
+    req->has_deadline = timeout_ms >= 0;
+    if (req->has_deadline) {
+      timespec now = Now();
+      int64_t ns = static_cast<int64_t>(timeout_ms * 1e6);
+      req->deadline.tv_sec = now.tv_sec + ns / 1000000000;
+      req->deadline.tv_nsec = now.tv_nsec + ns % 1000000000;
+      if (req->deadline.tv_nsec >= 1000000000) {
+        req->deadline.tv_sec += 1;
+        req->deadline.tv_nsec -= 1000000000;
+      }
+    }
+    std::unique_lock<std::mutex> lock(mu_);
+    // Idle threads that were notified but have not woken yet still count in
+    // idle_, and the requests they will take still count in queue_: a new
+    // request is covered only if there are more idle threads than queued ones.
+    // Otherwise it gets a thread of its own, or fails now: queued behind waits
+    // that may block for hours, it could starve.
+    if (idle_ <= static_cast<int>(queue_.size())) {
+      int e = StartThread();
+      if (e != 0) {
+        delete req;
+        return -e;
+      }
+    }
+    req->id = ++next_id_;
+    if (active_.empty()) tsfn_.Ref(env_);
+    active_[req->id] = req;
+    queue_.push_back(req);
+    work_cv_.notify_one();
+    return req->id;
+  }
+
+  // Asks a request to give up. Its completion still arrives, with ECANCELED, or
+  // with 0 if the lock was granted before the wake-up reached the thread.
+  void Cancel(double id) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = active_.find(id);
+    if (it == active_.end()) return;
+    Kick(it->second);
+  }
+
+  // Environment teardown: cancel everything and wait until every thread is gone.
+  void Shutdown() {
+    std::unique_lock<std::mutex> lock(mu_);
+    stopping_ = true;
+    for (auto& kv : active_) Kick(kv.second);
+    work_cv_.notify_all();
+    exit_cv_.wait(lock, [this] { return live_ == 0; });
+    for (auto& kv : active_) delete kv.second;
+    active_.clear();
+    queue_.clear();
+    lock.unlock();
+    tsfn_.Release();
+  }
+
+  int ThreadCount() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return live_;
+  }
+
+ private:
+  // Caller holds mu_.
+  void Kick(Request* req) {
+    req->cancelled.store(true);
+    if (req->waiter != nullptr) {
+      timespec now = {0, 1};
+      Arm(req->waiter, 0, now);
+    }
+  }
+
+  // Caller holds mu_. Threads are created with every signal blocked; each then
+  // unblocks only the wake-up signal, so process-directed signals (SIGINT,
+  // SIGCHLD, ...) keep going to threads that expect them.
+  int StartThread() {
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setstacksize(&attr, kStackSize);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    pthread_t t;
+    int e = pthread_create(&t, &attr, &WaitPool::ThreadMain, this);
+    pthread_sigmask(SIG_SETMASK, &old, nullptr);
+    pthread_attr_destroy(&attr);
+    if (e == 0) live_++;
+    return e;
+  }
+
+  static void* ThreadMain(void* arg) {
+    static_cast<WaitPool*>(arg)->Run();
+    return nullptr;
+  }
+
+  void Run() {
+    Waiter w;
+    sigevent sev;
+    memset(&sev, 0, sizeof sev);
+    sev.sigev_notify = SIGEV_THREAD_ID;
+    sev.sigev_signo = g_signal;
+    sev.sigev_notify_thread_id = static_cast<pid_t>(syscall(SYS_gettid));
+    if (timer_create(CLOCK_MONOTONIC, &sev, &w.timer) < 0) w.timer_error = errno;
+    sigset_t wake;
+    sigemptyset(&wake);
+    sigaddset(&wake, g_signal);
+    pthread_sigmask(SIG_UNBLOCK, &wake, nullptr);
+
+    std::unique_lock<std::mutex> lock(mu_);
+    for (;;) {
+      while (queue_.empty() && !stopping_) {
+        idle_++;
+        bool woke = work_cv_.wait_for(lock, std::chrono::milliseconds(kIdleMs),
+                                      [this] { return !queue_.empty() || stopping_; });
+        idle_--;
+        if (!woke) break;
+      }
+      if (queue_.empty() || stopping_) break;
+      Request* req = queue_.front();
+      queue_.pop_front();
+      req->waiter = &w;
+      lock.unlock();
+
+      int result = w.timer_error != 0 ? w.timer_error : Wait(&w, req);
+
+      lock.lock();
+      // Cleared under the lock before disarming: once it is null no Cancel can
+      // re-arm this thread's timer for a request it no longer runs.
+      req->waiter = nullptr;
+      lock.unlock();
+      if (w.timer_error == 0) Disarm(&w);
+      lock.lock();
+      Complete(req, result);
+    }
+    if (w.timer_error == 0) timer_delete(w.timer);
+    live_--;
+    exit_cv_.notify_all();
+    // After this unlock the pool may be destroyed: touch nothing of it.
+  }
+
+  int Wait(Waiter* w, Request* req) {
+    if (req->cancelled.load()) return kCancelled;
+    if (req->has_deadline) Arm(w, TIMER_ABSTIME, req->deadline);
+    struct flock fl;
+    memset(&fl, 0, sizeof fl);
+    fl.l_type = req->type;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = req->start;
+    fl.l_len = req->len;
+    for (;;) {
+      if (req->cancelled.load()) return kCancelled;
+      if (fcntl(req->fd, F_OFD_SETLKW, &fl) == 0) return 0;
+      if (errno != EINTR) return errno;
+      if (req->cancelled.load()) return kCancelled;
+      if (req->has_deadline && After(Now(), req->deadline)) return kTimedOut;
+    }
+  }
+
+  // Caller holds mu_.
+  void Complete(Request* req, int result) {
+    if (stopping_) return;  // Shutdown frees what is left in active_
+    done_.push_back(req->id);
+    done_.push_back(result);
+    active_.erase(req->id);
+    delete req;
+    if (!delivery_scheduled_) {
+      delivery_scheduled_ = true;
+      napi_status s = tsfn_.NonBlockingCall(this, &WaitPool::Deliver);
+      if (s != napi_ok) delivery_scheduled_ = false;  // environment is closing
+    }
+  }
+
+  // On the JS thread: hands every finished request to JS as a Float64Array of
+  // [id, errno] pairs.
+  static void Deliver(Napi::Env env, Napi::Function on_done, WaitPool* pool) {
+    if (env == nullptr) return;
+    std::vector<double> batch;
+    bool idle;
+    {
+      std::lock_guard<std::mutex> lock(pool->mu_);
+      batch.swap(pool->done_);
+      pool->delivery_scheduled_ = false;
+      idle = pool->active_.empty();
+    }
+    if (idle) pool->tsfn_.Unref(env);
+    if (batch.empty()) return;
+    Napi::Float64Array arr = Napi::Float64Array::New(env, batch.size());
+    memcpy(arr.Data(), batch.data(), batch.size() * sizeof(double));
+    on_done.Call({arr});
+  }
+
+  Napi::Env env_;
+  Napi::ThreadSafeFunction tsfn_;
+  std::mutex mu_;
+  std::condition_variable work_cv_;
+  std::condition_variable exit_cv_;
+  std::deque<Request*> queue_;
+  std::unordered_map<double, Request*> active_;
+  std::vector<double> done_;
+  bool delivery_scheduled_ = false;
+  bool stopping_ = false;
+  int live_ = 0;
+  int idle_ = 0;
+  double next_id_ = 0;
+};
+
+namespace {
+
+WaitPool* GetPool(Napi::Env env) { return GetAddonData(env)->waiters; }
+
+// initWaiters(onDone, wakeSignal) -> 0 | errno. onDone(Float64Array [id, errno, ...]).
+Napi::Value InitPool(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (GetPool(env) != nullptr) return Napi::Number::New(env, EALREADY);
+  int sig = info[1].As<Napi::Number>().Int32Value();
+  int e = EnsureWakeSignal(sig);
+  if (e != 0) return Napi::Number::New(env, e);
+  WaitPool* pool = new WaitPool(env);
+  pool->Init(info[0].As<Napi::Function>());
+  AddonData* data = GetAddonData(env);
+  data->waiters = pool;
+  // Registered after the thread-safe function, so it runs before Node closes
+  // that function at teardown (cleanup hooks run in reverse order).
+  env.AddCleanupHook([data, pool]() {
+    pool->Shutdown();
+    data->waiters = nullptr;
+    delete pool;
+  });
+  return Napi::Number::New(env, 0);
+}
+
+// waitLock(fd, type, start, length, timeoutMs) -> id | -errno. timeoutMs < 0: none.
+Napi::Value WaitLock(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  WaitPool* pool = GetPool(env);
+  if (pool == nullptr) return Napi::Number::New(env, -ENOTCONN);
+  int type = info[1].As<Napi::Number>().Int32Value();
+  double id = pool->Submit(info[0].As<Napi::Number>().Int32Value(),
+                           type == 1 ? F_WRLCK : F_RDLCK,
+                           info[2].As<Napi::Number>().Int64Value(),
+                           info[3].As<Napi::Number>().Int64Value(),
+                           info[4].As<Napi::Number>().DoubleValue());
+  return Napi::Number::New(env, id);
+}
+
+Napi::Value CancelWait(const Napi::CallbackInfo& info) {
+  WaitPool* pool = GetPool(info.Env());
+  if (pool != nullptr) pool->Cancel(info[0].As<Napi::Number>().DoubleValue());
+  return info.Env().Undefined();
+}
+
+// waiterThreads() -> live waiter threads of this environment (for leak checks).
+Napi::Value WaiterThreads(const Napi::CallbackInfo& info) {
+  WaitPool* pool = GetPool(info.Env());
+  return Napi::Number::New(info.Env(), pool == nullptr ? 0 : pool->ThreadCount());
+}
+
+}  // namespace
+
+void InitWaiters(Napi::Env env, Napi::Object exports) {
+  exports["initWaiters"] = Napi::Function::New(env, InitPool, "initWaiters");
+  exports["waitLock"] = Napi::Function::New(env, WaitLock, "waitLock");
+  exports["cancelWait"] = Napi::Function::New(env, CancelWait, "cancelWait");
+  exports["waiterThreads"] = Napi::Function::New(env, WaiterThreads, "waiterThreads");
+}
+
+}  // namespace lockmgr
