@@ -162,6 +162,9 @@ constexpr size_t kChildStackSize = 64 * 1024;
 // Set when clone3 returned ENOSYS (kernel < 5.3, or a seccomp profile that
 // hides it): every later spawn in the process goes straight to the fallback.
 std::atomic<bool> g_clone3_missing{false};
+// Children started by each path, so tests can prove which one ran.
+std::atomic<uint64_t> g_clone3_spawns{0};
+std::atomic<uint64_t> g_fallback_spawns{0};
 
 // Everything the child needs, prepared by the parent. The child reads it and
 // writes only err and stage; with CLONE_VFORK the parent reads them once the
@@ -336,6 +339,7 @@ int StartChild(ChildPlan* plan, bool force_fallback, void* stack, int* pidfd, pi
     args.stack_size = kChildStackSize;
     long r = lockmgr_clone3_run(&args, sizeof args, ChildMain, plan);
     if (r > 0) {
+      g_clone3_spawns.fetch_add(1, std::memory_order_relaxed);
       *pid = static_cast<pid_t>(r);
       *pidfd = fd;
       done = true;
@@ -371,6 +375,7 @@ int StartChild(ChildPlan* plan, bool force_fallback, void* stack, int* pidfd, pi
         while (waitpid(child, nullptr, __WALL) < 0 && errno == EINTR) {
         }
       } else {
+        g_fallback_spawns.fetch_add(1, std::memory_order_relaxed);
         *pid = child;
         *pidfd = fd;
       }
@@ -837,14 +842,17 @@ Napi::Value FdIsOpen(const Napi::CallbackInfo& info) {
 }
 
 // spawnInfo() -> [watched processes in this environment, orphans being reaped,
-// 1 if clone3 is known to be missing]. For leak checks and diagnostics.
+// 1 if clone3 is known to be missing, children started through clone3, through
+// the fallback]. For leak checks, tests and diagnostics.
 Napi::Value SpawnInfo(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   SpawnState* s = GetState(env);
-  Napi::Array out = Napi::Array::New(env, 3);
+  Napi::Array out = Napi::Array::New(env, 5);
   out.Set(0u, Napi::Number::New(env, s == nullptr ? 0 : static_cast<double>(s->watchers.size())));
   out.Set(1u, Napi::Number::New(env, g_orphans->Count()));
   out.Set(2u, Napi::Number::New(env, g_clone3_missing.load() ? 1 : 0));
+  out.Set(3u, Napi::Number::New(env, static_cast<double>(g_clone3_spawns.load())));
+  out.Set(4u, Napi::Number::New(env, static_cast<double>(g_fallback_spawns.load())));
   return out;
 }
 
