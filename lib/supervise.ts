@@ -323,6 +323,11 @@ function spawnFailure(errno: number, stage: number, command: string, cwd: string
   return new SpawnError(message, { cause });
 }
 
+/** A list as native.spawn takes it: every item NUL-terminated, in one string (items were checked to have no NUL). */
+function nulList(items: readonly string[]): string {
+  return items.length === 0 ? '' : `${items.join('\0')}\0`;
+}
+
 function closeAll(fds: Iterable<number | null>): void {
   for (const fd of fds) if (fd !== null) native.closeFd(fd);
 }
@@ -403,7 +408,7 @@ export function spawnSupervised(command: string, args?: readonly string[], optio
       }
     }
     if (failure === null) {
-      const e = native.spawn(candidates(command, path), argv, envp, cwd ?? null, sources, keep, flags, pdeathsig, out);
+      const e = native.spawn(nulList(candidates(command, path)), nulList(argv), nulList(envp), cwd ?? null, sources, keep, flags, pdeathsig, out);
       if (e !== 0) failure = spawnFailure(e, out[2]!, command, cwd);
     }
   } finally {

@@ -526,6 +526,15 @@ describe.each([
     expect(zombieChildren()).toEqual([]);
     await eventually(() => supervisionInfo().orphans === 0 && threadCount() <= threads, HANG_MS, 'the reaper thread to exit');
   });
+
+  test('workers terminated mid-spawn or mid-callback neither crash the process nor leave zombies', async () => {
+    // Only the workers load the addon, so it is unloaded under the orphan reaper.
+    const proc = cpSpawn(process.execPath, [join(here, 'fixtures', 'supervise-workers.mjs'), '30'], { stdio: ['ignore', 'pipe', 'inherit'] });
+    const exit = once(proc, 'exit');
+    const report = await within(firstJsonLine<{ ok: boolean; left: string[] }>(proc.stdout!), 60_000, 'the workers fixture');
+    expect(await exit).toEqual([0, null]);
+    expect(report).toEqual({ ok: true, left: [] });
+  });
 });
 
 /** Lets handles closed by earlier tests (stream sockets) finish closing. */
