@@ -1,0 +1,103 @@
+// Test helpers: temp files, a peer process for cross-process locking, and
+// counters of this process's fds, threads and children for leak checks.
+import { fork, type ChildProcess } from 'node:child_process';
+import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+export const isRoot = process.getuid?.() === 0;
+
+/** A fresh directory removed by the returned cleanup. */
+export function tempDir(): { dir: string; cleanup: () => void } {
+  const dir = mkdtempSync(join(tmpdir(), 'lockmgr-test-'));
+  return { dir, cleanup: () => rmSync(dir, { recursive: true, force: true }) };
+}
+
+/** A file with some content in `dir`. */
+export function makeFile(dir: string, name = 'disk.img', content = 'x'.repeat(4096)): string {
+  const path = join(dir, name);
+  writeFileSync(path, content);
+  return path;
+}
+
+export function fdCount(): number {
+  return readdirSync('/proc/self/fd').length;
+}
+
+export function threadCount(): number {
+  const m = /^Threads:\s+(\d+)$/m.exec(readFileSync('/proc/self/status', 'utf8'));
+  return Number(m![1]);
+}
+
+/** Polls until `check` returns true, or throws after `ms`. */
+export async function waitUntil(check: () => boolean, ms = 10_000, what = 'condition'): Promise<void> {
+  const end = Date.now() + ms;
+  while (!check()) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+export interface PeerError {
+  name: string;
+  code: string;
+  message: string;
+}
+
+const peerScript = fileURLToPath(new URL('./fixtures/peer.mjs', import.meta.url));
+
+/** Another Node process holding its own lockable files, driven over IPC. */
+export class Peer {
+  readonly child: ChildProcess;
+  readonly #pending = new Map<number, { resolve: (v: unknown) => void; reject: (e: unknown) => void }>();
+  #next = 1;
+  readonly ready: Promise<void>;
+
+  constructor(env: NodeJS.ProcessEnv = process.env) {
+    this.child = fork(peerScript, [], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'], env });
+    this.ready = new Promise((resolve, reject) => {
+      this.child.once('error', reject);
+      this.child.once('exit', (code) => reject(new Error(`peer exited early with ${code}`)));
+      this.child.on('message', (msg: { ready?: boolean; id?: number; ok?: boolean; value?: unknown; error?: PeerError }) => {
+        if (msg.ready) return resolve();
+        const p = this.#pending.get(msg.id!);
+        if (!p) return;
+        this.#pending.delete(msg.id!);
+        if (msg.ok) p.resolve(msg.value);
+        else p.reject(Object.assign(new Error(msg.error!.message), msg.error));
+      });
+    });
+  }
+
+  static async start(env?: NodeJS.ProcessEnv): Promise<Peer> {
+    const peer = new Peer(env);
+    await peer.ready;
+    return peer;
+  }
+
+  call<T = unknown>(op: string, ...args: unknown[]): Promise<T> {
+    const id = this.#next++;
+    return new Promise<T>((resolve, reject) => {
+      this.#pending.set(id, { resolve: resolve as (v: unknown) => void, reject });
+      this.child.send({ id, op, args });
+    });
+  }
+
+  /** The error a call rejected with, or a failure if it resolved. */
+  async callError(op: string, ...args: unknown[]): Promise<PeerError> {
+    try {
+      await this.call(op, ...args);
+    } catch (err) {
+      return err as PeerError;
+    }
+    throw new Error(`peer ${op} resolved; expected it to fail`);
+  }
+
+  async kill(signal: NodeJS.Signals = 'SIGKILL'): Promise<void> {
+    if (this.child.exitCode !== null || this.child.signalCode !== null) return;
+    const exited = new Promise((r) => this.child.once('exit', r));
+    this.child.kill(signal);
+    await exited;
+  }
+}
