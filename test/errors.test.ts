@@ -3,7 +3,7 @@ import { chmodSync, mkdirSync, openSync, readFileSync, symlinkSync, writeFileSyn
 import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import {
   AccessModeError,
   ERRNO_CLASSES,
@@ -17,23 +17,13 @@ import {
   fromErrno,
   openLockable,
   systemError,
-  type LockableFile,
 } from '../lib/index.js';
-import { fdCount, isRoot, makeFile, tempDir } from './helpers.js';
+import { fdCount, isRoot, lockFixture } from './helpers.js';
 
-let tmp: ReturnType<typeof tempDir>;
-let path: string;
-const open: LockableFile[] = [];
+const fx = lockFixture();
+const open = fx.opened;
 const distUrl = new URL('../dist/index.js', import.meta.url).href;
 
-beforeEach(() => {
-  tmp = tempDir();
-  path = makeFile(tmp.dir);
-});
-afterEach(() => {
-  for (const f of open.splice(0)) f.close();
-  tmp.cleanup();
-});
 
 /** The error openLockable throws, checking it leaves no fd behind. */
 function openError(p: string, options?: object): LockManagerError {
@@ -93,32 +83,32 @@ describe('the errno table', () => {
 
 describe('real triggers', () => {
   it('ENOENT: a missing file, and a dangling symlink', () => {
-    expectSystem(openError(join(tmp.dir, 'missing.img')), ResourceAccessError, 'ENOENT');
-    symlinkSync(join(tmp.dir, 'gone'), join(tmp.dir, 'dangling'));
-    expectSystem(openError(join(tmp.dir, 'dangling')), ResourceAccessError, 'ENOENT');
+    expectSystem(openError(join(fx.tmp.dir, 'missing.img')), ResourceAccessError, 'ENOENT');
+    symlinkSync(join(fx.tmp.dir, 'gone'), join(fx.tmp.dir, 'dangling'));
+    expectSystem(openError(join(fx.tmp.dir, 'dangling')), ResourceAccessError, 'ENOENT');
   });
 
   it('ENOTDIR: a file used as a directory', () => {
-    expectSystem(openError(join(path, 'x')), ResourceAccessError, 'ENOTDIR');
+    expectSystem(openError(join(fx.path, 'x')), ResourceAccessError, 'ENOTDIR');
   });
 
   it('EISDIR: a directory, opened readwrite (the kernel refuses) or read (we refuse)', () => {
-    expectSystem(openError(tmp.dir), ResourceAccessError, 'EISDIR');
-    expectSystem(openError(tmp.dir, { access: 'read' }), ResourceAccessError, 'EISDIR');
+    expectSystem(openError(fx.tmp.dir), ResourceAccessError, 'EISDIR');
+    expectSystem(openError(fx.tmp.dir, { access: 'read' }), ResourceAccessError, 'EISDIR');
   });
 
   it('ELOOP: a symlink loop', () => {
-    symlinkSync(join(tmp.dir, 'b'), join(tmp.dir, 'a'));
-    symlinkSync(join(tmp.dir, 'a'), join(tmp.dir, 'b'));
-    expectSystem(openError(join(tmp.dir, 'a')), ResourceAccessError, 'ELOOP');
+    symlinkSync(join(fx.tmp.dir, 'b'), join(fx.tmp.dir, 'a'));
+    symlinkSync(join(fx.tmp.dir, 'a'), join(fx.tmp.dir, 'b'));
+    expectSystem(openError(join(fx.tmp.dir, 'a')), ResourceAccessError, 'ELOOP');
   });
 
   it('ENAMETOOLONG: a path component over 255 bytes', () => {
-    expectSystem(openError(join(tmp.dir, 'x'.repeat(300))), ResourceAccessError, 'ENAMETOOLONG');
+    expectSystem(openError(join(fx.tmp.dir, 'x'.repeat(300))), ResourceAccessError, 'ENAMETOOLONG');
   });
 
   it('ENXIO: a unix socket', async () => {
-    const sock = join(tmp.dir, 'sock');
+    const sock = join(fx.tmp.dir, 'sock');
     const server = createServer();
     await new Promise<void>((r) => server.listen(sock, r));
     try {
@@ -129,7 +119,7 @@ describe('real triggers', () => {
   });
 
   it('ETXTBSY: readwrite access to a running program', async () => {
-    const prog = join(tmp.dir, 'sleeper');
+    const prog = join(fx.tmp.dir, 'sleeper');
     copyFileSync('/bin/sleep', prog);
     chmodSync(prog, 0o755);
     const child = spawn(prog, ['30'], { stdio: 'ignore' });
@@ -143,7 +133,7 @@ describe('real triggers', () => {
   });
 
   it.skipIf(!isRoot)('EROFS: readwrite access on a read-only filesystem (root: tmpfs remounted read-only)', () => {
-    const mnt = join(tmp.dir, 'mnt');
+    const mnt = join(fx.tmp.dir, 'mnt');
     mkdirSync(mnt);
     execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=1m', 'lockmgr-test', mnt]);
     try {
@@ -159,10 +149,10 @@ describe('real triggers', () => {
   });
 
   it.skipIf(!isRoot)('EACCES: a file the user may not open (root runs the check as nobody through setpriv)', () => {
-    chmodSync(tmp.dir, 0o755);
-    chmodSync(path, 0o600);
+    chmodSync(fx.tmp.dir, 0o755);
+    chmodSync(fx.path, 0o600);
     const script = `import { openLockable } from ${JSON.stringify(distUrl)};
-      try { openLockable(${JSON.stringify(path)}, { access: 'read' }); console.log('opened'); }
+      try { openLockable(${JSON.stringify(fx.path)}, { access: 'read' }); console.log('opened'); }
       catch (e) { console.log(JSON.stringify({ name: e.name, code: e.cause?.code })); }`;
     const r = spawnSync('setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', process.execPath, '--input-type=module', '-e', script], {
       encoding: 'utf8',
@@ -175,14 +165,14 @@ describe('real triggers', () => {
     const script = `import { openLockable } from ${JSON.stringify(distUrl)};
       import { openSync } from 'node:fs';
       const fds = []; try { for (;;) fds.push(openSync('/dev/null', 'r')); } catch {}
-      try { openLockable(${JSON.stringify(path)}); console.log('opened'); }
+      try { openLockable(${JSON.stringify(fx.path)}); console.log('opened'); }
       catch (e) { console.log(JSON.stringify({ name: e.name, code: e.cause?.code })); }`;
     const r = spawnSync('prlimit', ['--nofile=128:128', process.execPath, '--input-type=module', '-e', script], { encoding: 'utf8' });
     expect(JSON.parse(r.stdout)).toEqual({ name: ResourceExhaustedError.name, code: 'EMFILE' });
   });
 
   it('EBADF from fcntl: an exclusive lock on a file opened for reading is AccessModeError', () => {
-    const f = openLockable(path, { access: 'read' });
+    const f = openLockable(fx.path, { access: 'read' });
     open.push(f);
     let err: LockManagerError | undefined;
     try {
@@ -193,12 +183,12 @@ describe('real triggers', () => {
     expect(err).toBeInstanceOf(AccessModeError);
     expect(err!.code).toBe('ERR_ACCESS_MODE');
     expect(err!.message).toContain('exclusive locks need readwrite access');
-    expect(err!.cause).toMatchObject({ code: 'EBADF', syscall: 'fcntl', path });
+    expect(err!.cause).toMatchObject({ code: 'EBADF', syscall: 'fcntl', path: fx.path });
     return expect(f.lock('exclusive')).rejects.toBeInstanceOf(AccessModeError);
   });
 
   it('a FIFO is refused without blocking on the open', () => {
-    const fifo = join(tmp.dir, 'fifo');
+    const fifo = join(fx.tmp.dir, 'fifo');
     execFileSync('mkfifo', [fifo]);
     for (const access of ['read', 'readwrite']) {
       const err = openError(fifo, { access });
@@ -234,7 +224,7 @@ describe('bad arguments: InvalidArgumentError, nothing opened or held', () => {
     ['null', null],
   ];
   it.each(options)('open options: %s', (_, o) => {
-    expect(openError(path, o as object)).toBeInstanceOf(InvalidArgumentError);
+    expect(openError(fx.path, o as object)).toBeInstanceOf(InvalidArgumentError);
   });
 
   const ranges: Array<[string, unknown]> = [
@@ -251,20 +241,20 @@ describe('bad arguments: InvalidArgumentError, nothing opened or held', () => {
     ['null', null],
   ];
   it.each(ranges)('range: %s', async (_, range) => {
-    const f = openLockable(path);
+    const f = openLockable(fx.path);
     open.push(f);
     expect(() => f.tryLock('exclusive', range as never)).toThrow(InvalidArgumentError);
     expect(() => f.unlock(range as never)).toThrow(InvalidArgumentError);
     expect(() => f.getConflict('shared', range as never)).toThrow(InvalidArgumentError);
     await expect(f.lock('exclusive', range as never)).rejects.toBeInstanceOf(InvalidArgumentError);
-    const other = openLockable(path);
+    const other = openLockable(fx.path);
     open.push(other);
     expect(other.tryLock('exclusive')).toBe(true);
   });
 
   const modes: unknown[] = ['write', 'EXCLUSIVE', undefined, 1, 'readonly'];
   it.each(modes)('mode: %s', async (mode) => {
-    const f = openLockable(path);
+    const f = openLockable(fx.path);
     open.push(f);
     expect(() => f.tryLock(mode as never)).toThrow(InvalidArgumentError);
     expect(() => f.getConflict(mode as never)).toThrow(InvalidArgumentError);
@@ -280,7 +270,7 @@ describe('bad arguments: InvalidArgumentError, nothing opened or held', () => {
     ['unknown key', { timeoutMs: 100 }],
   ];
   it.each(lockOptions)('lock options: %s', async (_, o) => {
-    const f = openLockable(path);
+    const f = openLockable(fx.path);
     open.push(f);
     await expect(f.lock('shared', undefined, o as never)).rejects.toBeInstanceOf(InvalidArgumentError);
   });

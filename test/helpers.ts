@@ -5,6 +5,8 @@ import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'n
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import * as hooks from 'vitest';
+import { openLockable, type LockableFile } from '../lib/index.js';
 
 export const isRoot = process.getuid?.() === 0;
 
@@ -100,4 +102,48 @@ export class Peer {
     this.child.kill(signal);
     await exited;
   }
+}
+
+/**
+ * The common setup of lock tests, as vitest hooks: a fresh temp dir with one
+ * 4 KiB file per test, a peer process per file (when asked), and lockable
+ * files opened through `open()` closed after each test.
+ */
+export interface LockFixture {
+  peer: Peer;
+  tmp: ReturnType<typeof tempDir>;
+  path: string;
+  opened: LockableFile[];
+  open(p?: string, access?: 'read' | 'readwrite'): LockableFile;
+}
+
+export function lockFixture(options: { peer?: boolean } = {}): LockFixture {
+  const { afterAll, afterEach, beforeAll, beforeEach } = hooks;
+  const state: LockFixture = {
+    peer: undefined as unknown as Peer,
+    tmp: undefined as unknown as ReturnType<typeof tempDir>,
+    path: '',
+    opened: [] as LockableFile[],
+    /** openLockable(), closed after the test. */
+    open(p = state.path, access = 'readwrite') {
+      const f = openLockable(p, { access });
+      state.opened.push(f);
+      return f;
+    },
+  };
+  if (options.peer) {
+    beforeAll(async () => {
+      state.peer = await Peer.start();
+    });
+    afterAll(() => state.peer.kill());
+  }
+  beforeEach(() => {
+    state.tmp = tempDir();
+    state.path = makeFile(state.tmp.dir);
+  });
+  afterEach(() => {
+    for (const f of state.opened.splice(0)) f.close();
+    state.tmp.cleanup();
+  });
+  return state;
 }

@@ -1,40 +1,17 @@
 import { closeSync, linkSync, openSync, symlinkSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { InvalidStateError, openLockable, type LockableFile, type LockMode } from '../lib/index.js';
-import { Peer, makeFile, tempDir } from './helpers.js';
+import { Peer, lockFixture, makeFile } from './helpers.js';
 
-let peer: Peer;
-let tmp: ReturnType<typeof tempDir>;
-let path: string;
-const open: LockableFile[] = [];
-
-function lockable(p = path, access: 'read' | 'readwrite' = 'readwrite'): LockableFile {
-  const f = openLockable(p, { access });
-  open.push(f);
-  return f;
-}
-
-beforeAll(async () => {
-  peer = await Peer.start();
-});
-afterAll(async () => {
-  await peer.kill();
-});
-beforeEach(() => {
-  tmp = tempDir();
-  path = makeFile(tmp.dir);
-});
-afterEach(() => {
-  for (const f of open.splice(0)) f.close();
-  tmp.cleanup();
-});
+const fx = lockFixture({ peer: true });
+const lockable = (p = fx.path, access: 'read' | 'readwrite' = 'readwrite'): LockableFile => fx.open(p, access);
 
 describe('openLockable', () => {
   it('opens a regular file with its kind, path, fd and identity', () => {
     const f = lockable();
     expect(f.kind).toBe('file');
-    expect(f.path).toBe(path);
+    expect(f.path).toBe(fx.path);
     expect(f.access).toBe('readwrite');
     expect(Number.isInteger(f.fd) && f.fd > 2).toBe(true);
     expect(typeof f.identity.dev).toBe('bigint');
@@ -43,11 +20,11 @@ describe('openLockable', () => {
   });
 
   it('gives one identity to the same file under two paths, another to another file', () => {
-    const hard = join(tmp.dir, 'hard.img');
-    const soft = join(tmp.dir, 'soft.img');
-    linkSync(path, hard);
-    symlinkSync(path, soft);
-    const other = makeFile(tmp.dir, 'other.img');
+    const hard = join(fx.tmp.dir, 'hard.img');
+    const soft = join(fx.tmp.dir, 'soft.img');
+    linkSync(fx.path, hard);
+    symlinkSync(fx.path, soft);
+    const other = makeFile(fx.tmp.dir, 'other.img');
     const key = lockable().identity.key;
     expect(lockable(hard).identity.key).toBe(key);
     expect(lockable(soft).identity.key).toBe(key);
@@ -79,14 +56,14 @@ describe('conflict matrix across processes', () => {
         it(`${c.name}: ${held} held, ${wanted} wanted -> ${conflicts ? 'conflict' : 'granted'}`, async () => {
           const f = lockable();
           expect(f.tryLock(held, c.mine)).toBe(true);
-          const h = await peer.call<number>('open', path, { access: 'readwrite' });
+          const h = await fx.peer.call<number>('open', fx.path, { access: 'readwrite' });
           try {
-            expect(await peer.call('tryLock', h, wanted, c.theirs)).toBe(!conflicts);
-            const conflict = await peer.call<{ mode: string; pid: number } | null>('getConflict', h, wanted, c.theirs);
+            expect(await fx.peer.call('tryLock', h, wanted, c.theirs)).toBe(!conflicts);
+            const conflict = await fx.peer.call<{ mode: string; pid: number } | null>('getConflict', h, wanted, c.theirs);
             if (conflicts) expect(conflict).toMatchObject({ mode: held, pid: -1 });
             else expect(conflict).toBeNull();
           } finally {
-            await peer.call('close', h);
+            await fx.peer.call('close', h);
           }
         });
       }
@@ -117,23 +94,23 @@ describe('OFD semantics', () => {
   it('closing an unrelated fd of the same file does not drop the lock', async () => {
     const f = lockable();
     expect(f.tryLock('exclusive', { start: 0, length: 1 })).toBe(true);
-    closeSync(openSync(path, 'r+'));
+    closeSync(openSync(fx.path, 'r+'));
     const other = lockable();
     other.close();
-    const h = await peer.call<number>('open', path, { access: 'read' });
-    expect(await peer.call('tryLock', h, 'shared', { start: 0, length: 1 })).toBe(false);
-    await peer.call('close', h);
+    const h = await fx.peer.call<number>('open', fx.path, { access: 'read' });
+    expect(await fx.peer.call('tryLock', h, 'shared', { start: 0, length: 1 })).toBe(false);
+    await fx.peer.call('close', h);
   });
 
   it('defaults to the whole file', async () => {
     const f = lockable();
     expect(f.tryLock('exclusive')).toBe(true);
-    const h = await peer.call<number>('open', path, { access: 'read' });
-    expect(await peer.call('tryLock', h, 'shared', { start: 1_000_000_000, length: 1 })).toBe(false);
-    expect(await peer.call('getConflict', h, 'shared', { start: 5, length: 1 })).toEqual({ mode: 'exclusive', start: 0, length: 0, pid: -1 });
+    const h = await fx.peer.call<number>('open', fx.path, { access: 'read' });
+    expect(await fx.peer.call('tryLock', h, 'shared', { start: 1_000_000_000, length: 1 })).toBe(false);
+    expect(await fx.peer.call('getConflict', h, 'shared', { start: 5, length: 1 })).toEqual({ mode: 'exclusive', start: 0, length: 0, pid: -1 });
     f.unlock();
-    expect(await peer.call('tryLock', h, 'shared', { start: 5, length: 1 })).toBe(true);
-    await peer.call('close', h);
+    expect(await fx.peer.call('tryLock', h, 'shared', { start: 5, length: 1 })).toBe(true);
+    await fx.peer.call('close', h);
   });
 
   it('unlocking what is not locked is a no-op', () => {
@@ -144,7 +121,7 @@ describe('OFD semantics', () => {
 
   it('a lock held by a killed process is released by the kernel', async () => {
     const p = await Peer.start();
-    const h = await p.call<number>('open', path, { access: 'readwrite' });
+    const h = await p.call<number>('open', fx.path, { access: 'readwrite' });
     expect(await p.call('tryLock', h, 'exclusive', { start: 0, length: 1 })).toBe(true);
     const f = lockable();
     expect(f.tryLock('exclusive', { start: 0, length: 1 })).toBe(false);
@@ -153,27 +130,27 @@ describe('OFD semantics', () => {
   });
 
   it('a shared lock needs only read access', async () => {
-    const f = lockable(path, 'read');
+    const f = lockable(fx.path, 'read');
     expect(f.tryLock('shared', { start: 0, length: 1 })).toBe(true);
-    const h = await peer.call<number>('open', path, { access: 'readwrite' });
-    expect(await peer.call('tryLock', h, 'exclusive', { start: 0, length: 1 })).toBe(false);
-    await peer.call('close', h);
+    const h = await fx.peer.call<number>('open', fx.path, { access: 'readwrite' });
+    expect(await fx.peer.call('tryLock', h, 'exclusive', { start: 0, length: 1 })).toBe(false);
+    await fx.peer.call('close', h);
   });
 });
 
 describe('close', () => {
   it('releases the file locks', async () => {
-    const f = openLockable(path);
+    const f = openLockable(fx.path);
     expect(f.tryLock('exclusive', { start: 0, length: 1 })).toBe(true);
-    const h = await peer.call<number>('open', path, { access: 'readwrite' });
-    expect(await peer.call('tryLock', h, 'exclusive', { start: 0, length: 1 })).toBe(false);
+    const h = await fx.peer.call<number>('open', fx.path, { access: 'readwrite' });
+    expect(await fx.peer.call('tryLock', h, 'exclusive', { start: 0, length: 1 })).toBe(false);
     f.close();
-    expect(await peer.call('tryLock', h, 'exclusive', { start: 0, length: 1 })).toBe(true);
-    await peer.call('close', h);
+    expect(await fx.peer.call('tryLock', h, 'exclusive', { start: 0, length: 1 })).toBe(true);
+    await fx.peer.call('close', h);
   });
 
   it('is idempotent, and every use after it throws InvalidStateError', () => {
-    const f = openLockable(path);
+    const f = openLockable(fx.path);
     f.close();
     f.close();
     expect(f.closed).toBe(true);
@@ -181,11 +158,11 @@ describe('close', () => {
     expect(() => f.tryLock('shared')).toThrow(InvalidStateError);
     expect(() => f.unlock()).toThrow(InvalidStateError);
     expect(() => f.getConflict('shared')).toThrow(InvalidStateError);
-    return expect(f.lock('shared')).rejects.toMatchObject({ code: 'ERR_INVALID_STATE', message: expect.stringContaining(path) });
+    return expect(f.lock('shared')).rejects.toMatchObject({ code: 'ERR_INVALID_STATE', message: expect.stringContaining(fx.path) });
   });
 
   it('Symbol.dispose closes', () => {
-    const f = openLockable(path);
+    const f = openLockable(fx.path);
     f.tryLock('exclusive');
     f[Symbol.dispose]();
     expect(f.closed).toBe(true);

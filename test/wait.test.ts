@@ -1,19 +1,11 @@
 import { readFile } from 'node:fs/promises';
 import { setImmediate as tick } from 'node:timers/promises';
-import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { AbortError, LockTimeoutError, openLockable, type LockableFile } from '../lib/index.js';
-import { Peer, makeFile, tempDir } from './helpers.js';
+import { lockFixture } from './helpers.js';
 
-let peer: Peer;
-let tmp: ReturnType<typeof tempDir>;
-let path: string;
-const open: LockableFile[] = [];
-
-function lockable(): LockableFile {
-  const f = openLockable(path);
-  open.push(f);
-  return f;
-}
+const fx = lockFixture({ peer: true });
+const lockable = (): LockableFile => fx.open();
 
 /** Settles to 'pending' if the promise has not settled after a few turns of the loop. */
 async function state(p: Promise<unknown>): Promise<'resolved' | 'rejected' | 'pending'> {
@@ -22,20 +14,6 @@ async function state(p: Promise<unknown>): Promise<'resolved' | 'rejected' | 'pe
   return r === marker ? 'pending' : (r as 'resolved' | 'rejected');
 }
 
-beforeAll(async () => {
-  peer = await Peer.start();
-});
-afterAll(async () => {
-  await peer.kill();
-});
-beforeEach(() => {
-  tmp = tempDir();
-  path = makeFile(tmp.dir);
-});
-afterEach(() => {
-  for (const f of open.splice(0)) f.close();
-  tmp.cleanup();
-});
 
 const BYTE0 = { start: 0, length: 1 };
 
@@ -47,27 +25,27 @@ describe('lock()', () => {
   });
 
   it('waits while another process holds the lock, and gets it when that process releases', async () => {
-    const h = await peer.call<number>('open', path, { access: 'readwrite' });
-    expect(await peer.call('tryLock', h, 'exclusive', BYTE0)).toBe(true);
+    const h = await fx.peer.call<number>('open', fx.path, { access: 'readwrite' });
+    expect(await fx.peer.call('tryLock', h, 'exclusive', BYTE0)).toBe(true);
     const f = lockable();
     const p = f.lock('shared', BYTE0);
     for (let i = 0; i < 20; i++) expect(await state(p)).toBe('pending');
-    await peer.call('unlock', h, BYTE0);
+    await fx.peer.call('unlock', h, BYTE0);
     await p;
-    expect(await peer.call('tryLock', h, 'exclusive', BYTE0)).toBe(false);
-    await peer.call('close', h);
+    expect(await fx.peer.call('tryLock', h, 'exclusive', BYTE0)).toBe(false);
+    await fx.peer.call('close', h);
   });
 
   it('a waiter in another process gets the lock when we release', async () => {
     const f = lockable();
     f.tryLock('exclusive', BYTE0);
-    const h = await peer.call<number>('open', path, { access: 'readwrite' });
-    const p = peer.call('lock', h, 'exclusive', BYTE0, {});
+    const h = await fx.peer.call<number>('open', fx.path, { access: 'readwrite' });
+    const p = fx.peer.call('lock', h, 'exclusive', BYTE0, {});
     await new Promise((r) => setTimeout(r, 50));
     f.unlock(BYTE0);
     expect(await p).toBe(true);
     expect(f.tryLock('shared', BYTE0)).toBe(false);
-    await peer.call('close', h);
+    await fx.peer.call('close', h);
   });
 
   it('times out with LockTimeoutError, naming what is still in the way, and does not hold the lock', async () => {
@@ -77,7 +55,7 @@ describe('lock()', () => {
     const err = await f.lock('exclusive', BYTE0, { timeout: 100 }).catch((e: unknown) => e);
     expect(err).toBeInstanceOf(LockTimeoutError);
     expect(err).toMatchObject({ code: 'ERR_LOCK_TIMEOUT', timeout: 100, holder: { mode: 'exclusive', start: 0, length: 1, pid: -1 } });
-    expect((err as Error).message).toContain(path);
+    expect((err as Error).message).toContain(fx.path);
     holder.unlock(BYTE0);
     // Had the timed-out wait left a lock behind, this would fail.
     expect(lockable().tryLock('exclusive', BYTE0)).toBe(true);
@@ -114,7 +92,7 @@ describe('lock()', () => {
   it('close() rejects pending waits with InvalidStateError and releases the file locks', async () => {
     const holder = lockable();
     holder.tryLock('exclusive', { start: 0, length: 1 });
-    const f = openLockable(path);
+    const f = openLockable(fx.path);
     f.tryLock('exclusive', { start: 100, length: 1 });
     const waits = [f.lock('exclusive', BYTE0), f.lock('shared', BYTE0, { timeout: 60_000 })];
     expect(await state(waits[0]!)).toBe('pending');
@@ -141,7 +119,7 @@ describe('lock()', () => {
     const f = lockable();
     const waits = Array.from({ length: 1000 }, () => f.lock('shared', BYTE0).catch((e: unknown) => e));
     // Were the waits parked on libuv's 4 pool threads, these reads could never run.
-    const reads = await Promise.all(Array.from({ length: 16 }, () => readFile(path, 'utf8')));
+    const reads = await Promise.all(Array.from({ length: 16 }, () => readFile(fx.path, 'utf8')));
     expect(reads.every((r) => r.length === 4096)).toBe(true);
     let turns = 0;
     for (let i = 0; i < 100; i++) {
@@ -160,7 +138,7 @@ describe('lock()', () => {
     holder.tryLock('exclusive', BYTE0);
     const script = `
       import { openLockable } from ${JSON.stringify(new URL('../dist/index.js', import.meta.url).href)};
-      const f = openLockable(${JSON.stringify(path)});
+      const f = openLockable(${JSON.stringify(fx.path)});
       f.lock('exclusive', { start: 0, length: 1 }, { timeout: 300 }).then(
         () => console.log('granted'), (e) => console.log(e.code));`;
     const r = spawnSync(process.execPath, ['--input-type=module', '-e', script], { encoding: 'utf8' });
