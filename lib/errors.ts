@@ -40,13 +40,37 @@ export interface LockHolder {
   pid: number;
 }
 
-/** A conflicting lock is held. `holder` says what is known of it. */
+/** A process that has a resource open: a candidate holder of an OFD lock. */
+export interface ProcessInfo {
+  pid: number;
+  /** Its command line, arguments joined by spaces. */
+  command: string;
+}
+
+export interface ResourceBusyOptions {
+  cause?: unknown;
+  holder?: LockHolder | null;
+  /** The path of the resource that was busy. */
+  resource?: string;
+  /** Processes that have the resource open (OFD locks record no pid). */
+  candidates?: ProcessInfo[];
+  /** Paths whose locks this call took and released again before failing. */
+  rolledBack?: string[];
+}
+
+/** A conflicting lock is held. `holder` and `candidates` say what is known of who holds it. */
 export class ResourceBusyError extends LockManagerError {
   override readonly code = 'ERR_RESOURCE_BUSY';
   readonly holder: LockHolder | null;
-  constructor(message: string, options?: { cause?: unknown; holder?: LockHolder | null }) {
+  readonly resource: string | null;
+  readonly candidates: ProcessInfo[];
+  readonly rolledBack: string[];
+  constructor(message: string, options?: ResourceBusyOptions) {
     super(message, options);
     this.holder = options?.holder ?? null;
+    this.resource = options?.resource ?? null;
+    this.candidates = options?.candidates ?? [];
+    this.rolledBack = options?.rolledBack ?? [];
   }
 }
 

@@ -18,11 +18,10 @@ import {
   openLockable,
   systemError,
 } from '../lib/index.js';
-import { fdCount, isRoot, lockFixture } from './helpers.js';
+import { compileShim, distUrl, fdCount, isRoot, lockFixture, runScript } from './helpers.js';
 
 const fx = lockFixture();
 const open = fx.opened;
-const distUrl = new URL('../dist/index.js', import.meta.url).href;
 
 
 /** The error openLockable throws, checking it leaves no fd behind. */
@@ -185,6 +184,32 @@ describe('real triggers', () => {
     expect(err!.message).toContain('exclusive locks need readwrite access');
     expect(err!.cause).toMatchObject({ code: 'EBADF', syscall: 'fcntl', path: fx.path });
     return expect(f.lock('exclusive')).rejects.toBeInstanceOf(AccessModeError);
+  });
+
+  it('fcntl EINVAL (a kernel or seccomp profile without OFD locks) is UnsupportedError, from every lock call', () => {
+    const shim = compileShim('deny-ofd', fx.tmp.dir);
+    const script = `import { openLockable } from ${JSON.stringify(distUrl)};
+      const f = openLockable(${JSON.stringify(fx.path)});
+      const out = {};
+      for (const [name, call] of [['tryLock', () => f.tryLock('exclusive')], ['getConflict', () => f.getConflict('shared')], ['unlock', () => f.unlock()]]) {
+        try { call(); out[name] = 'ok'; } catch (e) { out[name] = e.name + ' ' + e.cause?.code + ' ' + e.cause?.syscall; }
+      }
+      await f.lock('shared').then(() => { out.lock = 'ok'; }, (e) => { out.lock = e.name; });
+      console.log(JSON.stringify(out));`;
+    expect(runScript(script, { LD_PRELOAD: shim, DENY_OFD_ERRNO: String(errnoOf('EINVAL')) })).toEqual({
+      tryLock: 'UnsupportedError EINVAL fcntl',
+      getConflict: 'UnsupportedError EINVAL fcntl',
+      unlock: 'UnsupportedError EINVAL fcntl',
+      lock: 'UnsupportedError',
+    });
+  });
+
+  it('fcntl ENOLCK (lock table full, lock manager down) is NoLocksAvailableError', () => {
+    const shim = compileShim('deny-ofd', fx.tmp.dir);
+    const script = `import { openLockable } from ${JSON.stringify(distUrl)};
+      const f = openLockable(${JSON.stringify(fx.path)});
+      try { f.tryLock('exclusive'); console.log('"ok"'); } catch (e) { console.log(JSON.stringify(e.name + ' ' + e.code + ' ' + e.cause?.code)); }`;
+    expect(runScript(script, { LD_PRELOAD: shim, DENY_OFD_ERRNO: String(errnoOf('ENOLCK')) })).toBe('NoLocksAvailableError ERR_NO_LOCKS ENOLCK');
   });
 
   it('a FIFO is refused without blocking on the open', () => {

@@ -1,6 +1,6 @@
 // Test helpers: temp files, a peer process for cross-process locking, and
 // counters of this process's fds, threads and children for leak checks.
-import { fork, type ChildProcess } from 'node:child_process';
+import { execFileSync, fork, spawnSync, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -147,3 +147,20 @@ export function lockFixture(options: { peer?: boolean } = {}): LockFixture {
   });
   return state;
 }
+
+/** Compiles test/fixtures/NAME.c into a shared object in `dir` (for LD_PRELOAD); returns its path. */
+export function compileShim(name: string, dir: string): string {
+  const out = join(dir, `${name}.so`);
+  execFileSync('cc', ['-shared', '-fPIC', '-O2', '-o', out, fileURLToPath(new URL(`./fixtures/${name}.c`, import.meta.url))]);
+  return out;
+}
+
+/** Runs an ES module script with plain node; returns its stdout parsed as JSON (stderr must be empty). */
+export function runScript(source: string, env: NodeJS.ProcessEnv = {}): unknown {
+  const r = spawnSync(process.execPath, ['--input-type=module', '-e', source], { encoding: 'utf8', env: { ...process.env, ...env } });
+  if (r.stderr !== '') throw new Error(`script wrote to stderr: ${r.stderr}`);
+  return JSON.parse(r.stdout);
+}
+
+/** The URL of the built package entry, for scripts run by plain node. */
+export const distUrl = new URL('../dist/index.js', import.meta.url).href;
