@@ -19,7 +19,7 @@
       "cflags_cc!": ["-fno-exceptions", "-std=gnu++17", "-std=gnu++20"],
       "cflags": ["-Wall", "-Wextra", "-Werror", "-fno-exceptions"],
       "cflags_cc": ["-std=c++17", "-Wall", "-Wextra", "-Werror", "-fno-exceptions"],
-      "ldflags": ["-pthread"],
+      "ldflags": ["-pthread", "-Wl,-z,now"],
       "libraries": ["-lrt"],
       "conditions": [
         ["OS!='linux'", { "type": "none" }]

@@ -255,3 +255,17 @@ export function fromErrno(syscall: Syscall, errno: number, path: string | undefi
   const Class = classForErrno(syscall, errno);
   return new Class(`${message}: ${cause.message}`, { cause });
 }
+
+/**
+ * A process could not be started: execve failed (`cause.syscall` 'execve',
+ * `cause.path` the command, `cause.code` ENOENT, EACCES, ...), or a step before it
+ * in the child did (chdir, dup2, setsid, prctl), or the kernel refused the clone.
+ * Reported before spawnSupervised() returns; no process is left behind.
+ */
+export class SpawnError extends LockManagerError {
+  override readonly code = 'ERR_SPAWN';
+  declare readonly cause: SystemError;
+  constructor(message: string, options: { cause: SystemError }) {
+    super(message, options);
+  }
+}

@@ -12,4 +12,14 @@ export {
   type ResourceIdentity,
   type ResourceKind,
 } from './locks.js';
+export {
+  spawnSupervised,
+  attachProcess,
+  SupervisedProcess,
+  type ExitStatus,
+  type SpawnOptions,
+  type StdioEntry,
+  type StdioKind,
+  type StopOptions,
+} from './supervise.js';
 export * from './errors.js';

@@ -22,6 +22,36 @@ export interface Native {
   waitLock(fd: number, type: number, start: number, length: number, timeoutMs: number): number;
   cancelWait(id: number): void;
   waiterThreads(): number;
+  /** Starts this environment's process supervision. onExit(id, kind, value): kind 0 unknown, 1 exit code, 2 signal, 3 errno. 0 or errno. */
+  initSpawn(onExit: (id: number, kind: number, value: number) => void): number;
+  /**
+   * clone3 (or the fallback) + execve over `paths`. stdio = source fds for 0..2;
+   * keep = kept fds, ascending, >= 3; flags 1 new session, 2 force the fallback.
+   * 0 with out = [id, pid], or errno with out[2] = the failed stage.
+   */
+  spawn(
+    paths: string[],
+    argv: string[],
+    envp: string[],
+    cwd: string | null,
+    stdio: Int32Array,
+    keep: Int32Array,
+    flags: number,
+    pdeathsig: number,
+    out: Float64Array,
+  ): number;
+  /** pidfd_open + watch. 0 with out[0] = id, or errno. */
+  attach(pid: number, out: Float64Array): number;
+  /** pidfd_send_signal. 0 or errno; ESRCH once the exit has been seen. */
+  sendSignal(id: number, signal: number): number;
+  setRef(id: number, ref: boolean): void;
+  /** pipe2(O_CLOEXEC) into out = [read, write]. 0 or errno. */
+  makePipe(out: Int32Array): number;
+  /** fd or -errno. */
+  openDevNull(): number;
+  fdIsOpen(fd: number): boolean;
+  /** [watched processes of this environment, orphans being reaped, 1 if clone3 is missing, clone3 spawns, fallback spawns]. */
+  spawnInfo(): [number, number, number, number, number];
 }
 
 const packageRoot = resolve(dirname(fileURLToPath(import.meta.url)), '..');

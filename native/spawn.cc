@@ -1,7 +1,873 @@
+// Supervised processes through pidfds.
+//
+// Why pidfds: a pid names a process only until it is reaped, after which the
+// kernel may hand the number to anyone. A pidfd names one process for as long
+// as the fd is open, so a signal sent through it can never reach a stranger that
+// inherited the number, and its exit can be polled like any other fd.
+//
+// How a child starts: clone3(CLONE_VM | CLONE_VFORK | CLONE_PIDFD) on a small
+// stack of our own. CLONE_VM: a Node process maps gigabytes (V8 heap reservations,
+// code space); fork() would copy all of its page tables for every spawn, and then
+// fault every page it touches copy-on-write, only to throw it away at execve. With
+// CLONE_VM the child borrows the parent's memory and costs about as much as a
+// thread. CLONE_VFORK: the calling thread sleeps until the child has exec'd or
+// exited, so the child may report a failure by plain stores into the plan the
+// parent reads afterwards, with no pipe and no extra syscalls. The dedicated stack
+// is what makes CLONE_VM safe from C++: the child never touches the frames of the
+// suspended parent. The pidfd comes from the same syscall as the process, so there
+// is no instant in which we know the child only by its pid.
+//
+// Because the child shares memory (and TLS, and glibc's locks) with a process
+// whose other threads keep running, it must not allocate or take any lock: the
+// parent prepares everything (argv, envp, candidate paths for the PATH search)
+// and the child only makes syscalls through async-signal-safe wrappers. The addon
+// is linked with -z now so that not even a lazy PLT resolution runs in the child.
+//
+// Exit: each child's pidfd is watched by a uv_poll handle on the loop of the
+// environment that spawned it (main thread or worker). When it polls readable,
+// waitid(P_PIDFD, WEXITED | WNOHANG | __WALL) reaps exactly that child. Nothing
+// here ever waits for "any child": libuv reaps its own children by pid, and a
+// waitpid(-1) would steal their exit statuses from Node's child_process.
+//
+// Children are created with exit_signal 0, so they send no SIGCHLD: libuv's
+// SIGCHLD machinery never wakes for them, a SIGCHLD set to SIG_IGN cannot make
+// the kernel auto-reap them behind our back, and a foreign waitpid(-1) without
+// __WALL cannot reap them either.
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include <uv.h>
+
+#include <atomic>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
 #include "common.h"
 
-namespace lockmgr {
+// glibc 2.36's <sys/pidfd.h> lacks extern "C" and its wrappers would tie a
+// prebuilt binary to glibc >= 2.36: every pidfd call goes through syscall(2).
+#ifndef SYS_pidfd_send_signal
+#define SYS_pidfd_send_signal 424
+#endif
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434
+#endif
+#ifndef SYS_clone3
+#define SYS_clone3 435
+#endif
+#ifndef SYS_close_range
+#define SYS_close_range 436
+#endif
+#ifndef CLONE_PIDFD
+#define CLONE_PIDFD 0x00001000
+#endif
+#ifndef P_PIDFD
+#define P_PIDFD 3
+#endif
 
-void InitSpawn(Napi::Env, Napi::Object) {}
+#if defined(__x86_64__)
+// clone3 with a new stack cannot go through syscall(2): the child would return
+// from the wrapper on an empty stack. This trampoline makes the syscall and, in
+// the child only, calls fn(arg) on the new stack and exits with its result. The
+// parent gets the raw result: a pid, or -errno. Registers other than rax, rcx
+// and r11 survive the syscall in both processes, hence fn and arg in r8/r9.
+#define LOCKMGR_HAVE_CLONE3_TRAMPOLINE 1
+extern "C" long lockmgr_clone3_run(void* args, size_t size, int (*fn)(void*), void* arg);
+asm(R"(
+    .text
+    .globl lockmgr_clone3_run
+    .hidden lockmgr_clone3_run
+    .type lockmgr_clone3_run,@function
+lockmgr_clone3_run:
+    movq %rdx, %r8
+    movq %rcx, %r9
+    movl $435, %eax
+    syscall
+    testq %rax, %rax
+    jnz 1f
+    xorl %ebp, %ebp
+    andq $-16, %rsp
+    movq %r9, %rdi
+    callq *%r8
+    movl %eax, %edi
+    movl $60, %eax
+    syscall
+    hlt
+1:
+    ret
+    .size lockmgr_clone3_run, .-lockmgr_clone3_run
+)");
+#endif
+
+namespace lockmgr {
+namespace {
+
+// The first eight fields of struct clone_args (CLONE_ARGS_SIZE_VER0): declared
+// here so an older <linux/sched.h> cannot change what we pass.
+struct CloneArgs {
+  uint64_t flags;
+  uint64_t pidfd;
+  uint64_t child_tid;
+  uint64_t parent_tid;
+  uint64_t exit_signal;
+  uint64_t stack;
+  uint64_t stack_size;
+  uint64_t tls;
+};
+
+// Where a spawn failed. lib/supervise.ts maps these to syscall names.
+enum Stage : int {
+  kStageNone = 0,
+  kStageClone3 = 1,
+  kStageClone = 2,
+  kStagePidfdOpen = 3,
+  kStageStack = 4,
+  kStageExec = 5,
+  kStageChdir = 6,
+  kStageDup = 7,
+  kStageSetsid = 8,
+  kStagePdeathsig = 9,
+  kStageCloseRange = 10,
+};
+
+// Spawn flags from JS.
+constexpr int kFlagNewSession = 1;
+constexpr int kFlagForceFallback = 2;
+
+// How a watched process ended, as reported to JS.
+constexpr int kExitUnknown = 0;   // attached process: not our child, status unknowable
+constexpr int kExitCode = 1;      // value = exit code
+constexpr int kExitSignal = 2;    // value = signal number
+constexpr int kExitError = 3;     // value = errno of waitid or poll
+
+// The child's stack. It runs a few syscall wrappers and nothing else; 64 KiB is
+// generous, and the guard page below turns an overflow into a crash of the child
+// rather than silent corruption of the parent's memory.
+constexpr size_t kChildStackSize = 64 * 1024;
+
+// Set when clone3 returned ENOSYS (kernel < 5.3, or a seccomp profile that
+// hides it): every later spawn in the process goes straight to the fallback.
+std::atomic<bool> g_clone3_missing{false};
+// Children started by each path, so tests can prove which one ran.
+std::atomic<uint64_t> g_clone3_spawns{0};
+std::atomic<uint64_t> g_fallback_spawns{0};
+
+// Everything the child needs, prepared by the parent. The child reads it and
+// writes only err and stage; with CLONE_VFORK the parent reads them once the
+// child has exec'd (they stay 0) or exited.
+struct ChildPlan {
+  char* const* paths;  // candidates for execve, from the PATH search; null-terminated
+  char* const* argv;
+  char** sh_argv;      // {"/bin/sh", <path>, argv[1], ..., null} for ENOEXEC
+  char* const* envp;
+  const char* cwd;     // null: stay
+  int stdio[3];        // source fd for 0, 1, 2
+  const int* keep;     // kept fds, ascending, all >= 3
+  int nkeep;
+  int pdeathsig;       // 0: none
+  pid_t parent_pid;
+  bool new_session;
+  volatile int err;
+  volatile int stage;
+};
+
+[[noreturn]] void ChildFail(ChildPlan* p, int stage, int err) {
+  p->stage = stage;
+  p->err = err;
+  _exit(127);
+}
+
+// Closes [lo, hi]. close_range(2) is one syscall; before Linux 5.9 the loop up to
+// the fd limit does the same work the slow way.
+int CloseRange(unsigned lo, unsigned hi) {
+  if (lo > hi) return 0;
+  if (syscall(SYS_close_range, lo, hi, 0) == 0) return 0;
+  if (errno != ENOSYS) return errno;
+  struct rlimit rl;
+  unsigned limit = 65536;
+  if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY && rl.rlim_cur < limit) {
+    limit = static_cast<unsigned>(rl.rlim_cur);
+  }
+  for (unsigned fd = lo; fd <= hi && fd < limit; fd++) close(static_cast<int>(fd));
+  return 0;
+}
+
+// execvp's search over the candidates the parent built from PATH: a candidate
+// that is missing or unreadable does not stop the search; EACCES is remembered
+// and wins over ENOENT at the end; any other error ends it. ENOEXEC (a text file
+// without #!) runs the file with /bin/sh, as execvp does. Returns the errno.
+int ExecSearch(ChildPlan* p) {
+  int err = ENOENT;
+  bool saw_eacces = false;
+  for (char* const* path = p->paths; *path != nullptr; ++path) {
+    execve(*path, p->argv, p->envp);
+    int e = errno;
+    if (e == ENOEXEC) {
+      p->sh_argv[1] = *path;
+      execve("/bin/sh", p->sh_argv, p->envp);
+      return errno;
+    }
+    switch (e) {
+      case EACCES:
+        saw_eacces = true;
+        err = e;
+        break;
+      case ENOENT:
+      case ENOTDIR:
+      case ESTALE:
+      case ENODEV:
+      case ETIMEDOUT:
+        err = e;
+        break;
+      default:
+        return e;
+    }
+  }
+  return saw_eacces ? EACCES : err;
+}
+
+// Runs in the child, on its own stack, every signal blocked (the parent blocked
+// them all before clone so that no handler of the parent's can run here on
+// shared memory).
+int ChildMain(void* arg) {
+  ChildPlan* p = static_cast<ChildPlan*>(arg);
+
+  // Every disposition back to the default: handlers would be reset by execve
+  // anyway, but ignored signals would stay ignored (Node ignores SIGPIPE, and a
+  // VM that inherits that misbehaves on broken pipes). Done before the mask is
+  // cleared, so no parent handler can run in between. glibc refuses its two
+  // internal signals with EINVAL; they are only ever sent to its own threads.
+  struct sigaction dfl = {};
+  dfl.sa_handler = SIG_DFL;
+  for (int sig = 1; sig < NSIG; sig++) {
+    if (sig != SIGKILL && sig != SIGSTOP) sigaction(sig, &dfl, nullptr);
+  }
+
+  if (p->new_session && setsid() < 0) ChildFail(p, kStageSetsid, errno);
+  if (p->pdeathsig != 0 && prctl(PR_SET_PDEATHSIG, p->pdeathsig) < 0) ChildFail(p, kStagePdeathsig, errno);
+
+  // A source that sits in 0..2 but belongs at another number would be clobbered
+  // by an earlier dup2: move it above 2 first (F_DUPFD never replaces an open fd).
+  int src[3] = {p->stdio[0], p->stdio[1], p->stdio[2]};
+  for (int i = 0; i < 3; i++) {
+    int s = src[i];
+    if (s >= 0 && s < 3 && s != i) {
+      int moved = fcntl(s, F_DUPFD_CLOEXEC, 3);
+      if (moved < 0) ChildFail(p, kStageDup, errno);
+      for (int j = i; j < 3; j++) {
+        if (src[j] == s) src[j] = moved;
+      }
+    }
+  }
+  for (int i = 0; i < 3; i++) {
+    if (src[i] == i) {
+      // dup2 onto itself would keep FD_CLOEXEC; an inherited fd the parent closed
+      // stays closed in the child.
+      if (fcntl(i, F_SETFD, 0) < 0 && errno != EBADF) ChildFail(p, kStageDup, errno);
+    } else if (src[i] < 0) {
+      close(i);
+    } else if (dup2(src[i], i) < 0) {
+      ChildFail(p, kStageDup, errno);
+    }
+  }
+
+  // Everything but 0..2 and the kept fds goes, whatever its CLOEXEC flag: fds
+  // other addons or libraries opened without O_CLOEXEC must not leak into a VM.
+  unsigned lo = 3;
+  for (int k = 0; k < p->nkeep; k++) {
+    unsigned fd = static_cast<unsigned>(p->keep[k]);
+    if (fd > lo) {
+      int e = CloseRange(lo, fd - 1);
+      if (e != 0) ChildFail(p, kStageCloseRange, e);
+    }
+    if (fcntl(static_cast<int>(fd), F_SETFD, 0) < 0) ChildFail(p, kStageDup, errno);
+    lo = fd + 1;
+  }
+  int e = CloseRange(lo, ~0U);
+  if (e != 0) ChildFail(p, kStageCloseRange, e);
+
+  if (p->cwd != nullptr && chdir(p->cwd) < 0) ChildFail(p, kStageChdir, errno);
+
+  sigset_t none;
+  sigemptyset(&none);
+  sigprocmask(SIG_SETMASK, &none, nullptr);
+
+  // PR_SET_PDEATHSIG only covers a parent that dies after the prctl. If it died
+  // before, we were already reparented: deliver the signal ourselves, now that it
+  // is unblocked and at its default action.
+  if (p->pdeathsig != 0 && getppid() != p->parent_pid) {
+    syscall(SYS_kill, static_cast<pid_t>(syscall(SYS_getpid)), p->pdeathsig);
+  }
+
+  ChildFail(p, kStageExec, ExecSearch(p));
+}
+
+// Starts the child. Returns 0 with *pidfd and *pid set, or an errno with *stage.
+// After a success, plan->err may still say that the child failed before exec; the
+// caller then reaps it.
+int StartChild(ChildPlan* plan, bool force_fallback, void* stack, int* pidfd, pid_t* pid, int* stage) {
+  // All signals blocked across the clone: the child inherits the full mask and
+  // clears it only after resetting every handler (see ChildMain).
+  sigset_t all, old;
+  sigfillset(&all);
+  pthread_sigmask(SIG_SETMASK, &all, &old);
+  plan->parent_pid = getpid();
+  int result = 0;
+  bool done = false;
+#ifdef LOCKMGR_HAVE_CLONE3_TRAMPOLINE
+  if (!force_fallback && !g_clone3_missing.load(std::memory_order_relaxed)) {
+    int fd = -1;
+    CloneArgs args = {};
+    args.flags = CLONE_VM | CLONE_VFORK | CLONE_PIDFD;
+    args.pidfd = reinterpret_cast<uintptr_t>(&fd);
+    args.exit_signal = 0;
+    args.stack = reinterpret_cast<uintptr_t>(stack);
+    args.stack_size = kChildStackSize;
+    long r = lockmgr_clone3_run(&args, sizeof args, ChildMain, plan);
+    if (r > 0) {
+      g_clone3_spawns.fetch_add(1, std::memory_order_relaxed);
+      *pid = static_cast<pid_t>(r);
+      *pidfd = fd;
+      done = true;
+    } else if (r == -ENOSYS) {
+      g_clone3_missing.store(true, std::memory_order_relaxed);
+    } else {
+      result = static_cast<int>(-r);
+      *stage = kStageClone3;
+      done = true;
+    }
+  }
+#else
+  (void)force_fallback;
+#endif
+  if (!done) {
+    // Fallback: glibc's clone() knows how to start a child on its own stack on
+    // every architecture; the pidfd comes afterwards from pidfd_open. That is
+    // still race-free: the child is ours and unreaped (at worst a zombie), so its
+    // pid cannot be reused before pidfd_open pins it.
+    char* top = static_cast<char*>(stack) + kChildStackSize;
+    pid_t child = clone(ChildMain, top, CLONE_VM | CLONE_VFORK, plan);
+    if (child < 0) {
+      result = errno;
+      *stage = kStageClone;
+    } else {
+      int fd = static_cast<int>(syscall(SYS_pidfd_open, child, 0));
+      if (fd < 0) {
+        // Without a pidfd we cannot supervise it: kill it and reap it. The wait is
+        // for a SIGKILLed child of ours, over in microseconds.
+        result = errno;
+        *stage = kStagePidfdOpen;
+        kill(child, SIGKILL);
+        while (waitpid(child, nullptr, __WALL) < 0 && errno == EINTR) {
+        }
+      } else {
+        g_fallback_spawns.fetch_add(1, std::memory_order_relaxed);
+        *pid = child;
+        *pidfd = fd;
+      }
+    }
+  }
+  pthread_sigmask(SIG_SETMASK, &old, nullptr);
+  return result;
+}
+
+}  // namespace
+
+struct SpawnState;
+
+namespace {
+
+// One watched pidfd: a child of ours, or an attached process.
+struct Watcher {
+  SpawnState* state;
+  uv_poll_t poll;
+  int pidfd;
+  uint32_t id;
+  bool own_child;  // ours to reap; false for attach(), which must never reap
+  bool silent;     // a child whose exec failed: reap it, tell JS nothing
+};
+
+// Children still running when their environment goes away (a worker thread that
+// ends). Nobody else would reap them once they exit, so one process-wide thread
+// polls their pidfds and reaps them; it exists only while there are such orphans.
+class OrphanReaper {
+ public:
+  void Adopt(int pidfd) {
+    std::lock_guard<std::mutex> lock(mu_);
+    fds_.push_back(pidfd);
+    if (running_) {
+      uint64_t one = 1;
+      ssize_t n = write(wake_fd_, &one, sizeof one);
+      (void)n;  // the counter cannot overflow with one write per orphan
+      return;
+    }
+    if (wake_fd_ < 0) wake_fd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (wake_fd_ < 0) return;  // the pidfds stay open: zombies until process exit, no worse
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setstacksize(&attr, 64 * 1024);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    sigset_t block, old;
+    sigfillset(&block);
+    pthread_sigmask(SIG_SETMASK, &block, &old);
+    pthread_t t;
+    if (pthread_create(&t, &attr, &OrphanReaper::Main, this) == 0) running_ = true;
+    pthread_sigmask(SIG_SETMASK, &old, nullptr);
+    pthread_attr_destroy(&attr);
+  }
+
+  int Count() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return static_cast<int>(fds_.size());
+  }
+
+ private:
+  static void* Main(void* self) {
+    static_cast<OrphanReaper*>(self)->Run();
+    return nullptr;
+  }
+
+  void Run() {
+    std::vector<pollfd> pfds;
+    std::unique_lock<std::mutex> lock(mu_);
+    for (;;) {
+      if (fds_.empty()) {
+        running_ = false;
+        return;
+      }
+      pfds.clear();
+      pfds.push_back({wake_fd_, POLLIN, 0});
+      for (int fd : fds_) pfds.push_back({fd, POLLIN, 0});
+      lock.unlock();
+      int n = poll(pfds.data(), pfds.size(), -1);
+      lock.lock();
+      if (n < 0) continue;
+      if (pfds[0].revents != 0) {
+        uint64_t v;
+        ssize_t r = read(wake_fd_, &v, sizeof v);
+        (void)r;
+      }
+      for (size_t i = 1; i < pfds.size(); i++) {
+        if (pfds[i].revents == 0) continue;
+        siginfo_t si = {};
+        int r = waitid(static_cast<idtype_t>(P_PIDFD), static_cast<id_t>(pfds[i].fd), &si,
+                       WEXITED | WNOHANG | __WALL);
+        if (r == 0 && si.si_pid == 0) continue;  // not exited after all
+        close(pfds[i].fd);
+        for (size_t j = 0; j < fds_.size(); j++) {
+          if (fds_[j] == pfds[i].fd) {
+            fds_.erase(fds_.begin() + static_cast<long>(j));
+            break;
+          }
+        }
+      }
+    }
+  }
+
+  std::mutex mu_;
+  std::vector<int> fds_;
+  int wake_fd_ = -1;
+  bool running_ = false;
+};
+
+// Leaked on purpose: a detached reaper thread may still run at process exit,
+// after static destructors.
+OrphanReaper* g_orphans = new OrphanReaper();
+
+}  // namespace
+
+struct SpawnState {
+  SpawnState(Napi::Env e, AddonData* d) : env(e), data(d) {}
+  Napi::Env env;
+  AddonData* data;
+  uv_loop_t* loop = nullptr;
+  // Why a plain reference called with MakeCallback and not a thread-safe
+  // function: exits are noticed by uv_poll on this environment's own loop, so we
+  // already are on the JS thread. A thread-safe function would add a mutex and a
+  // uv_async hop for nothing. MakeCallback (with this async context) is what makes
+  // promise reactions run right after the callback, as for any libuv callback.
+  Napi::FunctionReference on_exit;
+  napi_async_context context = nullptr;
+  std::unordered_map<uint32_t, Watcher*> watchers;
+  uint32_t next_id = 0;
+  void* stack = nullptr;  // kChildStackSize bytes above a guard page, reused by every spawn
+  napi_async_cleanup_hook_handle cleanup = nullptr;
+  size_t closing = 0;  // handles teardown still waits for, plus one
+};
+
+namespace {
+
+SpawnState* GetState(Napi::Env env) { return GetAddonData(env)->spawn; }
+
+void OnWatcherClosed(uv_handle_t* handle) {
+  Watcher* w = static_cast<Watcher*>(handle->data);
+  if (w->pidfd >= 0) close(w->pidfd);
+  delete w;
+}
+
+void Report(SpawnState* s, uint32_t id, int kind, int value) {
+  Napi::Env env = s->env;
+  Napi::HandleScope scope(env);
+  s->on_exit.MakeCallback(env.Global(),
+                          {Napi::Number::New(env, id), Napi::Number::New(env, kind), Napi::Number::New(env, value)},
+                          s->context);
+  if (env.IsExceptionPending()) {
+    // A throwing callback must surface as an uncaught exception, as it would from
+    // any other libuv callback, not vanish.
+    Napi::Error err = env.GetAndClearPendingException();
+    napi_fatal_exception(env, err.Value());
+  }
+}
+
+void OnPoll(uv_poll_t* handle, int status, int) {
+  Watcher* w = static_cast<Watcher*>(handle->data);
+  int kind = kExitUnknown;
+  int value = 0;
+  if (w->own_child) {
+    siginfo_t si = {};
+    int r = waitid(static_cast<idtype_t>(P_PIDFD), static_cast<id_t>(w->pidfd), &si, WEXITED | WNOHANG | __WALL);
+    if (r < 0) {
+      if (errno == EINTR) return;  // still readable: we come back on the next iteration
+      kind = kExitError;
+      value = errno;
+    } else if (si.si_pid == 0) {
+      return;  // not exited yet
+    } else if (si.si_code == CLD_EXITED) {
+      kind = kExitCode;
+      value = si.si_status;
+    } else {
+      kind = kExitSignal;
+      value = si.si_status;
+    }
+  } else if (status < 0) {
+    kind = kExitError;
+    value = -status;
+  }
+  // Not reaped by us (attached): the process has exited, which is all poll says.
+  SpawnState* s = w->state;
+  s->watchers.erase(w->id);
+  uv_poll_stop(handle);
+  uv_close(reinterpret_cast<uv_handle_t*>(handle), OnWatcherClosed);
+  if (!w->silent) Report(s, w->id, kind, value);
+}
+
+// Returns 0 or an errno. On success the watcher owns pidfd; on failure the
+// caller still does.
+int Watch(SpawnState* s, int pidfd, bool own_child, bool silent, uint32_t* id) {
+  Watcher* w = new Watcher();
+  w->state = s;
+  w->pidfd = pidfd;
+  w->own_child = own_child;
+  w->silent = silent;
+  w->poll.data = w;
+  int r = uv_poll_init(s->loop, &w->poll, pidfd);
+  if (r != 0) {
+    delete w;
+    return -r;
+  }
+  r = uv_poll_start(&w->poll, UV_READABLE, OnPoll);
+  if (r != 0) {
+    // The handle is registered with the loop: it has to be closed, not deleted.
+    w->pidfd = -1;
+    uv_close(reinterpret_cast<uv_handle_t*>(&w->poll), OnWatcherClosed);
+    return -r;
+  }
+  w->id = ++s->next_id;
+  if (w->id == 0) w->id = ++s->next_id;
+  s->watchers[w->id] = w;
+  *id = w->id;
+  return 0;
+}
+
+void ReleaseTeardown(SpawnState* s) {
+  if (--s->closing != 0) return;
+  napi_remove_async_cleanup_hook(s->cleanup);
+  delete s;
+}
+
+void OnTeardownClosed(uv_handle_t* handle) {
+  Watcher* w = static_cast<Watcher*>(handle->data);
+  SpawnState* s = w->state;
+  OnWatcherClosed(handle);
+  ReleaseTeardown(s);
+}
+
+// Environment teardown. An async cleanup hook because closing uv handles takes a
+// loop iteration: Node keeps running the loop until we say we are done, and
+// would otherwise find our handles still open when it closes a worker's loop.
+// Children still running are handed to the orphan reaper; attached processes
+// are simply let go.
+void Teardown(napi_async_cleanup_hook_handle handle, void* arg) {
+  SpawnState* s = static_cast<SpawnState*>(arg);
+  s->cleanup = handle;
+  // The instance data and the JS objects may go before our handles have closed:
+  // let go of them now.
+  s->data->spawn = nullptr;
+  s->on_exit.Reset();
+  napi_async_destroy(s->env, s->context);
+  s->context = nullptr;
+  if (s->stack != nullptr) {
+    size_t page = static_cast<size_t>(getpagesize());
+    munmap(static_cast<char*>(s->stack) - page, kChildStackSize + page);
+    s->stack = nullptr;
+  }
+  s->closing = s->watchers.size() + 1;
+  for (auto& kv : s->watchers) {
+    Watcher* w = kv.second;
+    uv_poll_stop(&w->poll);
+    if (w->own_child) {
+      siginfo_t si = {};
+      int r = waitid(static_cast<idtype_t>(P_PIDFD), static_cast<id_t>(w->pidfd), &si, WEXITED | WNOHANG | __WALL);
+      if (r == 0 && si.si_pid == 0) {
+        g_orphans->Adopt(w->pidfd);
+        w->pidfd = -1;
+      }
+    }
+    uv_close(reinterpret_cast<uv_handle_t*>(&w->poll), OnTeardownClosed);
+  }
+  s->watchers.clear();
+  ReleaseTeardown(s);
+}
+
+int32_t Int32Arg(const Napi::CallbackInfo& info, size_t i) {
+  int32_t v = 0;
+  napi_get_value_int32(info.Env(), info[i], &v);
+  return v;
+}
+
+// initSpawn(onExit) -> 0 | errno. onExit(id, kind, value).
+Napi::Value InitSpawnState(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  AddonData* data = GetAddonData(env);
+  if (data->spawn != nullptr) return Napi::Number::New(env, EALREADY);
+  SpawnState* s = new SpawnState(env, data);
+  napi_value name;
+  napi_create_string_utf8(env, "lockmgr:supervise", NAPI_AUTO_LENGTH, &name);
+  if (napi_get_uv_event_loop(env, &s->loop) != napi_ok ||
+      napi_async_init(env, nullptr, name, &s->context) != napi_ok ||
+      napi_add_async_cleanup_hook(env, Teardown, s, nullptr) != napi_ok) {
+    if (s->context != nullptr) napi_async_destroy(env, s->context);
+    delete s;
+    return Napi::Number::New(env, EINVAL);
+  }
+  s->on_exit = Napi::Persistent(info[0].As<Napi::Function>());
+  data->spawn = s;
+  return Napi::Number::New(env, 0);
+}
+
+std::vector<std::string> Strings(Napi::Value v) {
+  Napi::Array a = v.As<Napi::Array>();
+  std::vector<std::string> out;
+  out.reserve(a.Length());
+  for (uint32_t i = 0; i < a.Length(); i++) out.push_back(a.Get(i).As<Napi::String>().Utf8Value());
+  return out;
+}
+
+std::vector<char*> Pointers(std::vector<std::string>& strings) {
+  std::vector<char*> out;
+  out.reserve(strings.size() + 1);
+  for (std::string& s : strings) out.push_back(&s[0]);
+  out.push_back(nullptr);
+  return out;
+}
+
+// spawn(paths, argv, envp, cwd | null, stdio Int32Array[3], keep Int32Array
+//       (ascending, >= 3), flags, pdeathsig, out Float64Array[3]) -> 0 | errno.
+// out = [id, pid, stage]: stage says which step failed when an errno is returned.
+// JS has validated everything; fds are not ours to close.
+Napi::Value Spawn(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  SpawnState* s = GetState(env);
+  Napi::Float64Array out = info[8].As<Napi::Float64Array>();
+  if (s == nullptr) return Napi::Number::New(env, ENOTCONN);
+
+  std::vector<std::string> path_strings = Strings(info[0]);
+  std::vector<std::string> argv_strings = Strings(info[1]);
+  std::vector<std::string> env_strings = Strings(info[2]);
+  std::vector<char*> paths = Pointers(path_strings);
+  std::vector<char*> argv = Pointers(argv_strings);
+  std::vector<char*> envp = Pointers(env_strings);
+  std::string sh = "/bin/sh";
+  std::vector<char*> sh_argv;
+  sh_argv.push_back(&sh[0]);
+  sh_argv.push_back(nullptr);  // the script's path, filled in by the child
+  for (size_t i = 1; i + 1 < argv.size(); i++) sh_argv.push_back(argv[i]);
+  sh_argv.push_back(nullptr);
+  std::string cwd;
+  bool has_cwd = info[3].IsString();
+  if (has_cwd) cwd = info[3].As<Napi::String>().Utf8Value();
+  Napi::Int32Array stdio = info[4].As<Napi::Int32Array>();
+  Napi::Int32Array keep = info[5].As<Napi::Int32Array>();
+  int flags = Int32Arg(info, 6);
+
+  if (s->stack == nullptr) {
+    size_t page = static_cast<size_t>(getpagesize());
+    void* m = mmap(nullptr, kChildStackSize + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+    if (m == MAP_FAILED) {
+      out[2] = kStageStack;
+      return Napi::Number::New(env, errno);
+    }
+    mprotect(m, page, PROT_NONE);
+    s->stack = static_cast<char*>(m) + page;
+  }
+
+  ChildPlan plan = {};
+  plan.paths = paths.data();
+  plan.argv = argv.data();
+  plan.sh_argv = sh_argv.data();
+  plan.envp = envp.data();
+  plan.cwd = has_cwd ? cwd.c_str() : nullptr;
+  for (int i = 0; i < 3; i++) plan.stdio[i] = stdio[i];
+  plan.keep = keep.Data();
+  plan.nkeep = static_cast<int>(keep.ElementLength());
+  plan.pdeathsig = Int32Arg(info, 7);
+  plan.new_session = (flags & kFlagNewSession) != 0;
+
+  int pidfd = -1;
+  pid_t pid = 0;
+  int stage = kStageNone;
+  int e = StartChild(&plan, (flags & kFlagForceFallback) != 0, s->stack, &pidfd, &pid, &stage);
+  if (e != 0) {
+    out[2] = stage;
+    return Napi::Number::New(env, e);
+  }
+  uint32_t id = 0;
+  if (plan.err != 0) {
+    // The child has exited (or is exiting) with 127 after recording why. Reap it
+    // from the loop like any other child instead of waiting for it here.
+    if (Watch(s, pidfd, true, true, &id) != 0) {
+      // Cannot happen for a fresh pidfd; if it did, a zombie is the lesser harm
+      // compared with blocking the loop.
+      close(pidfd);
+    }
+    out[2] = plan.stage;
+    return Napi::Number::New(env, plan.err);
+  }
+  e = Watch(s, pidfd, true, false, &id);
+  if (e != 0) {
+    syscall(SYS_pidfd_send_signal, pidfd, SIGKILL, nullptr, 0);
+    close(pidfd);
+    out[2] = kStagePidfdOpen;
+    return Napi::Number::New(env, e);
+  }
+  out[0] = id;
+  out[1] = pid;
+  out[2] = kStageNone;
+  return Napi::Number::New(env, 0);
+}
+
+// attach(pid, out Float64Array[1]) -> 0 | errno; out[0] = id.
+Napi::Value Attach(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  SpawnState* s = GetState(env);
+  if (s == nullptr) return Napi::Number::New(env, ENOTCONN);
+  int fd = static_cast<int>(syscall(SYS_pidfd_open, Int32Arg(info, 0), 0));
+  if (fd < 0) return Napi::Number::New(env, errno);
+  uint32_t id = 0;
+  int e = Watch(s, fd, false, false, &id);
+  if (e != 0) {
+    close(fd);
+    return Napi::Number::New(env, e);
+  }
+  info[1].As<Napi::Float64Array>()[0] = id;
+  return Napi::Number::New(env, 0);
+}
+
+// sendSignal(id, sig) -> 0 | errno. ESRCH once the exit has been seen: the
+// pidfd is closed by then, and a pid alone is never used.
+Napi::Value SendSignal(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  SpawnState* s = GetState(env);
+  if (s == nullptr) return Napi::Number::New(env, ESRCH);
+  auto it = s->watchers.find(static_cast<uint32_t>(Int32Arg(info, 0)));
+  if (it == s->watchers.end()) return Napi::Number::New(env, ESRCH);
+  long r = syscall(SYS_pidfd_send_signal, it->second->pidfd, Int32Arg(info, 1), nullptr, 0);
+  return Napi::Number::New(env, r < 0 ? errno : 0);
+}
+
+// setRef(id, ref): whether this watch keeps the loop alive.
+Napi::Value SetRef(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  SpawnState* s = GetState(env);
+  if (s != nullptr) {
+    auto it = s->watchers.find(static_cast<uint32_t>(Int32Arg(info, 0)));
+    if (it != s->watchers.end()) {
+      uv_handle_t* h = reinterpret_cast<uv_handle_t*>(&it->second->poll);
+      if (info[1].As<Napi::Boolean>().Value()) {
+        uv_ref(h);
+      } else {
+        uv_unref(h);
+      }
+    }
+  }
+  return env.Undefined();
+}
+
+// makePipe(out Int32Array[2]) -> 0 | errno; out = [read end, write end], both CLOEXEC.
+Napi::Value MakePipe(const Napi::CallbackInfo& info) {
+  int fds[2];
+  if (pipe2(fds, O_CLOEXEC) < 0) return Napi::Number::New(info.Env(), errno);
+  Napi::Int32Array out = info[0].As<Napi::Int32Array>();
+  out[0] = fds[0];
+  out[1] = fds[1];
+  return Napi::Number::New(info.Env(), 0);
+}
+
+// openDevNull() -> fd | -errno, read-write and CLOEXEC.
+Napi::Value OpenDevNull(const Napi::CallbackInfo& info) {
+  int fd;
+  do {
+    fd = open("/dev/null", O_RDWR | O_CLOEXEC | O_NOCTTY);
+  } while (fd < 0 && errno == EINTR);
+  return Napi::Number::New(info.Env(), fd < 0 ? -errno : fd);
+}
+
+// fdIsOpen(fd) -> boolean: lets JS refuse a closed keepFd before spawning.
+Napi::Value FdIsOpen(const Napi::CallbackInfo& info) {
+  return Napi::Boolean::New(info.Env(), fcntl(Int32Arg(info, 0), F_GETFD) >= 0);
+}
+
+// spawnInfo() -> [watched processes in this environment, orphans being reaped,
+// 1 if clone3 is known to be missing, children started through clone3, through
+// the fallback]. For leak checks, tests and diagnostics.
+Napi::Value SpawnInfo(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  SpawnState* s = GetState(env);
+  Napi::Array out = Napi::Array::New(env, 5);
+  out.Set(0u, Napi::Number::New(env, s == nullptr ? 0 : static_cast<double>(s->watchers.size())));
+  out.Set(1u, Napi::Number::New(env, g_orphans->Count()));
+  out.Set(2u, Napi::Number::New(env, g_clone3_missing.load() ? 1 : 0));
+  out.Set(3u, Napi::Number::New(env, static_cast<double>(g_clone3_spawns.load())));
+  out.Set(4u, Napi::Number::New(env, static_cast<double>(g_fallback_spawns.load())));
+  return out;
+}
+
+}  // namespace
+
+void InitSpawn(Napi::Env env, Napi::Object exports) {
+  exports["initSpawn"] = Napi::Function::New(env, InitSpawnState, "initSpawn");
+  exports["spawn"] = Napi::Function::New(env, Spawn, "spawn");
+  exports["attach"] = Napi::Function::New(env, Attach, "attach");
+  exports["sendSignal"] = Napi::Function::New(env, SendSignal, "sendSignal");
+  exports["setRef"] = Napi::Function::New(env, SetRef, "setRef");
+  exports["makePipe"] = Napi::Function::New(env, MakePipe, "makePipe");
+  exports["openDevNull"] = Napi::Function::New(env, OpenDevNull, "openDevNull");
+  exports["fdIsOpen"] = Napi::Function::New(env, FdIsOpen, "fdIsOpen");
+  exports["spawnInfo"] = Napi::Function::New(env, SpawnInfo, "spawnInfo");
+}
 
 }  // namespace lockmgr

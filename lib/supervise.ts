@@ -1,0 +1,459 @@
+// Supervised processes through pidfds: spawnSupervised() and attachProcess().
+//
+// A SupervisedProcess holds a pidfd, never just a pid, so signal() cannot reach a
+// process that inherited the number after ours was reaped. Its exit is seen by a
+// uv_poll on the pidfd on this thread's own loop (native/spawn.cc); nothing waits
+// on libuv's threadpool, and nothing reaps other children: Node's child_process
+// keeps every one of its 'exit' events.
+//
+// The lead-up to execve is checked here, before anything is created: an invalid
+// argument spawns nothing. What only the child can find out (a missing command,
+// a cwd that is not a directory) comes back as a SpawnError before
+// spawnSupervised() returns; the child never runs as a stand-in that exits 127.
+import { Socket } from 'node:net';
+import { constants as osConstants } from 'node:os';
+import { resolve as resolvePath } from 'node:path';
+import type { Readable, Writable } from 'node:stream';
+import {
+  InternalError,
+  InvalidArgumentError,
+  InvalidStateError,
+  ResourceExhaustedError,
+  SpawnError,
+  UnsupportedError,
+  errnoOf,
+  systemError,
+  type LockManagerError,
+} from './errors.js';
+import { native, type Native } from './native.js';
+import { checkOptions, checkPath, checkTimeout, describe } from './validate.js';
+
+export type StdioKind = 'inherit' | 'ignore' | 'pipe';
+/** One of 0, 1, 2: a kind, or an fd of ours the child gets at that number. */
+export type StdioEntry = StdioKind | number;
+
+export interface SpawnOptions {
+  /** Working directory of the child. Default: ours. */
+  cwd?: string;
+  /** The child's whole environment. Default: process.env, as child_process does. PATH is searched in it. */
+  env?: Record<string, string | undefined>;
+  /** Default 'inherit'. An array gives fds 0, 1 and 2 each their own entry. */
+  stdio?: StdioKind | readonly [StdioEntry, StdioEntry, StdioEntry];
+  /** Fds (>= 3) the child keeps at the same numbers. Every other fd is closed in the child. */
+  keepFds?: readonly number[];
+  /** Signal the child gets when the thread that spawned it dies (PR_SET_PDEATHSIG). Default null: none. */
+  parentDeathSignal?: NodeJS.Signals | null;
+  /** Start the child in a new session (setsid). Default false. */
+  newSession?: boolean;
+}
+
+export interface ExitStatus {
+  /** The exit code, or null when a signal ended it or the status is unknown (attached processes). */
+  readonly code: number | null;
+  /** The signal that ended it, or null. */
+  readonly signal: NodeJS.Signals | null;
+}
+
+export interface StopOptions {
+  /** Milliseconds between SIGTERM and SIGKILL. Default 10,000; 0 sends SIGKILL at once. */
+  graceMs?: number;
+}
+
+const SPAWN_OPTIONS = ['cwd', 'env', 'stdio', 'keepFds', 'parentDeathSignal', 'newSession'] as const;
+const STDIO_KINDS: readonly StdioKind[] = ['inherit', 'ignore', 'pipe'];
+const DEFAULT_GRACE_MS = 10_000;
+/** setTimeout's limit; a longer delay would fire after 1 ms. */
+const MAX_TIMER_MS = 2 ** 31 - 1;
+/** What execvp searches when PATH is not set at all (glibc's default). */
+const DEFAULT_PATH = '/bin:/usr/bin';
+
+const ESRCH = errnoOf('ESRCH');
+const EPERM = errnoOf('EPERM');
+const EINVAL = errnoOf('EINVAL');
+const ENOSYS = errnoOf('ENOSYS');
+const EXHAUSTED = new Set(['EAGAIN', 'ENOMEM', 'EMFILE', 'ENFILE'].map(errnoOf));
+
+// Exit kinds from native/spawn.cc.
+const EXIT_CODE = 1;
+const EXIT_SIGNAL = 2;
+
+// Spawn flags and failure stages, as native/spawn.cc numbers them.
+const FLAG_NEW_SESSION = 1;
+const FLAG_FORCE_FALLBACK = 2;
+const STAGE_SYSCALLS = ['', 'clone3', 'clone', 'pidfd_open', 'mmap', 'execve', 'chdir', 'dup2', 'setsid', 'prctl', 'close_range'];
+const PARENT_STAGES = new Set(['clone3', 'clone', 'pidfd_open', 'mmap']);
+
+const signalNumbers = osConstants.signals as Readonly<Record<string, number>>;
+const signalNames = new Map<number, NodeJS.Signals>();
+for (const [name, number] of Object.entries(signalNumbers)) {
+  // Aliases (SIGIOT, SIGPOLL) come after the usual name: keep the first.
+  if (!signalNames.has(number)) signalNames.set(number, name as NodeJS.Signals);
+}
+
+function signalNumber(value: unknown, what: string): number {
+  if (typeof value === 'string' && Object.hasOwn(signalNumbers, value)) return signalNumbers[value]!;
+  if (typeof value === 'number' && Number.isInteger(value) && value >= 1 && value <= 64) return value;
+  throw new InvalidArgumentError(`${what} must be a signal name such as 'SIGTERM' (or a number 1-64), got ${describe(value)}`);
+}
+
+function checkNoNul(value: string, what: string): string {
+  if (value.includes('\0')) throw new InvalidArgumentError(`${what} must not contain a NUL byte: ${describe(value)}`);
+  return value;
+}
+
+function checkFdNumber(value: unknown, what: string, min: number): number {
+  if (typeof value !== 'number' || !Number.isInteger(value) || value < min || value > 0x7fffffff) {
+    throw new InvalidArgumentError(`${what} must be an integer fd >= ${min}, got ${describe(value)}`);
+  }
+  if (!native.fdIsOpen(value)) throw new InvalidArgumentError(`${what} is fd ${value}, which is not open`);
+  return value;
+}
+
+interface Registry {
+  /** Exit handlers of this environment's watched processes, by native id. */
+  readonly live: Map<number, (kind: number, value: number) => void>;
+}
+
+const REGISTRY = Symbol.for('lockmgr.supervise');
+
+/**
+ * The exit dispatcher of this environment. Kept on the native exports object, so
+ * two copies of this module that share one addon (the same build loaded through
+ * two paths) share one dispatcher instead of the second silently getting none.
+ */
+function registry(): Registry {
+  const holder = native as Native & { [REGISTRY]?: Registry };
+  let reg = holder[REGISTRY];
+  if (reg !== undefined) return reg;
+  const live = new Map<number, (kind: number, value: number) => void>();
+  const e = native.initSpawn((id, kind, value) => {
+    const settle = live.get(id);
+    if (settle === undefined) return;
+    live.delete(id);
+    settle(kind, value);
+  });
+  if (e !== 0) {
+    const cause = systemError(e, 'napi_add_async_cleanup_hook');
+    throw new InternalError(`cannot start process supervision: ${cause.message}`, { cause });
+  }
+  reg = { live };
+  holder[REGISTRY] = reg;
+  return reg;
+}
+
+const constructing = Symbol('SupervisedProcess');
+
+/** A process watched through a pidfd. Create it with spawnSupervised() or attachProcess(). */
+export class SupervisedProcess implements AsyncDisposable {
+  readonly pid: number;
+  /** Writable end of the child's stdin where stdio[0] is 'pipe', else null. */
+  readonly stdin: Writable | null;
+  /** Readable end of the child's stdout where stdio[1] is 'pipe', else null. Ends when every writer (the child) is gone. */
+  readonly stdout: Readable | null;
+  readonly stderr: Readable | null;
+  /** Resolves once the process has exited (and, for a child, been reaped). Never rejects. */
+  readonly exited: Promise<ExitStatus>;
+  readonly #id: number;
+  readonly #attached: boolean;
+  #status: ExitStatus | null = null;
+  #stopping: Promise<ExitStatus> | null = null;
+  #killTimer: NodeJS.Timeout | null = null;
+  #refed = true;
+
+  /** @internal */
+  constructor(token: symbol, id: number, pid: number, attached: boolean, stdio: [Writable | null, Readable | null, Readable | null]) {
+    if (token !== constructing) throw new InvalidStateError('use spawnSupervised() or attachProcess()');
+    this.#id = id;
+    this.pid = pid;
+    this.#attached = attached;
+    [this.stdin, this.stdout, this.stderr] = stdio;
+    this.exited = new Promise<ExitStatus>((resolve) => {
+      registry().live.set(id, (kind, value) => {
+        this.#status = this.#toStatus(kind, value);
+        if (this.#killTimer !== null) clearTimeout(this.#killTimer);
+        this.#killTimer = null;
+        resolve(this.#status);
+      });
+    });
+  }
+
+  /** The exit status, or null while the process runs (or its exit has not been seen yet). */
+  get exitStatus(): ExitStatus | null {
+    return this.#status;
+  }
+
+  /**
+   * Sends a signal through the pidfd. Returns false once the process has exited:
+   * the pidfd is closed then, and a pid is never used instead.
+   */
+  signal(signal: NodeJS.Signals | number = 'SIGTERM'): boolean {
+    const number = signalNumber(signal, 'signal');
+    if (this.#status !== null) return false;
+    const e = native.sendSignal(this.#id, number);
+    if (e === 0) return true;
+    if (e === ESRCH) return false;
+    const cause = systemError(e, 'pidfd_send_signal');
+    const what = `cannot send ${signalNames.get(number) ?? number} to process ${this.pid}: ${cause.message}`;
+    if (e === EPERM) throw new UnsupportedError(what, { cause });
+    if (e === EINVAL) throw new InvalidArgumentError(what, { cause });
+    throw new InternalError(what, { cause });
+  }
+
+  /**
+   * SIGTERM, then SIGKILL if it is still running after graceMs. Resolves with
+   * the exit status. Idempotent: every call returns the first call's promise.
+   */
+  stop(options?: StopOptions): Promise<ExitStatus> {
+    const opts = checkOptions<StopOptions>(options, ['graceMs'], 'stop options');
+    const grace = checkTimeout(opts.graceMs, 'graceMs') ?? DEFAULT_GRACE_MS;
+    if (this.#stopping !== null) return this.#stopping;
+    this.#stopping = this.exited;
+    if (this.#status !== null) return this.#stopping;
+    if (grace === 0) {
+      this.signal('SIGKILL');
+    } else {
+      this.signal('SIGTERM');
+      this.#killTimer = setTimeout(() => {
+        this.#killTimer = null;
+        this.signal('SIGKILL');
+      }, Math.min(grace, MAX_TIMER_MS));
+      if (!this.#refed) this.#killTimer.unref();
+    }
+    return this.#stopping;
+  }
+
+  /** Lets the watch keep the event loop alive (the default). */
+  ref(): this {
+    this.#refed = true;
+    native.setRef(this.#id, true);
+    this.#killTimer?.ref();
+    return this;
+  }
+
+  /** Lets the process exit while this one still runs. Its exit is still reported if the loop runs. */
+  unref(): this {
+    this.#refed = false;
+    native.setRef(this.#id, false);
+    this.#killTimer?.unref();
+    return this;
+  }
+
+  /** Stops it now with SIGKILL (no grace) and waits for the exit. */
+  async [Symbol.asyncDispose](): Promise<void> {
+    if (this.#status === null) this.signal('SIGKILL');
+    await this.exited;
+  }
+
+  #toStatus(kind: number, value: number): ExitStatus {
+    // An attached process is not our child: its status went to its parent. Any
+    // waitid failure (which would be a bug) also leaves the status unknown, but
+    // the process is gone either way, so exited still resolves.
+    if (this.#attached) return { code: null, signal: null };
+    if (kind === EXIT_CODE) return { code: value, signal: null };
+    if (kind === EXIT_SIGNAL) return { code: null, signal: signalNames.get(value) ?? null };
+    return { code: null, signal: null };
+  }
+}
+
+function parseStdio(value: unknown): [StdioEntry, StdioEntry, StdioEntry] {
+  if (value === undefined) return ['inherit', 'inherit', 'inherit'];
+  if (typeof value === 'string') {
+    const kind = STDIO_KINDS.find((k) => k === value);
+    if (kind === undefined) throw new InvalidArgumentError(`stdio must be 'inherit', 'ignore', 'pipe' or an array of three, got ${describe(value)}`);
+    return [kind, kind, kind];
+  }
+  if (!Array.isArray(value) || value.length !== 3) {
+    throw new InvalidArgumentError(`stdio must be 'inherit', 'ignore', 'pipe' or an array of three entries (use keepFds for more), got ${describe(value)}`);
+  }
+  return value.map((entry: unknown, i) => {
+    if (typeof entry === 'string' && (STDIO_KINDS as readonly string[]).includes(entry)) return entry as StdioKind;
+    if (typeof entry === 'number') return checkFdNumber(entry, `stdio[${i}]`, 0);
+    throw new InvalidArgumentError(`stdio[${i}] must be 'inherit', 'ignore', 'pipe' or an fd number, got ${describe(entry)}`);
+  }) as [StdioEntry, StdioEntry, StdioEntry];
+}
+
+function parseKeepFds(value: unknown): Int32Array {
+  if (value === undefined) return new Int32Array(0);
+  if (!Array.isArray(value)) throw new InvalidArgumentError(`keepFds must be an array of fd numbers, got ${describe(value)}`);
+  const fds = new Set<number>();
+  value.forEach((fd: unknown, i) => fds.add(checkFdNumber(fd, `keepFds[${i}]`, 3)));
+  return Int32Array.from([...fds].sort((a, b) => a - b));
+}
+
+function parseEnv(value: unknown): { envp: string[]; path: string } {
+  if (value !== undefined && (value === null || typeof value !== 'object' || Array.isArray(value))) {
+    throw new InvalidArgumentError(`env must be an object of strings, got ${describe(value)}`);
+  }
+  const env = (value ?? process.env) as Record<string, unknown>;
+  const envp: string[] = [];
+  let path = DEFAULT_PATH;
+  for (const key of Object.keys(env)) {
+    const raw = env[key];
+    if (raw === undefined) continue;  // as child_process: an unset variable
+    if (key === '' || key.includes('=')) throw new InvalidArgumentError(`env has an invalid variable name ${describe(key)}`);
+    checkNoNul(key, 'an env variable name');
+    const text = checkNoNul(String(raw), `env.${key}`);
+    if (key === 'PATH') path = text;
+    envp.push(`${key}=${text}`);
+  }
+  return { envp, path };
+}
+
+/** execvp's candidates: the command itself if it has a slash, else each PATH entry (empty = current directory). */
+function candidates(command: string, path: string): string[] {
+  if (command.includes('/')) return [command];
+  return path.split(':').map((dir) => (dir === '' ? command : `${dir.replace(/\/+$/, '')}/${command}`));
+}
+
+/** The env var that forces the fallback (clone + pidfd_open) even where clone3 works. Tests use it. */
+function forceFallback(): boolean {
+  const v = process.env.LOCKMGR_SPAWN_FALLBACK;
+  return v !== undefined && v !== '' && v !== '0';
+}
+
+function spawnFailure(errno: number, stage: number, command: string, cwd: string | undefined): LockManagerError {
+  const syscall = STAGE_SYSCALLS[stage] || 'spawn';
+  const path = syscall === 'execve' ? command : syscall === 'chdir' ? cwd : undefined;
+  const cause = systemError(errno, syscall, path);
+  const message = `cannot spawn '${command}': ${cause.message}`;
+  if (PARENT_STAGES.has(syscall)) {
+    if (EXHAUSTED.has(errno)) return new ResourceExhaustedError(message, { cause });
+    if (errno === ENOSYS) return new UnsupportedError(message, { cause });
+  }
+  return new SpawnError(message, { cause });
+}
+
+function closeAll(fds: Iterable<number | null>): void {
+  for (const fd of fds) if (fd !== null) native.closeFd(fd);
+}
+
+/**
+ * Starts `command` with `args` and supervises it through a pidfd. The command is
+ * searched in the child env's PATH when it has no slash, as execvp does
+ * (including running a text file without #! with /bin/sh).
+ *
+ * Throws InvalidArgumentError (nothing spawned) for bad arguments, SpawnError
+ * when the command could not be executed, ResourceExhaustedError when out of
+ * processes, fds or memory.
+ */
+export function spawnSupervised(command: string, args?: readonly string[], options?: SpawnOptions): SupervisedProcess {
+  if (typeof command !== 'string') throw new InvalidArgumentError(`command must be a string, got ${describe(command)}`);
+  if (command === '') throw new InvalidArgumentError('command must not be empty');
+  checkNoNul(command, 'command');
+  if (args !== undefined && !Array.isArray(args)) throw new InvalidArgumentError(`args must be an array of strings, got ${describe(args)}`);
+  const argv = [command];
+  (args ?? []).forEach((arg: unknown, i) => {
+    if (typeof arg !== 'string') throw new InvalidArgumentError(`args[${i}] must be a string, got ${describe(arg)}`);
+    argv.push(checkNoNul(arg, `args[${i}]`));
+  });
+  const opts = checkOptions<SpawnOptions>(options, SPAWN_OPTIONS, 'spawnSupervised options');
+  let cwd: string | undefined;
+  if (opts.cwd !== undefined) {
+    if (typeof opts.cwd !== 'string') throw new InvalidArgumentError(`cwd must be a string, got ${describe(opts.cwd)}`);
+    cwd = checkPath(resolvePath(checkNoNul(opts.cwd, 'cwd')), 'cwd');
+  }
+  const { envp, path } = parseEnv(opts.env);
+  const stdio = parseStdio(opts.stdio);
+  const keep = parseKeepFds(opts.keepFds);
+  const pdeathsig = opts.parentDeathSignal == null ? 0 : signalNumber(opts.parentDeathSignal, 'parentDeathSignal');
+  if (opts.newSession !== undefined && typeof opts.newSession !== 'boolean') {
+    throw new InvalidArgumentError(`newSession must be a boolean, got ${describe(opts.newSession)}`);
+  }
+  const flags = (opts.newSession ? FLAG_NEW_SESSION : 0) | (forceFallback() ? FLAG_FORCE_FALLBACK : 0);
+  registry();
+
+  // Everything is valid: now create the child's stdio. The child's ends (and
+  // /dev/null) are closed here once the child has its copies; ours are closed
+  // too if the spawn fails.
+  const sources = new Int32Array(3);
+  const parentEnds: [number | null, number | null, number | null] = [null, null, null];
+  const childEnds: number[] = [];
+  let failure: LockManagerError | null = null;
+  const out = new Float64Array(3);
+  try {
+    let devNull = -1;
+    for (let i = 0; i < 3; i++) {
+      const entry = stdio[i]!;
+      if (typeof entry === 'number') {
+        sources[i] = entry;
+      } else if (entry === 'inherit') {
+        sources[i] = i;
+      } else if (entry === 'ignore') {
+        if (devNull < 0) {
+          devNull = native.openDevNull();
+          if (devNull < 0) {
+            failure = pipeFailure(-devNull, 'open', command);
+            break;
+          }
+          childEnds.push(devNull);
+        }
+        sources[i] = devNull;
+      } else {
+        const pair = new Int32Array(2);
+        const e = native.makePipe(pair);
+        if (e !== 0) {
+          failure = pipeFailure(e, 'pipe2', command);
+          break;
+        }
+        // stdin: the child reads, we write. stdout/stderr: the other way round.
+        const [childEnd, parentEnd] = i === 0 ? [pair[0]!, pair[1]!] : [pair[1]!, pair[0]!];
+        childEnds.push(childEnd);
+        parentEnds[i] = parentEnd;
+        sources[i] = childEnd;
+      }
+    }
+    if (failure === null) {
+      const e = native.spawn(candidates(command, path), argv, envp, cwd ?? null, sources, keep, flags, pdeathsig, out);
+      if (e !== 0) failure = spawnFailure(e, out[2]!, command, cwd);
+    }
+  } finally {
+    closeAll(childEnds);
+    if (failure !== null) closeAll(parentEnds);
+  }
+  if (failure !== null) throw failure;
+  const stream = (i: number): Socket | null => {
+    const fd = parentEnds[i];
+    return fd === null ? null : new Socket({ fd, readable: i !== 0, writable: i === 0 });
+  };
+  return new SupervisedProcess(constructing, out[0]!, out[1]!, false, [stream(0), stream(1), stream(2)]);
+}
+
+function pipeFailure(errno: number, syscall: string, command: string): LockManagerError {
+  const cause = systemError(errno, syscall);
+  const message = `cannot create stdio for '${command}': ${cause.message}`;
+  return EXHAUSTED.has(errno) ? new ResourceExhaustedError(message, { cause }) : new InternalError(message, { cause });
+}
+
+/**
+ * Watches a process that is not our child, through pidfd_open. Its exit is seen
+ * when it happens, but its exit status went to its own parent: exitStatus and
+ * exited give code null and signal null. It is never reaped from here, so
+ * attaching to a child of child_process does not steal its 'exit' event.
+ */
+export function attachProcess(pid: number): SupervisedProcess {
+  if (typeof pid !== 'number' || !Number.isInteger(pid) || pid <= 0 || pid > 0x7fffffff) {
+    throw new InvalidArgumentError(`pid must be a positive integer, got ${describe(pid)}`);
+  }
+  registry();
+  const out = new Float64Array(1);
+  const e = native.attach(pid, out);
+  if (e !== 0) {
+    const cause = systemError(e, 'pidfd_open');
+    const message = `cannot attach to process ${pid}: ${cause.message}`;
+    if (e === ESRCH || e === EINVAL) throw new InvalidArgumentError(message, { cause });
+    if (EXHAUSTED.has(e)) throw new ResourceExhaustedError(message, { cause });
+    if (e === ENOSYS) throw new UnsupportedError(message, { cause });
+    throw new InternalError(message, { cause });
+  }
+  return new SupervisedProcess(constructing, out[0]!, pid, true, [null, null, null]);
+}
+
+/**
+ * @internal For leak checks and tests: processes watched by this thread, orphans
+ * being reaped (children of ended workers), whether clone3 was found missing, and
+ * how many children each path has started in this process.
+ */
+export function supervisionInfo(): { watched: number; orphans: number; clone3Missing: boolean; clone3Spawns: number; fallbackSpawns: number } {
+  const [watched, orphans, missing, clone3Spawns, fallbackSpawns] = native.spawnInfo();
+  return { watched, orphans, clone3Missing: missing === 1, clone3Spawns, fallbackSpawns };
+}
