@@ -48,6 +48,8 @@ export interface PeerError {
 }
 
 const peerScript = fileURLToPath(new URL('./fixtures/peer.mjs', import.meta.url));
+/** A process running one LockManager, driven like a peer: see fixtures/manager-peer.mjs. */
+export const managerPeerScript = fileURLToPath(new URL('./fixtures/manager-peer.mjs', import.meta.url));
 
 /** Another Node process holding its own lockable files, driven over IPC. */
 export class Peer {
@@ -56,8 +58,8 @@ export class Peer {
   #next = 1;
   readonly ready: Promise<void>;
 
-  constructor(env: NodeJS.ProcessEnv = process.env) {
-    this.child = fork(peerScript, [], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'], env });
+  constructor(env: NodeJS.ProcessEnv = process.env, script = peerScript) {
+    this.child = fork(script, [], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'], env });
     this.ready = new Promise((resolve, reject) => {
       this.child.once('error', reject);
       this.child.once('exit', (code) => reject(new Error(`peer exited early with ${code}`)));
@@ -72,8 +74,9 @@ export class Peer {
     });
   }
 
-  static async start(env?: NodeJS.ProcessEnv): Promise<Peer> {
-    const peer = new Peer(env);
+  /** A peer running test/fixtures/peer.mjs (lockable files), or another fixture script. */
+  static async start(env?: NodeJS.ProcessEnv, script?: string): Promise<Peer> {
+    const peer = new Peer(env, script);
     await peer.ready;
     return peer;
   }
