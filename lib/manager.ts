@@ -12,7 +12,7 @@ import { EventEmitter } from 'node:events';
 import { fileURLToPath } from 'node:url';
 import { InvalidArgumentError, InvalidStateError, LockManagerError, type ProcessInfo } from './errors.js';
 import { directLockspace, type LockspaceConfig, type Lockspace, type ResourceMode } from './lockspace.js';
-import { acquireAll, releaseOne, stillHeld, type Resource } from './resources.js';
+import { acquireAll, releaseOne, stillHeld, type AcquireOptions, type Resource } from './resources.js';
 import { attachProcess, spawnSupervised, type ExitStatus, type SpawnOptions, type SupervisedProcess } from './supervise.js';
 import { checkOneOf, checkOptions, checkPath, checkSignal, checkTimeout, describe } from './validate.js';
 
@@ -137,6 +137,8 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
   #child: SupervisedProcess | null = null;
   #command: string[] = [];
   #starting: Promise<void> | null = null;
+  /** Aborts a start() that is waiting for busy resources, when free() is called. */
+  #startAbort: AbortController | null = null;
   #stopped: Promise<void> | null = null;
   #shutdown: Promise<void> | null = null;
   #free: Promise<void> | null = null;
@@ -208,9 +210,9 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
   /** Acquires every registered resource (all or nothing), then spawns or attaches. */
   async start(command?: string, args: readonly string[] = [], spawnOptions: SpawnOptions = {}, options?: WaitOptions): Promise<void> {
     this.#require('start', ['new']);
-    const wait = checkOptions<WaitOptions>(options, ['timeout', 'signal'], 'start options');
-    const timeout = checkTimeout(wait.timeout);
-    const signal = checkSignal(wait.signal);
+    const waitOptions = checkOptions<WaitOptions>(options, ['timeout', 'signal'], 'start options');
+    const timeout = checkTimeout(waitOptions.timeout);
+    const signal = checkSignal(waitOptions.signal);
     if (this.#attach !== undefined && command !== undefined) {
       throw new InvalidArgumentError(`start() takes no command when attaching to pid ${this.#attach}`);
     }
@@ -219,15 +221,19 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
     }
     const spawnOpts = this.#spawnOptions(spawnOptions);
     this.#setState('starting');
-    this.#starting = this.#start(command, args, spawnOpts, { timeout, signal });
+    this.#startAbort = new AbortController();
+    const abort = signal === undefined ? this.#startAbort.signal : AbortSignal.any([signal, this.#startAbort.signal]);
+    const wait = timeout !== undefined || signal !== undefined;
+    this.#starting = this.#start(command, args, spawnOpts, { timeout, signal: abort, wait });
     try {
       await this.#starting;
     } finally {
       this.#starting = null;
+      this.#startAbort = null;
     }
   }
 
-  async #start(command: string | undefined, args: readonly string[], spawnOptions: SpawnOptions, wait: WaitOptions): Promise<void> {
+  async #start(command: string | undefined, args: readonly string[], spawnOptions: SpawnOptions, wait: AcquireOptions): Promise<void> {
     try {
       await acquireAll(this.#space, this.#resources.values(), wait);
     } catch (err) {
@@ -363,6 +369,7 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
   }
 
   async #doFree(): Promise<void> {
+    this.#startAbort?.abort(new InvalidStateError('free() was called while start() was waiting for its resources'));
     if (this.#starting) await this.#starting.catch(() => undefined);
     if (this.#child !== null && this.#child.exitStatus === null) this.#child.signal('SIGKILL');
     if (this.#stopped) await this.#stopped;

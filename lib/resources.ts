@@ -16,6 +16,8 @@ export interface Resource {
 export interface AcquireOptions {
   timeout?: number;
   signal?: AbortSignal;
+  /** Wait for busy resources (default: when timeout or signal is given). False: fail fast. */
+  wait?: boolean;
 }
 
 /** Canonical order: by identity key, the same in every process, so two managers never deadlock. */
@@ -59,7 +61,7 @@ export function busyError(space: Lockspace, r: Resource, rolledBack: string[]): 
  * says which. Without timeout or signal it never waits (fail fast).
  */
 export async function acquireAll(space: Lockspace, resources: Iterable<Resource>, options: AcquireOptions = {}): Promise<void> {
-  const wait = options.timeout !== undefined || options.signal !== undefined;
+  const wait = options.wait ?? (options.timeout !== undefined || options.signal !== undefined);
   const deadline = options.timeout === undefined ? undefined : Date.now() + options.timeout;
   const taken: Resource[] = [];
   for (const r of canonicalOrder(resources)) {

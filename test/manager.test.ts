@@ -246,6 +246,25 @@ describe('start', () => {
     expect(observe(a)).toBe('free');
   });
 
+  it('free() during a start that waits aborts the wait: start rejects with AbortError, nothing is held or spawned', async () => {
+    const other = manager();
+    other.registerResource({ type: 'disk', path: fx.path, mode: 'exclusive' });
+    await other.start('sleep', ['1000']);
+    const a = makeFile(fx.tmp.dir, 'a.img');
+    const m = manager();
+    m.registerResource({ type: 'disk', path: a, mode: 'exclusive' });
+    m.registerResource({ type: 'disk', path: fx.path, mode: 'exclusive' });
+    const marker = join(fx.tmp.dir, 'ran');
+    const starting = m.start('touch', [marker], {}, { timeout: 60_000 });
+    await new Promise((r) => setTimeout(r, 50));
+    expect(m.state).toBe('starting');
+    await m.free();
+    await expect(starting).rejects.toMatchObject({ name: 'AbortError', cause: expect.objectContaining({ code: 'ERR_INVALID_STATE' }) });
+    expect(m.state).toBe('freed');
+    expect(observe(a)).toBe('free');
+    expect(existsSync(marker)).toBe(false);
+  });
+
   it('a spawn failure releases every lease, spawns nothing and returns to state new', async () => {
     const m = manager();
     m.registerResource({ type: 'disk', path: fx.path, mode: 'exclusive' });
@@ -357,6 +376,34 @@ describe('running: hotplug, exit, shutdown, free', () => {
     expect(m.state).toBe('stopped');
     expect(seen).toEqual(['starting', 'running', 'stopped']);
     expect(observe()).toBe('free');
+  });
+
+  it('a child that crashes: exit event with its signal, locks released, state stopped', async () => {
+    const m = manager();
+    m.registerResource({ type: 'disk', path: fx.path, mode: 'exclusive' });
+    const exit = new Promise((r) => m.once('exit', r));
+    await m.start('sh', ['-c', 'sleep 0.05; kill -SEGV $$']);
+    expect(await exit).toEqual({ code: null, signal: 'SIGSEGV' });
+    expect(m.state).toBe('stopped');
+    expect(observe()).toBe('free');
+  });
+
+  it('attach (RFC NEW_ATTACH): supervises a running process, holds its leases, and releases them when it exits', async () => {
+    const { spawn } = await import('node:child_process');
+    const vm = spawn('sleep', ['1000'], { stdio: 'ignore' });
+    await new Promise((r) => vm.once('spawn', r));
+    const m = manager({ attach: vm.pid!, lockLifetime: 'supervisor' });
+    m.registerResource({ type: 'disk', path: fx.path, mode: 'exclusive' });
+    await expect(m.start('sleep', ['1'])).rejects.toBeInstanceOf(InvalidArgumentError);
+    const exit = new Promise((r) => m.once('exit', r));
+    await m.start();
+    expect(m.getChild()).toEqual({ pid: vm.pid });
+    expect(observe()).toBe('exclusive');
+    vm.kill('SIGTERM');
+    // Not our child: its status is unknown to us (Node's child_process reaps it).
+    expect(await exit).toEqual({ code: null, signal: null });
+    expect(observe()).toBe('free');
+    expect(m.state).toBe('stopped');
   });
 
   it('shutdown sends SIGTERM, then SIGKILL after graceMs; concurrent calls share one promise; it is idempotent', async () => {
