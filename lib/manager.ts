@@ -33,7 +33,7 @@ export interface ManagerParams {
 export interface LockManagerOptions {
   params?: ManagerParams;
   lockspace?: LockspaceConfig;
-  /** 'child' (default): the child keeps the lock fds, so its locks outlive the supervisor. 'supervisor': they stay here, and the child dies with us. */
+  /** 'child' (default): the child outlives a dead supervisor and keeps its locks. 'supervisor': the child is SIGKILLed when the supervisor dies. */
   lockLifetime?: LockLifetime;
   /** What a lost lock does to the child. Default 'poweroff'. */
   onLockFailure?: LockFailureAction;
@@ -245,7 +245,13 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
       if (this.#attach !== undefined) {
         child = attachProcess(this.#attach);
       } else {
-        const keepFds = this.#lifetime === 'child' ? [...(spawnOptions.keepFds ?? []), ...[...this.#resources.values()].map((r) => r.file.fd)] : spawnOptions.keepFds;
+        // Under both lifetimes the child gets the lease fds. For 'supervisor'
+        // that is not redundant: a dying process's files are closed before its
+        // children get their parent-death signal, so with the fds in the
+        // supervisor alone the child would run unlocked for that moment (the
+        // lifetime test's observer saw it). With a copy in the child, the
+        // locks go only when the child is gone.
+        const keepFds = [...(spawnOptions.keepFds ?? []), ...[...this.#resources.values()].map((r) => r.file.fd)];
         child = spawnSupervised(command!, args, { ...spawnOptions, keepFds });
         this.#command = [command!, ...args];
       }

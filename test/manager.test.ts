@@ -80,6 +80,7 @@ describe('construction and parameters', () => {
       { attach: -5 },
       { attach: 1, lockLifetime: 'child' },
       { verifyInterval: 0 },
+      { flags: { migrate: true } },
       { unknown: true },
     ];
     for (const options of bad) expect(() => new LockManager(options as LockManagerOptions), JSON.stringify(options)).toThrow(InvalidArgumentError);
@@ -265,6 +266,55 @@ describe('start', () => {
     expect(existsSync(marker)).toBe(false);
   });
 
+  it('bad arguments: InvalidArgumentError, nothing held, nothing spawned, state new', async () => {
+    const m = manager();
+    m.registerResource({ type: 'disk', path: fx.path, mode: 'exclusive' });
+    const bad: Array<() => Promise<void>> = [
+      () => m.start(),
+      () => m.start('sleep', ['1'], {}, { timeout: -1 }),
+      () => m.start('sleep', ['1'], {}, { colour: 1 } as never),
+      () => m.start('sleep', ['a\0b']),
+      () => m.start('sleep', ['1'], { stdio: 'sideways' as never }),
+      () => m.start('sleep', ['1'], { bogus: true } as never),
+    ];
+    for (const call of bad) {
+      await expect(call()).rejects.toBeInstanceOf(InvalidArgumentError);
+      expect(m.state).toBe('new');
+      expect(observe()).toBe('free');
+    }
+  });
+
+  it('a start aborted through its signal rejects with AbortError, holds nothing, and is back in state new', async () => {
+    const other = manager();
+    other.registerResource({ type: 'disk', path: fx.path, mode: 'exclusive' });
+    await other.start('sleep', ['1000']);
+    const m = manager();
+    m.registerResource({ type: 'disk', path: fx.path, mode: 'shared' });
+    const ac = new AbortController();
+    const starting = m.start('sleep', ['1000'], {}, { signal: ac.signal });
+    await new Promise((r) => setTimeout(r, 30));
+    ac.abort(new Error('operator cancelled'));
+    await expect(starting).rejects.toMatchObject({ name: 'AbortError', cause: { message: 'operator cancelled' } });
+    expect(m.state).toBe('new');
+  });
+
+  it('shutdown() during a start that waits: waits for the start, then stops the child', async () => {
+    const other = manager();
+    other.registerResource({ type: 'disk', path: fx.path, mode: 'exclusive' });
+    await other.start('sleep', ['1000']);
+    const m = manager();
+    m.registerResource({ type: 'disk', path: fx.path, mode: 'exclusive' });
+    const seen = states(m);
+    const starting = m.start('sleep', ['1000'], {}, { timeout: 30_000 });
+    await new Promise((r) => setTimeout(r, 30));
+    const stopping = m.shutdown({ graceMs: 1000 });
+    await other.shutdown();
+    await starting;
+    await stopping;
+    expect(seen).toEqual(['starting', 'running', 'stopping', 'stopped']);
+    expect(observe()).toBe('free');
+  });
+
   it('a spawn failure releases every lease, spawns nothing and returns to state new', async () => {
     const m = manager();
     m.registerResource({ type: 'disk', path: fx.path, mode: 'exclusive' });
@@ -355,6 +405,23 @@ describe('running: hotplug, exit, shutdown, free', () => {
     expect(await m.releaseResource({ type: 'disk', path: extra })).toEqual({ wasHeld: false });
     expect(await m.releaseResource({ type: 'disk', path: busy })).toEqual({ wasHeld: false });
     expect(observe(extra)).toBe('free');
+  });
+
+  it('a hotplug still waiting when the child exits fails with InvalidStateError and leaves nothing held', async () => {
+    const busy = makeFile(fx.tmp.dir, 'busy.img');
+    const other = manager();
+    other.registerResource({ type: 'disk', path: busy, mode: 'exclusive' });
+    await other.start('sleep', ['1000']);
+    const m = manager();
+    await m.start('sleep', ['1000']);
+    const acquiring = m.acquireResource({ type: 'disk', path: busy, mode: 'exclusive' }, { timeout: 30_000 });
+    await new Promise((r) => setTimeout(r, 30));
+    process.kill(m.getChild().pid, 'SIGKILL');
+    await new Promise((r) => m.once('exit', r));
+    await other.shutdown();
+    await expect(acquiring).rejects.toBeInstanceOf(InvalidStateError);
+    expect(observe(busy)).toBe('free');
+    expect(m.resources).toEqual([]);
   });
 
   it('a registered resource can be released while running, even though the child holds its fd', async () => {
