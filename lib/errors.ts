@@ -2,7 +2,7 @@
 // stable `code`; a failure that came from a system call carries a Node-style
 // system error as its `cause` (errno, code, syscall, path), worded like Node's
 // own fs errors. docs/errors.md is the table of every errno and its class.
-import { getSystemErrorMap, getSystemErrorName } from 'node:util';
+import { getSystemErrorMap } from 'node:util';
 import { constants as osConstants } from 'node:os';
 
 /** A Node-style system error, as fs produces: `EAGAIN: resource temporarily unavailable, fcntl '/path'`. */
@@ -40,13 +40,37 @@ export interface LockHolder {
   pid: number;
 }
 
-/** A conflicting lock is held. `holder` says what is known of it. */
+/** A process that has a resource open: a candidate holder of an OFD lock. */
+export interface ProcessInfo {
+  pid: number;
+  /** Its command line, arguments joined by spaces. */
+  command: string;
+}
+
+export interface ResourceBusyOptions {
+  cause?: unknown;
+  holder?: LockHolder | null;
+  /** The path of the resource that was busy. */
+  resource?: string;
+  /** Processes that have the resource open (OFD locks record no pid). */
+  candidates?: ProcessInfo[];
+  /** Paths whose locks this call took and released again before failing. */
+  rolledBack?: string[];
+}
+
+/** A conflicting lock is held. `holder` and `candidates` say what is known of who holds it. */
 export class ResourceBusyError extends LockManagerError {
   override readonly code = 'ERR_RESOURCE_BUSY';
   readonly holder: LockHolder | null;
-  constructor(message: string, options?: { cause?: unknown; holder?: LockHolder | null }) {
+  readonly resource: string | null;
+  readonly candidates: ProcessInfo[];
+  readonly rolledBack: string[];
+  constructor(message: string, options?: ResourceBusyOptions) {
     super(message, options);
     this.holder = options?.holder ?? null;
+    this.resource = options?.resource ?? null;
+    this.candidates = options?.candidates ?? [];
+    this.rolledBack = options?.rolledBack ?? [];
   }
 }
 
@@ -129,7 +153,6 @@ export const ERRNO_CLASSES: Readonly<Record<Syscall, Readonly<Record<string, Err
     EOVERFLOW: ResourceAccessError,
     EINVAL: ResourceAccessError,
     EIO: ResourceAccessError,
-    ENOMEDIUM: ResourceAccessError,
     ESTALE: ResourceAccessError,
     EBUSY: ResourceAccessError,
     EOPNOTSUPP: ResourceAccessError,
@@ -161,20 +184,46 @@ export const ERRNO_CLASSES: Readonly<Record<Syscall, Readonly<Record<string, Err
 };
 
 const errorMap = getSystemErrorMap();
+const errnoNumbers = osConstants.errno as Readonly<Record<string, number>>;
 
 /** Positive errno of a name such as 'EAGAIN'. */
 export function errnoOf(name: string): number {
-  const n = (osConstants.errno as Record<string, number>)[name];
+  const n = errnoNumbers[name];
   if (n === undefined) throw new RangeError(`unknown errno name ${name}`);
   return n;
+}
+
+/**
+ * The name of a positive errno, as Node's fs errors spell it (libuv's name where
+ * libuv knows it: 95 is 'ENOTSUP', 11 is 'EAGAIN'), else the platform's.
+ */
+export function errnoName(errno: number): string {
+  const known = errorMap.get(-errno);
+  if (known) return known[0];
+  for (const [name, n] of Object.entries(errnoNumbers)) if (n === errno) return name;
+  return `E${errno}`;
+}
+
+function errnoDescription(errno: number): string {
+  const known = errorMap.get(-errno);
+  if (known) return known[1];
+  // Loaded lazily: errors.ts must stay usable when the addon itself failed to load.
+  const text = nativeStrerror?.(errno) ?? 'unknown error';
+  return text.charAt(0).toLowerCase() + text.slice(1);
+}
+
+let nativeStrerror: ((errno: number) => string) | undefined;
+
+/** @internal Set by lib/native.ts once the addon has loaded. */
+export function setStrerror(fn: (errno: number) => string): void {
+  nativeStrerror = fn;
 }
 
 /** Builds the Node-style system error for a positive errno. */
 export function systemError(errno: number, syscall: string, path?: string): SystemError {
   const name = errnoName(errno);
-  const description = errorMap.get(-errno)?.[1] ?? 'unknown error';
   const where = path === undefined ? syscall : `${syscall} '${path}'`;
-  const err = new Error(`${name}: ${description}, ${where}`) as SystemError;
+  const err = new Error(`${name}: ${errnoDescription(errno)}, ${where}`) as SystemError;
   err.errno = -errno;
   err.code = name;
   err.syscall = syscall;
@@ -182,17 +231,18 @@ export function systemError(errno: number, syscall: string, path?: string): Syst
   return err;
 }
 
-function errnoName(errno: number): string {
-  try {
-    return getSystemErrorName(-errno);
-  } catch {
-    return `Unknown system error ${errno}`;
-  }
-}
+// The tables by number, so that aliases (EAGAIN and EWOULDBLOCK, EOPNOTSUPP and
+// ENOTSUP, EDEADLK and EDEADLOCK) map alike.
+const classesByNumber = Object.fromEntries(
+  Object.entries(ERRNO_CLASSES).map(([syscall, table]) => [
+    syscall,
+    new Map(Object.entries(table).map(([name, Class]) => [errnoOf(name), Class])),
+  ]),
+) as Record<Syscall, Map<number, ErrorClass>>;
 
 /** The class a system call's errno maps to. */
 export function classForErrno(syscall: Syscall, errno: number): ErrorClass {
-  return ERRNO_CLASSES[syscall][errnoName(errno)] ?? InternalError;
+  return classesByNumber[syscall].get(errno) ?? InternalError;
 }
 
 /**

@@ -23,3 +23,20 @@ export {
   type StopOptions,
 } from './supervise.js';
 export * from './errors.js';
+export {
+  LockManager,
+  type LockFailure,
+  type LockFailureAction,
+  type LockLifetime,
+  type LockManagerEvents,
+  type LockManagerOptions,
+  type LockspaceConfig,
+  type ManagerParams,
+  type ManagerState,
+  type ResourceMode,
+  type ResourceRef,
+  type ResourceSpec,
+  type VerifyResult,
+  type WaitOptions,
+} from './manager.js';
+export { locksOn, parseProcLocks, processesWithOpen, type ProcLock, type ProcLockKind } from './proc-locks.js';

@@ -4,7 +4,7 @@
 import { createRequire } from 'node:module';
 import { dirname, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { UnsupportedError } from './errors.js';
+import { UnsupportedError, setStrerror } from './errors.js';
 
 export interface Native {
   /** fd, or -errno. O_CLOEXEC | O_NOCTTY, never creates. */
@@ -14,6 +14,8 @@ export interface Native {
   /** F_OFD_GETLK into out = [type, start, length, pid]; type 2 = no conflict. 0 or errno. */
   getlk(fd: number, type: number, start: number, length: number, out: Float64Array): number;
   closeFd(fd: number): number;
+  /** The C library's description of a positive errno. */
+  strerror(errno: number): string;
   /** Starts this environment's waiter pool. 0 or errno. */
   initWaiters(onDone: (batch: Float64Array) => void, wakeSignal: number): number;
   /** F_OFD_SETLKW on a waiter thread: request id (> 0) or -errno; timeoutMs < 0 for none. */
@@ -74,3 +76,4 @@ function load(): Native {
 }
 
 export const native: Native = load();
+setStrerror(native.strerror);

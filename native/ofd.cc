@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stdint.h>
+#include <string.h>
 #include <unistd.h>
 
 #include "common.h"
@@ -128,6 +129,15 @@ Napi::Value CloseFd(const Napi::CallbackInfo& info) {
   return Int(info.Env(), close(Int32Arg(info, 0)) < 0 ? errno : 0);
 }
 
+// strerror(errno) -> the C library's description, for the errnos whose text
+// libuv does not carry (ENOLCK, ESTALE, EDQUOT, ...). The GNU strerror_r is
+// thread-safe and old enough not to tie a prebuilt binary to a new glibc.
+Napi::Value StrError(const Napi::CallbackInfo& info) {
+  char buf[256];
+  const char* text = strerror_r(Int32Arg(info, 0), buf, sizeof buf);
+  return Napi::String::New(info.Env(), text);
+}
+
 }  // namespace
 
 void InitOfd(Napi::Env env, Napi::Object exports) {
@@ -135,6 +145,7 @@ void InitOfd(Napi::Env env, Napi::Object exports) {
   exports["setlk"] = Napi::Function::New(env, SetLk, "setlk");
   exports["getlk"] = Napi::Function::New(env, GetLk, "getlk");
   exports["closeFd"] = Napi::Function::New(env, CloseFd, "closeFd");
+  exports["strerror"] = Napi::Function::New(env, StrError, "strerror");
 }
 
 }  // namespace lockmgr

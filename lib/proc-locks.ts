@@ -1,0 +1,134 @@
+// Who holds what: /proc/locks, and the processes that have a file open.
+//
+// OFD locks record no owner: F_OFD_GETLK reports pid -1 and so does /proc/locks,
+// and /proc/PID/fdinfo lists no OFD locks. The best anyone can say is which
+// processes have the file open; we report those as candidates, with their
+// command lines. Classic POSIX locks do carry a pid, and we report it.
+//
+// These read procfs synchronously: it is memory, not disk, and they run on
+// error paths and in `status`, never on the lock fast path.
+import { readdirSync, readFileSync, statSync, type Stats } from 'node:fs';
+import type { ProcessInfo } from './errors.js';
+
+export type ProcLockKind = 'OFDLCK' | 'POSIX' | 'FLOCK' | 'LEASE' | 'DELEG' | 'UNKNOWN';
+
+export interface ProcLock {
+  kind: ProcLockKind;
+  /** 'READ' or 'WRITE' for byte-range locks; leases may show 'UNLCK' or 'BREAKING'. */
+  type: string;
+  /** -1 for OFD locks. */
+  pid: number;
+  major: number;
+  minor: number;
+  ino: bigint;
+  start: number;
+  /** Inclusive end offset; null means to the end of the file (EOF). */
+  end: number | null;
+  /** A waiter blocked on this lock (the "->" lines), not a holder. */
+  blocked: boolean;
+}
+
+/** A process with the file open; `command` is '' if unreadable (a kernel thread, or gone). */
+export type OpenBy = ProcessInfo;
+
+const LINE = /^\d+:\s+(->\s+)?(\S+)\s+(?:ADVISORY|MANDATORY)\s+(\S+)\s+(-?\d+)\s+([0-9a-f]+):([0-9a-f]+):(\d+)\s+(\d+)\s+(\d+|EOF)\s*$/;
+const KINDS = new Set(['OFDLCK', 'POSIX', 'FLOCK', 'LEASE', 'DELEG']);
+
+export function parseProcLocks(text: string): ProcLock[] {
+  const locks: ProcLock[] = [];
+  for (const line of text.split('\n')) {
+    const m = LINE.exec(line);
+    if (!m) continue;
+    locks.push({
+      kind: (KINDS.has(m[2]!) ? m[2] : 'UNKNOWN') as ProcLockKind,
+      type: m[3]!,
+      pid: Number(m[4]),
+      major: Number.parseInt(m[5]!, 16),
+      minor: Number.parseInt(m[6]!, 16),
+      ino: BigInt(m[7]!),
+      start: Number(m[8]),
+      end: m[9] === 'EOF' ? null : Number(m[9]),
+      blocked: m[1] !== undefined,
+    });
+  }
+  return locks;
+}
+
+/** Linux's encoding of dev_t (see <sys/sysmacros.h>). */
+export function major(dev: bigint | number): number {
+  const d = BigInt(dev);
+  return Number(((d >> 8n) & 0xfffn) | ((d >> 32n) & ~0xfffn));
+}
+
+export function minor(dev: bigint | number): number {
+  const d = BigInt(dev);
+  return Number((d & 0xffn) | ((d >> 12n) & ~0xffn));
+}
+
+/**
+ * The locks on the inode at `path` (held and blocked), from /proc/locks. For a
+ * block device these are the locks on that device node's inode.
+ */
+export function locksOn(path: string): ProcLock[] {
+  const st = statSync(path, { bigint: true });
+  const maj = major(st.dev);
+  const min = minor(st.dev);
+  return parseProcLocks(readFileSync('/proc/locks', 'utf8')).filter((l) => l.ino === st.ino && l.major === maj && l.minor === min);
+}
+
+function sameFile(a: Stats, b: Stats): boolean {
+  if (a.isBlockDevice() && b.isBlockDevice()) return a.rdev === b.rdev;
+  return a.dev === b.dev && a.ino === b.ino;
+}
+
+export function commandLine(pid: number): string {
+  try {
+    return readFileSync(`/proc/${pid}/cmdline`, 'utf8').replace(/\0+$/, '').replaceAll('\0', ' ');
+  } catch {
+    return '';
+  }
+}
+
+/**
+ * The processes that have `path` open (any fd to the same inode; for a block
+ * device, to any node of the same device). Processes we may not inspect (other
+ * users' when not root) are silently missing: the answer is a lower bound.
+ */
+export function processesWithOpen(path: string, options: { excludeSelf?: boolean } = {}): OpenBy[] {
+  let target: Stats;
+  try {
+    target = statSync(path);
+  } catch {
+    return [];
+  }
+  const found: OpenBy[] = [];
+  for (const entry of readdirSync('/proc')) {
+    const pid = Number(entry);
+    if (!Number.isInteger(pid) || (options.excludeSelf && pid === process.pid)) continue;
+    let fds: string[];
+    try {
+      fds = readdirSync(`/proc/${pid}/fd`);
+    } catch {
+      continue;
+    }
+    for (const fd of fds) {
+      let st: Stats;
+      try {
+        st = statSync(`/proc/${pid}/fd/${fd}`);
+      } catch {
+        continue;
+      }
+      if (sameFile(st, target)) {
+        found.push({ pid, command: commandLine(pid) });
+        break;
+      }
+    }
+  }
+  return found;
+}
+
+/** "4242 (qemu-system-x86_64 -name vm1 ...)", the command cut at 80 characters. */
+export function describeProcess(p: OpenBy): string {
+  const cmd = p.command.length > 80 ? `${p.command.slice(0, 77)}...` : p.command;
+  return cmd === '' ? `${p.pid}` : `${p.pid} (${cmd})`;
+}

@@ -1,0 +1,111 @@
+// A manager's set of resources: identity, canonical order, all-or-nothing
+// acquire with rollback, release, and verification that locks are still held.
+import { LockTimeoutError, ResourceBusyError, type LockHolder, type ProcessInfo } from './errors.js';
+import type { Lockspace, ResourceMode } from './lockspace.js';
+import { openLockable, type LockableFile } from './locks.js';
+import { commandLine, describeProcess, processesWithOpen } from './proc-locks.js';
+
+export interface Resource {
+  readonly path: string;
+  readonly mode: ResourceMode;
+  /** The open lease file; its identity is the resource's identity. */
+  readonly file: LockableFile;
+  held: boolean;
+}
+
+export interface AcquireOptions {
+  timeout?: number;
+  signal?: AbortSignal;
+  /** Wait for busy resources (default: when timeout or signal is given). False: fail fast. */
+  wait?: boolean;
+}
+
+/** Canonical order: by identity key, the same in every process, so two managers never deadlock. */
+export function canonicalOrder<T extends { file: LockableFile }>(resources: Iterable<T>): T[] {
+  return [...resources].sort((a, b) => (a.file.identity.key < b.file.identity.key ? -1 : a.file.identity.key > b.file.identity.key ? 1 : 0));
+}
+
+const heldAs = (mode: 'exclusive' | 'shared'): string => (mode === 'exclusive' ? 'exclusively' : 'shared');
+
+/**
+ * The busy error for a resource someone else holds: the conflicting lock, and
+ * who has the file open, from F_OFD_GETLK and /proc.
+ */
+export function busyError(space: Lockspace, r: Resource, rolledBack: string[]): ResourceBusyError {
+  let holder: LockHolder | null = null;
+  try {
+    holder = r.file.getConflict(space.lockMode(r.mode), space.leaseRange);
+  } catch {
+    holder = null;
+  }
+  let candidates: ProcessInfo[];
+  let who: string;
+  if (holder !== null && holder.pid > 0) {
+    candidates = [{ pid: holder.pid, command: commandLine(holder.pid) }];
+    who = `by pid ${describeProcess(candidates[0]!)}`;
+  } else {
+    candidates = processesWithOpen(r.path, { excludeSelf: true });
+    who =
+      candidates.length > 0
+        ? `by ${candidates.length === 1 ? 'pid' : 'one of pids'} ${candidates.map(describeProcess).join(', ')} (OFD locks record no pid: these have it open)`
+        : 'by another open file description in this process';
+  }
+  const how = holder === null ? 'held' : `held ${heldAs(holder.mode)}`;
+  const back = rolledBack.length === 0 ? '' : `; released again: ${rolledBack.join(', ')}`;
+  return new ResourceBusyError(`${r.path} is ${how} ${who}${back}`, { holder, resource: r.path, candidates, rolledBack });
+}
+
+/**
+ * Takes every resource's lease, in canonical order, or none: on the first
+ * failure the leases already taken are released in reverse order and the error
+ * says which. Without timeout or signal it never waits (fail fast).
+ */
+export async function acquireAll(space: Lockspace, resources: Iterable<Resource>, options: AcquireOptions = {}): Promise<void> {
+  const wait = options.wait ?? (options.timeout !== undefined || options.signal !== undefined);
+  const deadline = options.timeout === undefined ? undefined : Date.now() + options.timeout;
+  const taken: Resource[] = [];
+  for (const r of canonicalOrder(resources)) {
+    if (r.held) continue;
+    const mode = space.lockMode(r.mode);
+    try {
+      if (!wait) {
+        if (!r.file.tryLock(mode, space.leaseRange)) throw busyError(space, r, []);
+      } else {
+        const timeout = deadline === undefined ? undefined : Math.max(0, deadline - Date.now());
+        await r.file.lock(mode, space.leaseRange, { timeout, signal: options.signal });
+      }
+    } catch (err) {
+      for (const t of taken.reverse()) releaseOne(space, t);
+      const back = taken.map((t) => t.path);
+      if (err instanceof ResourceBusyError) throw busyError(space, r, back);
+      if (err instanceof LockTimeoutError && back.length > 0) {
+        throw new LockTimeoutError(`${err.message}; released again: ${back.join(', ')}`, { timeout: err.timeout, holder: err.holder, cause: err });
+      }
+      throw err;
+    }
+    r.held = true;
+    taken.push(r);
+  }
+}
+
+/** Releases one lease. The file stays open: the resource stays registered. */
+export function releaseOne(space: Lockspace, r: Resource): void {
+  if (r.held && !r.file.closed) r.file.unlock(space.leaseRange);
+  r.held = false;
+}
+
+/**
+ * Whether the lease is still ours: from a second open file description of the
+ * same inode (through /proc/self/fd, so a renamed or replaced image path cannot
+ * mislead it), F_OFD_GETLK must see a lock that conflicts with ours. It cannot
+ * tell our lock from another holder's of the same kind; see docs/contract.md.
+ */
+export function stillHeld(space: Lockspace, r: Resource): boolean {
+  const probe = openLockable(`/proc/self/fd/${r.file.fd}`, { access: 'read' });
+  try {
+    const conflict = probe.getConflict(r.mode === 'exclusive' ? 'shared' : 'exclusive', space.leaseRange);
+    return conflict !== null && (r.mode !== 'exclusive' || conflict.mode === 'exclusive');
+  } finally {
+    probe.close();
+  }
+}

@@ -1,0 +1,75 @@
+// What a consumer gets: the packed tarball, installed without running any
+// install script (npm 11 skips dependencies' scripts), must load its prebuilt
+// binary; without one, loading must fail with an error that says how to rebuild.
+import { execFileSync, spawnSync } from 'node:child_process';
+import { cpSync, existsSync, mkdirSync, readdirSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { afterAll, beforeAll, expect, it } from 'vitest';
+import { makeFile, tempDir } from './helpers.js';
+
+const root = fileURLToPath(new URL('..', import.meta.url));
+let tmp: ReturnType<typeof tempDir>;
+let tarball: string;
+
+function run(cmd: string, args: string[], cwd: string): string {
+  return execFileSync(cmd, args, { cwd, encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
+}
+
+function consumer(name: string): string {
+  const app = join(tmp.dir, name);
+  mkdirSync(app);
+  writeFileSync(join(app, 'package.json'), JSON.stringify({ name, private: true, type: 'module', dependencies: { lockmgr: `file:${tarball}` } }));
+  run('npm', ['install', '--ignore-scripts', '--prefer-offline', '--no-audit', '--no-fund'], app);
+  return app;
+}
+
+function tryLockIn(app: string, path: string, env: Record<string, string> = {}) {
+  const script = `import('lockmgr').then(
+    (m) => { const f = m.openLockable(${JSON.stringify(path)}); console.log(JSON.stringify({ ok: f.tryLock('exclusive') })); f.close(); },
+    (e) => console.log(JSON.stringify({ name: e.name, code: e.code, message: e.message })))`;
+  const r = spawnSync(process.execPath, ['--input-type=module', '-e', script], { cwd: app, encoding: 'utf8', env: { ...process.env, ...env } });
+  expect(r.stderr).toBe('');
+  return JSON.parse(r.stdout);
+}
+
+beforeAll(() => {
+  tmp = tempDir();
+  // prebuildify rebuilds build/ where it runs; other test files load the addon
+  // from build/Release meanwhile, so build the prebuild in a copy of the sources.
+  const src = join(tmp.dir, 'src');
+  mkdirSync(src);
+  for (const f of ['package.json', 'binding.gyp', 'native']) cpSync(join(root, f), join(src, f), { recursive: true });
+  symlinkSync(join(root, 'node_modules'), join(src, 'node_modules'));
+  run('npm', ['run', 'build:native'], src);
+  rmSync(join(root, 'prebuilds'), { recursive: true, force: true });
+  cpSync(join(src, 'prebuilds'), join(root, 'prebuilds'), { recursive: true });
+  const name = run('npm', ['pack', '--pack-destination', tmp.dir, '--ignore-scripts'], root).trim().split('\n').pop()!;
+  tarball = join(tmp.dir, name);
+}, 300_000);
+afterAll(() => tmp?.cleanup());
+
+it('the tarball ships dist, types, native sources and a prebuilt binary, and no build directory', () => {
+  const files = run('tar', ['-tzf', tarball], tmp.dir).split('\n');
+  for (const f of ['package/dist/index.js', 'package/dist/index.d.ts', 'package/binding.gyp', 'package/native/ofd.cc', 'package/prebuilds/linux-x64/lockmgr.node']) {
+    expect(files).toContain(f);
+  }
+  expect(files.some((f) => f.startsWith('package/build/'))).toBe(false);
+  expect(files.some((f) => f.startsWith('package/test/'))).toBe(false);
+});
+
+it('installed without scripts, it loads the prebuilt binary (PREBUILDS_ONLY=1) and locks', () => {
+  const app = consumer('app-prebuilt');
+  expect(existsSync(join(app, 'node_modules/lockmgr/build'))).toBe(false);
+  const file = makeFile(tmp.dir, 'disk.img');
+  expect(tryLockIn(app, file, { PREBUILDS_ONLY: '1' })).toEqual({ ok: true });
+}, 120_000);
+
+it('without a binary for this platform, loading fails with UnsupportedError saying how to rebuild', () => {
+  const app = consumer('app-nobinary');
+  rmSync(join(app, 'node_modules/lockmgr/prebuilds'), { recursive: true });
+  expect(readdirSync(join(app, 'node_modules/lockmgr'))).not.toContain('build');
+  const r = tryLockIn(app, makeFile(tmp.dir, 'disk2.img'));
+  expect(r).toMatchObject({ name: 'UnsupportedError', code: 'ERR_UNSUPPORTED' });
+  expect(r.message).toContain('npm rebuild lockmgr --build-from-source');
+}, 120_000);
