@@ -96,7 +96,7 @@ export async function run({ quick = false } = {}) {
     row('spawn+exit /bin/true, spawnSupervised (clone3, CLONE_VM)', ours, faster(ours, cpMedian)),
     row('spawn+exit /bin/true, spawnSupervised (fallback: clone + pidfd_open)', fallback, faster(fallback, cpMedian)),
     row('spawn+exit /bin/true, child_process.spawn', cp, 'report'),
-    row('spawn+exit /bin/true, C loop with CLONE_VM|CLONE_VFORK (the addon\'s flags)', cVm, 'report'),
+    row('spawn+exit /bin/true, C loop with CLONE_VM + CLONE_VFORK (the addon\'s flags)', cVm, 'report'),
     row('spawn+exit /bin/true, spawnSupervised, 1 GiB resident', bigOurs, faster(bigOurs, bigCpMedian), bigN),
     row('spawn+exit /bin/true, child_process.spawn, 1 GiB resident', bigCp, 'report', bigN),
   ];

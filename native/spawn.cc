@@ -679,6 +679,12 @@ int32_t Int32Arg(const Napi::CallbackInfo& info, size_t i) {
   return v;
 }
 
+uint32_t IdArg(const Napi::CallbackInfo& info, size_t i) {
+  uint32_t v = 0;
+  napi_get_value_uint32(info.Env(), info[i], &v);
+  return v;
+}
+
 // initSpawn(onExit) -> 0 | errno. onExit(id, kind, value).
 Napi::Value InitSpawnState(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -804,18 +810,15 @@ Napi::Value Spawn(const Napi::CallbackInfo& info) {
   if (plan.err != 0) {
     // The child has exited (or is exiting) with 127 after recording why. Reap it
     // from the loop like any other child instead of waiting for it here.
-    if (Watch(s, pidfd, true, true, &id) != 0) {
-      // Cannot happen for a fresh pidfd; if it did, a zombie is the lesser harm
-      // compared with blocking the loop.
-      close(pidfd);
-    }
+    if (Watch(s, pidfd, true, true, &id) != 0) g_orphans->Adopt(pidfd);
     out[2] = plan.stage;
     return Napi::Number::New(env, plan.err);
   }
   e = Watch(s, pidfd, true, false, &id);
   if (e != 0) {
+    // Unwatchable, so unsupervisable: kill it, and let the reaper thread reap it.
     syscall(SYS_pidfd_send_signal, pidfd, SIGKILL, nullptr, 0);
-    close(pidfd);
+    g_orphans->Adopt(pidfd);
     out[2] = kStagePidfdOpen;
     return Napi::Number::New(env, e);
   }
@@ -848,7 +851,7 @@ Napi::Value SendSignal(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   SpawnState* s = GetState(env);
   if (s == nullptr) return Napi::Number::New(env, ESRCH);
-  auto it = s->watchers.find(static_cast<uint32_t>(Int32Arg(info, 0)));
+  auto it = s->watchers.find(IdArg(info, 0));
   if (it == s->watchers.end()) return Napi::Number::New(env, ESRCH);
   long r = syscall(SYS_pidfd_send_signal, it->second->pidfd, Int32Arg(info, 1), nullptr, 0);
   return Napi::Number::New(env, r < 0 ? errno : 0);
@@ -859,7 +862,7 @@ Napi::Value SetRef(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   SpawnState* s = GetState(env);
   if (s != nullptr) {
-    auto it = s->watchers.find(static_cast<uint32_t>(Int32Arg(info, 0)));
+    auto it = s->watchers.find(IdArg(info, 0));
     if (it != s->watchers.end()) {
       uv_handle_t* h = reinterpret_cast<uv_handle_t*>(&it->second->poll);
       if (info[1].As<Napi::Boolean>().Value()) {
