@@ -15,8 +15,6 @@ import {
   InvalidStateError,
   LockTimeoutError,
   ResourceAccessError,
-  ResourceExhaustedError,
-  UnsupportedError,
   errnoOf,
   fromErrno,
   systemError,
@@ -24,6 +22,7 @@ import {
   type LockManagerError,
 } from './errors.js';
 import { native } from './native.js';
+import { cancelWait, startWait, watchAbort } from './waits.js';
 import { checkOffset, checkOneOf, checkOptions, checkPath, checkSignal, checkTimeout, describe } from './validate.js';
 
 export type LockMode = 'exclusive' | 'shared';
@@ -67,7 +66,6 @@ const UNLOCK = 2;
 const EAGAIN = errnoOf('EAGAIN');
 const EACCES = errnoOf('EACCES');
 const EBADF = errnoOf('EBADF');
-const EBUSY = errnoOf('EBUSY');
 const EINVAL = errnoOf('EINVAL');
 const ECANCELED = errnoOf('ECANCELED');
 const ETIMEDOUT = errnoOf('ETIMEDOUT');
@@ -115,7 +113,7 @@ function holderText(holder: LockHolder): string {
 }
 
 interface PendingWait {
-  readonly id: number;
+  id: number;
   readonly file: LockableFile;
   readonly mode: LockMode;
   readonly start: number;
@@ -124,51 +122,10 @@ interface PendingWait {
   readonly signal: AbortSignal | undefined;
   readonly resolve: () => void;
   readonly reject: (err: LockManagerError) => void;
-  onAbort: (() => void) | undefined;
+  /** Stops watching the abort signal. */
+  unwatch: (() => void) | undefined;
   /** Already rejected (by close()); its completion only frees the fd. */
   settled: boolean;
-}
-
-/** Waits of this environment by request id. */
-const pendingWaits = new Map<number, PendingWait>();
-let waitersReady = false;
-
-/** Default wake-up signal: SIGRTMIN + 6. Node uses no real-time signal; valgrind reserves SIGRTMAX. */
-function wakeSignal(): number {
-  const text = process.env.LOCKMGR_WAKE_SIGNAL;
-  if (text === undefined || text === '') return -1;
-  const n = Number(text);
-  if (!Number.isInteger(n)) {
-    throw new InvalidArgumentError(`LOCKMGR_WAKE_SIGNAL must be a real-time signal number, got ${describe(text)}`);
-  }
-  return n;
-}
-
-function ensureWaiters(): void {
-  if (waitersReady) return;
-  const signal = wakeSignal();
-  const e = native.initWaiters(onWaitsDone, signal);
-  if (e === EBUSY) {
-    throw new UnsupportedError(
-      `the wake-up signal ${signal < 0 ? 'SIGRTMIN+6' : signal} already has a handler in this process, so blocking lock waits` +
-        ' cannot be interrupted; set LOCKMGR_WAKE_SIGNAL to a free real-time signal number',
-      { cause: systemError(e, 'sigaction') },
-    );
-  }
-  if (e === EINVAL) {
-    throw new InvalidArgumentError(`LOCKMGR_WAKE_SIGNAL must be a real-time signal number (SIGRTMIN..SIGRTMAX), got ${signal}`);
-  }
-  if (e !== 0) throw new UnsupportedError('blocking lock waits are unavailable', { cause: systemError(e, 'sigaction') });
-  waitersReady = true;
-}
-
-function onWaitsDone(batch: Float64Array): void {
-  for (let i = 0; i < batch.length; i += 2) {
-    const wait = pendingWaits.get(batch[i]!);
-    if (wait === undefined) continue;
-    pendingWaits.delete(wait.id);
-    LockableFile.finishWait(wait, batch[i + 1]!);
-  }
 }
 
 function abortError(signal: AbortSignal): AbortError {
@@ -267,14 +224,18 @@ export class LockableFile implements Disposable {
       return;
     }
     // Waiter threads still use the fd number: closing it now could let a new
-    // open() reuse the number under them. Release the locks now and close the
-    // fd when the last waiter has let go (within microseconds: each is woken).
+    // open() reuse the number under them. Unlock the whole file, so what is
+    // held goes now, then retire the fd: its open file description goes as
+    // soon as the woken waiters leave the kernel, taking with it any lock
+    // granted to one of them after the unlock. The number itself is released
+    // when the last waiter has reported.
     native.setlk(this.#fd, UNLOCK, 0, 0);
+    native.retireFd(this.#fd);
     for (const wait of this.#waits) {
       wait.settled = true;
-      if (wait.onAbort) wait.signal?.removeEventListener('abort', wait.onAbort);
+      wait.unwatch?.();
       wait.reject(new InvalidStateError(`'${this.path}' was closed while a lock() was waiting`));
-      native.cancelWait(wait.id);
+      cancelWait(wait.id);
     }
   }
 
@@ -286,7 +247,7 @@ export class LockableFile implements Disposable {
   static finishWait(wait: PendingWait, errno: number): void {
     const file = wait.file;
     file.#waits.delete(wait);
-    if (wait.onAbort) wait.signal?.removeEventListener('abort', wait.onAbort);
+    wait.unwatch?.();
     if (!wait.settled) {
       if (errno === 0) wait.resolve();
       else if (errno === ECANCELED && wait.signal?.aborted) wait.reject(abortError(wait.signal));
@@ -297,20 +258,11 @@ export class LockableFile implements Disposable {
   }
 
   #wait(type: number, mode: LockMode, start: number, length: number, timeout: number | undefined, signal: AbortSignal | undefined): Promise<void> {
-    ensureWaiters();
-    const id = native.waitLock(this.#fd, type, start, length, timeout ?? -1);
-    if (id < 0) {
-      const cause = systemError(-id, 'pthread_create');
-      throw new ResourceExhaustedError(`cannot start a thread to wait for a lock on '${this.path}': ${cause.message}`, { cause });
-    }
     return new Promise<void>((resolve, reject) => {
-      const wait: PendingWait = { id, file: this, mode, start, length, timeout, signal, resolve, reject, onAbort: undefined, settled: false };
-      pendingWaits.set(id, wait);
+      const wait: PendingWait = { id: 0, file: this, mode, start, length, timeout, signal, resolve, reject, unwatch: undefined, settled: false };
+      wait.id = startWait(this.#fd, type, start, length, timeout, (errno) => LockableFile.finishWait(wait, errno), this.path);
       this.#waits.add(wait);
-      if (signal !== undefined) {
-        wait.onAbort = () => native.cancelWait(id);
-        signal.addEventListener('abort', wait.onAbort, { once: true });
-      }
+      if (signal !== undefined) wait.unwatch = watchAbort(signal, () => cancelWait(wait.id));
     });
   }
 

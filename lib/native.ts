@@ -14,11 +14,13 @@ export interface Native {
   /** F_OFD_GETLK into out = [type, start, length, pid]; type 2 = no conflict. 0 or errno. */
   getlk(fd: number, type: number, start: number, length: number, out: Float64Array): number;
   closeFd(fd: number): number;
+  /** Replaces fd with an O_PATH placeholder: its open file description (and its locks) go, the number stays taken. 0 or errno. */
+  retireFd(fd: number): number;
   /** The C library's description of a positive errno. */
   strerror(errno: number): string;
   /** Starts this environment's waiter pool. 0 or errno. */
   initWaiters(onDone: (batch: Float64Array) => void, wakeSignal: number): number;
-  /** F_OFD_SETLKW on a waiter thread: request id (> 0) or -errno; timeoutMs < 0 for none. */
+  /** F_OFD_SETLKW on a waiter thread: request id (> 0), -errno (pthread_create) or -(65536 + errno) (timer_create); timeoutMs < 0 for none. */
   waitLock(fd: number, type: number, start: number, length: number, timeoutMs: number): number;
   cancelWait(id: number): void;
   waiterThreads(): number;

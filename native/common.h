@@ -4,6 +4,8 @@
 
 #include <napi.h>
 
+#include <unordered_set>
+
 namespace lockmgr {
 
 class WaitPool;
@@ -14,6 +16,10 @@ struct SpawnState;
 struct AddonData {
   WaitPool* waiters = nullptr;
   SpawnState* spawn = nullptr;
+  // Lockable fds opened by this environment and not yet closed. A worker that
+  // ends without closing its files must not leave their locks held: the
+  // environment's cleanup closes what is left here.
+  std::unordered_set<int> lock_fds;
 };
 
 inline AddonData* GetAddonData(Napi::Env env) { return env.GetInstanceData<AddonData>(); }

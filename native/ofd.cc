@@ -89,6 +89,7 @@ Napi::Value OpenFile(const Napi::CallbackInfo& info) {
     close(fd);
     return Int(env, -e);
   }
+  GetAddonData(env)->lock_fds.insert(fd);
   return Int(env, fd);
 }
 
@@ -126,7 +127,26 @@ Napi::Value GetLk(const Napi::CallbackInfo& info) {
 
 // closeFd(fd) -> 0 | errno. Not retried on EINTR: on Linux the fd is gone either way.
 Napi::Value CloseFd(const Napi::CallbackInfo& info) {
-  return Int(info.Env(), close(Int32Arg(info, 0)) < 0 ? errno : 0);
+  int fd = Int32Arg(info, 0);
+  GetAddonData(info.Env())->lock_fds.erase(fd);
+  return Int(info.Env(), close(fd) < 0 ? errno : 0);
+}
+
+// retireFd(fd) -> 0 | errno. For close() while waiter threads still block on
+// the fd: atomically puts an O_PATH descriptor of "/" in its place. That drops
+// our reference to the open file description at once, so its locks go as soon
+// as no syscall holds it (a grant that lands in a waiter's fcntl after this is
+// dropped when that fcntl returns), while the fd number stays taken: a waiter
+// that retries gets EBADF instead of locking some file opened meanwhile under
+// the same number. closeFd() releases the number once every waiter reported.
+Napi::Value RetireFd(const Napi::CallbackInfo& info) {
+  int fd = Int32Arg(info, 0);
+  int placeholder = open("/", O_PATH | O_CLOEXEC);
+  if (placeholder < 0) return Int(info.Env(), errno);
+  int rc = dup3(placeholder, fd, O_CLOEXEC);
+  int e = rc < 0 ? errno : 0;
+  close(placeholder);
+  return Int(info.Env(), e);
 }
 
 // strerror(errno) -> the C library's description, for the errnos whose text
@@ -141,10 +161,18 @@ Napi::Value StrError(const Napi::CallbackInfo& info) {
 }  // namespace
 
 void InitOfd(Napi::Env env, Napi::Object exports) {
+  // Registered before the waiter pool's hook, so it runs after it (hooks run in
+  // reverse order): no waiter thread uses these fds any more when they close.
+  AddonData* data = GetAddonData(env);
+  env.AddCleanupHook([data]() {
+    for (int fd : data->lock_fds) close(fd);
+    data->lock_fds.clear();
+  });
   exports["openFile"] = Napi::Function::New(env, OpenFile, "openFile");
   exports["setlk"] = Napi::Function::New(env, SetLk, "setlk");
   exports["getlk"] = Napi::Function::New(env, GetLk, "getlk");
   exports["closeFd"] = Napi::Function::New(env, CloseFd, "closeFd");
+  exports["retireFd"] = Napi::Function::New(env, RetireFd, "retireFd");
   exports["strerror"] = Napi::Function::New(env, StrError, "strerror");
 }
 

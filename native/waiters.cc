@@ -14,6 +14,7 @@
 //
 // Results go back to JS in batches through one thread-safe function per
 // environment, so a release that wakes 1,000 waiters costs a handful of JS calls.
+#include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
@@ -58,28 +59,59 @@ constexpr int kCancelled = ECANCELED;
 constexpr int kTimedOut = ETIMEDOUT;
 // The wake-up signal already has a handler that is not ours.
 constexpr int kSignalTaken = EBUSY;
+// Added to timer_create's errno in Submit's result, to tell it from pthread_create's.
+constexpr int kTimerErrorBase = 1 << 16;
 
-void NoopHandler(int) {}
+}  // namespace
+}  // namespace lockmgr
+
+// The wake-up handler does nothing: its only job is to exist without
+// SA_RESTART, so a blocked fcntl returns EINTR. It has a C name so that another
+// copy of this addon in the process (a second version of the package) can
+// recognise it through dladdr and share the signal instead of refusing it.
+extern "C" __attribute__((visibility("default"))) void lockmgr_wake_handler(int) {}
+
+namespace lockmgr {
+namespace {
 
 std::mutex g_signal_mu;
 int g_signal = 0;  // installed wake-up signal, 0 until the first wait
+
+bool IsWakeHandler(void* fn) {
+  if (fn == reinterpret_cast<void*>(&lockmgr_wake_handler)) return true;
+  Dl_info info;
+  return dladdr(fn, &info) != 0 && info.dli_sname != nullptr && strcmp(info.dli_sname, "lockmgr_wake_handler") == 0;
+}
+
+// Keeps this shared object mapped for the life of the process. Node unloads an
+// addon when the last environment that loaded it ends; our signal handler and
+// our threads' code must not vanish under a signal still in flight.
+void PinModule() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    Dl_info info;
+    if (dladdr(reinterpret_cast<void*>(&lockmgr_wake_handler), &info) != 0 && info.dli_fname != nullptr) {
+      dlopen(info.dli_fname, RTLD_NOW | RTLD_NODELETE | RTLD_NOLOAD);
+    }
+  });
+}
 
 // Installs the no-op handler once per process. Every environment (worker
 // threads included) shares it. Returns 0 or an errno.
 int EnsureWakeSignal(int sig) {
   if (sig < 0) sig = SIGRTMIN + 6;  // default; lib/ documents it
+  PinModule();
   std::lock_guard<std::mutex> lock(g_signal_mu);
   if (g_signal != 0) return g_signal == sig ? 0 : kSignalTaken;
   if (sig < SIGRTMIN || sig > SIGRTMAX) return EINVAL;
   struct sigaction old;
   if (sigaction(sig, nullptr, &old) < 0) return errno;
-  bool has_handler = (old.sa_flags & SA_SIGINFO)
-                         ? old.sa_sigaction != nullptr
-                         : (old.sa_handler != SIG_DFL && old.sa_handler != SIG_IGN);
-  if (has_handler) return kSignalTaken;
+  void* current = (old.sa_flags & SA_SIGINFO) ? reinterpret_cast<void*>(old.sa_sigaction) : reinterpret_cast<void*>(old.sa_handler);
+  bool free = current == nullptr || current == reinterpret_cast<void*>(SIG_DFL) || current == reinterpret_cast<void*>(SIG_IGN);
+  if (!free && !IsWakeHandler(current)) return kSignalTaken;
   struct sigaction sa;
   memset(&sa, 0, sizeof sa);
-  sa.sa_handler = NoopHandler;
+  sa.sa_handler = lockmgr_wake_handler;
   sigemptyset(&sa.sa_mask);
   sa.sa_flags = 0;  // no SA_RESTART: the point is to interrupt fcntl
   if (sigaction(sig, &sa, nullptr) < 0) return errno;
@@ -113,7 +145,6 @@ struct Request {
 
 struct Waiter {
   timer_t timer;
-  int timer_error = 0;  // nonzero when timer_create failed: waits are refused
 };
 
 void Arm(Waiter* w, int flags, const timespec& first) {
@@ -130,6 +161,10 @@ void Disarm(Waiter* w) {
   timer_settime(w->timer, 0, &its, nullptr);
 }
 
+// Deadlines beyond this many seconds are clamped: a timeout of 1e300 ms means
+// "practically never", and the nanosecond arithmetic must not overflow.
+constexpr double kMaxTimeoutSeconds = 1e11;
+
 }  // namespace
 
 class WaitPool {
@@ -144,7 +179,8 @@ class WaitPool {
     tsfn_.Unref(env_);
   }
 
-  // Returns the request id (> 0) or -errno.
+  // Returns the request id (> 0), -errno if no thread could be started, or
+  // -(kTimerErrorBase + errno) if a thread started but could not get its timer.
   double Submit(int fd, short type, int64_t start, int64_t len, double timeout_ms) {
     Request* req = new Request();
     req->fd = fd;
@@ -154,9 +190,12 @@ class WaitPool {
     req->has_deadline = timeout_ms >= 0;
     if (req->has_deadline) {
       timespec now = Now();
-      int64_t ns = static_cast<int64_t>(timeout_ms * 1e6);
-      req->deadline.tv_sec = now.tv_sec + ns / 1000000000;
-      req->deadline.tv_nsec = now.tv_nsec + ns % 1000000000;
+      double secs = timeout_ms / 1000.0;
+      if (secs > kMaxTimeoutSeconds) secs = kMaxTimeoutSeconds;
+      int64_t whole = static_cast<int64_t>(secs);
+      int64_t ns = static_cast<int64_t>((secs - static_cast<double>(whole)) * 1e9);
+      req->deadline.tv_sec = now.tv_sec + whole;
+      req->deadline.tv_nsec = now.tv_nsec + ns;
       if (req->deadline.tv_nsec >= 1000000000) {
         req->deadline.tv_sec += 1;
         req->deadline.tv_nsec -= 1000000000;
@@ -169,7 +208,7 @@ class WaitPool {
     // Otherwise it gets a thread of its own, or fails now: queued behind waits
     // that may block for hours, it could starve.
     if (idle_ <= static_cast<int>(queue_.size())) {
-      int e = StartThread();
+      int e = StartThread(lock);
       if (e != 0) {
         delete req;
         return -e;
@@ -192,17 +231,21 @@ class WaitPool {
     Kick(it->second);
   }
 
-  // Environment teardown: cancel everything and wait until every thread is gone.
+  // Environment teardown: cancel everything, wait until every thread has
+  // returned, and join them, so no thread of ours runs once this returns.
   void Shutdown() {
     std::unique_lock<std::mutex> lock(mu_);
     stopping_ = true;
     for (auto& kv : active_) Kick(kv.second);
     work_cv_.notify_all();
     exit_cv_.wait(lock, [this] { return live_ == 0; });
+    std::vector<pthread_t> threads;
+    threads.swap(threads_);
     for (auto& kv : active_) delete kv.second;
     active_.clear();
     queue_.clear();
     lock.unlock();
+    for (pthread_t t : threads) pthread_join(t, nullptr);
     tsfn_.Release();
   }
 
@@ -221,44 +264,74 @@ class WaitPool {
     }
   }
 
-  // Caller holds mu_. Threads are created with every signal blocked; each then
-  // unblocks only the wake-up signal, so process-directed signals (SIGINT,
-  // SIGCHLD, ...) keep going to threads that expect them.
-  int StartThread() {
+  // Caller holds mu_ through `lock`. Threads are created with every signal
+  // blocked; each then unblocks only the wake-up signal, so process-directed
+  // signals (SIGINT, SIGCHLD, ...) keep going to threads that expect them. The
+  // new thread reports whether it got its timer before this returns, so a
+  // failure is the caller's error, not a poisoned thread's.
+  int StartThread(std::unique_lock<std::mutex>& lock) {
     pthread_attr_t attr;
     pthread_attr_init(&attr);
     pthread_attr_setstacksize(&attr, kStackSize);
-    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
+    Start start;
+    start.pool = this;
     pthread_t t;
-    int e = pthread_create(&t, &attr, &WaitPool::ThreadMain, this);
+    int e = pthread_create(&t, &attr, &WaitPool::ThreadMain, &start);
     pthread_sigmask(SIG_SETMASK, &old, nullptr);
     pthread_attr_destroy(&attr);
-    if (e == 0) live_++;
-    return e;
+    if (e != 0) return e;
+    live_++;
+    start_cv_.wait(lock, [&start] { return start.reported; });
+    if (start.timer_error != 0) {
+      // The thread has already left Run(); it only needs joining.
+      lock.unlock();
+      pthread_join(t, nullptr);
+      lock.lock();
+      return kTimerErrorBase + start.timer_error;
+    }
+    threads_.push_back(t);
+    return 0;
   }
 
+  struct Start {
+    WaitPool* pool;
+    bool reported = false;
+    int timer_error = 0;
+  };
+
   static void* ThreadMain(void* arg) {
-    static_cast<WaitPool*>(arg)->Run();
+    Start* start = static_cast<Start*>(arg);
+    start->pool->Run(start);
     return nullptr;
   }
 
-  void Run() {
+  void Run(Start* start) {
     Waiter w;
     sigevent sev;
     memset(&sev, 0, sizeof sev);
     sev.sigev_notify = SIGEV_THREAD_ID;
     sev.sigev_signo = g_signal;
     sev.sigev_notify_thread_id = static_cast<pid_t>(syscall(SYS_gettid));
-    if (timer_create(CLOCK_MONOTONIC, &sev, &w.timer) < 0) w.timer_error = errno;
+    int timer_error = timer_create(CLOCK_MONOTONIC, &sev, &w.timer) < 0 ? errno : 0;
     sigset_t wake;
     sigemptyset(&wake);
     sigaddset(&wake, g_signal);
     pthread_sigmask(SIG_UNBLOCK, &wake, nullptr);
 
     std::unique_lock<std::mutex> lock(mu_);
+    start->timer_error = timer_error;
+    start->reported = true;
+    start_cv_.notify_all();
+    // `start` lives on the starting thread's stack: not to be touched again.
+    if (timer_error != 0) {
+      live_--;
+      exit_cv_.notify_all();
+      return;
+    }
+    bool idle_exit = false;
     for (;;) {
       while (queue_.empty() && !stopping_) {
         idle_++;
@@ -267,27 +340,43 @@ class WaitPool {
         idle_--;
         if (!woke) break;
       }
-      if (queue_.empty() || stopping_) break;
+      if (queue_.empty() || stopping_) {
+        idle_exit = !stopping_;
+        break;
+      }
       Request* req = queue_.front();
       queue_.pop_front();
       req->waiter = &w;
       lock.unlock();
 
-      int result = w.timer_error != 0 ? w.timer_error : Wait(&w, req);
+      int result = Wait(&w, req);
 
       lock.lock();
       // Cleared under the lock before disarming: once it is null no Cancel can
       // re-arm this thread's timer for a request it no longer runs.
       req->waiter = nullptr;
       lock.unlock();
-      if (w.timer_error == 0) Disarm(&w);
+      Disarm(&w);
       lock.lock();
       Complete(req, result);
     }
-    if (w.timer_error == 0) timer_delete(w.timer);
+    timer_delete(w.timer);
+    if (idle_exit) {
+      // Nobody will join a thread that leaves while the pool lives on: it
+      // detaches itself. The module is pinned (PinModule), so the few
+      // instructions it runs after the unlock below stay mapped.
+      pthread_t self = pthread_self();
+      for (auto it = threads_.begin(); it != threads_.end(); ++it) {
+        if (pthread_equal(*it, self)) {
+          threads_.erase(it);
+          break;
+        }
+      }
+      pthread_detach(self);
+    }
     live_--;
     exit_cv_.notify_all();
-    // After this unlock the pool may be destroyed: touch nothing of it.
+    // When stopping, Shutdown joins this thread after the lock is released.
   }
 
   int Wait(Waiter* w, Request* req) {
@@ -323,7 +412,9 @@ class WaitPool {
   }
 
   // On the JS thread: hands every finished request to JS as a Float64Array of
-  // [id, errno] pairs.
+  // [id, errno] pairs. Raw N-API with every status checked: while a worker is
+  // being terminated this can still run, and N-API calls then fail; the
+  // results no longer matter, and throwing would abort the process.
   static void Deliver(Napi::Env env, Napi::Function on_done, WaitPool* pool) {
     if (env == nullptr) return;
     std::vector<double> batch;
@@ -336,9 +427,15 @@ class WaitPool {
     }
     if (idle) pool->tsfn_.Unref(env);
     if (batch.empty()) return;
-    Napi::Float64Array arr = Napi::Float64Array::New(env, batch.size());
-    memcpy(arr.Data(), batch.data(), batch.size() * sizeof(double));
-    on_done.Call({arr});
+    napi_value buffer, array, result;
+    void* data = nullptr;
+    size_t bytes = batch.size() * sizeof(double);
+    if (napi_create_arraybuffer(env, bytes, &data, &buffer) != napi_ok || data == nullptr) return;
+    memcpy(data, batch.data(), bytes);
+    if (napi_create_typedarray(env, napi_float64_array, batch.size(), buffer, 0, &array) != napi_ok) return;
+    napi_value global;
+    if (napi_get_global(env, &global) != napi_ok) return;
+    napi_call_function(env, global, on_done, 1, &array, &result);
   }
 
   Napi::Env env_;
@@ -346,9 +443,11 @@ class WaitPool {
   std::mutex mu_;
   std::condition_variable work_cv_;
   std::condition_variable exit_cv_;
+  std::condition_variable start_cv_;
   std::deque<Request*> queue_;
   std::unordered_map<double, Request*> active_;
   std::vector<double> done_;
+  std::vector<pthread_t> threads_;  // joinable threads, joined by Shutdown
   bool delivery_scheduled_ = false;
   bool stopping_ = false;
   int live_ = 0;

@@ -1,8 +1,8 @@
 import { execFileSync } from 'node:child_process';
-import { existsSync, truncateSync, writeFileSync } from 'node:fs';
+import { existsSync, statSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { openLockable } from '../lib/index.js';
+import { LockManager, ResourceBusyError, openLockable } from '../lib/index.js';
 import { Peer, isRoot, tempDir } from './helpers.js';
 
 const canLoop = isRoot && existsSync('/dev/loop-control');
@@ -40,6 +40,33 @@ describe.skipIf(!canLoop)('block devices (a loop device over a sparse file)', ()
       expect(f.identity.key).toMatch(/^b:\d+$/);
     } finally {
       f.close();
+    }
+  });
+
+  it('two managers on two device nodes of one disk exclude each other (the lease is on the canonical node)', async () => {
+    const alias = join(tmp.dir, 'alias-node');
+    const st = statSync(device);
+    execFileSync('mknod', [alias, 'b', String(Math.floor(st.rdev / 256) & 0xfff), String(st.rdev & 0xff)]);
+    // The kernel itself does not exclude them: two inodes, two lock lists.
+    const rawA = openLockable(device);
+    const rawB = openLockable(alias);
+    expect(rawA.identity.key).toBe(rawB.identity.key);
+    expect(rawA.tryLock('exclusive', { start: 0, length: 1 })).toBe(true);
+    expect(rawB.tryLock('exclusive', { start: 0, length: 1 })).toBe(true);
+    rawA.close();
+    rawB.close();
+    const a = new LockManager();
+    const b = new LockManager();
+    try {
+      a.registerResource({ type: 'disk', path: device, mode: 'exclusive' });
+      await a.start('sleep', ['1000']);
+      b.registerResource({ type: 'disk', path: alias, mode: 'shared' });
+      const err = await b.start('sleep', ['1000']).catch((e: unknown) => e);
+      expect(err).toBeInstanceOf(ResourceBusyError);
+      expect((err as ResourceBusyError).resource).toBe(alias);
+    } finally {
+      await a.free();
+      await b.free();
     }
   });
 

@@ -35,16 +35,15 @@ function tryLockIn(app: string, path: string, env: Record<string, string> = {}) 
 
 beforeAll(() => {
   tmp = tempDir();
-  // prebuildify rebuilds build/ where it runs; other test files load the addon
-  // from build/Release meanwhile, so build the prebuild in a copy of the sources.
+  // Build the prebuild and pack in a copy of the package: prebuildify rebuilds
+  // build/ where it runs, and other test files load the addon from
+  // build/Release meanwhile; and a test has no business writing into the repo.
   const src = join(tmp.dir, 'src');
   mkdirSync(src);
-  for (const f of ['package.json', 'binding.gyp', 'native']) cpSync(join(root, f), join(src, f), { recursive: true });
+  for (const f of ['package.json', 'binding.gyp', 'native', 'dist', 'docs', 'README.md']) cpSync(join(root, f), join(src, f), { recursive: true });
   symlinkSync(join(root, 'node_modules'), join(src, 'node_modules'));
   run('npm', ['run', 'build:native'], src);
-  rmSync(join(root, 'prebuilds'), { recursive: true, force: true });
-  cpSync(join(src, 'prebuilds'), join(root, 'prebuilds'), { recursive: true });
-  const name = run('npm', ['pack', '--pack-destination', tmp.dir, '--ignore-scripts'], root).trim().split('\n').pop()!;
+  const name = run('npm', ['pack', '--pack-destination', tmp.dir, '--ignore-scripts'], src).trim().split('\n').pop()!;
   tarball = join(tmp.dir, name);
 }, 300_000);
 afterAll(() => tmp?.cleanup());

@@ -2,7 +2,9 @@ import { readFile } from 'node:fs/promises';
 import { setImmediate as tick } from 'node:timers/promises';
 import { describe, expect, it } from 'vitest';
 import { AbortError, LockTimeoutError, openLockable, type LockableFile } from '../lib/index.js';
-import { lockFixture } from './helpers.js';
+import { spawnSync } from 'node:child_process';
+import { chmodSync } from 'node:fs';
+import { distUrl, isRoot, lockFixture, runScript, waitUntil } from './helpers.js';
 
 const fx = lockFixture({ peer: true });
 const lockable = (): LockableFile => fx.open();
@@ -99,6 +101,94 @@ describe('lock()', () => {
     f.close();
     for (const w of waits) await expect(w).rejects.toMatchObject({ code: 'ERR_INVALID_STATE' });
     expect(lockable().tryLock('exclusive', { start: 100, length: 1 })).toBe(true);
+  });
+
+  it('close() with a wait pending releases the file locks even when the holder lets go at the same moment', async () => {
+    // A waiter inside F_OFD_SETLKW can be granted the lock just as close()
+    // runs; the kernel must drop that late grant by itself, without JS help.
+    const holder = lockable();
+    let lateGrants = 0;
+    for (let i = 0; i < 200; i++) {
+      const range = { start: i, length: 1 };
+      holder.tryLock('exclusive', range);
+      const w = openLockable(fx.path);
+      const p = w.lock('exclusive', range).catch((e: { code: string }) => e.code);
+      await new Promise((r) => setImmediate(r));
+      holder.unlock(range);
+      w.close();
+      expect(await p).toBe('ERR_INVALID_STATE');
+      // Never for longer than the waiter thread takes to leave the kernel:
+      // the event loop does nothing to release it.
+      if (!holder.tryLock('exclusive', range)) {
+        lateGrants++;
+        await waitUntil(() => holder.tryLock('exclusive', range), 2000, 'a late grant to be dropped by the kernel');
+      }
+      holder.unlock(range);
+    }
+    expect(lateGrants).toBeLessThan(200);
+  });
+
+  it('a very large timeout means wait (no overflow into "no wait" or "time out now")', async () => {
+    const holder = lockable();
+    holder.tryLock('exclusive', BYTE0);
+    const f = lockable();
+    for (const timeout of [1e13, Number.MAX_SAFE_INTEGER, 1e300]) {
+      const ac = new AbortController();
+      const p = f.lock('exclusive', BYTE0, { timeout, signal: ac.signal });
+      for (let i = 0; i < 5; i++) expect(await state(p)).toBe('pending');
+      ac.abort();
+      await expect(p).rejects.toMatchObject({ code: 'ABORT_ERR' });
+    }
+  });
+
+  it('one AbortSignal shared by many waits cancels them all, with one listener', async () => {
+    const holder = lockable();
+    holder.tryLock('exclusive');
+    const f = lockable();
+    const warnings: string[] = [];
+    const onWarning = (w: Error) => warnings.push(w.name);
+    process.on('warning', onWarning);
+    const ac = new AbortController();
+    const waits = Array.from({ length: 50 }, (_, i) => f.lock('shared', { start: i, length: 1 }, { signal: ac.signal }));
+    ac.abort();
+    const results = await Promise.allSettled(waits);
+    expect(results.map((r) => (r.status === 'rejected' ? (r.reason as { code: string }).code : 'granted'))).toEqual(Array(50).fill('ABORT_ERR'));
+    await new Promise((r) => setImmediate(r));
+    process.off('warning', onWarning);
+    expect(warnings).not.toContain('MaxListenersExceededWarning');
+  });
+
+  it('two copies of the JavaScript in one process share the waiter pool', () => {
+    const script = `const a = await import(${JSON.stringify(`${distUrl}?copy=1`)});
+      const b = await import(${JSON.stringify(`${distUrl}?copy=2`)});
+      const h = a.openLockable(${JSON.stringify(fx.path)}); h.tryLock('exclusive');
+      const out = [];
+      for (const m of [a, b]) {
+        const f = m.openLockable(${JSON.stringify(fx.path)});
+        out.push(await f.lock('shared', undefined, { timeout: 20 }).then(() => 'granted', (e) => e.name));
+      }
+      console.log(JSON.stringify(out));`;
+    expect(runScript(script)).toEqual(['LockTimeoutError', 'LockTimeoutError']);
+  });
+
+  // RLIMIT_SIGPENDING counts every process of the user, so the check runs as a
+  // user with no other processes (nobody, through setpriv: root only).
+  it.skipIf(!isRoot)('out of timers (RLIMIT_SIGPENDING) is ResourceExhaustedError from timer_create, and the other waits still work', () => {
+    chmodSync(fx.tmp.dir, 0o755);
+    chmodSync(fx.path, 0o666);
+    const script = `import { openLockable } from ${JSON.stringify(distUrl)};
+      const h = openLockable(${JSON.stringify(fx.path)}); h.tryLock('exclusive');
+      const f = openLockable(${JSON.stringify(fx.path)});
+      const ps = Array.from({ length: 20 }, (_, i) => f.lock('shared', { start: i, length: 1 }).then(() => 'granted', (e) => e.name + ' ' + e.cause?.syscall + ' ' + e.cause?.code));
+      setTimeout(() => h.close(), 100);
+      const out = {}; for (const r of await Promise.all(ps)) out[r] = (out[r] ?? 0) + 1;
+      console.log(JSON.stringify(out));`;
+    const r = spawnSync('prlimit', ['--sigpending=8', 'setpriv', '--reuid=65534', '--regid=65534', '--clear-groups', process.execPath, '--input-type=module', '-e', script], {
+      encoding: 'utf8',
+    });
+    const out = JSON.parse(r.stdout) as Record<string, number>;
+    expect(Object.keys(out).sort()).toEqual(['ResourceExhaustedError timer_create EAGAIN', 'granted']);
+    expect(out.granted! + out['ResourceExhaustedError timer_create EAGAIN']!).toBe(20);
   });
 
   it('1,000 concurrent waiters all resolve when the holder releases', async () => {

@@ -1,7 +1,7 @@
 import { Worker } from 'node:worker_threads';
 import { afterEach, beforeEach, expect, it } from 'vitest';
 import { openLockable } from '../lib/index.js';
-import { makeFile, tempDir, threadCount, waitUntil } from './helpers.js';
+import { fdCount, makeFile, runScript, tempDir, threadCount, waitUntil } from './helpers.js';
 
 let tmp: ReturnType<typeof tempDir>;
 let path: string;
@@ -44,8 +44,9 @@ it('a worker thread locks, waits and is woken like the main thread', async () =>
   holder.close();
 });
 
-it('terminating a worker with waits pending frees its waiter threads and its locks', async () => {
+it('terminating a worker with waits pending joins its waiter threads and closes its files, releasing their locks', async () => {
   const threads = threadCount();
+  const fds = fdCount();
   const holder = openLockable(path);
   holder.tryLock('exclusive', { start: 0, length: 1 });
   const w = worker(`
@@ -57,10 +58,52 @@ it('terminating a worker with waits pending frees its waiter threads and its loc
   expect(threadCount()).toBeGreaterThan(threads + 1);
   expect(holder.getConflict('shared', { start: 10, length: 1 })).toMatchObject({ mode: 'exclusive' });
   await w.terminate();
-  // The worker's environment cleanup woke and joined its 50 waiter threads, and
-  // its fds went with it (Node closes a worker's handles, not its raw fds; our
-  // lock fds are released because the cleanup hook ran).
+  // The worker never closed its file: its environment's cleanup did, so the
+  // lock it held on byte 10 is gone, and so are its fd and 50 waiter threads.
+  expect(holder.getConflict('shared', { start: 10, length: 1 })).toBeNull();
   await waitUntil(() => threadCount() <= threads, 10_000, 'worker and waiter threads to exit');
-  expect(holder.tryLock('exclusive', { start: 0, length: 1 })).toBe(true);
   holder.close();
+  await waitUntil(() => fdCount() === fds, 5_000, 'fds to return');
+});
+
+it('terminating workers while results are being delivered never crashes the process (stress)', () => {
+  // In a child process: were the teardown race still there, the whole process
+  // would abort, and here that is an exit status, not a crashed test runner.
+  const script = `import { Worker } from 'node:worker_threads';
+    import { openLockable } from ${JSON.stringify(dist)};
+    const H = openLockable(${JSON.stringify(path)}); H.tryLock('exclusive', { start: 0, length: 100 });
+    const src = \`import { parentPort, workerData } from 'node:worker_threads';
+      import { openLockable } from ${JSON.stringify(dist)};
+      const f = openLockable(workerData.path); const ac = new AbortController();
+      for (let i = 0; i < 40; i++) f.lock('exclusive', { start: i, length: 1 }, i % 3 === 0 ? { timeout: i % 5 } : { signal: ac.signal }).catch(() => {});
+      setTimeout(() => ac.abort(), workerData.n % 4);
+      if (workerData.n % 2) setTimeout(() => f.close(), workerData.n % 3);
+      parentPort.postMessage('go');\`;
+    for (let n = 0; n < 120; n++) {
+      const w = new Worker(new URL('data:text/javascript,' + encodeURIComponent(src)), { workerData: { path: ${JSON.stringify(path)}, n } });
+      await new Promise((r) => w.once('message', r));
+      if (n % 2) { H.unlock({ start: 0, length: 100 }); H.tryLock('exclusive', { start: 0, length: 100 }); }
+      await new Promise((r) => setTimeout(r, n % 5));
+      await w.terminate();
+    }
+    console.log(JSON.stringify('survived'));`;
+  expect(runScript(script)).toBe('survived');
+});
+
+it('blocking waits keep working in workers loaded after the first one that loaded the addon has ended', () => {
+  // Only workers load lockmgr here, so Node may unload the addon between them.
+  const script = `import { Worker } from 'node:worker_threads';
+    const src = \`import { parentPort, workerData } from 'node:worker_threads';
+      import { openLockable } from ${JSON.stringify(dist)};
+      const a = openLockable(workerData.path), b = openLockable(workerData.path);
+      a.tryLock('exclusive');
+      b.lock('shared', undefined, { timeout: 20 }).catch((e) => parentPort.postMessage(e.name));\`;
+    const out = [];
+    for (let i = 0; i < 3; i++) {
+      const w = new Worker(new URL('data:text/javascript,' + encodeURIComponent(src)), { workerData: { path: ${JSON.stringify(path)} } });
+      out.push(await new Promise((r) => w.once('message', r)));
+      await new Promise((r) => w.once('exit', r));
+    }
+    console.log(JSON.stringify(out));`;
+  expect(runScript(script)).toEqual(['LockTimeoutError', 'LockTimeoutError', 'LockTimeoutError']);
 });
