@@ -33,7 +33,6 @@
 // SIGCHLD machinery never wakes for them, a SIGCHLD set to SIG_IGN cannot make
 // the kernel auto-reap them behind our back, and a foreign waitpid(-1) without
 // __WALL cannot reap them either.
-#include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -418,7 +417,9 @@ class OrphanReaper {
     }
     if (wake_fd_ < 0) wake_fd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (wake_fd_ < 0) return;  // the pidfds stay open: zombies until process exit, no worse
-    PinLibrary();
+    // The reaper runs code of this addon after the environment that loaded it is
+    // gone; when only workers use the addon, Node unloads it as the last ends.
+    PinModule();
     pthread_attr_t attr;
     pthread_attr_init(&attr);
     pthread_attr_setstacksize(&attr, 64 * 1024);
@@ -438,19 +439,6 @@ class OrphanReaper {
   }
 
  private:
-  // The reaper thread runs code of this addon after the environment that loaded
-  // it is gone. When only worker threads use the addon, Node dlclose()s it as the
-  // last of them ends, and the thread would crash in unmapped code: mark the
-  // library RTLD_NODELETE before the first thread starts.
-  void PinLibrary() {
-    if (pinned_) return;
-    Dl_info info;
-    if (dladdr(reinterpret_cast<void*>(&OrphanReaper::Main), &info) != 0 && info.dli_fname != nullptr) {
-      // The handle is never closed: that is the point.
-      pinned_ = dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD | RTLD_NODELETE) != nullptr;
-    }
-  }
-
   static void* Main(void* self) {
     static_cast<OrphanReaper*>(self)->Run();
     return nullptr;
@@ -497,7 +485,6 @@ class OrphanReaper {
   std::vector<int> fds_;
   int wake_fd_ = -1;
   bool running_ = false;
-  bool pinned_ = false;
 };
 
 // Leaked on purpose: a detached reaper thread may still run at process exit,
