@@ -514,6 +514,26 @@ describe.each([
     await waitUntil(() => supervisionInfo().orphans === 0 && threadCount() <= threads, HANG_MS, 'the reaper thread to exit');
   });
 
+  test("parentDeathSignal in a worker fires when the worker ends (the spawning thread's death)", async () => {
+    const worker = new Worker(
+      `
+      const { parentPort, workerData } = require('node:worker_threads');
+      import(workerData.url).then((m) => {
+        const c = m.spawnSupervised('sleep', ['1000'], { stdio: 'ignore', parentDeathSignal: 'SIGKILL' });
+        parentPort.postMessage(c.pid);
+      });
+      `,
+      { eval: true, workerData: { url: distUrl }, env: { ...process.env } },
+    );
+    const [pid] = (await within(once(worker, 'message'), HANG_MS, 'the worker')) as [number];
+    const child = attachProcess(pid);
+    expect(child.exitStatus).toBeNull();
+    await worker.terminate();
+    expect(await within(child.exited, HANG_MS, 'the child to die with its worker')).toEqual({ code: null, signal: null });
+    await waitUntil(() => procState(pid) === null, HANG_MS, 'the child to be reaped');
+    expect(zombieChildren()).toEqual([]);
+  });
+
   test('workers terminated mid-spawn or mid-callback neither crash the process nor leave zombies', async () => {
     // Only the workers load the addon, so it is unloaded under the orphan reaper.
     const proc = cpSpawn(process.execPath, [join(here, 'fixtures', 'supervise-workers.mjs'), '30'], { stdio: ['ignore', 'pipe', 'inherit'] });
