@@ -18,7 +18,7 @@ import {
   type SupervisedProcess,
 } from '../lib/index.js';
 import { supervisionInfo } from '../lib/supervise.js';
-import { distUrl, isRoot, tempDir, threadCount, waitUntil } from './helpers.js';
+import { compileShim, distUrl, isRoot, runScript, tempDir, threadCount, waitUntil } from './helpers.js';
 import { childrenOf, collect, firstJsonLine, openFds, procStat, procState, signalMasks, within, zombieChildren } from './process-helpers.js';
 
 const here = fileURLToPath(new URL('.', import.meta.url));
@@ -542,6 +542,29 @@ describe.each([
     expect(await exit).toEqual([0, null]);
     expect(report).toEqual({ ok: true, left: [] });
   });
+});
+
+test('where clone3 is ENOSYS (seccomp, old kernels) spawns fall back to clone + pidfd_open by themselves', () => {
+  const shim = compileShim('no-clone3', dir);
+  const supervise = JSON.stringify(new URL('./supervise.js', distUrl).href);
+  const script = `import { spawnSupervised, SpawnError } from ${JSON.stringify(distUrl)};
+    import { supervisionInfo } from ${supervise};
+    const out = {};
+    out.status = await spawnSupervised('sh', ['-c', 'exit 3'], { stdio: 'ignore' }).exited;
+    try { spawnSupervised('/nonexistent/command'); } catch (e) { out.error = (e instanceof SpawnError) + ' ' + e.cause.code; }
+    out.again = await spawnSupervised('true', [], { stdio: 'ignore' }).exited;
+    const info = supervisionInfo();
+    out.info = { clone3Missing: info.clone3Missing, clone3Spawns: info.clone3Spawns, fallbackSpawns: info.fallbackSpawns };
+    console.log(JSON.stringify(out));`;
+  const env = { LD_PRELOAD: shim, DENY_CLONE3: '1', LOCKMGR_SPAWN_FALLBACK: '' };
+  expect(runScript(script, env)).toEqual({
+    status: { code: 3, signal: null },
+    error: 'true ENOENT',
+    again: { code: 0, signal: null },
+    info: { clone3Missing: true, clone3Spawns: 0, fallbackSpawns: 3 },
+  });
+  // The control: the same script without the filter goes through clone3.
+  expect(runScript(script, { LOCKMGR_SPAWN_FALLBACK: '' })).toMatchObject({ info: { clone3Missing: false, clone3Spawns: 3, fallbackSpawns: 0 } });
 });
 
 /** Lets handles closed by earlier tests (stream sockets) finish closing. */
