@@ -29,10 +29,11 @@
 // here ever waits for "any child": libuv reaps its own children by pid, and a
 // waitpid(-1) would steal their exit statuses from Node's child_process.
 //
-// Children are created with exit_signal 0, so they send no SIGCHLD: libuv's
-// SIGCHLD machinery never wakes for them, a SIGCHLD set to SIG_IGN cannot make
-// the kernel auto-reap them behind our back, and a foreign waitpid(-1) without
-// __WALL cannot reap them either.
+// Children are created with exit_signal 0, but execve resets it to SIGCHLD (the
+// kernel's de_thread: a new program is an ordinary child). So an exec'd child
+// sends SIGCHLD like any other; libuv's handler wakes, finds none of its own
+// pids exited and goes back to sleep. A child that fails before execve keeps
+// exit_signal 0: it sends nothing, and only __WALL reaps it, hence __WALL.
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
