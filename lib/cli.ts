@@ -179,14 +179,31 @@ async function run(argv: readonly string[], out: Output): Promise<number> {
       for (const path of values[mode] ?? []) mgr.registerResource({ type: 'disk', path, mode, qemuCompatible });
     }
     const exited = new Promise<ExitStatus>((resolve) => mgr.once('exit', resolve));
-    await mgr.start(command, args, { stdio: 'inherit' }, timeout === undefined ? undefined : { timeout });
+    // Installed before start(): a signal that arrives while the leases are
+    // being acquired, or just as the command is spawned, must not kill lockmgr
+    // with its default action and leave a fresh child behind. It stops the
+    // run instead: free() aborts a waiting start and kills a spawned child.
+    let early: NodeJS.Signals | undefined;
     const forward = (signal: NodeJS.Signals) => {
-      if (mgr.state === 'running' || mgr.state === 'stopping') mgr.signal(signal);
+      if (mgr.state === 'running' || mgr.state === 'stopping') {
+        mgr.signal(signal);
+        return;
+      }
+      early ??= signal;
+      void mgr.free();
     };
     for (const s of FORWARDED) process.on(s, forward);
+    const bySignal = (signal: NodeJS.Signals) => 128 + (osConstants.signals[signal] ?? 0);
     try {
+      try {
+        await mgr.start(command, args, { stdio: 'inherit' }, timeout === undefined ? undefined : { timeout });
+      } catch (err) {
+        if (early !== undefined) return bySignal(early);
+        throw err;
+      }
       const status = await exited;
-      return status.code ?? 128 + (osConstants.signals[status.signal!] ?? 0);
+      if (early !== undefined) return bySignal(early);
+      return status.code ?? bySignal(status.signal!);
     } finally {
       for (const s of FORWARDED) process.off(s, forward);
     }

@@ -1,6 +1,6 @@
 // The real lockmgr binary, in subprocesses.
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { chmodSync, existsSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterEach, describe, expect, it } from 'vitest';
@@ -27,10 +27,14 @@ function lockmgr(...args: string[]) {
   return { code: r.status, stdout: r.stdout, stderr: r.stderr };
 }
 
-/** Starts `lockmgr run ... -- sh -c SCRIPT` in the background; resolves once SCRIPT has touched `ready`. */
+/**
+ * Starts `lockmgr run ... -- sh -c SCRIPT` in the background; resolves once
+ * SCRIPT has reached READY (where it touches a file; the start if absent).
+ */
 async function background(flags: string[], script: string) {
   const ready = join(fx.tmp.dir, `ready-${running.length}`);
-  const child = spawn(process.execPath, [BIN, 'run', ...flags, '--', 'sh', '-c', `touch ${ready}; ${script}`], { stdio: ['ignore', 'pipe', 'pipe'] });
+  const body = script.includes('READY') ? script.replace('READY', `touch ${ready}`) : `touch ${ready}; ${script}`;
+  const child = spawn(process.execPath, [BIN, 'run', ...flags, '--', 'sh', '-c', body], { stdio: ['ignore', 'pipe', 'pipe'] });
   running.push(child);
   let stderr = '';
   child.stderr!.on('data', (d: Buffer) => (stderr += d));
@@ -64,12 +68,30 @@ describe('lockmgr run', () => {
 
   for (const [signal, number] of [['SIGTERM', 15], ['SIGINT', 2], ['SIGHUP', 1]] as const) {
     it(`forwards ${signal} to the command and exits with the command's status`, async () => {
-      const { child, exit } = await background(['--exclusive', fx.path], `trap 'exit ${40 + number}' ${signal.slice(3)}; while :; do sleep 0.05; done`);
+      const { child, exit } = await background(['--exclusive', fx.path], `trap 'exit ${40 + number}' ${signal.slice(3)}; READY; while :; do sleep 0.05; done`);
       child.kill(signal);
       expect(await exit).toBe(40 + number);
       expect(status(fx.path).entries[0]!.lease!.state).toBe('free');
     });
   }
+
+  it('a signal that arrives while lockmgr waits for a busy resource ends the run: nothing spawned, exit 128 + N', async () => {
+    const { exit: holderExit } = await background(['--exclusive', fx.path], 'sleep 1000');
+    const marker = join(fx.tmp.dir, 'ran');
+    const waiter = spawn(process.execPath, [BIN, 'run', '--wait', '60', '--exclusive', fx.path, '--', 'touch', marker], { stdio: 'ignore' });
+    running.push(waiter);
+    const exit = new Promise<number | null>((r) => waiter.once('exit', (code) => r(code)));
+    // Until lockmgr has installed its forwarders, SIGTERM would kill it by its
+    // default action. Node itself catches SIGINT and SIGTERM (to restore the
+    // terminal), so watch for SIGHUP, which only lockmgr's forwarders catch.
+    const catchesHup = () => (BigInt(`0x${/^SigCgt:\s+(\S+)$/m.exec(readFileSync(`/proc/${waiter.pid}/status`, 'utf8'))![1]}`) & 1n) === 1n;
+    await waitUntil(catchesHup, 10_000, 'lockmgr to install its signal forwarders');
+    waiter.kill('SIGTERM');
+    expect(await exit).toBe(128 + 15);
+    expect(existsSync(marker)).toBe(false);
+    expect(status(fx.path).entries[0]!.lease!.state).toBe('exclusive');
+    void holderExit;
+  });
 
   it('fails with 75 and names the holder when a resource is busy; holds nothing of the rest', async () => {
     const other = makeFile(fx.tmp.dir, 'other.img');
