@@ -1,5 +1,6 @@
 // The lockmgr command line: `run` holds leases around a command, `status` says
 // who holds what. docs/cli.md documents the flags, exit codes and --json.
+import { readFileSync } from 'node:fs';
 import { constants as osConstants } from 'node:os';
 import { parseArgs } from 'node:util';
 import {
@@ -38,12 +39,13 @@ const VERSION = '0.1.0';
 export const HELP = `usage:
   lockmgr run [--exclusive PATH]... [--shared PATH]... [--readonly PATH]...
               [--wait SECONDS] [--lifetime child|supervisor] [--qemu-compatible]
-              [--name NAME] [--uuid UUID] [--id ID] -- COMMAND [ARG...]
+              [--name NAME] [--uuid UUID] [--id ID] [--uri URI] -- COMMAND [ARG...]
   lockmgr status [--json] PATH...
   lockmgr --help | --version
 
 run     Acquires every resource (all or nothing, in one canonical order), runs
-        COMMAND holding the leases, forwards SIGINT, SIGTERM and SIGHUP to it,
+        COMMAND holding the leases, forwards SIGTERM, SIGINT and SIGHUP to it
+        (SIGINT and SIGHUP only when they did not come from the terminal),
         releases the leases after it has been reaped, and exits with its exit
         status (128 + the signal number if a signal killed it).
         --wait SECONDS       wait for busy resources (default: fail at once)
@@ -154,6 +156,7 @@ async function run(argv: readonly string[], out: Output): Promise<number> {
     name: { type: 'string' },
     uuid: { type: 'string' },
     id: { type: 'string' },
+    uri: { type: 'string' },
   });
   if (positionals.length > 0) throw usage(`unexpected argument '${positionals[0]}' before '--'`);
   if (values.lockspace !== undefined) {
@@ -168,17 +171,23 @@ async function run(argv: readonly string[], out: Output): Promise<number> {
   const params: ManagerParams = {};
   if (values.name !== undefined) params.name = values.name;
   if (values.uuid !== undefined) params.uuid = values.uuid;
+  if (values.uri !== undefined) params.uri = values.uri;
   if (values.id !== undefined) {
     if (!/^\d+$/.test(values.id)) throw usage(`--id needs an integer >= 0, got '${values.id}'`);
     params.id = Number(values.id);
   }
   const mgr = new LockManager({ params, lockLifetime: values.lifetime as LockLifetime | undefined });
+  let warned = false;
   try {
     const qemuCompatible = values['qemu-compatible'] === true;
     for (const mode of ['exclusive', 'shared', 'readonly'] as const satisfies readonly ResourceMode[]) {
       for (const path of values[mode] ?? []) mgr.registerResource({ type: 'disk', path, mode, qemuCompatible });
     }
     const exited = new Promise<ExitStatus>((resolve) => mgr.once('exit', resolve));
+    mgr.on('warning', (w) => {
+      warned = true;
+      out.err(`lockmgr: warning: ${w.message}\n`);
+    });
     // Installed before start(): a signal that arrives while the leases are
     // being acquired, or just as the command is spawned, must not kill lockmgr
     // with its default action and leave a fresh child behind. It stops the
@@ -186,11 +195,15 @@ async function run(argv: readonly string[], out: Output): Promise<number> {
     let early: NodeJS.Signals | undefined;
     const forward = (signal: NodeJS.Signals) => {
       if (mgr.state === 'running' || mgr.state === 'stopping') {
+        // The terminal sends SIGINT (Ctrl-C) and SIGHUP to its whole foreground
+        // process group, the command included: forwarding would deliver twice.
+        if (signal !== 'SIGTERM' && inForegroundGroup()) return;
         mgr.signal(signal);
-        return;
+      } else if (mgr.state === 'new' || mgr.state === 'starting') {
+        early ??= signal;
+        void mgr.free();
       }
-      early ??= signal;
-      void mgr.free();
+      // stopped or freed: the command has exited; its status stands.
     };
     for (const s of FORWARDED) process.on(s, forward);
     const bySignal = (signal: NodeJS.Signals) => 128 + (osConstants.signals[signal] ?? 0);
@@ -203,14 +216,30 @@ async function run(argv: readonly string[], out: Output): Promise<number> {
       }
       const status = await exited;
       if (early !== undefined) return bySignal(early);
-      return status.code ?? bySignal(status.signal!);
+      const code = status.code ?? bySignal(status.signal!);
+      // A failure after the command ended (a release that failed) must not pass for success.
+      return warned && code === 0 ? EXIT.internal : code;
     } finally {
+      await mgr.free();
       for (const s of FORWARDED) process.off(s, forward);
     }
   } catch (err) {
     return fail(err, out);
   } finally {
     await mgr.free();
+  }
+}
+
+/** Whether this process is in its controlling terminal's foreground process group (/proc/self/stat: pgrp, tpgid). */
+function inForegroundGroup(): boolean {
+  try {
+    const stat = readFileSync('/proc/self/stat', 'utf8');
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    const pgrp = Number(fields[2]);
+    const tpgid = Number(fields[5]);
+    return tpgid > 0 && tpgid === pgrp;
+  } catch {
+    return false;
   }
 }
 
@@ -238,7 +267,9 @@ function inspect(path: string): StatusEntry {
       return { state: holder === null ? 'free' : holder.mode, holder };
     };
     const lease = byte(0);
-    const qemu = qemuLockState(path);
+    // QEMU locks the node it opened; for a block device that is the canonical
+    // node whenever QEMU was given any path udev made (symlinks to it).
+    const qemu = qemuLockState(file.path);
     return {
       path,
       kind: file.kind,
@@ -262,7 +293,8 @@ function status(argv: readonly string[], out: Output): number {
     try {
       return inspect(path);
     } catch (err) {
-      code = Math.max(code, exitCodeFor(err));
+      // Whatever the reason (missing, a FIFO, no permission), the PATH could not be inspected.
+      code = EXIT.noResource;
       const e = err as LockManagerError;
       return { path, error: { code: e.code ?? 'ERR_INTERNAL', message: e.message } };
     }

@@ -10,7 +10,7 @@
 //   any state --free()--> freed  <------------------------------------------+
 import { EventEmitter } from 'node:events';
 import { fileURLToPath } from 'node:url';
-import { InvalidArgumentError, InvalidStateError, LockManagerError, type ProcessInfo } from './errors.js';
+import { AbortError, InvalidArgumentError, InvalidStateError, LockManagerError, UnsupportedError, systemError, type ProcessInfo } from './errors.js';
 import { directLockspace, type LockspaceConfig, type Lockspace, type ResourceMode } from './lockspace.js';
 import { qemuProfile } from './qemu.js';
 import { acquireAll, releaseOne, stillHeld, type AcquireOptions, type Resource } from './resources.js';
@@ -88,6 +88,20 @@ const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 const PARAM_KEYS = ['id', 'uuid', 'name', 'uri'] as const;
 const MODES = ['exclusive', 'shared', 'readonly'] as const;
 
+/** kill(pid, 0): UnsupportedError (EPERM) when we may not signal the process, InvalidArgumentError when it does not exist. */
+function checkSignallable(pid: number): void {
+  try {
+    process.kill(pid, 0);
+  } catch (err) {
+    const errno = -((err as NodeJS.ErrnoException).errno ?? 0);
+    const cause = systemError(errno, 'kill');
+    if ((err as NodeJS.ErrnoException).code === 'EPERM') {
+      throw new UnsupportedError(`cannot attach to process ${pid}: this process may not signal it, so it could never stop or kill it (${cause.message})`, { cause });
+    }
+    throw new InvalidArgumentError(`cannot attach to process ${pid}: ${cause.message}`, { cause });
+  }
+}
+
 function requireMode(mode: ResourceMode | undefined): ResourceMode {
   if (mode === undefined) throw new InvalidArgumentError(`resource.mode must be one of ${MODES.map((m) => `'${m}'`).join(', ')}`);
   return mode;
@@ -154,6 +168,10 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
   #starting: Promise<void> | null = null;
   /** Aborts a start() that is waiting for busy resources, when free() is called. */
   #startAbort: AbortController | null = null;
+  /** Aborts hotplug waits when the child exits or the manager stops or is freed. */
+  #hotplugAbort: AbortController | null = null;
+  /** Hotplugs in flight, by identity key: a second acquire of the same disk waits for the first. */
+  readonly #hotplugs = new Map<string, Promise<{ wasHeld: boolean }>>();
   #stopped: Promise<void> | null = null;
   #shutdown: Promise<void> | null = null;
   #free: Promise<void> | null = null;
@@ -170,7 +188,8 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
     const space = checkOptions<LockspaceConfig>(o.lockspace, ['kind'], 'lockspace');
     if (space.kind !== undefined) checkOneOf(space.kind, ['direct'] as const, 'lockspace.kind');
     this.#space = directLockspace();
-    this.#lifetime = o.lockLifetime === undefined ? 'child' : checkOneOf(o.lockLifetime, ['child', 'supervisor'] as const, 'lockLifetime');
+    // An attached process cannot be handed the lock fds: its lifetime is the supervisor's.
+    this.#lifetime = o.lockLifetime === undefined ? (o.attach === undefined ? 'child' : 'supervisor') : checkOneOf(o.lockLifetime, ['child', 'supervisor'] as const, 'lockLifetime');
     this.#onLockFailure = o.onLockFailure === undefined ? 'poweroff' : checkOneOf(o.onLockFailure, ['poweroff', 'pause', 'ignore'] as const, 'onLockFailure');
     if (o.attach !== undefined) {
       if (typeof o.attach !== 'number' || !Number.isInteger(o.attach) || o.attach <= 0) {
@@ -235,11 +254,13 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
       throw new InvalidArgumentError(`start() needs a command, got ${describe(command)}`);
     }
     const spawnOpts = this.#spawnOptions(spawnOptions);
-    this.#setState('starting');
     this.#startAbort = new AbortController();
     const abort = signal === undefined ? this.#startAbort.signal : AbortSignal.any([signal, this.#startAbort.signal]);
     const wait = timeout !== undefined || signal !== undefined;
-    this.#starting = this.#start(command, args, spawnOpts, { timeout, signal: abort, wait });
+    // Assigned before 'starting' is emitted, and the work begins a microtask
+    // later: a 'state' listener that calls free() finds something to abort.
+    this.#starting = Promise.resolve().then(() => this.#start(command, args, spawnOpts, { timeout, signal: abort, wait }));
+    this.#setState('starting');
     try {
       await this.#starting;
     } finally {
@@ -249,8 +270,14 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
   }
 
   async #start(command: string | undefined, args: readonly string[], spawnOptions: SpawnOptions, wait: AcquireOptions): Promise<void> {
+    const abandoned = (): boolean => this.#free !== null || this.#state !== 'starting';
     try {
+      if (abandoned()) throw new AbortError('start() was abandoned: free() was called', { cause: wait.signal?.reason });
       await acquireAll(this.#space, this.#resources.values(), wait);
+      if (abandoned()) {
+        this.#releaseAll();
+        throw new AbortError('start() was abandoned: free() was called', { cause: wait.signal?.reason });
+      }
     } catch (err) {
       this.#setState('new');
       throw err;
@@ -258,6 +285,9 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
     let child: SupervisedProcess;
     try {
       if (this.#attach !== undefined) {
+        // A process we may not signal could never be stopped or killed, and
+        // shutdown()/free() would be stuck: refuse it before watching it.
+        checkSignallable(this.#attach);
         child = attachProcess(this.#attach);
       } else {
         // Under both lifetimes the child gets the lease fds. For 'supervisor'
@@ -276,6 +306,7 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
       throw err;
     }
     this.#child = child;
+    this.#hotplugAbort = new AbortController();
     this.#stopped = child.exited.then((status) => this.#onExit(status));
     this.#setState('running');
     if (this.#verifyInterval !== undefined) {
@@ -296,19 +327,43 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
     this.#require('acquireResource', ['running']);
     const { path, mode, qemuCompatible } = checkResource(spec, 'resource');
     const wait = checkOptions<WaitOptions>(options, ['timeout', 'signal'], 'acquireResource options');
-    const w = { timeout: checkTimeout(wait.timeout), signal: checkSignal(wait.signal) };
-    const r = this.#open(path, requireMode(mode), qemuCompatible, true);
-    if (r.held) return { wasHeld: true };
+    const timeout = checkTimeout(wait.timeout);
+    const signal = checkSignal(wait.signal);
+    for (;;) {
+      const r = this.#open(path, requireMode(mode), qemuCompatible, true);
+      if (r.held) return { wasHeld: true };
+      const key = r.file.identity.key;
+      const inFlight = this.#hotplugs.get(key);
+      if (inFlight !== undefined) {
+        // Another acquire of this disk is under way: let it finish, then look again.
+        await inFlight.catch(() => undefined);
+        this.#require('acquireResource', ['running']);
+        continue;
+      }
+      const attempt = this.#hotplug(r, { timeout, signal });
+      this.#hotplugs.set(key, attempt);
+      try {
+        return await attempt;
+      } finally {
+        if (this.#hotplugs.get(key) === attempt) this.#hotplugs.delete(key);
+      }
+    }
+  }
+
+  async #hotplug(r: ManagedResource, w: WaitOptions): Promise<{ wasHeld: boolean }> {
+    const stop = this.#hotplugAbort!.signal;
+    const wait = w.timeout !== undefined || w.signal !== undefined;
     try {
-      await acquireAll(this.#space, [r], w);
+      await acquireAll(this.#space, [r], { timeout: w.timeout, signal: w.signal === undefined ? stop : AbortSignal.any([w.signal, stop]), wait });
     } catch (err) {
       if (r.hotplugged) this.#forget(r);
+      if (stop.aborted) throw stop.reason as Error;
       throw err;
     }
     if (this.#state !== 'running') {
-      // The child exited or free() ran while we waited: nothing may hold this now.
+      // The child exited or free() ran while we acquired: nothing may hold this now.
       this.#forget(r);
-      throw new InvalidStateError(`acquireResource: the manager became '${this.#state}' while acquiring ${path}; the lease was released`);
+      throw new InvalidStateError(`acquireResource: the manager became '${this.#state}' while acquiring ${r.path}; the lease was released`);
     }
     return { wasHeld: false };
   }
@@ -341,13 +396,24 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
     return CLI;
   }
 
-  /** argv for supervisorPath(): `run`, the resources, lifetime and params, `--`, and the command when start() was given one. */
+  /**
+   * argv for supervisorPath(): `run`, the resources, lifetime and params, `--`,
+   * and the command when start() was given one. InvalidStateError when the CLI
+   * cannot express this manager: an attached process, or QEMU-compatible
+   * locks on some resources but not all (the CLI's flag applies to all).
+   */
   supervisorArgs(): string[] {
+    if (this.#attach !== undefined) throw new InvalidStateError('supervisorArgs(): lockmgr run cannot attach to a running process');
+    const resources = [...this.#resources.values()];
+    const qemu = resources.filter((r) => r.qemu !== undefined).length;
+    if (qemu > 0 && qemu < resources.length) {
+      throw new InvalidStateError('supervisorArgs(): lockmgr run applies --qemu-compatible to every resource, and only some of these are QEMU-compatible');
+    }
     const argv = ['run'];
-    for (const r of this.#resources.values()) argv.push(`--${r.mode}`, r.path);
-    if ([...this.#resources.values()].some((r) => r.qemu !== undefined)) argv.push('--qemu-compatible');
+    for (const r of resources) argv.push(`--${r.mode}`, r.path);
+    if (qemu > 0) argv.push('--qemu-compatible');
     argv.push('--lifetime', this.#lifetime);
-    for (const key of ['name', 'uuid', 'id'] as const) {
+    for (const key of ['name', 'uuid', 'id', 'uri'] as const) {
       if (this.#params[key] !== undefined) argv.push(`--${key}`, String(this.#params[key]));
     }
     argv.push('--', ...this.#command);
@@ -365,13 +431,19 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
     for (const r of this.#resources.values()) {
       if (r.held && !stillHeld(this.#space, r)) lost.push(r.path);
     }
+    // The action first: a throwing 'lock-failure' listener must not leave the
+    // child running without its lease.
+    if (lost.length > 0 && this.#child !== null) {
+      try {
+        if (this.#onLockFailure === 'poweroff') this.#child.signal('SIGKILL');
+        else if (this.#onLockFailure === 'pause') this.#child.signal('SIGSTOP');
+      } catch (err) {
+        this.#warn(err);
+      }
+    }
     for (const resource of lost) {
       const failure: LockFailure = { resource, reason: `the ${this.#find(resource)?.mode} lease on ${resource} is no longer held`, action: this.#onLockFailure };
-      this.emit('lock-failure', failure);
-    }
-    if (lost.length > 0 && this.#child !== null) {
-      if (this.#onLockFailure === 'poweroff') this.#child.signal('SIGKILL');
-      else if (this.#onLockFailure === 'pause') this.#child.signal('SIGSTOP');
+      this.#emitSafe('lock-failure', failure);
     }
     return { lost };
   }
@@ -381,10 +453,21 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
     const o = checkOptions<{ graceMs?: number }>(options, ['graceMs'], 'shutdown options');
     const graceMs = checkTimeout(o.graceMs, 'graceMs') ?? 10_000;
     if (this.#starting) await this.#starting.catch(() => undefined);
-    if (this.#state === 'running') {
-      this.#setState('stopping');
+    if (this.#state === 'running' && this.#shutdown === null) {
       const child = this.#child!;
-      this.#shutdown = child.stop({ graceMs }).then(() => this.#stopped!);
+      // stop() sends SIGTERM before it returns; if that fails (a process we
+      // may no longer signal), the manager is still running, not stopping.
+      const stopping = child.stop({ graceMs });
+      this.#setState('stopping');
+      this.#abortHotplugs('shutdown() was called');
+      this.#shutdown = stopping.then(
+        () => this.#stopped!,
+        (err: unknown) => {
+          this.#shutdown = null;
+          if (this.#state === 'stopping' && child.exitStatus === null) this.#setState('running');
+          throw err;
+        },
+      );
     }
     if (this.#shutdown) await this.#shutdown;
     else if (this.#stopped) await this.#stopped;
@@ -396,11 +479,24 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
     return this.#free;
   }
 
+  // Never rejects: every step that can fail becomes a 'warning', and the
+  // manager always ends 'freed' with every fd closed.
   async #doFree(): Promise<void> {
     this.#startAbort?.abort(new InvalidStateError('free() was called while start() was waiting for its resources'));
+    this.#abortHotplugs('free() was called');
     if (this.#starting) await this.#starting.catch(() => undefined);
-    if (this.#child !== null && this.#child.exitStatus === null) this.#child.signal('SIGKILL');
-    if (this.#stopped) await this.#stopped;
+    let reaped = true;
+    if (this.#child !== null && this.#child.exitStatus === null) {
+      try {
+        this.#child.signal('SIGKILL');
+      } catch (err) {
+        // Only an attached process can refuse (start() probes for that); it
+        // runs on, and its leases go with this free() all the same.
+        reaped = false;
+        this.#warn(err);
+      }
+    }
+    if (this.#stopped && reaped) await this.#stopped.catch((err: unknown) => this.#warn(err));
     this.#stopVerify();
     this.#releaseAll();
     for (const r of this.#resources.values()) r.file.close();
@@ -414,10 +510,15 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
 
   #onExit(status: ExitStatus): void {
     this.#stopVerify();
+    this.#abortHotplugs('the supervised process exited');
     // The child is reaped: only now may its leases go (invariant 2).
     this.#releaseAll();
     if (this.#state !== 'freed') this.#setState('stopped');
-    this.emit('exit', status);
+    this.#emitSafe('exit', status);
+  }
+
+  #abortHotplugs(why: string): void {
+    this.#hotplugAbort?.abort(new InvalidStateError(`acquireResource: ${why} while it was waiting; nothing was acquired`));
   }
 
   /** Opens (or finds) the resource for `path`; throws if it is registered differently. */
@@ -461,9 +562,10 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
   }
 
   #forget(r: ManagedResource): void {
+    const key = r.file.identity.key;
     releaseOne(this.#space, r);
     r.file.close();
-    this.#resources.delete(r.file.identity.key);
+    if (this.#resources.get(key) === r) this.#resources.delete(key);
   }
 
   #releaseAll(): void {
@@ -495,16 +597,35 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
     this.#verifyTimer = null;
   }
 
+  /** A failure with no caller to reject: a 'warning' event, or a process warning when nobody listens. */
   #warn(err: unknown): void {
-    const warning = err instanceof LockManagerError ? err : new LockManagerError(String(err), { cause: err });
-    this.emit('warning', warning);
+    const warning = err instanceof LockManagerError ? err : new LockManagerError(err instanceof Error ? err.message : String(err), { cause: err });
+    if (this.listenerCount('warning') === 0) {
+      process.emitWarning(warning);
+      return;
+    }
+    try {
+      this.emit('warning', warning);
+    } catch (listenerError) {
+      process.emitWarning(listenerError instanceof Error ? listenerError : String(listenerError));
+    }
+  }
+
+  /** Emits an event; a listener that throws becomes a 'warning' instead of breaking the state machine. */
+  #emitSafe<K extends keyof LockManagerEvents>(event: K, ...args: LockManagerEvents[K]): void {
+    try {
+      (this.emit as (e: K, ...a: LockManagerEvents[K]) => boolean)(event, ...args);
+    } catch (err) {
+      this.#warn(err);
+    }
   }
 
   #setState(state: ManagerState): void {
     const previous = this.#state;
-    if (previous === state) return;
+    // 'freed' is final, whatever a late step of start() or an exit may want.
+    if (previous === state || previous === 'freed') return;
     this.#state = state;
-    this.emit('state', state, previous);
+    this.#emitSafe('state', state, previous);
   }
 
   #require(method: string, allowed: readonly ManagerState[]): void {

@@ -82,25 +82,30 @@ export function qemuConflict(file: LockableFile, profile: QemuProfile): { permis
 
 /**
  * Takes QEMU-style locks for `profile` on the image, or throws
- * ResourceBusyError naming the QEMU process in the way. Like QEMU itself, it
- * tests and then locks: two takers racing can both pass the test.
+ * ResourceBusyError naming the QEMU process in the way. As QEMU does it
+ * (raw_handle_perm_lock: apply the lock bytes, then check): lock first, then
+ * probe. Of two takers racing, at least the later one sees the other's bytes,
+ * so two writers can never both pass; testing first would let both pass.
  */
 export function takeQemuLocks(file: LockableFile, path: string, profile: QemuProfile): void {
-  const conflict = qemuConflict(file, profile);
-  if (conflict !== null) {
-    const candidates = processesWithOpen(path, { excludeSelf: true });
-    const who = candidates.length > 0 ? ` (in use by ${candidates.map(describeProcess).join(', ')})` : '';
-    const what = conflict.reason === 'held' ? `holds the QEMU "${conflict.permission}" permission` : `refuses to share the QEMU "${conflict.permission}" permission`;
-    throw new ResourceBusyError(`${path}: another process ${what}${who}`, { resource: path, candidates });
-  }
   const bytes = [...profile.hold.map((p) => byteOf(QEMU_PERM_BASE, p)), ...profile.unshare.map((p) => byteOf(QEMU_SHARED_BASE, p))];
+  const undo = (n: number) => {
+    for (const taken of bytes.slice(0, n)) file.unlock(taken);
+  };
   for (const [i, range] of bytes.entries()) {
     // QEMU only ever read-locks these bytes; a write lock here is someone else's.
     if (!file.tryLock('shared', range)) {
-      for (const taken of bytes.slice(0, i)) file.unlock(taken);
+      undo(i);
       throw new ResourceBusyError(`${path}: another process write-locks byte ${range.start}, in QEMU's lock range`, { resource: path });
     }
   }
+  const conflict = qemuConflict(file, profile);
+  if (conflict === null) return;
+  undo(bytes.length);
+  const candidates = processesWithOpen(path, { excludeSelf: true });
+  const who = candidates.length > 0 ? ` (in use by ${candidates.map(describeProcess).join(', ')})` : '';
+  const what = conflict.reason === 'held' ? `holds the QEMU "${conflict.permission}" permission` : `refuses to share the QEMU "${conflict.permission}" permission`;
+  throw new ResourceBusyError(`${path}: another process ${what}${who}`, { resource: path, candidates });
 }
 
 export function releaseQemuLocks(file: LockableFile, profile: QemuProfile): void {

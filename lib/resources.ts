@@ -78,7 +78,15 @@ async function takeOne(space: Lockspace, r: Resource, wait: boolean, deadline: n
     if (!r.file.tryLock(mode, space.leaseRange)) throw busyError(space, r, []);
   } else {
     const timeout = deadline === undefined ? undefined : Math.max(0, deadline - Date.now());
-    await r.file.lock(mode, space.leaseRange, { timeout, signal });
+    try {
+      await r.file.lock(mode, space.leaseRange, { timeout, signal });
+    } catch (err) {
+      if (!(err instanceof LockTimeoutError)) throw err;
+      // Name who is in the way, as a busy error does.
+      const candidates = processesWithOpen(r.path, { excludeSelf: true });
+      const who = candidates.length > 0 ? `; it is open in ${candidates.map(describeProcess).join(', ')}` : '';
+      throw new LockTimeoutError(`${err.message}${who}`, { timeout: err.timeout, holder: err.holder, cause: err });
+    }
   }
   if (r.qemu === undefined) return;
   try {

@@ -90,10 +90,10 @@ for (const [name, number] of Object.entries(signalNumbers)) {
   if (!signalNames.has(number)) signalNames.set(number, name as NodeJS.Signals);
 }
 
-function signalNumber(value: unknown, what: string): number {
+function signalNumber(value: unknown, what: string, min = 1): number {
   if (typeof value === 'string' && Object.hasOwn(signalNumbers, value)) return signalNumbers[value]!;
-  if (typeof value === 'number' && Number.isInteger(value) && value >= 1 && value <= 64) return value;
-  throw new InvalidArgumentError(`${what} must be a signal name such as 'SIGTERM' (or a number 1-64), got ${describe(value)}`);
+  if (typeof value === 'number' && Number.isInteger(value) && value >= min && value <= 64) return value;
+  throw new InvalidArgumentError(`${what} must be a signal name such as 'SIGTERM' (or a number ${min}-64), got ${describe(value)}`);
 }
 
 function checkNoNul(value: string, what: string): string {
@@ -184,10 +184,11 @@ export class SupervisedProcess implements AsyncDisposable {
 
   /**
    * Sends a signal through the pidfd. Returns false once the process has exited:
-   * the pidfd is closed then, and a pid is never used instead.
+   * the pidfd is closed then, and a pid is never used instead. Signal 0 sends
+   * nothing and only checks that we may signal it (UnsupportedError if not).
    */
   signal(signal: NodeJS.Signals | number = 'SIGTERM'): boolean {
-    const number = signalNumber(signal, 'signal');
+    const number = signalNumber(signal, 'signal', 0);
     if (this.#status !== null) return false;
     const e = native.sendSignal(this.#id, number);
     if (e === 0) return true;

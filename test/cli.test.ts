@@ -14,17 +14,21 @@ const running: ChildProcess[] = [];
 
 afterEach(async () => {
   for (const c of running.splice(0)) {
-    if (c.exitCode === null && c.signalCode === null) {
-      const gone = new Promise((r) => c.once('exit', r));
-      c.kill('SIGKILL');
-      await gone;
-    }
+    if (c.exitCode !== null || c.signalCode !== null) continue;
+    // SIGTERM, which lockmgr forwards: a SIGKILLed lockmgr would leave its
+    // command running (lifetime 'child' keeps it alive on purpose).
+    const gone = new Promise((r) => c.once('exit', r));
+    c.kill('SIGTERM');
+    const timer = setTimeout(() => c.kill('SIGKILL'), 5000);
+    await gone;
+    clearTimeout(timer);
   }
 });
 
 function lockmgr(...args: string[]) {
-  const r = spawnSync(process.execPath, [BIN, ...args], { encoding: 'utf8' });
-  return { code: r.status, stdout: r.stdout, stderr: r.stderr };
+  // Bounded: a lockmgr that never exits must fail the test, not hang the runner.
+  const r = spawnSync(process.execPath, [BIN, ...args], { encoding: 'utf8', timeout: 30_000, killSignal: 'SIGKILL' });
+  return { code: r.status, stdout: r.stdout, stderr: r.stderr, signal: r.signal };
 }
 
 /**
@@ -33,7 +37,7 @@ function lockmgr(...args: string[]) {
  */
 async function background(flags: string[], script: string) {
   const ready = join(fx.tmp.dir, `ready-${running.length}`);
-  const body = script.includes('READY') ? script.replace('READY', `touch ${ready}`) : `touch ${ready}; ${script}`;
+  const body = script.includes('READY') ? script.replace('READY', `touch ${ready}`) : `touch ${ready}; exec ${script}`;
   const child = spawn(process.execPath, [BIN, 'run', ...flags, '--', 'sh', '-c', body], { stdio: ['ignore', 'pipe', 'pipe'] });
   running.push(child);
   let stderr = '';
@@ -110,6 +114,13 @@ describe('lockmgr run', () => {
     expect(lockmgr('run', '--wait', '0.1', '--exclusive', fx.path, '--', 'true').code).toBe(0);
   });
 
+  it('a --wait that runs out exits 75 and names the processes that have the image open', async () => {
+    const { child } = await background(['--exclusive', fx.path], 'sleep 1000');
+    const r = lockmgr('run', '--wait', '0.2', '--uri', 'qemu:///system', '--shared', fx.path, '--', 'true');
+    expect(r.code).toBe(75);
+    expect(r.stderr).toMatch(new RegExp(`timed out after 200 ms .*; it is open in .*${child.pid} \\(`));
+  });
+
   it('usage errors exit 64, unopenable resources 66, unsupported features 69, missing or unrunnable commands 127 and 126', () => {
     const notExec = makeFile(fx.tmp.dir, 'script.sh', '#!/bin/sh\nexit 0\n');
     chmodSync(notExec, 0o644);
@@ -180,6 +191,12 @@ describe('lockmgr status', () => {
     expect(e.locks).toEqual([expect.objectContaining({ kind: 'OFDLCK', type: 'READ', pid: -1, start: 0, end: 0, blocked: false })]);
     expect(e.openBy!.map((p) => p.pid)).toContain(child.pid);
     expect(e.openBy!.find((p) => p.pid === child.pid)!.command).toContain('lockmgr.js run --shared');
+  });
+
+  it('a PATH that is not a file or block device is an error entry with exit 66 too', () => {
+    const { code, entries } = status('/dev/null');
+    expect(code).toBe(66);
+    expect(entries[0]).toEqual({ path: '/dev/null', error: { code: 'ERR_INVALID_ARGUMENT', message: expect.stringContaining('character device') } });
   });
 
   it('reports a free image, and a path it cannot open as an error entry with exit 66', () => {

@@ -1,5 +1,6 @@
 // The lock-manager contract (docs/contract.md): every row there names a test here.
-import { existsSync, linkSync, readFileSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { chmodSync, existsSync, linkSync, readFileSync, readdirSync, readlinkSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import {
@@ -11,7 +12,7 @@ import {
   type LockManagerOptions,
   type ManagerState,
 } from '../lib/index.js';
-import { Peer, compileShim, distUrl, fdCount, lockFixture, makeFile, managerPeerScript, runScript, waitUntil } from './helpers.js';
+import { Peer, compileShim, distUrl, fdCount, isRoot, lockFixture, makeFile, managerPeerScript, runScript, waitUntil } from './helpers.js';
 
 const fx = lockFixture();
 const managers: LockManager[] = [];
@@ -54,6 +55,17 @@ function alive(pid: number): boolean {
   } catch {
     return false;
   }
+}
+
+/** This process's fds open on `path`. */
+function fdsOn(path: string): string[] {
+  return readdirSync('/proc/self/fd').filter((fd) => {
+    try {
+      return readlinkSync(`/proc/self/fd/${fd}`) === path;
+    } catch {
+      return false;
+    }
+  });
 }
 
 function states(m: LockManager): ManagerState[] {
@@ -418,10 +430,44 @@ describe('running: hotplug, exit, shutdown, free', () => {
     await new Promise((r) => setTimeout(r, 30));
     process.kill(m.getChild().pid, 'SIGKILL');
     await new Promise((r) => m.once('exit', r));
-    await other.shutdown();
+    // The holder still holds it: the wait must end because the child is gone, not because the disk came free.
     await expect(acquiring).rejects.toBeInstanceOf(InvalidStateError);
-    expect(observe(busy)).toBe('free');
     expect(m.resources).toEqual([]);
+    await other.shutdown();
+    expect(observe(busy)).toBe('free');
+  });
+
+  it('shutdown() ends a hotplug that is waiting: InvalidStateError, nothing held, shutdown resolves', async () => {
+    const busy = makeFile(fx.tmp.dir, 'busy.img');
+    const other = manager();
+    other.registerResource({ type: 'disk', path: busy, mode: 'exclusive' });
+    await other.start('sleep', ['1000']);
+    const m = manager();
+    await m.start('sleep', ['1000']);
+    const acquiring = m.acquireResource({ type: 'disk', path: busy, mode: 'shared' }, { timeout: 60_000 });
+    await new Promise((r) => setTimeout(r, 30));
+    await m.shutdown({ graceMs: 1000 });
+    await expect(acquiring).rejects.toBeInstanceOf(InvalidStateError);
+    expect(m.state).toBe('stopped');
+    expect(m.resources).toEqual([]);
+  });
+
+  it('two concurrent acquires of one disk: the second waits for the first, and nothing is held behind the manager', async () => {
+    const busy = makeFile(fx.tmp.dir, 'busy.img');
+    const other = manager();
+    other.registerResource({ type: 'disk', path: busy, mode: 'exclusive' });
+    await other.start('sleep', ['1000']);
+    const m = manager();
+    await m.start('sleep', ['1000']);
+    const patient = m.acquireResource({ type: 'disk', path: busy, mode: 'exclusive' }, { timeout: 30_000 });
+    const hasty = m.acquireResource({ type: 'disk', path: busy, mode: 'exclusive' });
+    await new Promise((r) => setTimeout(r, 50));
+    await other.shutdown();
+    expect(await patient).toEqual({ wasHeld: false });
+    expect(await hasty).toEqual({ wasHeld: true });
+    expect(m.resources.filter((r) => r.held)).toHaveLength(1);
+    expect(await m.releaseResource({ type: 'disk', path: busy })).toEqual({ wasHeld: true });
+    expect(observe(busy)).toBe('free');
   });
 
   it('a registered resource can be released while running, even though the child holds its fd', async () => {
@@ -513,6 +559,78 @@ describe('running: hotplug, exit, shutdown, free', () => {
     await m[Symbol.asyncDispose]();
   });
 
+  it("a 'state' listener that calls free() on 'starting' gets no child and no leases; 'freed' is final", async () => {
+    const m = manager();
+    m.registerResource({ type: 'disk', path: fx.path, mode: 'exclusive' });
+    const seen = states(m);
+    m.on('state', (s) => {
+      if (s === 'starting') void m.free();
+    });
+    const marker = join(fx.tmp.dir, 'ran');
+    await expect(m.start('touch', [marker])).rejects.toMatchObject({ name: 'AbortError' });
+    await m.free();
+    expect(m.state).toBe('freed');
+    expect(seen.at(-1)).toBe('freed');
+    expect(seen).not.toContain('running');
+    expect(existsSync(marker)).toBe(false);
+    expect(observe()).toBe('free');
+  });
+
+  it("a throwing 'exit' or 'state' listener becomes a 'warning'; free() still closes everything", async () => {
+    const m = manager();
+    m.registerResource({ type: 'disk', path: fx.path, mode: 'exclusive' });
+    const warnings: string[] = [];
+    m.on('warning', (w) => warnings.push(w.message));
+    m.on('exit', () => {
+      throw new Error('exit listener bug');
+    });
+    await m.start('sh', ['-c', 'exit 0']);
+    m.on('state', (s) => {
+      if (s === 'freed') throw new Error('state listener bug');
+    });
+    await waitUntil(() => m.state === 'stopped', 5000, 'the child to exit');
+    await m.free();
+    expect(m.state).toBe('freed');
+    expect(warnings).toEqual(['exit listener bug', 'state listener bug']);
+    expect(observe()).toBe('free');
+    expect(fdsOn(fx.path)).toEqual([]);
+  });
+
+  it('supervisorArgs() refuses what the CLI cannot express, and carries every parameter', async () => {
+    const m = manager({ params: { name: 'vm1', uri: 'qemu:///system' } });
+    m.registerResource({ type: 'disk', path: fx.path, mode: 'exclusive', qemuCompatible: true });
+    expect(m.supervisorArgs()).toEqual(['run', '--exclusive', fx.path, '--qemu-compatible', '--lifetime', 'child', '--name', 'vm1', '--uri', 'qemu:///system', '--']);
+    m.registerResource({ type: 'disk', path: makeFile(fx.tmp.dir, 'b.img'), mode: 'shared' });
+    expect(() => m.supervisorArgs()).toThrow(/only some of these are QEMU-compatible/);
+    const attached = manager({ attach: process.pid });
+    expect(() => attached.supervisorArgs()).toThrow(InvalidStateError);
+  });
+
+  it.skipIf(!isRoot)('attach to a process we may not signal fails at start with UnsupportedError, holding nothing', async () => {
+    const { spawn } = await import('node:child_process');
+    const vm = spawn('sleep', ['1000'], { stdio: 'ignore' });
+    await new Promise((r) => vm.once('spawn', r));
+    try {
+      chmodSync(fx.tmp.dir, 0o755);
+      chmodSync(fx.path, 0o666);
+      const script = `import { LockManager } from ${JSON.stringify(distUrl)};
+        const m = new LockManager({ attach: ${vm.pid} });
+        m.registerResource({ type: 'disk', path: ${JSON.stringify(fx.path)}, mode: 'shared' });
+        const r = await m.start().then(() => 'started', (e) => e.name + ' ' + e.cause?.code + ' ' + m.state);
+        await m.free();
+        console.log(JSON.stringify(r));`;
+      const r = spawnSync('setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', process.execPath, '--input-type=module', '-e', script], {
+        encoding: 'utf8',
+        timeout: 30_000,
+      });
+      expect(r.stderr).toBe('');
+      expect(JSON.parse(r.stdout)).toBe('UnsupportedError EPERM new');
+      expect(observe()).toBe('free');
+    } finally {
+      vm.kill('SIGKILL');
+    }
+  });
+
   it('calls in the wrong state reject with InvalidStateError naming the state and the states that allow it', async () => {
     const m = manager();
     expect(() => m.getChild()).toThrow(/getChild\(\) is not allowed in state 'new'; it is allowed in 'running', 'stopping'/);
@@ -577,6 +695,18 @@ describe('verify and lock failure', () => {
     expect(failures).toEqual([expect.objectContaining({ action: 'ignore' })]);
     expect(alive(pid)).toBe(true);
     expect(m.state).toBe('running');
+  });
+
+  it("a throwing 'lock-failure' listener does not stop poweroff", async () => {
+    const { m, exited } = await lostLock('poweroff');
+    const warnings: string[] = [];
+    m.on('warning', (w) => warnings.push(w.message));
+    m.on('lock-failure', () => {
+      throw new Error('listener bug');
+    });
+    expect(await m.verify()).toEqual({ lost: [fx.path] });
+    expect(await exited).toEqual({ code: null, signal: 'SIGKILL' });
+    expect(warnings).toEqual(['listener bug']);
   });
 
   it('verifyInterval finds a lost lock without being asked', async () => {

@@ -362,7 +362,10 @@ describe.each([
 
     const child = spawnSupervised('sleep', ['1000'], { stdio: 'ignore' });
     expect(() => child.signal('SIGNOPE' as never)).toThrow(InvalidArgumentError);
-    expect(() => child.signal(0 as never)).toThrow(InvalidArgumentError);
+    expect(() => child.signal(-1 as never)).toThrow(InvalidArgumentError);
+    expect(() => child.signal(65 as never)).toThrow(InvalidArgumentError);
+    // 0 sends nothing: it only checks that we may signal the process.
+    expect(child.signal(0)).toBe(true);
     expect(() => child.stop({ graceMs: -1 })).toThrow(InvalidArgumentError);
     expect(() => child.stop({ grace: 1 } as never)).toThrow(InvalidArgumentError);
     expect(child.exitStatus).toBeNull();
