@@ -268,11 +268,11 @@ describe('start', () => {
     m.registerResource({ type: 'disk', path: a, mode: 'exclusive' });
     m.registerResource({ type: 'disk', path: fx.path, mode: 'exclusive' });
     const marker = join(fx.tmp.dir, 'ran');
-    const starting = m.start('touch', [marker], {}, { timeout: 60_000 });
+    const starting = m.start('touch', [marker], {}, { timeout: 60_000 }).catch((e: unknown) => e);
     await new Promise((r) => setTimeout(r, 50));
     expect(m.state).toBe('starting');
     await m.free();
-    await expect(starting).rejects.toMatchObject({ name: 'AbortError', cause: expect.objectContaining({ code: 'ERR_INVALID_STATE' }) });
+    expect(await starting).toMatchObject({ name: 'AbortError', cause: expect.objectContaining({ code: 'ERR_INVALID_STATE' }) });
     expect(m.state).toBe('freed');
     expect(observe(a)).toBe('free');
     expect(existsSync(marker)).toBe(false);
