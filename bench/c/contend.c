@@ -1,0 +1,62 @@
+/* The kernel limit for bench/contend.mjs: N copies of this program contend
+ * for one OFD write lock on byte 0, each in a loop of F_OFD_SETLKW, count,
+ * unlock, for DURATION_MS. All start together: each first waits for a shared
+ * lock on byte 1, which the parent holds exclusively until every copy is
+ * blocked on it. Prints "COUNT LONGEST_WAIT_NS START_NS END_NS" (CLOCK_MONOTONIC).
+ * With "relay" each acquisition is shaped like the addon's lock(): an
+ * F_OFD_SETLK on the main thread first, and only on conflict the wait through
+ * a waiter thread and an eventfd (relay.h).
+ * GAP_NS spins that long after each unlock before the next lock: the time a
+ * JavaScript loop spends between unlock() and the next lock()'s fcntl.
+ * usage: contend PATH DURATION_MS [relay|direct [GAP_NS]] */
+#define _GNU_SOURCE
+#include <string.h>
+#include <time.h>
+
+#include "relay.h"
+
+static long long now_ns(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+int main(int argc, char** argv) {
+  if (argc < 3 || argc > 5) {
+    fprintf(stderr, "usage: %s PATH DURATION_MS [relay|direct [GAP_NS]]\n", argv[0]);
+    return 64;
+  }
+  int fd = open(argv[1], O_RDWR | O_CLOEXEC | O_NOCTTY);
+  if (fd < 0) die("open");
+  long long duration = atoll(argv[2]) * 1000000LL;
+  struct flock gate = {.l_type = F_RDLCK, .l_whence = SEEK_SET, .l_start = 1, .l_len = 1};
+  struct flock lk = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = 0, .l_len = 1};
+  struct flock un = {.l_type = F_UNLCK, .l_whence = SEEK_SET, .l_start = 0, .l_len = 1};
+  int relay = argc >= 4 && strcmp(argv[3], "relay") == 0;
+  long long gap = argc == 5 ? atoll(argv[4]) : 0;
+  if (relay) relay_init(fd, lk);
+  if (fcntl(fd, F_OFD_SETLKW, &gate) < 0) die("gate");
+  long long start = now_ns(), end = start, longest = 0;
+  long count = 0;
+  while (end - start < duration) {
+    long long asked = now_ns();
+    if (!relay) {
+      if (fcntl(fd, F_OFD_SETLKW, &lk) < 0) die("F_OFD_SETLKW");
+    } else if (fcntl(fd, F_OFD_SETLK, &lk) < 0) {
+      if (errno != EAGAIN && errno != EACCES) die("F_OFD_SETLK");
+      relay_lock();
+    }
+    end = now_ns();
+    if (end - asked > longest) longest = end - asked;
+    count++;
+    if (fcntl(fd, F_OFD_SETLK, &un) < 0) die("unlock");
+    if (gap) {
+      long long until = now_ns() + gap;
+      while (now_ns() < until) {
+      }
+    }
+  }
+  printf("%ld %lld %lld %lld\n", count, longest, start, end);
+  fflush(stdout);
+  _exit(0); /* a relay thread may still be parked */
+}
