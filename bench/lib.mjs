@@ -108,3 +108,33 @@ export function runTogether(commands, { timeoutMs = 120_000, onSpawn } = {}) {
     })
     .finally(() => clearTimeout(timer));
 }
+
+function readOr(path, fallback) {
+  try {
+    return readFileSync(path, 'utf8').trim();
+  } catch {
+    return fallback;
+  }
+}
+
+/** What the figures depend on: CPU, kernel, virtualisation, and whether system calls flush the TLB. */
+export function machine() {
+  const cpuinfo = readOr('/proc/cpuinfo', '');
+  const flags = new Set((/^flags\s*:(.*)$/m.exec(cpuinfo)?.[1] ?? '').trim().split(/\s+/));
+  const dmesgHypervisor = (() => {
+    try {
+      return /Hypervisor detected: (\S+)/.exec(execFileSync('dmesg', { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] }))?.[1];
+    } catch {
+      return undefined;
+    }
+  })();
+  return {
+    cpu: /^model name\s*:\s*(.*)$/m.exec(cpuinfo)?.[1] ?? 'unknown CPU',
+    cpus: cpuinfo.split('\n').filter((l) => l.startsWith('processor')).length,
+    kernel: readOr('/proc/sys/kernel/osrelease', 'unknown'),
+    virtualisation: flags.has('hypervisor') ? `guest (${dmesgHypervisor ?? 'hypervisor flag set'})` : 'none seen',
+    pcid: flags.has('pcid'),
+    meltdown: readOr('/sys/devices/system/cpu/vulnerabilities/meltdown', 'unknown'),
+    pti: /\bpti=(\S+)/.exec(readOr('/proc/cmdline', ''))?.[1] ?? 'default',
+  };
+}
