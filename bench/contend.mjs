@@ -5,11 +5,15 @@
 // conflict: bench/c/relay.h). Reported: acquisitions
 // per second over all processes, Jain's fairness index over the per-process
 // counts (1 = even, 1/N = one process took everything), the longest single
-// wait, and starvation: processes that got less than a tenth of a fair share.
-// All processes start together: each first waits for a shared lock on byte 1
-// that this process holds until every one is blocked on it.
+// wait, starvation (processes that got less than a tenth of a fair share), and
+// the CPU time each acquisition cost: on a machine whose cores are busy, the
+// rate is the CPU the processes get divided by that.
+// All processes start together: each first runs the loop WARMUP times on a
+// byte of its own (so V8 has compiled it: C needs no warm-up but does the
+// same), then waits for a shared lock on byte 1 that this process holds until
+// every one is blocked on it.
 //
-// Child: node bench/contend.mjs child PATH DURATION_MS
+// Child: node bench/contend.mjs child PATH DURATION_MS INDEX WARMUP
 import { fstatSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { openLockable } from '../dist/index.js';
@@ -19,33 +23,44 @@ const BYTE0 = { start: 0, length: 1 };
 const GATE = { start: 1, length: 1 };
 const self = fileURLToPath(import.meta.url);
 
-async function child(path, durationMs) {
+async function child(path, durationMs, index, warmup) {
   const file = openLockable(path);
+  const own = { start: 1000 + index, length: 1 };
+  for (let i = 0; i < warmup; i++) {
+    await file.lock('exclusive', own);
+    file.unlock(own);
+  }
   await file.lock('shared', GATE);
-  const duration = BigInt(durationMs) * 1_000_000n;
-  const start = process.hrtime.bigint();
+  // performance.now() in the loop: a double, where hrtime.bigint() would
+  // allocate a BigInt per call; the stamps that other processes compare are
+  // taken on CLOCK_MONOTONIC once at each end.
+  const cpu0 = process.cpuUsage();
+  const startNs = process.hrtime.bigint();
+  const start = performance.now();
   let end = start;
-  let longest = 0n;
+  let longest = 0;
   let count = 0;
-  while (end - start < duration) {
-    const asked = process.hrtime.bigint();
+  while (end - start < durationMs) {
+    const asked = performance.now();
     await file.lock('exclusive', BYTE0);
-    end = process.hrtime.bigint();
+    end = performance.now();
     if (end - asked > longest) longest = end - asked;
     count++;
     file.unlock(BYTE0);
   }
+  const endNs = startNs + BigInt(Math.round((end - start) * 1e6));
+  const cpu = process.cpuUsage(cpu0);
   file.close();
-  console.log(`${count} ${longest} ${start} ${end}`);
+  console.log(`${count} ${Math.round(longest * 1e6)} ${startNs} ${endNs} ${(cpu.user + cpu.system) * 1000}`);
 }
 
-/** One contest of `procs` copies of `cmd`; returns { rate, fairness, longestMs, starved }. */
-async function contest(cmd, path, procs, durationMs, extra = []) {
+/** One contest of `procs` copies of `cmd`; returns { rate, fairness, longestMs, starved, cpuUs (CPU time per acquisition) }. */
+async function contest(cmd, path, procs, durationMs, warmup, extra = []) {
   const gate = openLockable(path);
   gate.tryLock('exclusive', GATE);
   const ino = fstatSync(gate.fd).ino;
   try {
-    const outs = runTogether(Array.from({ length: procs }, () => [...cmd, path, String(durationMs), ...extra]));
+    const outs = runTogether(Array.from({ length: procs }, (_, i) => [...cmd, path, String(durationMs), String(i), String(warmup), ...extra]));
     let ended = false;
     outs.catch(() => {}).finally(() => (ended = true));
     // Open the gate once all are blocked on it (or the children have failed).
@@ -61,6 +76,7 @@ async function contest(cmd, path, procs, durationMs, extra = []) {
       fairness: jain(counts),
       longestMs: Math.max(...rows.map((r) => Number(r[1]))) / 1e6,
       starved: counts.filter((c) => c < total / procs / 10).length,
+      cpuUs: rows.reduce((a, r) => a + Number(r[4]), 0) / total / 1e3,
     };
   } finally {
     gate.close();
@@ -72,14 +88,15 @@ export async function run({ quick = false } = {}) {
   const { path, cleanup } = scratchFile();
   const rounds = quick ? 2 : 5;
   const durationMs = quick ? 200 : 1000;
+  const warmup = quick ? 5_000 : 20_000;
   const counts = [2, 4, 8];
   const results = new Map(counts.map((n) => [n, { ours: [], c: [], relay: [] }]));
   try {
     for (let r = 0; r < rounds; r++) {
       for (const n of counts) {
-        results.get(n).c.push(await contest([bin], path, n, durationMs));
-        results.get(n).relay.push(await contest([bin], path, n, durationMs, ['relay']));
-        results.get(n).ours.push(await contest([process.execPath, self, 'child'], path, n, durationMs));
+        results.get(n).c.push(await contest([bin], path, n, durationMs, warmup));
+        results.get(n).relay.push(await contest([bin], path, n, durationMs, warmup, ['relay']));
+        results.get(n).ours.push(await contest([process.execPath, self, 'child'], path, n, durationMs, warmup));
       }
     }
   } finally {
@@ -120,6 +137,15 @@ export async function run({ quick = false } = {}) {
       ...common,
     });
     rows.push({
+      case: `${n} processes: CPU time per acquisition (user + system, all threads)`,
+      unit: 'µs',
+      median: med(ours, 'cpuUs'),
+      c: med(c, 'cpuUs'),
+      ratio: med(ours, 'cpuUs') / med(c, 'cpuUs'),
+      goal: `report (C shaped like the addon: ${med(relay, 'cpuUs').toFixed(2)} µs)`,
+      ...common,
+    });
+    rows.push({
       case: `${n} processes: longest single wait`,
       unit: 'ms',
       median: med(ours, 'longestMs'),
@@ -133,5 +159,5 @@ export async function run({ quick = false } = {}) {
 }
 
 if (process.argv[2] === 'child') {
-  await child(process.argv[3], Number(process.argv[4]));
+  await child(process.argv[3], Number(process.argv[4]), Number(process.argv[5]), Number(process.argv[6]));
 }

@@ -84,17 +84,18 @@ export async function run({ quick = false } = {}) {
     cleanup();
   }
   const rows = [];
+  const held = (n) => `holding ${n.toLocaleString('en')} resource${n === 1 ? '' : 's'}`;
   const timeRow = (n) => {
     const { ours, c } = results.get(n);
     const o = median(ours.map((x) => x[0])) / 1e3;
     const k = median(c.map((x) => x[0])) / 1e3;
-    return { case: `holding ${n.toLocaleString('en')} resources: acquire (openLockable + tryLock) per resource`, unit: 'µs', median: o, c: k, ratio: o / k, goal: 'flat in the count', rounds, iterations: `${perCount} resources` };
+    return { case: `${held(n)}: acquire (openLockable + tryLock) per resource`, unit: 'µs', median: o, c: k, ratio: o / k, goal: 'flat in the count', rounds, iterations: `${perCount} resources` };
   };
   const memRow = (n, column, what) => {
     const { ours, c } = results.get(n);
     const o = median(ours.map((x) => x[column]));
     const k = column === 1 ? median(c.map((x) => x[1])) : undefined;
-    return { case: `holding ${n.toLocaleString('en')} resources: ${what}`, unit: 'bytes', median: o, c: k, goal: 'flat in the count', rounds };
+    return { case: `${held(n)}: ${what}`, unit: 'bytes', median: o, c: k, goal: 'flat in the count', rounds };
   };
   for (const n of counts) rows.push(timeRow(n));
   // One lock moves RSS by a page or nothing: memory per lock starts at 100.

@@ -2,18 +2,27 @@
  * for one OFD write lock on byte 0, each in a loop of F_OFD_SETLKW, count,
  * unlock, for DURATION_MS. All start together: each first waits for a shared
  * lock on byte 1, which the parent holds exclusively until every copy is
- * blocked on it. Prints "COUNT LONGEST_WAIT_NS START_NS END_NS" (CLOCK_MONOTONIC).
+ * blocked on it. Prints "COUNT LONGEST_WAIT_NS START_NS END_NS CPU_NS": the
+ * stamps on CLOCK_MONOTONIC, and the CPU time (user + system, all threads)
+ * the contest took.
  * With "relay" each acquisition is shaped like the addon's lock(): an
  * F_OFD_SETLK on the main thread first, and only on conflict the wait through
  * a waiter thread and an eventfd (relay.h).
- * GAP_NS spins that long after each unlock before the next lock: the time a
- * JavaScript loop spends between unlock() and the next lock()'s fcntl.
- * usage: contend PATH DURATION_MS [relay|direct [GAP_NS]] */
+ * Before the gate, each copy runs the same loop WARMUP times on a byte of its
+ * own (1000 + INDEX), as the Node child does to let its JIT compile the loop.
+ * usage: contend PATH DURATION_MS INDEX WARMUP [relay] */
 #define _GNU_SOURCE
 #include <string.h>
+#include <sys/resource.h>
 #include <time.h>
 
 #include "relay.h"
+
+static long long cpu_ns(void) {
+  struct rusage ru;
+  getrusage(RUSAGE_SELF, &ru);
+  return (ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) * 1000000000LL + (ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) * 1000LL;
+}
 
 static long long now_ns(void) {
   struct timespec ts;
@@ -22,8 +31,8 @@ static long long now_ns(void) {
 }
 
 int main(int argc, char** argv) {
-  if (argc < 3 || argc > 5) {
-    fprintf(stderr, "usage: %s PATH DURATION_MS [relay|direct [GAP_NS]]\n", argv[0]);
+  if (argc != 5 && argc != 6) {
+    fprintf(stderr, "usage: %s PATH DURATION_MS INDEX WARMUP [relay]\n", argv[0]);
     return 64;
   }
   int fd = open(argv[1], O_RDWR | O_CLOEXEC | O_NOCTTY);
@@ -32,10 +41,16 @@ int main(int argc, char** argv) {
   struct flock gate = {.l_type = F_RDLCK, .l_whence = SEEK_SET, .l_start = 1, .l_len = 1};
   struct flock lk = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = 0, .l_len = 1};
   struct flock un = {.l_type = F_UNLCK, .l_whence = SEEK_SET, .l_start = 0, .l_len = 1};
-  int relay = argc >= 4 && strcmp(argv[3], "relay") == 0;
-  long long gap = argc == 5 ? atoll(argv[4]) : 0;
+  int relay = argc == 6 && strcmp(argv[5], "relay") == 0;
+  long index = atol(argv[3]), warmup = atol(argv[4]);
+  struct flock own = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = 1000 + index, .l_len = 1};
+  struct flock unown = {.l_type = F_UNLCK, .l_whence = SEEK_SET, .l_start = 1000 + index, .l_len = 1};
+  for (long i = 0; i < warmup; i++) {
+    if (fcntl(fd, F_OFD_SETLK, &own) < 0 || fcntl(fd, F_OFD_SETLK, &unown) < 0) die("warm-up");
+  }
   if (relay) relay_init(fd, lk);
   if (fcntl(fd, F_OFD_SETLKW, &gate) < 0) die("gate");
+  long long cpu0 = cpu_ns();
   long long start = now_ns(), end = start, longest = 0;
   long count = 0;
   while (end - start < duration) {
@@ -50,13 +65,8 @@ int main(int argc, char** argv) {
     if (end - asked > longest) longest = end - asked;
     count++;
     if (fcntl(fd, F_OFD_SETLK, &un) < 0) die("unlock");
-    if (gap) {
-      long long until = now_ns() + gap;
-      while (now_ns() < until) {
-      }
-    }
   }
-  printf("%ld %lld %lld %lld\n", count, longest, start, end);
+  printf("%ld %lld %lld %lld %lld\n", count, longest, start, end, cpu_ns() - cpu0);
   fflush(stdout);
   _exit(0); /* a relay thread may still be parked */
 }
