@@ -13,11 +13,7 @@
 #include <time.h>
 #include <unistd.h>
 
-static double now_ns(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return ts.tv_sec * 1e9 + ts.tv_nsec;
-}
+#include "common.h"
 
 int main(int argc, char** argv) {
   if (argc != 4 && argc != 5) {
@@ -25,10 +21,7 @@ int main(int argc, char** argv) {
     return 64;
   }
   int fd = open(argv[1], O_RDWR | O_CLOEXEC | O_NOCTTY);
-  if (fd < 0) {
-    perror("open");
-    return 66;
-  }
+  if (fd < 0) die("open");
   long n = atol(argv[2]);
   int rounds = atoi(argv[3]);
   const char* mode = argc == 5 ? argv[4] : "ofd";
@@ -42,16 +35,13 @@ int main(int argc, char** argv) {
   struct flock lk = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = 0, .l_len = len};
   struct flock un = {.l_type = F_UNLCK, .l_whence = SEEK_SET, .l_start = 0, .l_len = len};
   for (int r = 0; r < rounds; r++) {
-    double t0 = now_ns();
+    long long t0 = now_ns();
     for (long i = 0; i < n; i++) {
       int failed = use_flock ? flock(fd, LOCK_EX | LOCK_NB) < 0 || flock(fd, LOCK_UN) < 0
                              : fcntl(fd, cmd, &lk) < 0 || fcntl(fd, cmd, &un) < 0;
-      if (failed) {
-        perror(mode);
-        return 70;
-      }
+      if (failed) die(mode);
     }
-    printf("%.1f\n", (now_ns() - t0) / n);
+    printf("%.1f\n", (double)(now_ns() - t0) / n);
   }
   return 0;
 }

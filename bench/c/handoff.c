@@ -17,12 +17,6 @@
 
 #include "relay.h"
 
-static long long now_ns(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return ts.tv_sec * 1000000000LL + ts.tv_nsec;
-}
-
 static void pause_us(long us) {
   struct timespec ts = {0, us * 1000};
   nanosleep(&ts, NULL);

@@ -12,11 +12,7 @@
 #include <time.h>
 #include <unistd.h>
 
-static long long now_ns(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return ts.tv_sec * 1000000000LL + ts.tv_nsec;
-}
+#include "common.h"
 
 static long rss_bytes(void) {
   char buf[4096];
@@ -49,10 +45,7 @@ int main(int argc, char** argv) {
     long long t0 = now_ns();
     for (long i = 0; i < count; i++) {
       fds[i] = open(paths[i], O_RDWR | O_CLOEXEC | O_NOCTTY);
-      if (fds[i] < 0 || fcntl(fds[i], F_OFD_SETLK, &lk) < 0) {
-        perror(paths[i]);
-        return 70;
-      }
+      if (fds[i] < 0 || fcntl(fds[i], F_OFD_SETLK, &lk) < 0) die(paths[i]);
     }
     spent += now_ns() - t0;
     if (r == 0) after = rss_bytes();

@@ -13,10 +13,7 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
-static void die(const char* what) {
-  perror(what);
-  exit(70);
-}
+#include "common.h"
 
 static pthread_mutex_t relay_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t relay_cv = PTHREAD_COND_INITIALIZER;

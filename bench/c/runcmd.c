@@ -10,11 +10,7 @@
 #include <time.h>
 #include <unistd.h>
 
-static double now_ns(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return ts.tv_sec * 1e9 + ts.tv_nsec;
-}
+#include "common.h"
 
 int main(int argc, char** argv) {
   if (argc < 3) {
@@ -22,13 +18,10 @@ int main(int argc, char** argv) {
     return 64;
   }
   long n = atol(argv[1]);
-  double t0 = now_ns();
+  long long t0 = now_ns();
   for (long i = 0; i < n; i++) {
     pid_t pid = fork();
-    if (pid < 0) {
-      perror("fork");
-      return 71;
-    }
+    if (pid < 0) die("fork");
     if (pid == 0) {
       execvp(argv[2], argv + 2);
       _exit(127);
@@ -39,6 +32,6 @@ int main(int argc, char** argv) {
       return 70;
     }
   }
-  printf("%.1f\n", (now_ns() - t0) / n);
+  printf("%.1f\n", (double)(now_ns() - t0) / n);
   return 0;
 }
