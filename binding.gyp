@@ -13,6 +13,7 @@
         "NAPI_VERSION=8",
         "NAPI_DISABLE_CPP_EXCEPTIONS",
         "NODE_ADDON_API_DISABLE_DEPRECATED",
+        "NODE_API_SWALLOW_UNTHROWABLE_EXCEPTIONS",
         "_GNU_SOURCE"
       ],
       "cflags!": ["-fno-exceptions"],
@@ -20,7 +21,7 @@
       "cflags": ["-Wall", "-Wextra", "-Werror", "-fno-exceptions"],
       "cflags_cc": ["-std=c++17", "-Wall", "-Wextra", "-Werror", "-fno-exceptions"],
       "ldflags": ["-pthread", "-Wl,-z,now"],
-      "libraries": ["-lrt"],
+      "libraries": ["-lrt", "-ldl"],
       "conditions": [
         ["OS!='linux'", { "type": "none" }]
       ]

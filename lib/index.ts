@@ -40,3 +40,4 @@ export {
   type WaitOptions,
 } from './manager.js';
 export { locksOn, parseProcLocks, processesWithOpen, type ProcLock, type ProcLockKind } from './proc-locks.js';
+export { QEMU_PERMISSIONS, qemuLockState, qemuProfile, type QemuLockState, type QemuPermission, type QemuProfile } from './qemu.js';

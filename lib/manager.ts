@@ -12,6 +12,7 @@ import { EventEmitter } from 'node:events';
 import { fileURLToPath } from 'node:url';
 import { InvalidArgumentError, InvalidStateError, LockManagerError, type ProcessInfo } from './errors.js';
 import { directLockspace, type LockspaceConfig, type Lockspace, type ResourceMode } from './lockspace.js';
+import { qemuProfile } from './qemu.js';
 import { acquireAll, releaseOne, stillHeld, type AcquireOptions, type Resource } from './resources.js';
 import { attachProcess, spawnSupervised, type ExitStatus, type SpawnOptions, type SupervisedProcess } from './supervise.js';
 import { checkOneOf, checkOptions, checkPath, checkSignal, checkTimeout, describe } from './validate.js';
@@ -48,6 +49,12 @@ export interface ResourceSpec {
   type: 'disk';
   path: string;
   mode: ResourceMode;
+  /**
+   * Also take QEMU-style permission locks (bytes 100+ of the image), so that
+   * qemu-img and qemu-io refuse to write (exclusive) or resize the image while
+   * it is held, and a QEMU process using the image makes the acquire fail.
+   */
+  qemuCompatible?: boolean;
 }
 
 export interface ResourceRef {
@@ -81,6 +88,11 @@ const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 const PARAM_KEYS = ['id', 'uuid', 'name', 'uri'] as const;
 const MODES = ['exclusive', 'shared', 'readonly'] as const;
 
+function requireMode(mode: ResourceMode | undefined): ResourceMode {
+  if (mode === undefined) throw new InvalidArgumentError(`resource.mode must be one of ${MODES.map((m) => `'${m}'`).join(', ')}`);
+  return mode;
+}
+
 function checkParam(key: unknown, value: unknown): [keyof ManagerParams, ManagerParams[keyof ManagerParams]] {
   const k = checkOneOf(key, PARAM_KEYS, 'parameter key');
   switch (k) {
@@ -103,15 +115,18 @@ function checkParam(key: unknown, value: unknown): [keyof ManagerParams, Manager
   }
 }
 
-function checkResource(value: unknown, what: string, withMode: boolean): { path: string; mode?: ResourceMode } {
-  const spec = checkOptions<ResourceSpec>(value, withMode ? ['type', 'path', 'mode'] : ['type', 'path', 'mode'], what);
+function checkResource(value: unknown, what: string): { path: string; mode?: ResourceMode; qemuCompatible: boolean } {
+  const spec = checkOptions<ResourceSpec>(value, ['type', 'path', 'mode', 'qemuCompatible'], what);
   if (value === undefined) throw new InvalidArgumentError(`${what} is required`);
   if (spec.type !== 'disk') {
     throw new InvalidArgumentError(`${what}.type must be 'disk' (leases need a sanlock lockspace), got ${describe(spec.type)}`);
   }
   const path = checkPath(spec.path, `${what}.path`);
-  if (!withMode) return { path };
-  return { path, mode: checkOneOf(spec.mode, MODES, `${what}.mode`) };
+  if (spec.qemuCompatible !== undefined && typeof spec.qemuCompatible !== 'boolean') {
+    throw new InvalidArgumentError(`${what}.qemuCompatible must be a boolean, got ${describe(spec.qemuCompatible)}`);
+  }
+  const mode = spec.mode === undefined ? undefined : checkOneOf(spec.mode, MODES, `${what}.mode`);
+  return { path, mode, qemuCompatible: spec.qemuCompatible === true };
 }
 
 /** The lockmgr CLI shipped with this package (bin/lockmgr.js). */
@@ -203,8 +218,8 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
    */
   registerResource(spec: ResourceSpec): void {
     this.#require('registerResource', ['new']);
-    const { path, mode } = checkResource(spec, 'resource', true) as { path: string; mode: ResourceMode };
-    this.#open(path, mode, false);
+    const { path, mode, qemuCompatible } = checkResource(spec, 'resource');
+    this.#open(path, requireMode(mode), qemuCompatible, false);
   }
 
   /** Acquires every registered resource (all or nothing), then spawns or attaches. */
@@ -279,10 +294,10 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
    */
   async acquireResource(spec: ResourceSpec, options?: WaitOptions): Promise<{ wasHeld: boolean }> {
     this.#require('acquireResource', ['running']);
-    const { path, mode } = checkResource(spec, 'resource', true) as { path: string; mode: ResourceMode };
+    const { path, mode, qemuCompatible } = checkResource(spec, 'resource');
     const wait = checkOptions<WaitOptions>(options, ['timeout', 'signal'], 'acquireResource options');
     const w = { timeout: checkTimeout(wait.timeout), signal: checkSignal(wait.signal) };
-    const r = this.#open(path, mode, true);
+    const r = this.#open(path, requireMode(mode), qemuCompatible, true);
     if (r.held) return { wasHeld: true };
     try {
       await acquireAll(this.#space, [r], w);
@@ -301,7 +316,7 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
   /** Releases one resource while running. Not held: { wasHeld: false }. */
   async releaseResource(ref: ResourceRef): Promise<{ wasHeld: boolean }> {
     this.#require('releaseResource', ['running']);
-    const { path } = checkResource(ref, 'resource', false);
+    const { path } = checkResource(ref, 'resource');
     const r = this.#find(path);
     if (r === undefined || !r.held) return { wasHeld: false };
     releaseOne(this.#space, r);
@@ -315,6 +330,12 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
     return { pid: this.#child!.pid };
   }
 
+  /** Sends a signal to the supervised process through its pidfd (no pid-reuse race). false once it has exited. */
+  signal(signal: NodeJS.Signals | number): boolean {
+    this.#require('signal', ['running', 'stopping']);
+    return this.#child!.signal(signal);
+  }
+
   /** The lockmgr CLI that can hold the same resources in a separate process. */
   supervisorPath(): string {
     return CLI;
@@ -324,6 +345,7 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
   supervisorArgs(): string[] {
     const argv = ['run'];
     for (const r of this.#resources.values()) argv.push(`--${r.mode}`, r.path);
+    if ([...this.#resources.values()].some((r) => r.qemu !== undefined)) argv.push('--qemu-compatible');
     argv.push('--lifetime', this.#lifetime);
     for (const key of ['name', 'uuid', 'id'] as const) {
       if (this.#params[key] !== undefined) argv.push(`--${key}`, String(this.#params[key]));
@@ -398,15 +420,18 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
     this.emit('exit', status);
   }
 
-  /** Opens (or finds) the resource for `path`; throws if it is registered in another mode. */
-  #open(path: string, mode: ResourceMode, hotplug: boolean): ManagedResource {
+  /** Opens (or finds) the resource for `path`; throws if it is registered differently. */
+  #open(path: string, mode: ResourceMode, qemuCompatible: boolean, hotplug: boolean): ManagedResource {
     const file = this.#space.openLease(path, mode);
     const existing = this.#resources.get(file.identity.key);
     if (existing !== undefined) {
       file.close();
+      const same = existing.path === path ? `'${path}'` : `'${path}' (the same file as '${existing.path}')`;
       if (existing.mode !== mode) {
-        const same = existing.path === path ? `'${path}'` : `'${path}' (the same file as '${existing.path}')`;
         throw new InvalidArgumentError(`${same} is already ${existing.held ? 'held' : 'registered'} ${existing.mode}, not ${mode}; release it first`);
+      }
+      if ((existing.qemu !== undefined) !== qemuCompatible) {
+        throw new InvalidArgumentError(`${same} is already ${existing.held ? 'held' : 'registered'} ${existing.qemu ? 'with' : 'without'} QEMU-compatible locks`);
       }
       return existing;
     }
@@ -417,7 +442,7 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
       file.close();
       throw err;
     }
-    const r: ManagedResource = { path, mode, file, held: false, hotplugged: hotplug };
+    const r: ManagedResource = { path, mode, file, held: false, hotplugged: hotplug, qemu: qemuCompatible ? qemuProfile(mode) : undefined };
     this.#resources.set(file.identity.key, r);
     return r;
   }

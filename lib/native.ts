@@ -27,14 +27,15 @@ export interface Native {
   /** Starts this environment's process supervision. onExit(id, kind, value): kind 0 unknown, 1 exit code, 2 signal, 3 errno. 0 or errno. */
   initSpawn(onExit: (id: number, kind: number, value: number) => void): number;
   /**
-   * clone3 (or the fallback) + execve over `paths`. stdio = source fds for 0..2;
+   * clone3 (or the fallback) + execve over `paths`. paths, argv and envp are
+   * lists of NUL-terminated items in one string. stdio = source fds for 0..2;
    * keep = kept fds, ascending, >= 3; flags 1 new session, 2 force the fallback.
    * 0 with out = [id, pid], or errno with out[2] = the failed stage.
    */
   spawn(
-    paths: string[],
-    argv: string[],
-    envp: string[],
+    paths: string,
+    argv: string,
+    envp: string,
     cwd: string | null,
     stdio: Int32Array,
     keep: Int32Array,

@@ -4,12 +4,15 @@ import { LockTimeoutError, ResourceBusyError, type LockHolder, type ProcessInfo 
 import type { Lockspace, ResourceMode } from './lockspace.js';
 import { openLockable, type LockableFile } from './locks.js';
 import { commandLine, describeProcess, processesWithOpen } from './proc-locks.js';
+import { releaseQemuLocks, takeQemuLocks, type QemuProfile } from './qemu.js';
 
 export interface Resource {
   readonly path: string;
   readonly mode: ResourceMode;
   /** The open lease file; its identity is the resource's identity. */
   readonly file: LockableFile;
+  /** Also take QEMU-style permission locks on the image (lib/qemu.ts). */
+  readonly qemu?: QemuProfile;
   held: boolean;
 }
 
@@ -55,10 +58,42 @@ export function busyError(space: Lockspace, r: Resource, rolledBack: string[]): 
   return new ResourceBusyError(`${r.path} is ${how} ${who}${back}`, { holder, resource: r.path, candidates, rolledBack });
 }
 
+/** The same busy or timeout error, saying which leases were released again. */
+function withRollback(err: unknown, back: string[]): unknown {
+  if (back.length === 0) return err;
+  const suffix = `; released again: ${back.join(', ')}`;
+  if (err instanceof ResourceBusyError) {
+    return new ResourceBusyError(`${err.message}${suffix}`, { holder: err.holder, resource: err.resource ?? undefined, candidates: err.candidates, rolledBack: back, cause: err.cause });
+  }
+  if (err instanceof LockTimeoutError) {
+    return new LockTimeoutError(`${err.message}${suffix}`, { timeout: err.timeout, holder: err.holder, cause: err });
+  }
+  return err;
+}
+
+/** Takes one resource's lease (and its QEMU locks), or throws a complete error and holds nothing of it. */
+async function takeOne(space: Lockspace, r: Resource, wait: boolean, deadline: number | undefined, signal: AbortSignal | undefined): Promise<void> {
+  const mode = space.lockMode(r.mode);
+  if (!wait) {
+    if (!r.file.tryLock(mode, space.leaseRange)) throw busyError(space, r, []);
+  } else {
+    const timeout = deadline === undefined ? undefined : Math.max(0, deadline - Date.now());
+    await r.file.lock(mode, space.leaseRange, { timeout, signal });
+  }
+  if (r.qemu === undefined) return;
+  try {
+    takeQemuLocks(r.file, r.path, r.qemu);
+  } catch (err) {
+    r.file.unlock(space.leaseRange);
+    throw err;
+  }
+}
+
 /**
  * Takes every resource's lease, in canonical order, or none: on the first
  * failure the leases already taken are released in reverse order and the error
- * says which. Without timeout or signal it never waits (fail fast).
+ * says which. Without timeout or signal it never waits (fail fast). QEMU
+ * conflicts always fail fast: QEMU's locks are not waited for.
  */
 export async function acquireAll(space: Lockspace, resources: Iterable<Resource>, options: AcquireOptions = {}): Promise<void> {
   const wait = options.wait ?? (options.timeout !== undefined || options.signal !== undefined);
@@ -66,22 +101,11 @@ export async function acquireAll(space: Lockspace, resources: Iterable<Resource>
   const taken: Resource[] = [];
   for (const r of canonicalOrder(resources)) {
     if (r.held) continue;
-    const mode = space.lockMode(r.mode);
     try {
-      if (!wait) {
-        if (!r.file.tryLock(mode, space.leaseRange)) throw busyError(space, r, []);
-      } else {
-        const timeout = deadline === undefined ? undefined : Math.max(0, deadline - Date.now());
-        await r.file.lock(mode, space.leaseRange, { timeout, signal: options.signal });
-      }
+      await takeOne(space, r, wait, deadline, options.signal);
     } catch (err) {
       for (const t of taken.reverse()) releaseOne(space, t);
-      const back = taken.map((t) => t.path);
-      if (err instanceof ResourceBusyError) throw busyError(space, r, back);
-      if (err instanceof LockTimeoutError && back.length > 0) {
-        throw new LockTimeoutError(`${err.message}; released again: ${back.join(', ')}`, { timeout: err.timeout, holder: err.holder, cause: err });
-      }
-      throw err;
+      throw withRollback(err, taken.map((t) => t.path));
     }
     r.held = true;
     taken.push(r);
@@ -90,7 +114,10 @@ export async function acquireAll(space: Lockspace, resources: Iterable<Resource>
 
 /** Releases one lease. The file stays open: the resource stays registered. */
 export function releaseOne(space: Lockspace, r: Resource): void {
-  if (r.held && !r.file.closed) r.file.unlock(space.leaseRange);
+  if (r.held && !r.file.closed) {
+    if (r.qemu !== undefined) releaseQemuLocks(r.file, r.qemu);
+    r.file.unlock(space.leaseRange);
+  }
   r.held = false;
 }
 

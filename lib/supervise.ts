@@ -207,18 +207,22 @@ export class SupervisedProcess implements AsyncDisposable {
     const opts = checkOptions<StopOptions>(options, ['graceMs'], 'stop options');
     const grace = checkTimeout(opts.graceMs, 'graceMs') ?? DEFAULT_GRACE_MS;
     if (this.#stopping !== null) return this.#stopping;
-    this.#stopping = this.exited;
-    if (this.#status !== null) return this.#stopping;
-    if (grace === 0) {
-      this.signal('SIGKILL');
-    } else {
-      this.signal('SIGTERM');
-      this.#killTimer = setTimeout(() => {
-        this.#killTimer = null;
+    if (this.#status === null) {
+      // Signal first: if we may not (EPERM on an attached process), stop()
+      // throws and a later call can try again, instead of sharing a promise
+      // that might never resolve.
+      if (grace === 0) {
         this.signal('SIGKILL');
-      }, Math.min(grace, MAX_TIMER_MS));
-      if (!this.#refed) this.#killTimer.unref();
+      } else {
+        this.signal('SIGTERM');
+        this.#killTimer = setTimeout(() => {
+          this.#killTimer = null;
+          this.signal('SIGKILL');
+        }, Math.min(grace, MAX_TIMER_MS));
+        if (!this.#refed) this.#killTimer.unref();
+      }
     }
+    this.#stopping = this.exited;
     return this.#stopping;
   }
 
@@ -245,13 +249,14 @@ export class SupervisedProcess implements AsyncDisposable {
   }
 
   #toStatus(kind: number, value: number): ExitStatus {
-    // An attached process is not our child: its status went to its parent. Any
-    // waitid failure (which would be a bug) also leaves the status unknown, but
-    // the process is gone either way, so exited still resolves.
-    if (this.#attached) return { code: null, signal: null };
-    if (kind === EXIT_CODE) return { code: value, signal: null };
-    if (kind === EXIT_SIGNAL) return { code: null, signal: signalNames.get(value) ?? null };
-    return { code: null, signal: null };
+    // An attached process is not our child: its status went to its parent. A
+    // waitid failure (ECHILD when something else in the process reaped our
+    // child with waitpid(-1, __WALL)) leaves the status unknown too, but the
+    // process is gone either way, so exited still resolves.
+    if (this.#attached) return Object.freeze({ code: null, signal: null });
+    if (kind === EXIT_CODE) return Object.freeze({ code: value, signal: null });
+    if (kind === EXIT_SIGNAL) return Object.freeze({ code: null, signal: signalNames.get(value) ?? null });
+    return Object.freeze({ code: null, signal: null });
   }
 }
 
@@ -321,6 +326,11 @@ function spawnFailure(errno: number, stage: number, command: string, cwd: string
     if (errno === ENOSYS) return new UnsupportedError(message, { cause });
   }
   return new SpawnError(message, { cause });
+}
+
+/** A list as native.spawn takes it: every item NUL-terminated, in one string (items were checked to have no NUL). */
+function nulList(items: readonly string[]): string {
+  return items.length === 0 ? '' : `${items.join('\0')}\0`;
 }
 
 function closeAll(fds: Iterable<number | null>): void {
@@ -403,7 +413,7 @@ export function spawnSupervised(command: string, args?: readonly string[], optio
       }
     }
     if (failure === null) {
-      const e = native.spawn(candidates(command, path), argv, envp, cwd ?? null, sources, keep, flags, pdeathsig, out);
+      const e = native.spawn(nulList(candidates(command, path)), nulList(argv), nulList(envp), cwd ?? null, sources, keep, flags, pdeathsig, out);
       if (e !== 0) failure = spawnFailure(e, out[2]!, command, cwd);
     }
   } finally {

@@ -24,6 +24,11 @@ struct AddonData {
 
 inline AddonData* GetAddonData(Napi::Env env) { return env.GetInstanceData<AddonData>(); }
 
+// Keeps the addon mapped for the life of the process (RTLD_NODELETE), for code
+// that may run after the last environment is gone: signal handlers, threads.
+// Idempotent. Defined in waiters.cc.
+void PinModule();
+
 // Each native part adds its functions to the addon's exports.
 void InitOfd(Napi::Env env, Napi::Object exports);
 void InitWaiters(Napi::Env env, Napi::Object exports);

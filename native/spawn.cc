@@ -29,10 +29,11 @@
 // here ever waits for "any child": libuv reaps its own children by pid, and a
 // waitpid(-1) would steal their exit statuses from Node's child_process.
 //
-// Children are created with exit_signal 0, so they send no SIGCHLD: libuv's
-// SIGCHLD machinery never wakes for them, a SIGCHLD set to SIG_IGN cannot make
-// the kernel auto-reap them behind our back, and a foreign waitpid(-1) without
-// __WALL cannot reap them either.
+// Children are created with exit_signal 0, but execve resets it to SIGCHLD (the
+// kernel's de_thread: a new program is an ordinary child). So an exec'd child
+// sends SIGCHLD like any other; libuv's handler wakes, finds none of its own
+// pids exited and goes back to sleep. A child that fails before execve keeps
+// exit_signal 0: it sends nothing, and only __WALL reaps it, hence __WALL.
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -417,6 +418,9 @@ class OrphanReaper {
     }
     if (wake_fd_ < 0) wake_fd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (wake_fd_ < 0) return;  // the pidfds stay open: zombies until process exit, no worse
+    // The reaper runs code of this addon after the environment that loaded it is
+    // gone; when only workers use the addon, Node unloads it as the last ends.
+    PinModule();
     pthread_attr_t attr;
     pthread_attr_init(&attr);
     pthread_attr_setstacksize(&attr, 64 * 1024);
@@ -519,18 +523,32 @@ void OnWatcherClosed(uv_handle_t* handle) {
   delete w;
 }
 
+// Raw N-API rather than node-addon-api's MakeCallback: when a worker is being
+// terminated, the call fails and node-addon-api would turn the failure into a
+// fatal error (it cannot throw into a terminating isolate). Here a failed call
+// is reported as an uncaught exception if the environment can still run JS, and
+// dropped if it cannot: the worker is going away and nobody waits for the result.
 void Report(SpawnState* s, uint32_t id, int kind, int value) {
-  Napi::Env env = s->env;
-  Napi::HandleScope scope(env);
-  s->on_exit.MakeCallback(env.Global(),
-                          {Napi::Number::New(env, id), Napi::Number::New(env, kind), Napi::Number::New(env, value)},
-                          s->context);
-  if (env.IsExceptionPending()) {
-    // A throwing callback must surface as an uncaught exception, as it would from
-    // any other libuv callback, not vanish.
-    Napi::Error err = env.GetAndClearPendingException();
-    napi_fatal_exception(env, err.Value());
+  napi_env env = s->env;
+  napi_handle_scope scope;
+  if (napi_open_handle_scope(env, &scope) != napi_ok) return;
+  napi_value argv[3];
+  napi_value global;
+  napi_value fn = s->on_exit.Value();
+  napi_create_uint32(env, id, &argv[0]);
+  napi_create_int32(env, kind, &argv[1]);
+  napi_create_int32(env, value, &argv[2]);
+  napi_get_global(env, &global);
+  napi_value result;
+  if (napi_make_callback(env, s->context, global, fn, 3, argv, &result) != napi_ok) {
+    bool pending = false;
+    napi_value err;
+    if (napi_is_exception_pending(env, &pending) == napi_ok && pending &&
+        napi_get_and_clear_last_exception(env, &err) == napi_ok) {
+      napi_fatal_exception(env, err);  // fails harmlessly while terminating
+    }
   }
+  napi_close_handle_scope(env, scope);
 }
 
 void OnPoll(uv_poll_t* handle, int status, int) {
@@ -649,6 +667,12 @@ int32_t Int32Arg(const Napi::CallbackInfo& info, size_t i) {
   return v;
 }
 
+uint32_t IdArg(const Napi::CallbackInfo& info, size_t i) {
+  uint32_t v = 0;
+  napi_get_value_uint32(info.Env(), info[i], &v);
+  return v;
+}
+
 // initSpawn(onExit) -> 0 | errno. onExit(id, kind, value).
 Napi::Value InitSpawnState(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -669,49 +693,74 @@ Napi::Value InitSpawnState(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, 0);
 }
 
-std::vector<std::string> Strings(Napi::Value v) {
-  Napi::Array a = v.As<Napi::Array>();
-  std::vector<std::string> out;
-  out.reserve(a.Length());
-  for (uint32_t i = 0; i < a.Length(); i++) out.push_back(a.Get(i).As<Napi::String>().Utf8Value());
-  return out;
+// A list from JS arrives as one string of NUL-terminated items (JS has checked
+// that no item contains a NUL): one N-API call per list instead of two per item,
+// and no napi_get_element, which fails at any moment while a worker is being
+// terminated. *ptrs gets pointers into *buf and a final null.
+bool ReadList(napi_env env, napi_value v, std::string* buf, std::vector<char*>* ptrs) {
+  size_t len = 0;
+  if (napi_get_value_string_utf8(env, v, nullptr, 0, &len) != napi_ok) return false;
+  buf->assign(len + 1, '\0');
+  if (napi_get_value_string_utf8(env, v, &(*buf)[0], len + 1, &len) != napi_ok) return false;
+  for (size_t i = 0; i < len;) {
+    size_t end = buf->find('\0', i);
+    if (end >= len) return false;  // not terminated: a bug in lib/
+    ptrs->push_back(&(*buf)[i]);
+    i = end + 1;
+  }
+  ptrs->push_back(nullptr);
+  return true;
 }
 
-std::vector<char*> Pointers(std::vector<std::string>& strings) {
-  std::vector<char*> out;
-  out.reserve(strings.size() + 1);
-  for (std::string& s : strings) out.push_back(&s[0]);
-  out.push_back(nullptr);
-  return out;
+bool ReadInt32Array(napi_env env, napi_value v, int32_t** data, size_t* length) {
+  napi_typedarray_type type;
+  void* raw = nullptr;
+  if (napi_get_typedarray_info(env, v, &type, length, &raw, nullptr, nullptr) != napi_ok || type != napi_int32_array) {
+    return false;
+  }
+  *data = static_cast<int32_t*>(raw);
+  return true;
 }
 
 // spawn(paths, argv, envp, cwd | null, stdio Int32Array[3], keep Int32Array
 //       (ascending, >= 3), flags, pdeathsig, out Float64Array[3]) -> 0 | errno.
-// out = [id, pid, stage]: stage says which step failed when an errno is returned.
-// JS has validated everything; fds are not ours to close.
+// paths, argv and envp are lists as ReadList reads them. out = [id, pid, stage]:
+// stage says which step failed when an errno is returned. JS has validated
+// everything; fds are not ours to close.
 Napi::Value Spawn(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   SpawnState* s = GetState(env);
   Napi::Float64Array out = info[8].As<Napi::Float64Array>();
   if (s == nullptr) return Napi::Number::New(env, ENOTCONN);
 
-  std::vector<std::string> path_strings = Strings(info[0]);
-  std::vector<std::string> argv_strings = Strings(info[1]);
-  std::vector<std::string> env_strings = Strings(info[2]);
-  std::vector<char*> paths = Pointers(path_strings);
-  std::vector<char*> argv = Pointers(argv_strings);
-  std::vector<char*> envp = Pointers(env_strings);
+  std::string path_buf, argv_buf, env_buf, cwd;
+  std::vector<char*> paths, argv, envp;
+  int32_t* stdio = nullptr;
+  int32_t* keep = nullptr;
+  size_t nstdio = 0, nkeep = 0;
+  napi_valuetype cwd_type = napi_undefined;
+  bool ok = ReadList(env, info[0], &path_buf, &paths) && ReadList(env, info[1], &argv_buf, &argv) &&
+            ReadList(env, info[2], &env_buf, &envp) && napi_typeof(env, info[3], &cwd_type) == napi_ok &&
+            ReadInt32Array(env, info[4], &stdio, &nstdio) && nstdio == 3 && ReadInt32Array(env, info[5], &keep, &nkeep);
+  if (ok && cwd_type == napi_string) {
+    size_t len = 0;
+    ok = napi_get_value_string_utf8(env, info[3], nullptr, 0, &len) == napi_ok;
+    cwd.assign(len + 1, '\0');
+    ok = ok && napi_get_value_string_utf8(env, info[3], &cwd[0], len + 1, &len) == napi_ok;
+    cwd.resize(len);
+  }
+  if (!ok || argv.size() < 2) {
+    // Unreadable arguments: a terminating worker, or a bug in lib/. Spawn nothing.
+    out[2] = kStageNone;
+    return Napi::Number::New(env, ECANCELED);
+  }
+  bool has_cwd = cwd_type == napi_string;
   std::string sh = "/bin/sh";
   std::vector<char*> sh_argv;
   sh_argv.push_back(&sh[0]);
   sh_argv.push_back(nullptr);  // the script's path, filled in by the child
   for (size_t i = 1; i + 1 < argv.size(); i++) sh_argv.push_back(argv[i]);
   sh_argv.push_back(nullptr);
-  std::string cwd;
-  bool has_cwd = info[3].IsString();
-  if (has_cwd) cwd = info[3].As<Napi::String>().Utf8Value();
-  Napi::Int32Array stdio = info[4].As<Napi::Int32Array>();
-  Napi::Int32Array keep = info[5].As<Napi::Int32Array>();
   int flags = Int32Arg(info, 6);
 
   if (s->stack == nullptr) {
@@ -732,8 +781,8 @@ Napi::Value Spawn(const Napi::CallbackInfo& info) {
   plan.envp = envp.data();
   plan.cwd = has_cwd ? cwd.c_str() : nullptr;
   for (int i = 0; i < 3; i++) plan.stdio[i] = stdio[i];
-  plan.keep = keep.Data();
-  plan.nkeep = static_cast<int>(keep.ElementLength());
+  plan.keep = keep;
+  plan.nkeep = static_cast<int>(nkeep);
   plan.pdeathsig = Int32Arg(info, 7);
   plan.new_session = (flags & kFlagNewSession) != 0;
 
@@ -749,18 +798,15 @@ Napi::Value Spawn(const Napi::CallbackInfo& info) {
   if (plan.err != 0) {
     // The child has exited (or is exiting) with 127 after recording why. Reap it
     // from the loop like any other child instead of waiting for it here.
-    if (Watch(s, pidfd, true, true, &id) != 0) {
-      // Cannot happen for a fresh pidfd; if it did, a zombie is the lesser harm
-      // compared with blocking the loop.
-      close(pidfd);
-    }
+    if (Watch(s, pidfd, true, true, &id) != 0) g_orphans->Adopt(pidfd);
     out[2] = plan.stage;
     return Napi::Number::New(env, plan.err);
   }
   e = Watch(s, pidfd, true, false, &id);
   if (e != 0) {
+    // Unwatchable, so unsupervisable: kill it, and let the reaper thread reap it.
     syscall(SYS_pidfd_send_signal, pidfd, SIGKILL, nullptr, 0);
-    close(pidfd);
+    g_orphans->Adopt(pidfd);
     out[2] = kStagePidfdOpen;
     return Napi::Number::New(env, e);
   }
@@ -793,7 +839,7 @@ Napi::Value SendSignal(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   SpawnState* s = GetState(env);
   if (s == nullptr) return Napi::Number::New(env, ESRCH);
-  auto it = s->watchers.find(static_cast<uint32_t>(Int32Arg(info, 0)));
+  auto it = s->watchers.find(IdArg(info, 0));
   if (it == s->watchers.end()) return Napi::Number::New(env, ESRCH);
   long r = syscall(SYS_pidfd_send_signal, it->second->pidfd, Int32Arg(info, 1), nullptr, 0);
   return Napi::Number::New(env, r < 0 ? errno : 0);
@@ -804,7 +850,7 @@ Napi::Value SetRef(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   SpawnState* s = GetState(env);
   if (s != nullptr) {
-    auto it = s->watchers.find(static_cast<uint32_t>(Int32Arg(info, 0)));
+    auto it = s->watchers.find(IdArg(info, 0));
     if (it != s->watchers.end()) {
       uv_handle_t* h = reinterpret_cast<uv_handle_t*>(&it->second->poll);
       if (info[1].As<Napi::Boolean>().Value()) {

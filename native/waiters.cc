@@ -83,6 +83,8 @@ bool IsWakeHandler(void* fn) {
   return dladdr(fn, &info) != 0 && info.dli_sname != nullptr && strcmp(info.dli_sname, "lockmgr_wake_handler") == 0;
 }
 
+}  // namespace
+
 // Keeps this shared object mapped for the life of the process. Node unloads an
 // addon when the last environment that loaded it ends; our signal handler and
 // our threads' code must not vanish under a signal still in flight.
@@ -95,6 +97,8 @@ void PinModule() {
     }
   });
 }
+
+namespace {
 
 // Installs the no-op handler once per process. Every environment (worker
 // threads included) shares it. Returns 0 or an errno.

@@ -1,5 +1,6 @@
-// What the kernel says about processes and this process's resources, for tests
-// that must prove nothing leaked. Everything is read from /proc.
+// Process helpers for the supervise tests: what /proc says about processes and
+// this process's fds, and reading a child's output. Counters shared with the
+// other suites (threads, polling) live in ./helpers.ts.
 import { readFileSync, readdirSync, readlinkSync } from 'node:fs';
 import type { Readable } from 'node:stream';
 
@@ -37,15 +38,13 @@ export function zombieChildren(parent = process.pid): number[] {
   return childrenOf(parent).filter((pid) => procState(pid) === 'Z');
 }
 
-export function fdCount(): number {
-  return openFds().length;
-}
-
-/** This process's open fds, without the one readdir itself used. */
+/**
+ * This process's open fds, without the one readdir itself used (it no longer
+ * exists once readdir has returned). A list, not a count, so a test can tell a
+ * new fd from one an earlier test closed meanwhile.
+ */
 export function openFds(): number[] {
-  const dirFd = readdirSync('/proc/self/fd').map(Number);
-  // The directory fd is the one that no longer exists once readdir has returned.
-  return dirFd.filter((fd) => {
+  return readdirSync('/proc/self/fd').map(Number).filter((fd) => {
     try {
       readlinkSync(`/proc/self/fd/${fd}`);
       return true;
@@ -53,10 +52,6 @@ export function openFds(): number[] {
       return false;
     }
   });
-}
-
-export function threadCount(): number {
-  return Number(/^Threads:\s*(\d+)/m.exec(readFileSync('/proc/self/status', 'utf8'))![1]);
 }
 
 /** SigIgn / SigBlk / ... of /proc/PID/status (or of a status text) as bigints. */
@@ -108,13 +103,4 @@ export function within<T>(promise: Promise<T>, ms: number, what: string): Promis
     timer = setTimeout(() => reject(new Error(`still waiting after ${ms} ms: ${what}`)), ms);
   });
   return Promise.race([promise, guard]).finally(() => clearTimeout(timer));
-}
-
-/** Polls `check` every 5 ms until it is true; rejects after `ms` (a hang guard, as within()). */
-export async function eventually(check: () => boolean, ms: number, what: string): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (!check()) {
-    if (Date.now() > deadline) throw new Error(`never became true within ${ms} ms: ${what}`);
-    await new Promise((r) => setTimeout(r, 5));
-  }
 }

@@ -1,0 +1,291 @@
+// The lockmgr command line: `run` holds leases around a command, `status` says
+// who holds what. docs/cli.md documents the flags, exit codes and --json.
+import { constants as osConstants } from 'node:os';
+import { parseArgs } from 'node:util';
+import {
+  AbortError,
+  InvalidArgumentError,
+  LockManagerError,
+  LockTimeoutError,
+  NoLocksAvailableError,
+  ResourceAccessError,
+  ResourceBusyError,
+  ResourceExhaustedError,
+  SpawnError,
+  UnsupportedError,
+  type LockHolder,
+  type ProcessInfo,
+} from './errors.js';
+import { directLockspace } from './lockspace.js';
+import { LockManager, type ExitStatus, type LockLifetime, type ManagerParams, type ResourceMode } from './manager.js';
+import { describeProcess, locksOn, processesWithOpen, type ProcLock } from './proc-locks.js';
+import { qemuLockState, type QemuPermission } from './qemu.js';
+
+/** sysexits(3)-style exit codes for lockmgr's own failures; `run` otherwise exits with the command's status. */
+export const EXIT = {
+  ok: 0,
+  usage: 64,
+  noResource: 66,
+  unsupported: 69,
+  internal: 70,
+  busy: 75,
+  cannotExecute: 126,
+  notFound: 127,
+} as const;
+
+const VERSION = '0.1.0';
+
+export const HELP = `usage:
+  lockmgr run [--exclusive PATH]... [--shared PATH]... [--readonly PATH]...
+              [--wait SECONDS] [--lifetime child|supervisor] [--qemu-compatible]
+              [--name NAME] [--uuid UUID] [--id ID] -- COMMAND [ARG...]
+  lockmgr status [--json] PATH...
+  lockmgr --help | --version
+
+run     Acquires every resource (all or nothing, in one canonical order), runs
+        COMMAND holding the leases, forwards SIGINT, SIGTERM and SIGHUP to it,
+        releases the leases after it has been reaped, and exits with its exit
+        status (128 + the signal number if a signal killed it).
+        --wait SECONDS       wait for busy resources (default: fail at once)
+        --lifetime child     the command keeps its leases if lockmgr dies (default)
+        --lifetime supervisor the command is killed if lockmgr dies
+        --qemu-compatible    also take QEMU's permission locks, so qemu-img and
+                             qemu-io refuse to write or resize the images
+status  For each PATH: the lease (byte 0), the migration guard (byte 1), QEMU's
+        permission locks (bytes 100-299), the locks in /proc/locks, and the
+        processes that have the file open. --json prints one JSON document.
+
+exit status:
+  0    success (run: the command's own exit status)
+  64   usage error: unknown flag, bad value, missing command
+  66   a resource cannot be opened: missing, not permitted, a directory
+  69   unsupported: the filesystem or kernel cannot lock, or a feature is absent
+  70   internal error
+  75   busy: a resource is held by someone else (or the wait ran out); try again
+  126  the command exists but cannot be executed
+  127  the command was not found
+`;
+
+/** The exit code for a failure of lockmgr itself. */
+export function exitCodeFor(err: unknown): number {
+  if (err instanceof SpawnError) {
+    const code = (err.cause as { code?: string } | undefined)?.code;
+    if (code === 'ENOENT' || code === 'ENOTDIR') return EXIT.notFound;
+    if (code === 'EACCES' || code === 'ENOEXEC' || code === 'EPERM' || code === 'EISDIR') return EXIT.cannotExecute;
+    return EXIT.unsupported;
+  }
+  if (err instanceof InvalidArgumentError) return EXIT.usage;
+  if (err instanceof ResourceAccessError) return EXIT.noResource;
+  if (err instanceof UnsupportedError) return EXIT.unsupported;
+  if (err instanceof ResourceBusyError || err instanceof LockTimeoutError || err instanceof AbortError) return EXIT.busy;
+  if (err instanceof NoLocksAvailableError || err instanceof ResourceExhaustedError) return EXIT.busy;
+  return EXIT.internal;
+}
+
+function fail(err: unknown, out: Output): number {
+  const message = err instanceof Error ? err.message : String(err);
+  out.err(`lockmgr: ${message}\n`);
+  return exitCodeFor(err);
+}
+
+export interface Output {
+  out(text: string): void;
+  err(text: string): void;
+}
+
+const stdio: Output = {
+  out: (t) => process.stdout.write(t),
+  err: (t) => process.stderr.write(t),
+};
+
+/** Runs the CLI with `argv` (without node and the script); resolves the exit code. */
+export async function main(argv: readonly string[], out: Output = stdio): Promise<number> {
+  const [command, ...rest] = argv;
+  try {
+    switch (command) {
+      case 'run':
+        return await run(rest, out);
+      case 'status':
+        return status(rest, out);
+      case '--help':
+      case '-h':
+      case 'help':
+        out.out(HELP);
+        return EXIT.ok;
+      case '--version':
+        out.out(`lockmgr ${VERSION}\n`);
+        return EXIT.ok;
+      default:
+        out.err(`lockmgr: ${command === undefined ? 'a command is needed' : `unknown command '${command}'`}\n\n${HELP}`);
+        return EXIT.usage;
+    }
+  } catch (err) {
+    return fail(err, out);
+  }
+}
+
+function usage(message: string): InvalidArgumentError {
+  return new InvalidArgumentError(`${message} (see lockmgr --help)`);
+}
+
+function parse<T extends Record<string, { type: 'string' | 'boolean'; multiple?: boolean }>>(args: readonly string[], options: T) {
+  try {
+    return parseArgs({ args: [...args], options, allowPositionals: true, strict: true });
+  } catch (err) {
+    throw usage((err as Error).message);
+  }
+}
+
+const FORWARDED = ['SIGINT', 'SIGTERM', 'SIGHUP'] as const;
+
+async function run(argv: readonly string[], out: Output): Promise<number> {
+  const dash = argv.indexOf('--');
+  if (dash < 0) throw usage("run needs '--' before the command");
+  const [command, ...args] = argv.slice(dash + 1);
+  if (command === undefined) throw usage("run needs a command after '--'");
+  const { values, positionals } = parse(argv.slice(0, dash), {
+    exclusive: { type: 'string', multiple: true },
+    shared: { type: 'string', multiple: true },
+    readonly: { type: 'string', multiple: true },
+    lockspace: { type: 'string' },
+    wait: { type: 'string' },
+    lifetime: { type: 'string' },
+    'qemu-compatible': { type: 'boolean' },
+    name: { type: 'string' },
+    uuid: { type: 'string' },
+    id: { type: 'string' },
+  });
+  if (positionals.length > 0) throw usage(`unexpected argument '${positionals[0]}' before '--'`);
+  if (values.lockspace !== undefined) {
+    throw new UnsupportedError('--lockspace (indirect lockspaces) is not available in this version');
+  }
+  let timeout: number | undefined;
+  if (values.wait !== undefined) {
+    const seconds = Number(values.wait);
+    if (values.wait.trim() === '' || !Number.isFinite(seconds) || seconds < 0) throw usage(`--wait needs a number of seconds >= 0, got '${values.wait}'`);
+    timeout = seconds * 1000;
+  }
+  const params: ManagerParams = {};
+  if (values.name !== undefined) params.name = values.name;
+  if (values.uuid !== undefined) params.uuid = values.uuid;
+  if (values.id !== undefined) {
+    if (!/^\d+$/.test(values.id)) throw usage(`--id needs an integer >= 0, got '${values.id}'`);
+    params.id = Number(values.id);
+  }
+  const mgr = new LockManager({ params, lockLifetime: values.lifetime as LockLifetime | undefined });
+  try {
+    const qemuCompatible = values['qemu-compatible'] === true;
+    for (const mode of ['exclusive', 'shared', 'readonly'] as const satisfies readonly ResourceMode[]) {
+      for (const path of values[mode] ?? []) mgr.registerResource({ type: 'disk', path, mode, qemuCompatible });
+    }
+    const exited = new Promise<ExitStatus>((resolve) => mgr.once('exit', resolve));
+    // Installed before start(): a signal that arrives while the leases are
+    // being acquired, or just as the command is spawned, must not kill lockmgr
+    // with its default action and leave a fresh child behind. It stops the
+    // run instead: free() aborts a waiting start and kills a spawned child.
+    let early: NodeJS.Signals | undefined;
+    const forward = (signal: NodeJS.Signals) => {
+      if (mgr.state === 'running' || mgr.state === 'stopping') {
+        mgr.signal(signal);
+        return;
+      }
+      early ??= signal;
+      void mgr.free();
+    };
+    for (const s of FORWARDED) process.on(s, forward);
+    const bySignal = (signal: NodeJS.Signals) => 128 + (osConstants.signals[signal] ?? 0);
+    try {
+      try {
+        await mgr.start(command, args, { stdio: 'inherit' }, timeout === undefined ? undefined : { timeout });
+      } catch (err) {
+        if (early !== undefined) return bySignal(early);
+        throw err;
+      }
+      const status = await exited;
+      if (early !== undefined) return bySignal(early);
+      return status.code ?? bySignal(status.signal!);
+    } finally {
+      for (const s of FORWARDED) process.off(s, forward);
+    }
+  } catch (err) {
+    return fail(err, out);
+  } finally {
+    await mgr.free();
+  }
+}
+
+type ByteState = 'free' | 'exclusive' | 'shared';
+
+/** The --json schema, one entry per PATH (docs/cli.md). */
+export interface StatusEntry {
+  path: string;
+  kind?: 'file' | 'block-device';
+  identity?: string;
+  lease?: { byte: 0; state: ByteState; holder: LockHolder | null };
+  migrationGuard?: { byte: 1; state: ByteState };
+  qemu?: { held: QemuPermission[]; unshared: QemuPermission[] };
+  locks?: Array<Omit<ProcLock, 'ino'> & { ino: string }>;
+  openBy?: ProcessInfo[];
+  error?: { code: string; message: string };
+}
+
+function inspect(path: string): StatusEntry {
+  const space = directLockspace();
+  const file = space.openLease(path, 'readonly');
+  try {
+    const byte = (start: number): { state: ByteState; holder: LockHolder | null } => {
+      const holder = file.getConflict('exclusive', { start, length: 1 });
+      return { state: holder === null ? 'free' : holder.mode, holder };
+    };
+    const lease = byte(0);
+    const qemu = qemuLockState(path);
+    return {
+      path,
+      kind: file.kind,
+      identity: file.identity.key,
+      lease: { byte: 0, ...lease },
+      migrationGuard: { byte: 1, state: byte(1).state },
+      qemu: { held: qemu.held, unshared: qemu.unshared },
+      locks: [...locksOn(file.path), ...(file.path === path ? [] : locksOn(path))].map((l) => ({ ...l, ino: String(l.ino) })),
+      openBy: processesWithOpen(path, { excludeSelf: true }),
+    };
+  } finally {
+    file.close();
+  }
+}
+
+function status(argv: readonly string[], out: Output): number {
+  const { values, positionals } = parse(argv, { json: { type: 'boolean' } });
+  if (positionals.length === 0) throw usage('status needs at least one PATH');
+  let code: number = EXIT.ok;
+  const entries: StatusEntry[] = positionals.map((path) => {
+    try {
+      return inspect(path);
+    } catch (err) {
+      code = Math.max(code, exitCodeFor(err));
+      const e = err as LockManagerError;
+      return { path, error: { code: e.code ?? 'ERR_INTERNAL', message: e.message } };
+    }
+  });
+  if (values.json) out.out(`${JSON.stringify({ version: 1, entries }, null, 2)}\n`);
+  else out.out(entries.map(table).join('\n'));
+  return code;
+}
+
+function table(e: StatusEntry): string {
+  if (e.error) return `${e.path}\n  error               ${e.error.message}\n`;
+  const rows: Array<[string, string]> = [
+    ['kind', `${e.kind} (${e.identity})`],
+    ['lease (byte 0)', e.lease!.state === 'free' ? 'free' : `held ${e.lease!.state}`],
+    ['migration guard', e.migrationGuard!.state === 'free' ? 'free' : `held ${e.migrationGuard!.state}`],
+    ['QEMU holds', e.qemu!.held.join(', ') || '-'],
+    ['QEMU does not share', e.qemu!.unshared.join(', ') || '-'],
+    ['open by', e.openBy!.map(describeProcess).join('\n                      ') || '-'],
+    [
+      'locks',
+      e.locks!.map((l) => `${l.kind} ${l.type} ${l.start}-${l.end ?? 'EOF'}${l.pid > 0 ? ` pid ${l.pid}` : ''}${l.blocked ? ' (waiting)' : ''}`).join('\n                      ') ||
+        '-',
+    ],
+  ];
+  return `${e.path}\n${rows.map(([k, v]) => `  ${k.padEnd(20)}${v}`).join('\n')}\n`;
+}

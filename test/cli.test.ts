@@ -1,0 +1,199 @@
+// The real lockmgr binary, in subprocesses.
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { chmodSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { afterEach, describe, expect, it } from 'vitest';
+import { LockManager } from '../lib/index.js';
+import type { StatusEntry } from '../lib/cli.js';
+import { lockFixture, makeFile, waitUntil } from './helpers.js';
+
+const fx = lockFixture();
+const BIN = fileURLToPath(new URL('../bin/lockmgr.js', import.meta.url));
+const running: ChildProcess[] = [];
+
+afterEach(async () => {
+  for (const c of running.splice(0)) {
+    if (c.exitCode === null && c.signalCode === null) {
+      const gone = new Promise((r) => c.once('exit', r));
+      c.kill('SIGKILL');
+      await gone;
+    }
+  }
+});
+
+function lockmgr(...args: string[]) {
+  const r = spawnSync(process.execPath, [BIN, ...args], { encoding: 'utf8' });
+  return { code: r.status, stdout: r.stdout, stderr: r.stderr };
+}
+
+/**
+ * Starts `lockmgr run ... -- sh -c SCRIPT` in the background; resolves once
+ * SCRIPT has reached READY (where it touches a file; the start if absent).
+ */
+async function background(flags: string[], script: string) {
+  const ready = join(fx.tmp.dir, `ready-${running.length}`);
+  const body = script.includes('READY') ? script.replace('READY', `touch ${ready}`) : `touch ${ready}; ${script}`;
+  const child = spawn(process.execPath, [BIN, 'run', ...flags, '--', 'sh', '-c', body], { stdio: ['ignore', 'pipe', 'pipe'] });
+  running.push(child);
+  let stderr = '';
+  child.stderr!.on('data', (d: Buffer) => (stderr += d));
+  const exit = new Promise<number | null>((r) => child.once('exit', (code) => r(code)));
+  await Promise.race([waitUntil(() => existsSync(ready), 10_000, 'the command to start'), exit.then(() => {
+    throw new Error(`lockmgr exited early: ${stderr}`);
+  })]);
+  return { child, exit, stderr: () => stderr };
+}
+
+function status(...paths: string[]): { code: number | null; entries: StatusEntry[] } {
+  const r = lockmgr('status', '--json', ...paths);
+  const doc = JSON.parse(r.stdout) as { version: number; entries: StatusEntry[] };
+  expect(doc.version).toBe(1);
+  return { code: r.code, entries: doc.entries };
+}
+
+describe('lockmgr run', () => {
+  it("exits with the command's exit code, holding the lease while it runs and releasing it after", () => {
+    const r = lockmgr('run', '--exclusive', fx.path, '--', process.execPath, BIN, 'status', '--json', fx.path);
+    expect(r.code).toBe(0);
+    const inside = (JSON.parse(r.stdout) as { entries: StatusEntry[] }).entries[0]!;
+    expect(inside.lease).toMatchObject({ byte: 0, state: 'exclusive' });
+    expect(status(fx.path).entries[0]!.lease!.state).toBe('free');
+    expect(lockmgr('run', '--shared', fx.path, '--', 'sh', '-c', 'exit 7').code).toBe(7);
+  });
+
+  it('exits with 128 + the signal number when a signal killed the command', () => {
+    expect(lockmgr('run', '--exclusive', fx.path, '--', 'sh', '-c', 'kill -KILL $$').code).toBe(128 + 9);
+  });
+
+  for (const [signal, number] of [['SIGTERM', 15], ['SIGINT', 2], ['SIGHUP', 1]] as const) {
+    it(`forwards ${signal} to the command and exits with the command's status`, async () => {
+      const { child, exit } = await background(['--exclusive', fx.path], `trap 'exit ${40 + number}' ${signal.slice(3)}; READY; while :; do sleep 0.05; done`);
+      child.kill(signal);
+      expect(await exit).toBe(40 + number);
+      expect(status(fx.path).entries[0]!.lease!.state).toBe('free');
+    });
+  }
+
+  it('a signal that arrives while lockmgr waits for a busy resource ends the run: nothing spawned, exit 128 + N', async () => {
+    const { exit: holderExit } = await background(['--exclusive', fx.path], 'sleep 1000');
+    const marker = join(fx.tmp.dir, 'ran');
+    const waiter = spawn(process.execPath, [BIN, 'run', '--wait', '60', '--exclusive', fx.path, '--', 'touch', marker], { stdio: 'ignore' });
+    running.push(waiter);
+    const exit = new Promise<number | null>((r) => waiter.once('exit', (code) => r(code)));
+    // Until lockmgr has installed its forwarders, SIGTERM would kill it by its
+    // default action. Node itself catches SIGINT and SIGTERM (to restore the
+    // terminal), so watch for SIGHUP, which only lockmgr's forwarders catch.
+    const catchesHup = () => (BigInt(`0x${/^SigCgt:\s+(\S+)$/m.exec(readFileSync(`/proc/${waiter.pid}/status`, 'utf8'))![1]}`) & 1n) === 1n;
+    await waitUntil(catchesHup, 10_000, 'lockmgr to install its signal forwarders');
+    waiter.kill('SIGTERM');
+    expect(await exit).toBe(128 + 15);
+    expect(existsSync(marker)).toBe(false);
+    expect(status(fx.path).entries[0]!.lease!.state).toBe('exclusive');
+    void holderExit;
+  });
+
+  it('fails with 75 and names the holder when a resource is busy; holds nothing of the rest', async () => {
+    const other = makeFile(fx.tmp.dir, 'other.img');
+    const { child } = await background(['--exclusive', fx.path], 'sleep 1000');
+    const r = lockmgr('run', '--exclusive', other, '--shared', fx.path, '--', 'true');
+    expect(r.code).toBe(75);
+    expect(r.stderr).toMatch(new RegExp(`^lockmgr: ${fx.path} is held exclusively by .*${child.pid} \\(\\S*node \\S*lockmgr.js run`));
+    expect(status(other).entries[0]!.lease!.state).toBe('free');
+  });
+
+  it('--wait waits for a busy resource', async () => {
+    const { exit } = await background(['--exclusive', fx.path], 'sleep 0.3');
+    const r = lockmgr('run', '--wait', '30', '--exclusive', fx.path, '--', 'sh', '-c', 'exit 5');
+    expect(r.code).toBe(5);
+    expect(await exit).toBe(0);
+    expect(lockmgr('run', '--wait', '0.1', '--exclusive', fx.path, '--', 'true').code).toBe(0);
+  });
+
+  it('usage errors exit 64, unopenable resources 66, unsupported features 69, missing or unrunnable commands 127 and 126', () => {
+    const notExec = makeFile(fx.tmp.dir, 'script.sh', '#!/bin/sh\nexit 0\n');
+    chmodSync(notExec, 0o644);
+    const cases: Array<[string[], number, RegExp]> = [
+      [['run', '--bogus', '--', 'true'], 64, /Unknown option '--bogus'/],
+      [['run', '--exclusive', fx.path, 'true'], 64, /needs '--'/],
+      [['run', '--exclusive', fx.path, '--'], 64, /needs a command/],
+      [['run', '--wait', 'soon', '--exclusive', fx.path, '--', 'true'], 64, /--wait needs a number/],
+      [['run', '--lifetime', 'forever', '--exclusive', fx.path, '--', 'true'], 64, /lockLifetime must be one of/],
+      [['run', '--uuid', 'nope', '--exclusive', fx.path, '--', 'true'], 64, /uuid/],
+      [['run', '--id', '-3', '--exclusive', fx.path, '--', 'true'], 64, /--id/],
+      [['run', '--id', '1.5', '--exclusive', fx.path, '--', 'true'], 64, /--id needs an integer/],
+      [['run', '--exclusive', 'relative.img', '--', 'true'], 64, /must be absolute/],
+      [['run', '--exclusive', join(fx.tmp.dir, 'missing.img'), '--', 'true'], 66, /ENOENT/],
+      [['run', '--exclusive', fx.tmp.dir, '--', 'true'], 66, /EISDIR/],
+      [['run', '--lockspace', fx.tmp.dir, '--exclusive', fx.path, '--', 'true'], 69, /--lockspace/],
+      [['run', '--exclusive', fx.path, '--', join(fx.tmp.dir, 'no-such-command')], 127, /ENOENT/],
+      [['run', '--exclusive', fx.path, '--', notExec], 126, /EACCES/],
+      [['frobnicate'], 64, /unknown command 'frobnicate'/],
+      [[], 64, /a command is needed/],
+      [['status'], 64, /at least one PATH/],
+    ];
+    for (const [args, code, message] of cases) {
+      const r = lockmgr(...args);
+      expect({ args, code: r.code }).toEqual({ args, code });
+      expect(r.stderr).toMatch(message);
+    }
+    // None of them left anything held.
+    expect(status(fx.path).entries[0]!.lease!.state).toBe('free');
+  });
+
+  it('--help lists the commands and every exit code', () => {
+    const r = lockmgr('--help');
+    expect(r.code).toBe(0);
+    for (const code of ['64', '66', '69', '70', '75', '126', '127']) expect(r.stdout).toContain(`  ${code} `);
+  });
+
+  it("runs the argv of a LockManager's supervisorArgs(), holding the same resources", async () => {
+    const shared = makeFile(fx.tmp.dir, 'shared.img');
+    const mgr = new LockManager({ params: { name: 'vm1', id: 3 }, lockLifetime: 'supervisor' });
+    mgr.registerResource({ type: 'disk', path: fx.path, mode: 'exclusive' });
+    mgr.registerResource({ type: 'disk', path: shared, mode: 'shared' });
+    const argv = mgr.supervisorArgs();
+    expect(argv).toEqual(['run', '--exclusive', fx.path, '--shared', shared, '--lifetime', 'supervisor', '--name', 'vm1', '--id', '3', '--']);
+    await mgr.free();
+    const r = spawnSync(process.execPath, [mgr.supervisorPath(), ...argv, process.execPath, BIN, 'status', '--json', fx.path, shared], { encoding: 'utf8' });
+    expect(r.status).toBe(0);
+    const [a, b] = (JSON.parse(r.stdout) as { entries: StatusEntry[] }).entries;
+    expect([a!.lease!.state, b!.lease!.state]).toEqual(['exclusive', 'shared']);
+  });
+});
+
+describe('lockmgr status', () => {
+  it('--json: the documented schema, with the processes that have the file open', async () => {
+    const { child } = await background(['--shared', fx.path], 'sleep 1000');
+    const { code, entries } = status(fx.path);
+    expect(code).toBe(0);
+    const e = entries[0]!;
+    expect(Object.keys(e).sort()).toEqual(['identity', 'kind', 'lease', 'locks', 'migrationGuard', 'openBy', 'path', 'qemu']);
+    expect(e).toMatchObject({
+      path: fx.path,
+      kind: 'file',
+      identity: expect.stringMatching(/^f:\d+:\d+$/),
+      lease: { byte: 0, state: 'shared', holder: { mode: 'shared', start: 0, length: 1, pid: -1 } },
+      migrationGuard: { byte: 1, state: 'free' },
+      qemu: { held: [], unshared: [] },
+    });
+    expect(e.locks).toEqual([expect.objectContaining({ kind: 'OFDLCK', type: 'READ', pid: -1, start: 0, end: 0, blocked: false })]);
+    expect(e.openBy!.map((p) => p.pid)).toContain(child.pid);
+    expect(e.openBy!.find((p) => p.pid === child.pid)!.command).toContain('lockmgr.js run --shared');
+  });
+
+  it('reports a free image, and a path it cannot open as an error entry with exit 66', () => {
+    const missing = join(fx.tmp.dir, 'missing.img');
+    const { code, entries } = status(fx.path, missing);
+    expect(code).toBe(66);
+    expect(entries[0]!.lease!.state).toBe('free');
+    expect(entries[1]).toEqual({ path: missing, error: { code: 'ERR_RESOURCE_ACCESS', message: expect.stringContaining('ENOENT') } });
+  });
+
+  it('prints a readable table by default', () => {
+    writeFileSync(fx.path, 'x');
+    const r = lockmgr('status', fx.path);
+    expect(r.code).toBe(0);
+    expect(r.stdout).toMatch(new RegExp(`^${fx.path}\\n  kind +file \\(f:\\d+:\\d+\\)\\n  lease \\(byte 0\\) +free\\n  migration guard +free\\n`));
+  });
+});
