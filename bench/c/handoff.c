@@ -1,0 +1,90 @@
+/* The kernel limit for bench/handoff.mjs: two processes ping-pong one OFD
+ * write lock on byte 0 with F_OFD_SETLKW, in the same protocol as the Node
+ * child (bench/handoff.mjs):
+ *   holder: wait until the peer is blocked on the lock (/proc/locks shows a
+ *           "->" waiter on our inode), take t0, unlock;
+ *   waiter: wait until the peer holds the lock (F_OFD_GETLK), F_OFD_SETLKW,
+ *           take t1.
+ * Handoff i is released by role i % 2 and acquired by the other. Both record
+ * CLOCK_MONOTONIC (system-wide, the clock of process.hrtime) and print
+ * "r I NS" / "a I NS" lines at the end; the parent subtracts.
+ * With "relay" the waiting is done the way the addon does it (relay.h).
+ * usage: handoff PATH ROLE(0|1) HANDOFFS [relay] */
+#define _GNU_SOURCE
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+
+#include "relay.h"
+
+static void pause_us(long us) {
+  struct timespec ts = {0, us * 1000};
+  nanosleep(&ts, NULL);
+}
+
+/* Polls /proc/locks until a blocked waiter ("->") on inode `ino` shows. */
+static void wait_peer_blocked(unsigned long ino) {
+  char needle[32];
+  snprintf(needle, sizeof needle, ":%lu ", ino);
+  static char buf[1 << 16];
+  for (;;) {
+    int fd = open("/proc/locks", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) die("open /proc/locks");
+    ssize_t len = 0, k;
+    while (len < (ssize_t)sizeof buf - 1 && (k = read(fd, buf + len, sizeof buf - 1 - len)) > 0) len += k;
+    close(fd);
+    buf[len] = 0;
+    for (char* line = buf; line && *line;) {
+      char* nl = strchr(line, '\n');
+      if (nl) *nl = 0;
+      if (strstr(line, "->") && strstr(line, needle)) return;
+      line = nl ? nl + 1 : NULL;
+    }
+    pause_us(50);
+  }
+}
+
+static void wait_peer_holds(int fd) {
+  for (;;) {
+    struct flock q = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = 0, .l_len = 1};
+    if (fcntl(fd, F_OFD_GETLK, &q) < 0) die("F_OFD_GETLK");
+    if (q.l_type != F_UNLCK) return;
+    pause_us(50);
+  }
+}
+
+int main(int argc, char** argv) {
+  if (argc != 4 && argc != 5) {
+    fprintf(stderr, "usage: %s PATH ROLE HANDOFFS [relay]\n", argv[0]);
+    return 64;
+  }
+  int fd = open(argv[1], O_RDWR | O_CLOEXEC | O_NOCTTY);
+  if (fd < 0) die("open");
+  int role = atoi(argv[2]);
+  long n = atol(argv[3]);
+  struct stat st;
+  if (fstat(fd, &st) < 0) die("fstat");
+  long long* t = calloc(n, sizeof *t);
+  int relay = argc == 5 && strcmp(argv[4], "relay") == 0;
+  struct flock lk = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = 0, .l_len = 1};
+  struct flock un = {.l_type = F_UNLCK, .l_whence = SEEK_SET, .l_start = 0, .l_len = 1};
+  if (relay) relay_init(fd, lk);
+  if (role == 0 && fcntl(fd, F_OFD_SETLK, &lk) < 0) die("first F_OFD_SETLK");
+  for (long i = 0; i < n; i++) {
+    if (i % 2 == role) {
+      wait_peer_blocked((unsigned long)st.st_ino);
+      t[i] = now_ns();
+      if (fcntl(fd, F_OFD_SETLK, &un) < 0) die("unlock");
+    } else {
+      wait_peer_holds(fd);
+      if (relay)
+        relay_lock();
+      else if (fcntl(fd, F_OFD_SETLKW, &lk) < 0)
+        die("F_OFD_SETLKW");
+      t[i] = now_ns();
+    }
+  }
+  for (long i = 0; i < n; i++) printf("%c %ld %lld\n", i % 2 == role ? 'r' : 'a', i, t[i]);
+  fflush(stdout);
+  _exit(0); /* the relay thread is still parked */
+}
