@@ -29,6 +29,26 @@ inline AddonData* GetAddonData(Napi::Env env) { return env.GetInstanceData<Addon
 // Idempotent. Defined in waiters.cc.
 void PinModule();
 
+// Scalar arguments. JS validates every argument before it reaches the addon,
+// so these only convert; a wrong type reads as 0.
+inline int32_t Int32Arg(const Napi::CallbackInfo& info, size_t i) {
+  int32_t v = 0;
+  napi_get_value_int32(info.Env(), info[i], &v);
+  return v;
+}
+
+inline uint32_t Uint32Arg(const Napi::CallbackInfo& info, size_t i) {
+  uint32_t v = 0;
+  napi_get_value_uint32(info.Env(), info[i], &v);
+  return v;
+}
+
+inline int64_t Int64Arg(const Napi::CallbackInfo& info, size_t i) {
+  int64_t v = 0;
+  napi_get_value_int64(info.Env(), info[i], &v);
+  return v;
+}
+
 // Each native part adds its functions to the addon's exports.
 void InitOfd(Napi::Env env, Napi::Object exports);
 void InitWaiters(Napi::Env env, Napi::Object exports);

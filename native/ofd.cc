@@ -50,18 +50,6 @@ void FillFlock(struct flock* fl, int type, int64_t start, int64_t len) {
   fl->l_pid = 0;  // OFD commands reject any other value with EINVAL.
 }
 
-int32_t Int32Arg(const Napi::CallbackInfo& info, size_t i) {
-  int32_t v = 0;
-  napi_get_value_int32(info.Env(), info[i], &v);
-  return v;
-}
-
-int64_t Int64Arg(const Napi::CallbackInfo& info, size_t i) {
-  int64_t v = 0;
-  napi_get_value_int64(info.Env(), info[i], &v);
-  return v;
-}
-
 Napi::Value Int(Napi::Env env, int32_t v) {
   napi_value out;
   napi_create_int32(env, v, &out);

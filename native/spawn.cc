@@ -661,17 +661,7 @@ void Teardown(napi_async_cleanup_hook_handle handle, void* arg) {
   ReleaseTeardown(s);
 }
 
-int32_t Int32Arg(const Napi::CallbackInfo& info, size_t i) {
-  int32_t v = 0;
-  napi_get_value_int32(info.Env(), info[i], &v);
-  return v;
-}
-
-uint32_t IdArg(const Napi::CallbackInfo& info, size_t i) {
-  uint32_t v = 0;
-  napi_get_value_uint32(info.Env(), info[i], &v);
-  return v;
-}
+uint32_t IdArg(const Napi::CallbackInfo& info, size_t i) { return Uint32Arg(info, i); }
 
 // initSpawn(onExit) -> 0 | errno. onExit(id, kind, value).
 Napi::Value InitSpawnState(const Napi::CallbackInfo& info) {
