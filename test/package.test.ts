@@ -40,7 +40,7 @@ beforeAll(() => {
   // build/Release meanwhile; and a test has no business writing into the repo.
   const src = join(tmp.dir, 'src');
   mkdirSync(src);
-  for (const f of ['package.json', 'binding.gyp', 'native', 'dist', 'docs', 'README.md']) cpSync(join(root, f), join(src, f), { recursive: true });
+  for (const f of ['package.json', 'binding.gyp', 'native', 'dist', 'bin', 'docs', 'README.md']) cpSync(join(root, f), join(src, f), { recursive: true });
   symlinkSync(join(root, 'node_modules'), join(src, 'node_modules'));
   run('npm', ['run', 'build:native'], src);
   const name = run('npm', ['pack', '--pack-destination', tmp.dir, '--ignore-scripts'], src).trim().split('\n').pop()!;
@@ -50,7 +50,7 @@ afterAll(() => tmp?.cleanup());
 
 it('the tarball ships dist, types, native sources and a prebuilt binary, and no build directory', () => {
   const files = run('tar', ['-tzf', tarball], tmp.dir).split('\n');
-  for (const f of ['package/dist/index.js', 'package/dist/index.d.ts', 'package/binding.gyp', 'package/native/ofd.cc', 'package/prebuilds/linux-x64/lockmgr.node']) {
+  for (const f of ['package/dist/index.js', 'package/dist/index.d.ts', 'package/dist/cli.js', 'package/bin/lockmgr.js', 'package/binding.gyp', 'package/native/ofd.cc', 'package/prebuilds/linux-x64/lockmgr.node']) {
     expect(files).toContain(f);
   }
   expect(files.some((f) => f.startsWith('package/build/'))).toBe(false);
@@ -62,6 +62,11 @@ it('installed without scripts, it loads the prebuilt binary (PREBUILDS_ONLY=1) a
   expect(existsSync(join(app, 'node_modules/lockmgr/build'))).toBe(false);
   const file = makeFile(tmp.dir, 'disk.img');
   expect(tryLockIn(app, file, { PREBUILDS_ONLY: '1' })).toEqual({ ok: true });
+  // The CLI is installed as a bin, and runs on the prebuilt binary too.
+  const bin = join(app, 'node_modules/.bin/lockmgr');
+  const r = spawnSync(bin, ['run', '--exclusive', file, '--', bin, 'status', '--json', file], { encoding: 'utf8', env: { ...process.env, PREBUILDS_ONLY: '1' } });
+  expect(r.status).toBe(0);
+  expect(JSON.parse(r.stdout).entries[0].lease.state).toBe('exclusive');
 }, 120_000);
 
 it('without a binary for this platform, loading fails with UnsupportedError saying how to rebuild', () => {
