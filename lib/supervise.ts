@@ -12,7 +12,6 @@
 // spawnSupervised() returns; the child never runs as a stand-in that exits 127.
 import { Socket } from 'node:net';
 import { constants as osConstants } from 'node:os';
-import { resolve as resolvePath } from 'node:path';
 import type { Readable, Writable } from 'node:stream';
 import {
   InternalError,
@@ -218,7 +217,13 @@ export class SupervisedProcess implements AsyncDisposable {
         this.signal('SIGTERM');
         this.#killTimer = setTimeout(() => {
           this.#killTimer = null;
-          this.signal('SIGKILL');
+          try {
+            this.signal('SIGKILL');
+          } catch (err) {
+            // From a timer there is no caller to throw to: a process that
+            // stopped being ours to signal during the grace (EPERM).
+            process.emitWarning(err as Error);
+          }
         }, Math.min(grace, MAX_TIMER_MS));
         if (!this.#refed) this.#killTimer.unref();
       }
@@ -271,18 +276,22 @@ function parseStdio(value: unknown): [StdioEntry, StdioEntry, StdioEntry] {
   if (!Array.isArray(value) || value.length !== 3) {
     throw new InvalidArgumentError(`stdio must be 'inherit', 'ignore', 'pipe' or an array of three entries (use keepFds for more), got ${describe(value)}`);
   }
-  return value.map((entry: unknown, i) => {
-    if (typeof entry === 'string' && (STDIO_KINDS as readonly string[]).includes(entry)) return entry as StdioKind;
-    if (typeof entry === 'number') return checkFdNumber(entry, `stdio[${i}]`, 0);
-    throw new InvalidArgumentError(`stdio[${i}] must be 'inherit', 'ignore', 'pipe' or an fd number, got ${describe(entry)}`);
-  }) as [StdioEntry, StdioEntry, StdioEntry];
+  // Indexed, not map(): a hole in the array must be rejected, not skipped.
+  const entries: StdioEntry[] = [];
+  for (let i = 0; i < 3; i++) {
+    const entry: unknown = value[i];
+    if (typeof entry === 'string' && (STDIO_KINDS as readonly string[]).includes(entry)) entries.push(entry as StdioKind);
+    else if (typeof entry === 'number') entries.push(checkFdNumber(entry, `stdio[${i}]`, 0));
+    else throw new InvalidArgumentError(`stdio[${i}] must be 'inherit', 'ignore', 'pipe' or an fd number, got ${describe(entry)}`);
+  }
+  return entries as [StdioEntry, StdioEntry, StdioEntry];
 }
 
 function parseKeepFds(value: unknown): Int32Array {
   if (value === undefined) return new Int32Array(0);
   if (!Array.isArray(value)) throw new InvalidArgumentError(`keepFds must be an array of fd numbers, got ${describe(value)}`);
   const fds = new Set<number>();
-  value.forEach((fd: unknown, i) => fds.add(checkFdNumber(fd, `keepFds[${i}]`, 3)));
+  for (let i = 0; i < value.length; i++) fds.add(checkFdNumber(value[i], `keepFds[${i}]`, 3));
   return Int32Array.from([...fds].sort((a, b) => a - b));
 }
 
@@ -353,15 +362,20 @@ export function spawnSupervised(command: string, args?: readonly string[], optio
   checkNoNul(command, 'command');
   if (args !== undefined && !Array.isArray(args)) throw new InvalidArgumentError(`args must be an array of strings, got ${describe(args)}`);
   const argv = [command];
-  (args ?? []).forEach((arg: unknown, i) => {
+  const list: readonly unknown[] = args ?? [];
+  for (let i = 0; i < list.length; i++) {
+    const arg = list[i];
     if (typeof arg !== 'string') throw new InvalidArgumentError(`args[${i}] must be a string, got ${describe(arg)}`);
     argv.push(checkNoNul(arg, `args[${i}]`));
-  });
+  }
   const opts = checkOptions<SpawnOptions>(options, SPAWN_OPTIONS, 'spawnSupervised options');
   let cwd: string | undefined;
   if (opts.cwd !== undefined) {
     if (typeof opts.cwd !== 'string') throw new InvalidArgumentError(`cwd must be a string, got ${describe(opts.cwd)}`);
-    cwd = checkPath(resolvePath(checkNoNul(opts.cwd, 'cwd')), 'cwd');
+    // Not normalised: chdir must follow 'link/..' through the symlink, as it
+    // does for child_process; a relative cwd is relative to ours.
+    const given = checkNoNul(opts.cwd, 'cwd');
+    cwd = checkPath(given.startsWith('/') ? given : `${process.cwd()}/${given}`, 'cwd');
   }
   const { envp, path } = parseEnv(opts.env);
   const stdio = parseStdio(opts.stdio);

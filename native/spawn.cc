@@ -46,6 +46,7 @@
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -192,19 +193,86 @@ struct ChildPlan {
   _exit(127);
 }
 
-// Closes [lo, hi]. close_range(2) is one syscall; before Linux 5.9 the loop up to
-// the fd limit does the same work the slow way.
+// Closes every open fd in [lo, hi] but `keep`, by walking /proc/self/fd with
+// raw getdents64 (no opendir: no malloc in the child). Passes repeat until one
+// closes nothing, so closing while listing cannot skip an entry.
+int CloseByListing(unsigned lo, unsigned hi) {
+  int dir = open("/proc/self/fd", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dir < 0) return errno;
+  alignas(8) char buf[2048];
+  bool closed = true;
+  while (closed) {
+    closed = false;
+    if (lseek(dir, 0, SEEK_SET) < 0) break;
+    for (;;) {
+      long n = syscall(SYS_getdents64, dir, buf, sizeof buf);
+      if (n <= 0) break;
+      for (long off = 0; off < n;) {
+        // struct linux_dirent64: u64 ino, s64 off, u16 reclen, u8 type, char name[]
+        unsigned short reclen;
+        memcpy(&reclen, buf + off + 16, sizeof reclen);
+        const char* name = buf + off + 19;
+        off += reclen;
+        unsigned fd = 0;
+        bool number = *name != '\0';
+        for (const char* c = name; *c != '\0'; c++) {
+          if (*c < '0' || *c > '9') number = false;
+          else fd = fd * 10 + static_cast<unsigned>(*c - '0');
+        }
+        if (!number || static_cast<int>(fd) == dir || fd < lo || fd > hi) continue;
+        close(static_cast<int>(fd));
+        closed = true;
+      }
+    }
+  }
+  close(dir);
+  return 0;
+}
+
+// Closes [lo, hi]. close_range(2) is one syscall. Where it is missing (before
+// Linux 5.9: ENOSYS) or refused (seccomp profiles older than it answer EPERM),
+// list /proc/self/fd; only without /proc, loop up to the hard fd limit.
 int CloseRange(unsigned lo, unsigned hi) {
   if (lo > hi) return 0;
   if (syscall(SYS_close_range, lo, hi, 0) == 0) return 0;
-  if (errno != ENOSYS) return errno;
+  if (errno != ENOSYS && errno != EPERM && errno != EINVAL) return errno;
+  if (CloseByListing(lo, hi) == 0) return 0;
   struct rlimit rl;
-  unsigned limit = 65536;
-  if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY && rl.rlim_cur < limit) {
-    limit = static_cast<unsigned>(rl.rlim_cur);
+  unsigned limit = 1u << 20;
+  if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_max != RLIM_INFINITY && rl.rlim_max < limit) {
+    limit = static_cast<unsigned>(rl.rlim_max);
   }
   for (unsigned fd = lo; fd <= hi && fd < limit; fd++) close(static_cast<int>(fd));
   return 0;
+}
+
+// Node makes its stdio pipes O_NONBLOCK, and the flag lives on the open file
+// description a child shares: left set, a VM writing to a full pipe gets
+// EAGAIN instead of blocking (child_process children do not, since libuv
+// clears it). Pipes, FIFOs and ttys get a fresh description through
+// /proc/self/fd, so the parent's keeps its flag; a socket cannot be reopened,
+// so its shared flag is cleared, as libuv does. Regular files ignore
+// O_NONBLOCK, and a reopen would lose their offset: they are left alone.
+void MakeStdioBlocking() {
+  for (int i = 0; i < 3; i++) {
+    int fl = fcntl(i, F_GETFL);
+    if (fl < 0 || (fl & O_NONBLOCK) == 0) continue;
+    struct stat st;
+    if (fstat(i, &st) < 0) continue;
+    if (S_ISFIFO(st.st_mode) || S_ISCHR(st.st_mode)) {
+      char path[] = "/proc/self/fd/0";
+      path[sizeof path - 2] = static_cast<char>('0' + i);
+      int fresh = open(path, (fl & (O_ACCMODE | O_APPEND)) | O_NOCTTY);
+      if (fresh >= 0) {
+        if (fresh != i) {
+          dup2(fresh, i);
+          close(fresh);
+        }
+        continue;
+      }
+    }
+    if (S_ISSOCK(st.st_mode) || S_ISFIFO(st.st_mode) || S_ISCHR(st.st_mode)) fcntl(i, F_SETFL, fl & ~O_NONBLOCK);
+  }
 }
 
 // execvp's search over the candidates the parent built from PATH: a candidate
@@ -285,6 +353,8 @@ int ChildMain(void* arg) {
       ChildFail(p, kStageDup, errno);
     }
   }
+
+  MakeStdioBlocking();
 
   // Everything but 0..2 and the kept fds goes, whatever its CLOEXEC flag: fds
   // other addons or libraries opened without O_CLOEXEC must not leak into a VM.
@@ -399,7 +469,6 @@ struct Watcher {
   int pidfd;
   uint32_t id;
   bool own_child;  // ours to reap; false for attach(), which must never reap
-  bool silent;     // a child whose exec failed: reap it, tell JS nothing
 };
 
 // Children still running when their environment goes away (a worker thread that
@@ -580,17 +649,16 @@ void OnPoll(uv_poll_t* handle, int status, int) {
   s->watchers.erase(w->id);
   uv_poll_stop(handle);
   uv_close(reinterpret_cast<uv_handle_t*>(handle), OnWatcherClosed);
-  if (!w->silent) Report(s, w->id, kind, value);
+  Report(s, w->id, kind, value);
 }
 
 // Returns 0 or an errno. On success the watcher owns pidfd; on failure the
 // caller still does.
-int Watch(SpawnState* s, int pidfd, bool own_child, bool silent, uint32_t* id) {
+int Watch(SpawnState* s, int pidfd, bool own_child, uint32_t* id) {
   Watcher* w = new Watcher();
   w->state = s;
   w->pidfd = pidfd;
   w->own_child = own_child;
-  w->silent = silent;
   w->poll.data = w;
   int r = uv_poll_init(s->loop, &w->poll, pidfd);
   if (r != 0) {
@@ -786,13 +854,18 @@ Napi::Value Spawn(const Napi::CallbackInfo& info) {
   }
   uint32_t id = 0;
   if (plan.err != 0) {
-    // The child has exited (or is exiting) with 127 after recording why. Reap it
-    // from the loop like any other child instead of waiting for it here.
-    if (Watch(s, pidfd, true, true, &id) != 0) g_orphans->Adopt(pidfd);
+    // The child has already called _exit(127) after recording why (the vfork
+    // wait ends as it exits): reap it now, in microseconds. Left to the loop, a
+    // synchronous loop of failing spawns piles up zombies and pidfds until
+    // clone3 itself fails with EMFILE.
+    siginfo_t info;
+    while (waitid(static_cast<idtype_t>(P_PIDFD), static_cast<id_t>(pidfd), &info, WEXITED | __WALL) < 0 && errno == EINTR) {
+    }
+    close(pidfd);
     out[2] = plan.stage;
     return Napi::Number::New(env, plan.err);
   }
-  e = Watch(s, pidfd, true, false, &id);
+  e = Watch(s, pidfd, true, &id);
   if (e != 0) {
     // Unwatchable, so unsupervisable: kill it, and let the reaper thread reap it.
     syscall(SYS_pidfd_send_signal, pidfd, SIGKILL, nullptr, 0);
@@ -814,7 +887,7 @@ Napi::Value Attach(const Napi::CallbackInfo& info) {
   int fd = static_cast<int>(syscall(SYS_pidfd_open, Int32Arg(info, 0), 0));
   if (fd < 0) return Napi::Number::New(env, errno);
   uint32_t id = 0;
-  int e = Watch(s, fd, false, false, &id);
+  int e = Watch(s, fd, false, &id);
   if (e != 0) {
     close(fd);
     return Napi::Number::New(env, e);

@@ -2,9 +2,9 @@
 // runs twice: through clone3 and through the fallback (clone + pidfd_open),
 // forced with LOCKMGR_SPAWN_FALLBACK=1; a counter in the addon proves which
 // path started the children.
-import { spawn as cpSpawn } from 'node:child_process';
+import { spawn as cpSpawn, spawnSync } from 'node:child_process';
 import { once } from 'node:events';
-import { chmodSync, closeSync, openSync, readFileSync, readlinkSync, writeFileSync } from 'node:fs';
+import { chmodSync, closeSync, openSync, readFileSync, readlinkSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Worker } from 'node:worker_threads';
@@ -568,6 +568,77 @@ test('where clone3 is ENOSYS (seccomp, old kernels) spawns fall back to clone + 
   });
   // The control: the same script without the filter goes through clone3.
   expect(runScript(script, { LOCKMGR_SPAWN_FALLBACK: '' })).toMatchObject({ info: { clone3Missing: false, clone3Spawns: 3, fallbackSpawns: 0 } });
+});
+
+test('inherited stdio is blocking in the child even when Node made it O_NONBLOCK (a slow reader, a big writer)', async () => {
+  // The parent touches process.stdout (Node makes a pipe stdout O_NONBLOCK),
+  // then lets a child write 2 MB through it to a reader that starts late.
+  const script = `import { spawnSupervised } from ${JSON.stringify(distUrl)};
+    process.stdout.write('');
+    const status = await spawnSupervised('head', ['-c', '2000000', '/dev/zero'], { stdio: 'inherit' }).exited;
+    process.stderr.write(JSON.stringify(status));`;
+  const child = cpSpawn(process.execPath, ['--input-type=module', '-e', script], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let stderr = '';
+  child.stderr!.on('data', (d: Buffer) => (stderr += d));
+  child.stdout!.pause();
+  await new Promise((r) => setTimeout(r, 500));
+  let bytes = 0;
+  child.stdout!.on('data', (d: Buffer) => (bytes += d.length));
+  child.stdout!.resume();
+  await once(child, 'close');
+  expect(JSON.parse(stderr)).toEqual({ code: 0, signal: null });
+  expect(bytes).toBe(2_000_000);
+});
+
+test('a loop of failing execs leaves no zombie and no pidfd behind, even before the loop turns', () => {
+  const script = `import { spawnSupervised } from ${JSON.stringify(distUrl)};
+    import { readdirSync } from 'node:fs';
+    const before = readdirSync('/proc/self/fd').length;
+    const codes = new Set();
+    for (let i = 0; i < 2000; i++) { try { spawnSupervised('/nonexistent/command'); } catch (e) { codes.add(e.cause.code); } }
+    const during = readdirSync('/proc/self/fd').length;
+    console.log(JSON.stringify({ codes: [...codes], grew: during - before }));`;
+  // Under RLIMIT_NOFILE 256: were each failure to keep its pidfd until the loop turned, the loop would hit EMFILE.
+  const r = spawnSync('prlimit', ['--nofile=256:256', process.execPath, '--input-type=module', '-e', script], { encoding: 'utf8' });
+  expect(r.stderr).toBe('');
+  expect(JSON.parse(r.stdout)).toEqual({ codes: ['ENOENT'], grew: 0 });
+});
+
+test('where close_range is refused (EPERM from an old seccomp profile) the child still gets only 0, 1, 2 and keepFds', () => {
+  const shim = compileShim('deny-ofd', dir);
+  const script = `import { spawnSupervised } from ${JSON.stringify(distUrl)};
+    import { openSync } from 'node:fs';
+    const kept = openSync('/dev/null', 'r');
+    const extra = [openSync('/dev/null', 'r'), openSync('/dev/null', 'r')];
+    const child = spawnSupervised('sh', ['-c', 'ls /proc/self/fd'], { stdio: ['ignore', 'pipe', 'ignore'], keepFds: [kept] });
+    let out = ''; child.stdout.on('data', (d) => (out += d));
+    const status = await child.exited;
+    await new Promise((r) => child.stdout.on('close', r));
+    console.log(JSON.stringify({ status, fds: out.trim().split(/\\s+/).map(Number).sort((a, b) => a - b), kept, extra }));`;
+  const out = runScript(script, { LD_PRELOAD: shim, DENY_CLOSE_RANGE: '1' }) as { status: unknown; fds: number[]; kept: number };
+  expect(out.status).toEqual({ code: 0, signal: null });
+  // ls itself opens one fd to list the directory.
+  expect(out.fds.filter((fd) => fd !== 3 || out.kept === 3).slice(0, 3)).toEqual([0, 1, 2]);
+  expect(out.fds).toContain(out.kept);
+  expect(out.fds.length).toBe(5);
+});
+
+test('holes in args, stdio or keepFds are rejected, not skipped', () => {
+  const holes: Array<() => unknown> = [
+    () => spawnSupervised('sh', ['-c', 'exit 0', , 'x'] as string[]),
+    () => spawnSupervised('true', [], { stdio: ['inherit', , 'inherit'] as never }),
+    () => spawnSupervised('true', [], { keepFds: [, 5] as never }),
+  ];
+  for (const call of holes) expect(call).toThrow(InvalidArgumentError);
+});
+
+test("cwd is the child's chdir, through symlinks, not a lexically normalised path", async () => {
+  const link = join(dir, 'link');
+  symlinkSync('/usr/lib', link);
+  const child = spawnSupervised('pwd', [], { cwd: `${link}/..`, stdio: ['ignore', 'pipe', 'ignore'] });
+  const out = await collect(child.stdout!);
+  await child.exited;
+  expect(out.trim()).toBe('/usr');
 });
 
 /** Lets handles closed by earlier tests (stream sockets) finish closing. */
