@@ -68,6 +68,17 @@ function fdsOn(path: string): string[] {
   });
 }
 
+/** A disk held exclusively by another running manager, and a running manager `m` without resources. */
+async function busyDiskAndRunningManager(): Promise<{ busy: string; other: LockManager; m: LockManager }> {
+  const busy = makeFile(fx.tmp.dir, 'busy.img');
+  const other = manager();
+  other.registerResource({ type: 'disk', path: busy, mode: 'exclusive' });
+  await other.start('sleep', ['1000']);
+  const m = manager();
+  await m.start('sleep', ['1000']);
+  return { busy, other, m };
+}
+
 function states(m: LockManager): ManagerState[] {
   const seen: ManagerState[] = [];
   m.on('state', (s) => seen.push(s));
@@ -397,12 +408,7 @@ describe('lock lifetime: the supervised process never runs without its locks', (
 describe('running: hotplug, exit, shutdown, free', () => {
   it('acquireResource and releaseResource are idempotent, and their failures leave the child running', async () => {
     const extra = makeFile(fx.tmp.dir, 'extra.img');
-    const busy = makeFile(fx.tmp.dir, 'busy.img');
-    const other = manager();
-    other.registerResource({ type: 'disk', path: busy, mode: 'exclusive' });
-    await other.start('sleep', ['1000']);
-    const m = manager();
-    await m.start('sleep', ['1000']);
+    const { busy, m } = await busyDiskAndRunningManager();
     const pid = m.getChild().pid;
     expect(await m.acquireResource({ type: 'disk', path: extra, mode: 'exclusive' })).toEqual({ wasHeld: false });
     expect(await m.acquireResource({ type: 'disk', path: extra, mode: 'exclusive' })).toEqual({ wasHeld: true });
@@ -420,12 +426,7 @@ describe('running: hotplug, exit, shutdown, free', () => {
   });
 
   it('a hotplug still waiting when the child exits fails with InvalidStateError and leaves nothing held', async () => {
-    const busy = makeFile(fx.tmp.dir, 'busy.img');
-    const other = manager();
-    other.registerResource({ type: 'disk', path: busy, mode: 'exclusive' });
-    await other.start('sleep', ['1000']);
-    const m = manager();
-    await m.start('sleep', ['1000']);
+    const { busy, other, m } = await busyDiskAndRunningManager();
     // Settled into a value at once: it rejects while the test awaits other things.
     const acquiring = m.acquireResource({ type: 'disk', path: busy, mode: 'exclusive' }, { timeout: 30_000 }).catch((e: unknown) => e);
     await new Promise((r) => setTimeout(r, 30));
@@ -439,12 +440,7 @@ describe('running: hotplug, exit, shutdown, free', () => {
   });
 
   it('shutdown() ends a hotplug that is waiting: InvalidStateError, nothing held, shutdown resolves', async () => {
-    const busy = makeFile(fx.tmp.dir, 'busy.img');
-    const other = manager();
-    other.registerResource({ type: 'disk', path: busy, mode: 'exclusive' });
-    await other.start('sleep', ['1000']);
-    const m = manager();
-    await m.start('sleep', ['1000']);
+    const { busy, m } = await busyDiskAndRunningManager();
     const acquiring = m.acquireResource({ type: 'disk', path: busy, mode: 'shared' }, { timeout: 60_000 }).catch((e: unknown) => e);
     await new Promise((r) => setTimeout(r, 30));
     await m.shutdown({ graceMs: 1000 });
@@ -454,12 +450,7 @@ describe('running: hotplug, exit, shutdown, free', () => {
   });
 
   it('two concurrent acquires of one disk: the second waits for the first, and nothing is held behind the manager', async () => {
-    const busy = makeFile(fx.tmp.dir, 'busy.img');
-    const other = manager();
-    other.registerResource({ type: 'disk', path: busy, mode: 'exclusive' });
-    await other.start('sleep', ['1000']);
-    const m = manager();
-    await m.start('sleep', ['1000']);
+    const { busy, other, m } = await busyDiskAndRunningManager();
     const patient = m.acquireResource({ type: 'disk', path: busy, mode: 'exclusive' }, { timeout: 30_000 });
     const hasty = m.acquireResource({ type: 'disk', path: busy, mode: 'exclusive' });
     await new Promise((r) => setTimeout(r, 50));
