@@ -612,8 +612,10 @@ test('where close_range is refused (EPERM from an old seccomp profile) the child
     const extra = [openSync('/dev/null', 'r'), openSync('/dev/null', 'r')];
     const child = spawnSupervised('sh', ['-c', 'ls /proc/self/fd'], { stdio: ['ignore', 'pipe', 'ignore'], keepFds: [kept] });
     let out = ''; child.stdout.on('data', (d) => (out += d));
+    // Listened for before awaiting the exit: the stream may close first.
+    const closed = new Promise((r) => child.stdout.on('close', r));
     const status = await child.exited;
-    await new Promise((r) => child.stdout.on('close', r));
+    await closed;
     console.log(JSON.stringify({ status, fds: out.trim().split(/\\s+/).map(Number).sort((a, b) => a - b), kept, extra }));`;
   const out = runScript(script, { LD_PRELOAD: shim, DENY_CLOSE_RANGE: '1' }) as { status: unknown; fds: number[]; kept: number };
   expect(out.status).toEqual({ code: 0, signal: null });
