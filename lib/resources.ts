@@ -34,7 +34,7 @@ const heldAs = (mode: 'exclusive' | 'shared'): string => (mode === 'exclusive' ?
  * The busy error for a resource someone else holds: the conflicting lock, and
  * who has the file open, from F_OFD_GETLK and /proc.
  */
-export function busyError(space: Lockspace, r: Resource, rolledBack: string[]): ResourceBusyError {
+export function busyError(space: Lockspace, r: Resource): ResourceBusyError {
   let holder: LockHolder | null = null;
   try {
     holder = r.file.getConflict(space.lockMode(r.mode), space.leaseRange);
@@ -54,8 +54,8 @@ export function busyError(space: Lockspace, r: Resource, rolledBack: string[]): 
         : 'by another open file description in this process';
   }
   const how = holder === null ? 'held' : `held ${heldAs(holder.mode)}`;
-  const back = rolledBack.length === 0 ? '' : `; released again: ${rolledBack.join(', ')}`;
-  return new ResourceBusyError(`${r.path} is ${how} ${who}${back}`, { holder, resource: r.path, candidates, rolledBack });
+  // What a multi-resource acquire released again is added by withRollback().
+  return new ResourceBusyError(`${r.path} is ${how} ${who}`, { holder, resource: r.path, candidates });
 }
 
 /** The same busy or timeout error, saying which leases were released again. */
@@ -75,7 +75,7 @@ function withRollback(err: unknown, back: string[]): unknown {
 async function takeOne(space: Lockspace, r: Resource, wait: boolean, deadline: number | undefined, signal: AbortSignal | undefined): Promise<void> {
   const mode = space.lockMode(r.mode);
   if (!wait) {
-    if (!r.file.tryLock(mode, space.leaseRange)) throw busyError(space, r, []);
+    if (!r.file.tryLock(mode, space.leaseRange)) throw busyError(space, r);
   } else {
     const timeout = deadline === undefined ? undefined : Math.max(0, deadline - Date.now());
     try {
