@@ -17,7 +17,7 @@ import {
   type LockHolder,
   type ProcessInfo,
 } from './errors.js';
-import { directLockspace } from './lockspace.js';
+import { openDiskFile } from './lockspace.js';
 import { LockManager, type ExitStatus, type LockLifetime, type ManagerParams, type ResourceMode } from './manager.js';
 import { describeProcess, locksOn, processesWithOpen, type ProcLock } from './proc-locks.js';
 import { qemuLockState, type QemuPermission } from './qemu.js';
@@ -259,8 +259,7 @@ export interface StatusEntry {
 }
 
 function inspect(path: string): StatusEntry {
-  const space = directLockspace();
-  const file = space.openLease(path, 'readonly');
+  const file = openDiskFile(path, 'read');
   try {
     const byte = (start: number): { state: ByteState; holder: LockHolder | null } => {
       const holder = file.getConflict('exclusive', { start, length: 1 });

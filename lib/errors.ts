@@ -56,6 +56,8 @@ export interface ResourceBusyOptions {
   candidates?: ProcessInfo[];
   /** Paths whose locks this call took and released again before failing. */
   rolledBack?: string[];
+  /** A migration target holds the handover guard (byte 1). */
+  migrationInProgress?: boolean;
 }
 
 /** A conflicting lock is held. `holder` and `candidates` say what is known of who holds it. */
@@ -65,12 +67,15 @@ export class ResourceBusyError extends LockManagerError {
   readonly resource: string | null;
   readonly candidates: ProcessInfo[];
   readonly rolledBack: string[];
+  /** A migration target holds the resource's handover guard: it is being handed to another manager. */
+  readonly migrationInProgress: boolean;
   constructor(message: string, options?: ResourceBusyOptions) {
     super(message, options);
     this.holder = options?.holder ?? null;
     this.resource = options?.resource ?? null;
     this.candidates = options?.candidates ?? [];
     this.rolledBack = options?.rolledBack ?? [];
+    this.migrationInProgress = options?.migrationInProgress ?? false;
   }
 }
 

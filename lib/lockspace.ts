@@ -1,7 +1,17 @@
-// Where a resource's lease lives. The direct lockspace puts it on the image or
-// block device itself, at byte 0, length 1, exactly where libvirt's virtlockd
-// puts its lock, so the two exclude each other. QEMU's own image locks live at
-// bytes 100 and up (design.md section 6); a direct lease never touches them.
+// Where a resource's lease lives. A lockspace turns a resource (a disk path,
+// or a named lease) into a Lease: the one or more lock files that carry it.
+//
+// Every lease file uses the same two bytes:
+//   byte 0  the lease: a write lock is exclusive, a read lock shared/readonly.
+//           libvirt's virtlockd locks the same byte, so the two exclude each other.
+//   byte 1  the migration guard: write-locked by a migration target from its
+//           start() until it holds the lease (docs/contract.md, "Migration").
+// QEMU's own image locks live at bytes 100 and up (design.md section 6) and
+// are taken on the image itself (Lease.image), whatever the lockspace.
+//
+// The direct lockspace (this file) uses the image or block device itself as
+// its one lease file. The indirect one (lockspace-indirect.ts) uses files in a
+// shared directory.
 import { readFileSync, statSync } from 'node:fs';
 import { openLockable, type ByteRange, type LockableFile, type LockMode } from './locks.js';
 import { major, minor } from './proc-locks.js';
@@ -12,19 +22,72 @@ export interface DirectLockspaceConfig {
   kind: 'direct';
 }
 
-export type LockspaceConfig = DirectLockspaceConfig;
+export interface IndirectLockspaceConfig {
+  kind: 'indirect';
+  /** The directory of lock files, shared by every host that must see the leases. */
+  dir: string;
+}
+
+export type LockspaceConfig = DirectLockspaceConfig | IndirectLockspaceConfig;
+
+export const LEASE_RANGE: Readonly<ByteRange> = Object.freeze({ start: 0, length: 1 });
+export const GUARD_RANGE: Readonly<ByteRange> = Object.freeze({ start: 1, length: 1 });
+
+/** The lock that stands for a resource mode. libvirt leaves readonly disks unlocked; we take a read lock, so a reader and an exclusive writer exclude each other. */
+export function lockModeOf(mode: ResourceMode): LockMode {
+  return mode === 'exclusive' ? 'exclusive' : 'shared';
+}
+
+export interface TakeOptions {
+  /** Wait while someone else holds a conflicting lock (else fail fast). */
+  wait: boolean;
+  timeout?: number;
+  signal?: AbortSignal;
+}
+
+/** One file that carries a lease, or part of one. */
+export interface LeaseSlot {
+  /** The open lock file. An indirect slot may replace it in take(): read it again afterwards. */
+  readonly file: LockableFile;
+  /** The file's path, for messages. */
+  readonly path: string;
+  /**
+   * Locks `range`. false when busy and not waiting; LockTimeoutError or
+   * AbortError when a wait ends without it. An indirect slot also makes sure
+   * that the file it locked is still the one its name points at.
+   */
+  take(mode: LockMode, range: Readonly<ByteRange>, options: TakeOptions): Promise<boolean>;
+  /** Unlocks `range`. An indirect slot that then holds nothing deletes its file if nobody else has it locked. */
+  release(range: Readonly<ByteRange>): void;
+  /** Releases everything and closes. Idempotent. */
+  close(): void;
+}
+
+/** A resource's lease in a lockspace. */
+export interface Lease {
+  /** The resource's identity: the same string in every process (and, where the lockspace is shared, every host) that names this resource. Sorts the canonical order. */
+  readonly key: string;
+  /** The path the resource was registered with. */
+  readonly path: string;
+  readonly kind: 'file' | 'block-device' | 'lease';
+  /** The lock files, in the order they are locked. */
+  readonly slots: readonly LeaseSlot[];
+  /** The image itself, for QEMU-style locks; null for a lease resource. In the direct lockspace it is the one slot's file. */
+  readonly image: LockableFile | null;
+  /** Closes every slot and the image. Idempotent. */
+  close(): void;
+}
+
+export interface OpenDiskOptions {
+  /** Open the lease files so that they take a write lock even for a shared or readonly disk (a migration target's guard). */
+  write?: boolean;
+}
 
 export interface Lockspace {
   readonly config: LockspaceConfig;
-  /** The byte range that is the lease. */
-  readonly leaseRange: Readonly<ByteRange>;
-  /** Opens the file that carries `path`'s lease, with the access its mode needs. */
-  openLease(path: string, mode: ResourceMode): LockableFile;
-  /** The lock that stands for a resource mode. */
-  lockMode(mode: ResourceMode): LockMode;
+  /** Opens the lease of a disk: a regular file or block device. */
+  openDisk(path: string, mode: ResourceMode, options?: OpenDiskOptions): Lease;
 }
-
-export const LEASE_RANGE: Readonly<ByteRange> = Object.freeze({ start: 0, length: 1 });
 
 /**
  * The kernel's own device node for a block device (`/dev/` + DEVNAME from
@@ -44,15 +107,13 @@ export function canonicalBlockNode(rdev: bigint): string | null {
 }
 
 /**
- * Opens the file that carries a direct lease. OFD locks live on an inode, and
- * two device nodes of one disk (a mknod alias, a container's own /dev) are two
- * inodes that would not exclude each other: a block device's lease is
- * therefore always taken on its canonical node. Where that node is missing,
- * the given path is used, and only managers that use the same node exclude
- * each other (docs/contract.md).
+ * Opens a disk for locking. OFD locks live on an inode, and two device nodes of
+ * one disk (a mknod alias, a container's own /dev) are two inodes that would
+ * not exclude each other: a block device is therefore always opened through
+ * its canonical node. Where that node is missing, the given path is used, and
+ * only managers that use the same node exclude each other (docs/contract.md).
  */
-function openDirectLease(path: string, mode: ResourceMode): LockableFile {
-  const access = mode === 'exclusive' ? 'readwrite' : 'read';
+export function openDiskFile(path: string, access: 'read' | 'readwrite'): LockableFile {
   const file = openLockable(path, { access });
   if (file.kind !== 'block-device') return file;
   const node = canonicalBlockNode(file.identity.dev);
@@ -64,16 +125,37 @@ function openDirectLease(path: string, mode: ResourceMode): LockableFile {
   }
 }
 
+/** A slot on a file that never moves: the image itself. */
+export function fixedSlot(file: LockableFile): LeaseSlot {
+  return {
+    file,
+    path: file.path,
+    async take(mode, range, o) {
+      if (!o.wait) return file.tryLock(mode, range);
+      await file.lock(mode, range, { timeout: o.timeout, signal: o.signal });
+      return true;
+    },
+    release: (range) => file.unlock(range),
+    close: () => file.close(),
+  };
+}
+
 export function directLockspace(): Lockspace {
   return {
     config: { kind: 'direct' },
-    leaseRange: LEASE_RANGE,
-    // A shared or readonly lease is a read lock, which needs only read access:
-    // a disk on a read-only filesystem, or a base image the VM may not write,
-    // can still be leased shared.
-    openLease: openDirectLease,
-    // libvirt leaves readonly disks unlocked; we take a read lock, so a reader
-    // and an exclusive writer exclude each other.
-    lockMode: (mode) => (mode === 'exclusive' ? 'exclusive' : 'shared'),
+    openDisk(path, mode, options = {}) {
+      // A shared or readonly lease is a read lock, which needs only read
+      // access: a disk on a read-only filesystem, or a base image the VM may
+      // not write, can still be leased shared.
+      const file = openDiskFile(path, mode === 'exclusive' || options.write === true ? 'readwrite' : 'read');
+      return {
+        key: file.identity.key,
+        path,
+        kind: file.kind,
+        slots: [fixedSlot(file)],
+        image: file,
+        close: () => file.close(),
+      };
+    },
   };
 }

@@ -4,20 +4,29 @@
 // prose: the states, what each method may do in each, and every failure.
 //
 //   new --start()--> starting --> running --(child exits | shutdown())--> stopped
-//    ^                  |            |                                      |
-//    +---(acquire or    |         stopping                                  |
-//         spawn failed)-+                                                   |
+//    ^                  |   |        |                                      |
+//    +---(acquire or    |   |     stopping                                  |
+//         spawn failed)-+   |                                               |
 //   any state --free()--> freed  <------------------------------------------+
+//
+// Migration (docs/contract.md, "Migration"):
+//   target (flags.migrate): starting --> incoming --completeMigrateIn()--> running
+//                                        incoming --(cancel | child exits)--> stopped
+//   source: running --prepareMigrate()--> migrating --completeMigrateOut()--> migrated
+//           migrating | migrated --completeMigrateOut({ cancel })--> running
+//           migrating | migrated --(child exits)--> stopped
 import { EventEmitter } from 'node:events';
 import { fileURLToPath } from 'node:url';
-import { AbortError, InvalidArgumentError, InvalidStateError, LockManagerError, UnsupportedError, systemError, type ProcessInfo } from './errors.js';
-import { directLockspace, type LockspaceConfig, type Lockspace, type ResourceMode } from './lockspace.js';
+import { AbortError, InvalidArgumentError, InvalidStateError, LockManagerError, LockTimeoutError, UnsupportedError, systemError, type ProcessInfo } from './errors.js';
+import { indirectLockspace, openLeaseResource } from './lockspace-indirect.js';
+import { directLockspace, lockModeOf, LEASE_RANGE, type Lease, type LockspaceConfig, type Lockspace, type ResourceMode } from './lockspace.js';
+import { decodeToken, describeLockspace, encodeToken, sameLockspace, type TokenResource } from './migration-token.js';
 import { qemuProfile } from './qemu.js';
-import { acquireAll, releaseOne, stillHeld, type AcquireOptions, type Resource } from './resources.js';
+import { acquireAll, releaseGuard, releaseOne, stillHeld, takeGuards, type AcquireOptions, type Resource } from './resources.js';
 import { attachProcess, spawnSupervised, type ExitStatus, type SpawnOptions, type SupervisedProcess } from './supervise.js';
 import { checkOneOf, checkOptions, checkPath, checkSignal, checkTimeout, describe } from './validate.js';
 
-export type ManagerState = 'new' | 'starting' | 'running' | 'stopping' | 'stopped' | 'freed';
+export type ManagerState = 'new' | 'starting' | 'incoming' | 'running' | 'migrating' | 'migrated' | 'stopping' | 'stopped' | 'freed';
 export type LockLifetime = 'child' | 'supervisor';
 export type LockFailureAction = 'poweroff' | 'pause' | 'ignore';
 export type { ResourceMode, LockspaceConfig };
@@ -40,12 +49,13 @@ export interface LockManagerOptions {
   onLockFailure?: LockFailureAction;
   /** Supervise this running process instead of spawning one (RFC NEW_ATTACH). */
   attach?: number;
+  /** migrate: this manager is a migration target: start() takes the handover guard, completeMigrateIn() the leases. */
   flags?: { migrate?: boolean };
   /** Run verify() every this many milliseconds while running. */
   verifyInterval?: number;
 }
 
-export interface ResourceSpec {
+export interface DiskSpec {
   type: 'disk';
   path: string;
   mode: ResourceMode;
@@ -57,14 +67,35 @@ export interface ResourceSpec {
   qemuCompatible?: boolean;
 }
 
-export interface ResourceRef {
-  type: 'disk';
+/** libvirt's lease: the file `<path>/<lockspace>/<key>`, in any lockspace. */
+export interface LeaseSpec {
+  type: 'lease';
+  /** The lockspace's name: a directory under path. */
+  lockspace: string;
+  key: string;
+  /** The directory that holds the lockspaces. */
   path: string;
+  mode: ResourceMode;
 }
+
+export type ResourceSpec = DiskSpec | LeaseSpec;
+
+export type ResourceRef = Pick<DiskSpec, 'type' | 'path'> | Omit<LeaseSpec, 'mode'>;
 
 export interface WaitOptions {
   timeout?: number;
   signal?: AbortSignal;
+}
+
+export interface MigrateInOptions extends WaitOptions {
+  /** Give up the incoming migration: drop the guard, stop the incoming child (graceMs, then SIGKILL), end 'stopped'. */
+  cancel?: boolean;
+  graceMs?: number;
+}
+
+export interface MigrateOutOptions extends WaitOptions {
+  /** The migration failed: keep the leases, or take them back, and return to 'running'. */
+  cancel?: boolean;
 }
 
 export interface LockFailure {
@@ -82,7 +113,22 @@ export interface VerifyResult {
 interface ManagedResource extends Resource {
   /** Taken by acquireResource() while running: held by the supervisor only. */
   hotplugged: boolean;
+  /** How it was registered, for inquire(). */
+  readonly spec: TokenResource;
 }
+
+/** A checked resource spec; mode is missing in a ResourceRef. */
+type CheckedSpec = (Omit<DiskSpec, 'mode'> | Omit<LeaseSpec, 'mode'>) & { mode?: ResourceMode; qemuCompatible?: boolean };
+
+/**
+ * How long a fail-fast migration target waits for a guard someone holds: a
+ * fresh acquirer read-locks it for a moment (two syscalls) to test it. Longer
+ * than that, it is another target's.
+ */
+const GUARD_SETTLE_MS = 100;
+
+/** The states in which a supervised process runs. */
+const WITH_CHILD: readonly ManagerState[] = ['incoming', 'running', 'migrating', 'migrated', 'stopping'];
 
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 const PARAM_KEYS = ['id', 'uuid', 'name', 'uri'] as const;
@@ -129,18 +175,48 @@ function checkParam(key: unknown, value: unknown): [keyof ManagerParams, Manager
   }
 }
 
-function checkResource(value: unknown, what: string): { path: string; mode?: ResourceMode; qemuCompatible: boolean } {
-  const spec = checkOptions<ResourceSpec>(value, ['type', 'path', 'mode', 'qemuCompatible'], what);
+function checkResource(value: unknown, what: string): CheckedSpec {
   if (value === undefined) throw new InvalidArgumentError(`${what} is required`);
-  if (spec.type !== 'disk') {
-    throw new InvalidArgumentError(`${what}.type must be 'disk' (leases need a sanlock lockspace), got ${describe(spec.type)}`);
+  const type = checkOneOf(checkOptions<{ type?: unknown }>(value, ['type', 'path', 'mode', 'qemuCompatible', 'lockspace', 'key'], what).type, ['disk', 'lease'] as const, `${what}.type`);
+  if (type === 'lease') {
+    const spec = checkOptions<LeaseSpec>(value, ['type', 'path', 'mode', 'lockspace', 'key'], what);
+    const path = checkPath(spec.path, `${what}.path`);
+    for (const k of ['lockspace', 'key'] as const) {
+      if (typeof spec[k] !== 'string') throw new InvalidArgumentError(`${what}.${k} must be a string, got ${describe(spec[k])}`);
+    }
+    const mode = spec.mode === undefined ? undefined : checkOneOf(spec.mode, MODES, `${what}.mode`);
+    return { type, path, lockspace: spec.lockspace as string, key: spec.key as string, mode };
   }
+  const spec = checkOptions<DiskSpec>(value, ['type', 'path', 'mode', 'qemuCompatible'], what);
   const path = checkPath(spec.path, `${what}.path`);
   if (spec.qemuCompatible !== undefined && typeof spec.qemuCompatible !== 'boolean') {
     throw new InvalidArgumentError(`${what}.qemuCompatible must be a boolean, got ${describe(spec.qemuCompatible)}`);
   }
   const mode = spec.mode === undefined ? undefined : checkOneOf(spec.mode, MODES, `${what}.mode`);
-  return { path, mode, qemuCompatible: spec.qemuCompatible === true };
+  return { type, path, mode, qemuCompatible: spec.qemuCompatible === true };
+}
+
+function checkFlag(value: unknown, what: string): boolean {
+  if (value !== undefined && typeof value !== 'boolean') throw new InvalidArgumentError(`${what} must be a boolean, got ${describe(value)}`);
+  return value === true;
+}
+
+/** A URI naming the other side of a migration: informational, and checked to be the same across one migration's calls. */
+function checkUri(value: unknown, what: string): string {
+  if (typeof value !== 'string' || value === '' || value.includes('\0')) {
+    throw new InvalidArgumentError(`${what} must be a non-empty string without NUL bytes, got ${describe(value)}`);
+  }
+  return value;
+}
+
+function makeLockspace(value: unknown): Lockspace {
+  const config = checkOptions<Partial<LockspaceConfig> & { dir?: unknown }>(value, ['kind', 'dir'], 'lockspace');
+  const kind = config.kind === undefined ? 'direct' : checkOneOf(config.kind, ['direct', 'indirect'] as const, 'lockspace.kind');
+  if (kind === 'direct') {
+    if (config.dir !== undefined) throw new InvalidArgumentError("lockspace.dir is for kind 'indirect'; a direct lockspace locks the images themselves");
+    return directLockspace();
+  }
+  return indirectLockspace({ kind, dir: checkPath(config.dir, 'lockspace.dir') });
 }
 
 /** The lockmgr CLI shipped with this package (bin/lockmgr.js). */
@@ -176,6 +252,12 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
   #shutdown: Promise<void> | null = null;
   #free: Promise<void> | null = null;
   #verifyTimer: NodeJS.Timeout | null = null;
+  /** A migration target: start() takes guards, completeMigrateIn() the leases. */
+  readonly #incoming: boolean;
+  /** The target named by prepareMigrate(), while 'migrating' or 'migrated'. */
+  #targetUri: string | null = null;
+  /** A completeMigrateIn() or a take-back in progress. */
+  #handover: Promise<void> | null = null;
 
   constructor(options?: LockManagerOptions) {
     super();
@@ -185,9 +267,7 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
       const [key, value] = checkParam(k, v);
       (this.#params as Record<string, unknown>)[key] = value;
     }
-    const space = checkOptions<LockspaceConfig>(o.lockspace, ['kind'], 'lockspace');
-    if (space.kind !== undefined) checkOneOf(space.kind, ['direct'] as const, 'lockspace.kind');
-    this.#space = directLockspace();
+    this.#space = makeLockspace(o.lockspace);
     // An attached process cannot be handed the lock fds: its lifetime is the supervisor's.
     this.#lifetime = o.lockLifetime === undefined ? (o.attach === undefined ? 'child' : 'supervisor') : checkOneOf(o.lockLifetime, ['child', 'supervisor'] as const, 'lockLifetime');
     this.#onLockFailure = o.onLockFailure === undefined ? 'poweroff' : checkOneOf(o.onLockFailure, ['poweroff', 'pause', 'ignore'] as const, 'onLockFailure');
@@ -201,8 +281,12 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
       this.#attach = o.attach;
     }
     const flags = checkOptions<{ migrate?: boolean }>(o.flags, ['migrate'], 'flags');
-    if (flags.migrate !== undefined && flags.migrate !== false) {
-      throw new InvalidArgumentError('flags.migrate is not supported yet (see the migration issue)');
+    if (flags.migrate !== undefined && typeof flags.migrate !== 'boolean') {
+      throw new InvalidArgumentError(`flags.migrate must be a boolean, got ${describe(flags.migrate)}`);
+    }
+    this.#incoming = flags.migrate === true;
+    if (this.#incoming && this.#attach !== undefined) {
+      throw new InvalidArgumentError('flags.migrate cannot be used with attach: a migration target spawns the incoming process');
     }
     this.#verifyInterval = checkTimeout(o.verifyInterval, 'verifyInterval');
     if (this.#verifyInterval === 0) throw new InvalidArgumentError('verifyInterval must be > 0 milliseconds');
@@ -218,8 +302,8 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
   }
 
   /** The registered and hot-plugged resources: path, mode and whether the lease is held now. */
-  get resources(): Array<{ path: string; mode: ResourceMode; held: boolean; identity: string }> {
-    return [...this.#resources.values()].map((r) => ({ path: r.path, mode: r.mode, held: r.held, identity: r.file.identity.key }));
+  get resources(): Array<{ path: string; mode: ResourceMode; held: boolean; identity: string; lockFiles: string[] }> {
+    return [...this.#resources.values()].map((r) => ({ path: r.path, mode: r.mode, held: r.held, identity: r.lease.key, lockFiles: r.lease.slots.map((s) => s.path) }));
   }
 
   /** Sets a domain parameter before start. Keys: 'id' | 'uuid' | 'name' | 'uri'. */
@@ -237,8 +321,7 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
    */
   registerResource(spec: ResourceSpec): void {
     this.#require('registerResource', ['new']);
-    const { path, mode, qemuCompatible } = checkResource(spec, 'resource');
-    this.#open(path, requireMode(mode), qemuCompatible, false);
+    this.#open(checkResource(spec, 'resource'), false);
   }
 
   /** Acquires every registered resource (all or nothing), then spawns or attaches. */
@@ -273,7 +356,9 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
     const abandoned = (): boolean => this.#free !== null || this.#state !== 'starting';
     try {
       if (abandoned()) throw new AbortError('start() was abandoned: free() was called', { cause: wait.signal?.reason });
-      await acquireAll(this.#space, this.#resources.values(), wait);
+      // A migration target takes only the guard now; the source still holds the leases.
+      if (this.#incoming) await takeGuards(this.#resources.values(), { ...wait, settle: GUARD_SETTLE_MS });
+      else await acquireAll(this.#resources.values(), wait);
       if (abandoned()) {
         this.#releaseAll();
         throw new AbortError('start() was abandoned: free() was called', { cause: wait.signal?.reason });
@@ -296,7 +381,10 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
         // supervisor alone the child would run unlocked for that moment (the
         // lifetime test's observer saw it). With a copy in the child, the
         // locks go only when the child is gone.
-        const keepFds = [...(spawnOptions.keepFds ?? []), ...[...this.#resources.values()].map((r) => r.file.fd)];
+        // A migration target's child gets the lease files unlocked: the leases
+        // completeMigrateIn() takes on the same open file descriptions are then
+        // the child's too.
+        const keepFds = [...(spawnOptions.keepFds ?? []), ...this.#leaseFds()];
         child = spawnSupervised(command!, args, { ...spawnOptions, keepFds });
         this.#command = [command!, ...args];
       }
@@ -308,13 +396,24 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
     this.#child = child;
     this.#hotplugAbort = new AbortController();
     this.#stopped = child.exited.then((status) => this.#onExit(status));
-    this.#setState('running');
-    if (this.#verifyInterval !== undefined) {
-      this.#verifyTimer = setInterval(() => {
-        this.verify().catch((err: unknown) => this.#warn(err));
-      }, this.#verifyInterval);
-      this.#verifyTimer.unref();
+    if (this.#incoming) {
+      this.#setState('incoming');
+      return;
     }
+    this.#setState('running');
+    this.#startVerify();
+  }
+
+  #startVerify(): void {
+    if (this.#verifyInterval === undefined || this.#verifyTimer !== null) return;
+    this.#verifyTimer = setInterval(() => {
+      if (this.#state === 'running' || this.#state === 'migrating') this.verify().catch((err: unknown) => this.#warn(err));
+    }, this.#verifyInterval);
+    this.#verifyTimer.unref();
+  }
+
+  #leaseFds(): number[] {
+    return [...this.#resources.values()].flatMap((r) => r.lease.slots.map((s) => s.file.fd));
   }
 
   /**
@@ -325,14 +424,14 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
    */
   async acquireResource(spec: ResourceSpec, options?: WaitOptions): Promise<{ wasHeld: boolean }> {
     this.#require('acquireResource', ['running']);
-    const { path, mode, qemuCompatible } = checkResource(spec, 'resource');
+    const checked = checkResource(spec, 'resource');
     const wait = checkOptions<WaitOptions>(options, ['timeout', 'signal'], 'acquireResource options');
     const timeout = checkTimeout(wait.timeout);
     const signal = checkSignal(wait.signal);
     for (;;) {
-      const r = this.#open(path, requireMode(mode), qemuCompatible, true);
+      const r = this.#open(checked, true);
       if (r.held) return { wasHeld: true };
-      const key = r.file.identity.key;
+      const key = r.lease.key;
       const inFlight = this.#hotplugs.get(key);
       if (inFlight !== undefined) {
         // Another acquire of this disk is under way: let it finish, then look again.
@@ -354,7 +453,7 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
     const stop = this.#hotplugAbort!.signal;
     const wait = w.timeout !== undefined || w.signal !== undefined;
     try {
-      await acquireAll(this.#space, [r], { timeout: w.timeout, signal: w.signal === undefined ? stop : AbortSignal.any([w.signal, stop]), wait });
+      await acquireAll([r], { timeout: w.timeout, signal: w.signal === undefined ? stop : AbortSignal.any([w.signal, stop]), wait });
     } catch (err) {
       if (r.hotplugged) this.#forget(r);
       if (stop.aborted) throw stop.reason as Error;
@@ -371,23 +470,178 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
   /** Releases one resource while running. Not held: { wasHeld: false }. */
   async releaseResource(ref: ResourceRef): Promise<{ wasHeld: boolean }> {
     this.#require('releaseResource', ['running']);
-    const { path } = checkResource(ref, 'resource');
-    const r = this.#find(path);
+    const r = this.#find(checkResource(ref, 'resource'));
     if (r === undefined || !r.held) return { wasHeld: false };
-    releaseOne(this.#space, r);
+    releaseOne(r);
     this.#forget(r);
     return { wasHeld: true };
   }
 
+  /**
+   * The lock state a migration target needs (RFC Inquire): an opaque,
+   * versioned token naming this lock manager, its lockspace, the domain
+   * parameters and every resource with its mode. The target passes it to
+   * LockManager.fromInquire(). Allowed in every state but 'freed'.
+   */
+  inquire(): string {
+    this.#require('inquire', ['new', 'starting', 'incoming', 'running', 'migrating', 'migrated', 'stopping', 'stopped']);
+    return encodeToken({ lockspace: this.#space.config, params: this.params, resources: [...this.#resources.values()].map((r) => r.spec) });
+  }
+
+  /**
+   * A migration target for the source that made `token` with inquire(): its
+   * resources registered, in state 'new' with flags.migrate. InvalidArgumentError
+   * for a truncated, altered or foreign token, or one from another lockspace
+   * than options.lockspace (default: direct).
+   */
+  static fromInquire(token: string, options?: Omit<LockManagerOptions, 'flags' | 'attach'>): LockManager {
+    const state = decodeToken(token);
+    const o = checkOptions<LockManagerOptions>(options, ['params', 'lockspace', 'lockLifetime', 'onLockFailure', 'verifyInterval'], 'fromInquire options');
+    const mine = o.params?.uuid;
+    if (mine !== undefined && state.params.uuid !== undefined && String(mine).toLowerCase() !== state.params.uuid) {
+      throw new InvalidArgumentError(`the migration token is for domain ${state.params.uuid}, not ${describe(mine)}`);
+    }
+    // The source's parameters, then the target's own (a domain's id differs per host).
+    const mgr = new LockManager({ ...o, params: { ...state.params, ...o.params }, flags: { migrate: true } });
+    if (!sameLockspace(mgr.#space.config, state.lockspace)) {
+      throw new InvalidArgumentError(
+        `the migration token comes from a lockspace ${describeLockspace(state.lockspace)}, and this manager's is ${describeLockspace(mgr.#space.config)}: ` +
+          'source and target must lock the same files, or neither excludes the other',
+      );
+    }
+    try {
+      for (const r of state.resources) mgr.registerResource(r as ResourceSpec);
+    } catch (err) {
+      for (const r of mgr.#resources.values()) r.lease.close();
+      mgr.#resources.clear();
+      mgr.#setState('freed');
+      throw err;
+    }
+    return mgr;
+  }
+
+  /**
+   * Target: waits for the source to let go of the leases, takes them, then
+   * drops the guard: 'incoming' -> 'running'. A timeout or abort leaves the
+   * manager 'incoming' with its guard (retry, or cancel). With { cancel: true }:
+   * drops the guard, stops the incoming child (SIGTERM, graceMs, SIGKILL) and
+   * ends 'stopped'; idempotent.
+   */
+  async completeMigrateIn(sourceUri: string, options?: MigrateInOptions): Promise<void> {
+    const uri = checkUri(sourceUri, 'sourceUri');
+    const o = checkOptions<MigrateInOptions>(options, ['timeout', 'signal', 'cancel', 'graceMs'], 'completeMigrateIn options');
+    const timeout = checkTimeout(o.timeout);
+    const signal = checkSignal(o.signal);
+    const graceMs = checkTimeout(o.graceMs, 'graceMs');
+    if (checkFlag(o.cancel, 'cancel')) {
+      if (!this.#incoming) this.#require('completeMigrateIn', ['incoming']);
+      this.#require('completeMigrateIn', ['incoming', 'stopping', 'stopped']);
+      this.#abortHotplugs('completeMigrateIn({ cancel: true }) was called');
+      await this.#handover?.catch(() => undefined);
+      if (this.#state === 'incoming') for (const r of this.#resources.values()) releaseGuard(r);
+      await this.shutdown({ graceMs });
+      return;
+    }
+    this.#require('completeMigrateIn', ['incoming']);
+    if (this.#handover !== null) throw new InvalidStateError('completeMigrateIn() is already in progress');
+    const stop = this.#hotplugAbort!.signal;
+    this.#handover = (async () => {
+      try {
+        await acquireAll(this.#resources.values(), { wait: true, timeout, signal: signal === undefined ? stop : AbortSignal.any([signal, stop]), checkGuard: false });
+      } catch (err) {
+        if (stop.aborted) throw stop.reason as Error;
+        if (err instanceof LockTimeoutError) {
+          throw new LockTimeoutError(`completeMigrateIn: the source (${uri}) did not let go in time: ${err.message}`, { timeout: err.timeout, holder: err.holder, cause: err });
+        }
+        throw err;
+      }
+      if (this.#state !== 'incoming') {
+        this.#releaseAll();
+        throw new InvalidStateError(`completeMigrateIn: the manager became '${this.#state}' while it waited; the leases were released`);
+      }
+      // Only now: from the source's release to here, the guard kept fresh acquirers out.
+      for (const r of this.#resources.values()) releaseGuard(r);
+      this.#setState('running');
+      this.#startVerify();
+    })();
+    try {
+      await this.#handover;
+    } finally {
+      this.#handover = null;
+    }
+  }
+
+  /** Source: a migration to `targetUri` begins: 'running' -> 'migrating'. Hotplug is refused until it ends. */
+  async prepareMigrate(targetUri: string): Promise<void> {
+    const uri = checkUri(targetUri, 'targetUri');
+    this.#require('prepareMigrate', ['running']);
+    if (this.#hotplugs.size > 0) {
+      throw new InvalidStateError('prepareMigrate(): an acquireResource() is still in progress; await it first');
+    }
+    this.#targetUri = uri;
+    this.#setState('migrating');
+  }
+
+  /**
+   * Source: the caller has paused the process; releases every lease so the
+   * target can take it: 'migrating' -> 'migrated' (the process still runs until
+   * shut down). With { cancel: true }: the migration failed; from 'migrating'
+   * keeps the leases, from 'migrated' takes them back (fail fast, or waiting per
+   * timeout/signal; busy if the target took them), and returns to 'running'.
+   */
+  async completeMigrateOut(targetUri: string, options?: MigrateOutOptions): Promise<void> {
+    const uri = checkUri(targetUri, 'targetUri');
+    const o = checkOptions<MigrateOutOptions>(options, ['timeout', 'signal', 'cancel'], 'completeMigrateOut options');
+    const timeout = checkTimeout(o.timeout);
+    const signal = checkSignal(o.signal);
+    const cancel = checkFlag(o.cancel, 'cancel');
+    this.#require('completeMigrateOut', ['migrating', 'migrated']);
+    if (uri !== this.#targetUri) {
+      throw new InvalidArgumentError(`completeMigrateOut(): the migration in progress is to ${describe(this.#targetUri)}, not ${describe(uri)}`);
+    }
+    if (this.#handover !== null) throw new InvalidStateError('completeMigrateOut({ cancel: true }) is already taking the leases back');
+    if (!cancel) {
+      if (this.#state === 'migrated') return;
+      this.#stopVerify();
+      this.#releaseAll();
+      this.#setState('migrated');
+      return;
+    }
+    if (this.#state === 'migrated') {
+      const stop = this.#hotplugAbort!.signal;
+      this.#handover = (async () => {
+        try {
+          // Not a fresh acquire: the target's guard is expected, and this is the source taking back its own.
+          await acquireAll(this.#resources.values(), { timeout, signal: signal === undefined ? stop : AbortSignal.any([signal, stop]), wait: timeout !== undefined || signal !== undefined, checkGuard: false });
+        } catch (err) {
+          if (stop.aborted) throw stop.reason as Error;
+          throw err;
+        }
+        if (this.#state !== 'migrated') {
+          this.#releaseAll();
+          throw new InvalidStateError(`completeMigrateOut: the manager became '${this.#state}' while it took the leases back; they were released`);
+        }
+      })();
+      try {
+        await this.#handover;
+      } finally {
+        this.#handover = null;
+      }
+    }
+    this.#targetUri = null;
+    this.#setState('running');
+    this.#startVerify();
+  }
+
   /** The supervised process. */
   getChild(): { pid: number } {
-    this.#require('getChild', ['running', 'stopping']);
+    this.#require('getChild', WITH_CHILD);
     return { pid: this.#child!.pid };
   }
 
   /** Sends a signal to the supervised process through its pidfd (no pid-reuse race). false once it has exited. */
   signal(signal: NodeJS.Signals | number): boolean {
-    this.#require('signal', ['running', 'stopping']);
+    this.#require('signal', WITH_CHILD);
     return this.#child!.signal(signal);
   }
 
@@ -426,11 +680,9 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
    * pause: SIGSTOP it; ignore: nothing more).
    */
   async verify(): Promise<VerifyResult> {
-    this.#require('verify', ['running']);
-    const lost: string[] = [];
-    for (const r of this.#resources.values()) {
-      if (r.held && !stillHeld(this.#space, r)) lost.push(r.path);
-    }
+    this.#require('verify', ['running', 'migrating']);
+    const lostResources = [...this.#resources.values()].filter((r) => r.held && !stillHeld(r));
+    const lost = lostResources.map((r) => r.path);
     // The action first: a throwing 'lock-failure' listener must not leave the
     // child running without its lease.
     if (lost.length > 0 && this.#child !== null) {
@@ -441,8 +693,8 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
         this.#warn(err);
       }
     }
-    for (const resource of lost) {
-      const failure: LockFailure = { resource, reason: `the ${this.#find(resource)?.mode} lease on ${resource} is no longer held`, action: this.#onLockFailure };
+    for (const r of lostResources) {
+      const failure: LockFailure = { resource: r.path, reason: `the ${r.mode} lease on ${r.path} is no longer held`, action: this.#onLockFailure };
       this.#emitSafe('lock-failure', failure);
     }
     return { lost };
@@ -453,8 +705,9 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
     const o = checkOptions<{ graceMs?: number }>(options, ['graceMs'], 'shutdown options');
     const graceMs = checkTimeout(o.graceMs, 'graceMs') ?? 10_000;
     if (this.#starting) await this.#starting.catch(() => undefined);
-    if (this.#state === 'running' && this.#shutdown === null) {
+    if (WITH_CHILD.includes(this.#state) && this.#state !== 'stopping' && this.#shutdown === null) {
       const child = this.#child!;
+      const before = this.#state;
       // stop() sends SIGTERM before it returns; if that fails (a process we
       // may no longer signal), the manager is still running, not stopping.
       const stopping = child.stop({ graceMs });
@@ -464,7 +717,7 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
         () => this.#stopped!,
         (err: unknown) => {
           this.#shutdown = null;
-          if (this.#state === 'stopping' && child.exitStatus === null) this.#setState('running');
+          if (this.#state === 'stopping' && child.exitStatus === null) this.#setState(before);
           throw err;
         },
       );
@@ -499,7 +752,7 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
     if (this.#stopped && reaped) await this.#stopped.catch((err: unknown) => this.#warn(err));
     this.#stopVerify();
     this.#releaseAll();
-    for (const r of this.#resources.values()) r.file.close();
+    for (const r of this.#resources.values()) r.lease.close();
     this.#resources.clear();
     this.#setState('freed');
   }
@@ -518,16 +771,26 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
   }
 
   #abortHotplugs(why: string): void {
-    this.#hotplugAbort?.abort(new InvalidStateError(`acquireResource: ${why} while it was waiting; nothing was acquired`));
+    this.#hotplugAbort?.abort(new InvalidStateError(`${why} while it was waiting; nothing was acquired`));
   }
 
-  /** Opens (or finds) the resource for `path`; throws if it is registered differently. */
-  #open(path: string, mode: ResourceMode, qemuCompatible: boolean, hotplug: boolean): ManagedResource {
-    const file = this.#space.openLease(path, mode);
-    const existing = this.#resources.get(file.identity.key);
+  /** Opens the lease of a checked spec. */
+  #openLease(spec: CheckedSpec, mode: ResourceMode): Lease {
+    // A migration target write-locks the guard even of a shared or readonly disk.
+    if (spec.type === 'lease') return openLeaseResource(spec, mode);
+    return this.#space.openDisk(spec.path, mode, { write: this.#incoming });
+  }
+
+  /** Opens (or finds) the resource for a spec; throws if it is registered differently. */
+  #open(spec: CheckedSpec, hotplug: boolean): ManagedResource {
+    const mode = requireMode(spec.mode);
+    const qemuCompatible = spec.qemuCompatible === true;
+    const lease = this.#openLease(spec, mode);
+    const path = lease.path;
+    const existing = this.#resources.get(lease.key);
     if (existing !== undefined) {
-      file.close();
-      const same = existing.path === path ? `'${path}'` : `'${path}' (the same file as '${existing.path}')`;
+      lease.close();
+      const same = existing.path === path ? `'${path}'` : `'${path}' (the same ${lease.kind === 'lease' ? 'lease' : 'file'} as '${existing.path}')`;
       if (existing.mode !== mode) {
         throw new InvalidArgumentError(`${same} is already ${existing.held ? 'held' : 'registered'} ${existing.mode}, not ${mode}; release it first`);
       }
@@ -538,22 +801,25 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
     }
     try {
       // A probe: a filesystem that cannot lock says so now, before anything runs.
-      file.getConflict(this.#space.lockMode(mode), this.#space.leaseRange);
+      for (const slot of lease.slots) slot.file.getConflict(lockModeOf(mode), LEASE_RANGE);
     } catch (err) {
-      file.close();
+      lease.close();
       throw err;
     }
-    const r: ManagedResource = { path, mode, file, held: false, hotplugged: hotplug, qemu: qemuCompatible ? qemuProfile(mode) : undefined };
-    this.#resources.set(file.identity.key, r);
+    const token: TokenResource =
+      spec.type === 'lease' ? { type: 'lease', lockspace: spec.lockspace, key: spec.key, path: spec.path, mode } : { type: 'disk', path, mode, qemuCompatible };
+    const r: ManagedResource = { path, mode, lease, held: false, guarded: false, hotplugged: hotplug, spec: token, qemu: qemuCompatible ? qemuProfile(mode) : undefined };
+    this.#resources.set(lease.key, r);
     return r;
   }
 
-  #find(path: string): ManagedResource | undefined {
+  #find(spec: CheckedSpec): ManagedResource | undefined {
+    const path = spec.type === 'lease' ? undefined : spec.path;
     for (const r of this.#resources.values()) if (r.path === path) return r;
     let key: string;
     try {
-      const probe = this.#space.openLease(path, 'readonly');
-      key = probe.identity.key;
+      const probe = this.#openLease(spec, 'readonly');
+      key = probe.key;
       probe.close();
     } catch {
       return undefined;
@@ -562,16 +828,16 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
   }
 
   #forget(r: ManagedResource): void {
-    const key = r.file.identity.key;
-    releaseOne(this.#space, r);
-    r.file.close();
-    if (this.#resources.get(key) === r) this.#resources.delete(key);
+    releaseOne(r);
+    r.lease.close();
+    if (this.#resources.get(r.lease.key) === r) this.#resources.delete(r.lease.key);
   }
 
   #releaseAll(): void {
     for (const r of this.#resources.values()) {
       try {
-        releaseOne(this.#space, r);
+        releaseOne(r);
+        releaseGuard(r);
       } catch (err) {
         this.#warn(err);
       }

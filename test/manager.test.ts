@@ -103,7 +103,11 @@ describe('construction and parameters', () => {
       { attach: -5 },
       { attach: 1, lockLifetime: 'child' },
       { verifyInterval: 0 },
-      { flags: { migrate: true } },
+      { flags: { migrate: 'yes' } },
+      { flags: { migrate: true }, attach: 1 },
+      { lockspace: { kind: 'direct', dir: '/tmp' } },
+      { lockspace: { kind: 'indirect' } },
+      { lockspace: { kind: 'indirect', dir: 'relative/dir' } },
       { unknown: true },
     ];
     for (const options of bad) expect(() => new LockManager(options as LockManagerOptions), JSON.stringify(options)).toThrow(InvalidArgumentError);
@@ -625,7 +629,7 @@ describe('running: hotplug, exit, shutdown, free', () => {
 
   it('calls in the wrong state reject with InvalidStateError naming the state and the states that allow it', async () => {
     const m = manager();
-    expect(() => m.getChild()).toThrow(/getChild\(\) is not allowed in state 'new'; it is allowed in 'running', 'stopping'/);
+    expect(() => m.getChild()).toThrow(/getChild\(\) is not allowed in state 'new'; it is allowed in 'incoming', 'running', 'migrating', 'migrated', 'stopping'/);
     await expect(m.acquireResource({ type: 'disk', path: fx.path, mode: 'shared' })).rejects.toBeInstanceOf(InvalidStateError);
     await expect(m.releaseResource({ type: 'disk', path: fx.path })).rejects.toBeInstanceOf(InvalidStateError);
     await expect(m.verify()).rejects.toBeInstanceOf(InvalidStateError);
