@@ -25,6 +25,10 @@ export {
 export * from './errors.js';
 export {
   LockManager,
+  type DiskSpec,
+  type LeaseSpec,
+  type MigrateInOptions,
+  type MigrateOutOptions,
   type LockFailure,
   type LockFailureAction,
   type LockLifetime,
@@ -39,5 +43,6 @@ export {
   type VerifyResult,
   type WaitOptions,
 } from './manager.js';
+export type { DirectLockspaceConfig, IndirectLockspaceConfig } from './lockspace.js';
 export { locksOn, parseProcLocks, processesWithOpen, type ProcLock, type ProcLockKind } from './proc-locks.js';
 export { QEMU_PERMISSIONS, qemuLockState, qemuProfile, type QemuLockState, type QemuPermission, type QemuProfile } from './qemu.js';
