@@ -2,6 +2,7 @@
 // who holds what. docs/cli.md documents the flags, exit codes and --json.
 import { readFileSync } from 'node:fs';
 import { constants as osConstants } from 'node:os';
+import { resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import {
   AbortError,
@@ -159,9 +160,6 @@ async function run(argv: readonly string[], out: Output): Promise<number> {
     uri: { type: 'string' },
   });
   if (positionals.length > 0) throw usage(`unexpected argument '${positionals[0]}' before '--'`);
-  if (values.lockspace !== undefined) {
-    throw new UnsupportedError('--lockspace (indirect lockspaces) is not available in this version');
-  }
   let timeout: number | undefined;
   if (values.wait !== undefined) {
     const seconds = Number(values.wait);
@@ -176,7 +174,11 @@ async function run(argv: readonly string[], out: Output): Promise<number> {
     if (!/^\d+$/.test(values.id)) throw usage(`--id needs an integer >= 0, got '${values.id}'`);
     params.id = Number(values.id);
   }
-  const mgr = new LockManager({ params, lockLifetime: values.lifetime as LockLifetime | undefined });
+  const mgr = new LockManager({
+    params,
+    lockLifetime: values.lifetime as LockLifetime | undefined,
+    lockspace: values.lockspace === undefined ? undefined : { kind: 'indirect', dir: resolve(values.lockspace) },
+  });
   let warned = false;
   try {
     const qemuCompatible = values['qemu-compatible'] === true;

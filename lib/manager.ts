@@ -658,12 +658,15 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
    */
   supervisorArgs(): string[] {
     if (this.#attach !== undefined) throw new InvalidStateError('supervisorArgs(): lockmgr run cannot attach to a running process');
+    if (this.#incoming) throw new InvalidStateError('supervisorArgs(): lockmgr run cannot be a migration target');
     const resources = [...this.#resources.values()];
+    if (resources.some((r) => r.lease.kind === 'lease')) throw new InvalidStateError('supervisorArgs(): lockmgr run takes disks only, not leases');
     const qemu = resources.filter((r) => r.qemu !== undefined).length;
     if (qemu > 0 && qemu < resources.length) {
       throw new InvalidStateError('supervisorArgs(): lockmgr run applies --qemu-compatible to every resource, and only some of these are QEMU-compatible');
     }
     const argv = ['run'];
+    if (this.#space.config.kind === 'indirect') argv.push('--lockspace', this.#space.config.dir);
     for (const r of resources) argv.push(`--${r.mode}`, r.path);
     if (qemu > 0) argv.push('--qemu-compatible');
     argv.push('--lifetime', this.#lifetime);
