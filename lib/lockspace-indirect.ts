@@ -225,8 +225,9 @@ function openLockFile(path: string): LockableFile {
     const links = fstatSync(file.fd, { bigint: true }).nlink;
     // Nothing in the protocol links a lock file. A second link is someone
     // else's doing, and unlinking the name at release would leave them a file
-    // we believe gone, or lock a file they chose.
-    if (links !== 1n) problem = `has ${links} hard links; a lock file has exactly one`;
+    // we believe gone, or lock a file they chose. No link at all is a deleter
+    // that won the race since our open: take() finds that out and starts over.
+    if (links > 1n) problem = `has ${links} hard links; a lock file has at most one`;
   }
   if (problem !== null) {
     file.close();
