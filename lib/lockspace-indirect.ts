@@ -222,7 +222,13 @@ function openLockFile(path: string): LockableFile {
   if (file.kind !== 'file') {
     problem = 'is a block device, not a lock file';
   } else {
-    const links = fstatSync(file.fd, { bigint: true }).nlink;
+    let links: bigint;
+    try {
+      links = fstatSync(file.fd, { bigint: true }).nlink;
+    } catch (err) {
+      file.close();
+      throw statError(err, path, `cannot check lock file '${path}'`);
+    }
     // Nothing in the protocol links a lock file. A second link is someone
     // else's doing, and unlinking the name at release would leave them a file
     // we believe gone, or lock a file they chose. No link at all is a deleter
