@@ -112,12 +112,14 @@ function readTrimmed(path: string): string | null {
 let cachedHostId: string | undefined;
 
 /**
- * This host, for inode lock names: /etc/machine-id, else the kernel's boot id,
- * else the host name. Device and inode numbers mean something only on one
- * host; the host id keeps two hosts' unrelated files from colliding.
+ * This running kernel, for inode lock names: its boot id, else
+ * /etc/machine-id, else the host name. Device and inode numbers mean something
+ * only within one running kernel, which is what the boot id names: containers
+ * with their own machine-id on one kernel still share it, and two hosts'
+ * unrelated files never collide.
  */
 export function hostId(): string {
-  cachedHostId ??= readTrimmed('/etc/machine-id') ?? readTrimmed('/proc/sys/kernel/random/boot_id') ?? hostname();
+  cachedHostId ??= readTrimmed('/proc/sys/kernel/random/boot_id') ?? readTrimmed('/etc/machine-id') ?? hostname();
   return cachedHostId;
 }
 
@@ -524,22 +526,29 @@ export function indirectLockspace(config: IndirectLockspaceConfig): IndirectLock
         image.close();
       }
     },
-    openLeaseResource(spec: LeaseResourceSpec, mode: ResourceMode): Lease {
-      const s = checkOptions<LeaseResourceSpec>(spec, ['lockspace', 'key', 'path'], 'lease');
-      const lockspace = checkNamePart(s.lockspace, 'lease lockspace');
-      const key = checkNamePart(s.key, 'lease key');
-      const base = normalize(checkPath(s.path, 'lease path'));
-      checkMode(mode);
-      checkLockDir(base, 'lease path');
-      const sub = join(base, lockspace);
-      try {
-        mkdirSync(sub, { mode: 0o700 });
-      } catch (err) {
-        if (!isErrno(err, 'EEXIST')) throw statError(err, sub, `cannot create the lease directory '${sub}'`);
-      }
-      checkLockDir(sub, 'lease directory');
-      const file = join(sub, key);
-      return leaseOf(`lease:${file}`, file, 'lease', [file], null);
-    },
+    openLeaseResource,
   };
+}
+
+/**
+ * A named lease, libvirt's `<lease>`: the lock file `<path>/<lockspace>/<key>`
+ * (the lockspace directory is created 0700 if missing). It lives in its own
+ * directory, so it is the same in every lockspace.
+ */
+export function openLeaseResource(spec: LeaseResourceSpec, mode: ResourceMode): Lease {
+  const s = checkOptions<LeaseResourceSpec>(spec, ['lockspace', 'key', 'path'], 'lease');
+  const lockspace = checkNamePart(s.lockspace, 'lease lockspace');
+  const key = checkNamePart(s.key, 'lease key');
+  const base = normalize(checkPath(s.path, 'lease path'));
+  checkMode(mode);
+  checkLockDir(base, 'lease path');
+  const sub = join(base, lockspace);
+  try {
+    mkdirSync(sub, { mode: 0o700 });
+  } catch (err) {
+    if (!isErrno(err, 'EEXIST')) throw statError(err, sub, `cannot create the lease directory '${sub}'`);
+  }
+  checkLockDir(sub, 'lease directory');
+  const file = join(sub, key);
+  return leaseOf(`lease:${file}`, file, 'lease', [file], null);
 }

@@ -780,7 +780,7 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
   /** Opens the lease of a checked spec. */
   #openLease(spec: CheckedSpec, mode: ResourceMode): Lease {
     // A migration target write-locks the guard even of a shared or readonly disk.
-    if (spec.type === 'lease') return openLeaseResource(spec, mode);
+    if (spec.type === 'lease') return openLeaseResource({ lockspace: spec.lockspace, key: spec.key, path: spec.path }, mode);
     return this.#space.openDisk(spec.path, mode, { write: this.#incoming });
   }
 

@@ -110,10 +110,10 @@ describe('lock file names', () => {
     expect(lease.image?.path).toBe(link);
   });
 
-  it('the host id is /etc/machine-id, else the boot id, else the host name', () => {
-    const machine = existsSync('/etc/machine-id') ? readFileSync('/etc/machine-id', 'utf8').trim() : '';
+  it('the host id is the kernel boot id (device and inode numbers mean something within one running kernel)', () => {
     const boot = readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim();
-    expect(hostId()).toBe(machine !== '' ? machine : boot);
+    expect(boot).toMatch(/^[0-9a-f-]{36}$/);
+    expect(hostId()).toBe(boot);
   });
 
   it('lock files are regular files of mode 0600, created at open and deleted when the lease closes', async () => {
