@@ -16,6 +16,7 @@
 //           migrating | migrated --completeMigrateOut({ cancel })--> running
 //           migrating | migrated --(child exits)--> stopped
 import { EventEmitter } from 'node:events';
+import { normalize } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { AbortError, InvalidArgumentError, InvalidStateError, LockManagerError, LockTimeoutError, UnsupportedError, systemError, type ProcessInfo } from './errors.js';
 import { indirectLockspace, openLeaseResource } from './lockspace-indirect.js';
@@ -185,7 +186,7 @@ function checkResource(value: unknown, what: string): CheckedSpec {
       if (typeof spec[k] !== 'string') throw new InvalidArgumentError(`${what}.${k} must be a string, got ${describe(spec[k])}`);
     }
     const mode = spec.mode === undefined ? undefined : checkOneOf(spec.mode, MODES, `${what}.mode`);
-    return { type, path, lockspace: spec.lockspace as string, key: spec.key as string, mode };
+    return { type, path: normalize(path), lockspace: spec.lockspace as string, key: spec.key as string, mode };
   }
   const spec = checkOptions<DiskSpec>(value, ['type', 'path', 'mode', 'qemuCompatible'], what);
   const path = checkPath(spec.path, `${what}.path`);
@@ -817,8 +818,14 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
   }
 
   #find(spec: CheckedSpec): ManagedResource | undefined {
-    const path = spec.type === 'lease' ? undefined : spec.path;
-    for (const r of this.#resources.values()) if (r.path === path) return r;
+    if (spec.type === 'lease') {
+      // A lease is named by its spec alone: no probe, which would create its directory.
+      for (const r of this.#resources.values()) {
+        if (r.spec.type === 'lease' && r.spec.path === spec.path && r.spec.lockspace === spec.lockspace && r.spec.key === spec.key) return r;
+      }
+      return undefined;
+    }
+    for (const r of this.#resources.values()) if (r.path === spec.path) return r;
     let key: string;
     try {
       const probe = this.#openLease(spec, 'readonly');
