@@ -11,7 +11,7 @@
 import { createHash } from 'node:crypto';
 import { fstatSync, lstatSync, mkdirSync, readFileSync, realpathSync, statSync, unlinkSync, type BigIntStats } from 'node:fs';
 import { hostname } from 'node:os';
-import { dirname, join, normalize } from 'node:path';
+import { dirname, join, normalize, resolve } from 'node:path';
 import {
   InvalidArgumentError,
   InvalidStateError,
@@ -27,7 +27,7 @@ import {
   type Lease,
   type LeaseSlot,
   type Lockspace,
-  type OpenDiskOptions,
+  PIN_RANGE,
   type ResourceMode,
   type TakeOptions,
 } from './lockspace.js';
@@ -256,6 +256,7 @@ function rangeKey(range: Readonly<ByteRange>): string {
  */
 export class IndirectSlot implements LeaseSlot {
   readonly path: string;
+  readonly key: string;
   #file: LockableFile;
   readonly #held = new Map<string, Readonly<ByteRange>>();
   #taking = false;
@@ -263,6 +264,7 @@ export class IndirectSlot implements LeaseSlot {
 
   constructor(path: string) {
     this.path = path;
+    this.key = path;
     this.#file = openLockFile(path);
   }
 
@@ -324,10 +326,16 @@ export class IndirectSlot implements LeaseSlot {
     }
   }
 
-  release(range: Readonly<ByteRange>): void {
+  release(range: Readonly<ByteRange>, options?: { keep?: boolean }): void {
     if (this.#closed || this.#file.closed) return;
+    const key = rangeKey(range);
+    if (options?.keep === true && this.#held.size === 1 && this.#held.has(key)) {
+      // Pinned before the last range goes: while we hold something, no
+      // deleter's whole-file lock can succeed, so the pin cannot fail for one.
+      if (this.#file.tryLock('shared', PIN_RANGE)) this.#held.set(rangeKey(PIN_RANGE), PIN_RANGE);
+    }
     this.#file.unlock(range);
-    this.#held.delete(rangeKey(range));
+    this.#held.delete(key);
     if (this.#held.size === 0 && !this.#taking) this.#tryDelete();
   }
 
@@ -400,26 +408,31 @@ export class IndirectSlot implements LeaseSlot {
 
   /**
    * Deletes the file if nobody holds any lock on it: a non-blocking exclusive
-   * lock of the whole file (the lease byte, the migration guard byte, and
-   * virtlockd's locks, which conflict with ours) proves that; then the name
-   * must still point at our inode, else it is someone else's file now. unlink
-   * happens under the lock, and closing the file releases it. Never throws: a
-   * failed delete (EACCES, EROFS, ...) leaves a file no one holds, which the
-   * next take reuses; ENOENT means someone else deleted it.
+   * lock of the whole file (the lease, guard and pin bytes, and virtlockd's
+   * locks, which conflict with ours) proves that; then the name must still
+   * point at our inode, else it is someone else's file now. unlink happens
+   * under the lock. The probe uses a private open file description, opened for
+   * the purpose and closed at once: the slot's own may be shared with a child
+   * (keepFds), and a whole-file lock placed on it would stay for as long as
+   * the child lives, blocking every later taker of the name's next file...
+   * and of this one. Never throws: a failed delete (EACCES, EROFS, ...) leaves
+   * a file no one holds, which the next take reuses; ENOENT means someone
+   * else deleted it.
    */
   #tryDelete(): void {
     const file = this.#file;
+    let probe: LockableFile | null = null;
     try {
-      if (!file.tryLock('exclusive', WHOLE_FILE)) return;
-    } catch {
-      return;
-    }
-    try {
-      if (this.#linked(file)) unlinkSync(this.path);
+      probe = openLockable(this.path, { access: 'readwrite' });
+      if (probe.identity.dev === file.identity.dev && probe.identity.ino === file.identity.ino && probe.tryLock('exclusive', WHOLE_FILE) && this.#linked(file)) {
+        unlinkSync(this.path);
+        // The name is gone: the next take() creates the next file.
+        file.close();
+      }
     } catch {
       // ENOENT: someone else deleted it. Anything else: the file stays (see above).
     } finally {
-      file.close();
+      probe?.close();
     }
   }
 }
@@ -488,7 +501,8 @@ function checkMode(mode: unknown): ResourceMode {
 export function indirectLockspace(config: IndirectLockspaceConfig): IndirectLockspace {
   const c = checkOptions<IndirectLockspaceConfig>(config, ['kind', 'dir'], 'lockspace');
   if (c.kind !== 'indirect') throw new InvalidArgumentError(`lockspace.kind must be 'indirect', got ${describe(c.kind)}`);
-  const dir = normalize(checkPath(c.dir, 'lockspace.dir'));
+  // resolve(): normalized and without a trailing slash, so that '/d/' and '/d' are one lockspace.
+  const dir = resolve(checkPath(c.dir, 'lockspace.dir'));
   const dirStat = checkLockDir(dir, 'lockspace dir');
   const frozen: IndirectLockspaceConfig = Object.freeze({ kind: 'indirect', dir });
 
@@ -499,12 +513,9 @@ export function indirectLockspace(config: IndirectLockspaceConfig): IndirectLock
 
   return {
     config: frozen,
-    openDisk(path: string, mode: ResourceMode, options?: OpenDiskOptions): Lease {
+    openDisk(path: string, mode: ResourceMode): Lease {
       checkPath(path);
       checkMode(mode);
-      // The lock files are always opened for writing, whatever the mode, so
-      // `write` changes nothing here; it is checked only for its shape.
-      checkOptions<OpenDiskOptions>(options, ['write'], 'openDisk options');
       // QEMU-style locks on the image need only read access: the image may be
       // on a read-only filesystem or not writable by us at all.
       const image = openDiskFile(path, 'read');

@@ -4,8 +4,12 @@
 // Every lease file uses the same two bytes:
 //   byte 0  the lease: a write lock is exclusive, a read lock shared/readonly.
 //           libvirt's virtlockd locks the same byte, so the two exclude each other.
-//   byte 1  the migration guard: write-locked by a migration target from its
-//           start() until it holds the lease (docs/contract.md, "Migration").
+//   byte 1  the migration guard: locked by a migration target from its start()
+//           until it holds the lease, in the lease's mode (docs/contract.md,
+//           "Migration").
+//   byte 2  a pin (indirect lock files only): read-locked by a migration
+//           source that released its lease but may take it back, so that the
+//           file its child shares is not deleted and recreated meanwhile.
 // QEMU's own image locks live at bytes 100 and up (design.md section 6) and
 // are taken on the image itself (Lease.image), whatever the lockspace.
 //
@@ -32,6 +36,7 @@ export type LockspaceConfig = DirectLockspaceConfig | IndirectLockspaceConfig;
 
 export const LEASE_RANGE: Readonly<ByteRange> = Object.freeze({ start: 0, length: 1 });
 export const GUARD_RANGE: Readonly<ByteRange> = Object.freeze({ start: 1, length: 1 });
+export const PIN_RANGE: Readonly<ByteRange> = Object.freeze({ start: 2, length: 1 });
 
 /** The lock that stands for a resource mode. libvirt leaves readonly disks unlocked; we take a read lock, so a reader and an exclusive writer exclude each other. */
 export function lockModeOf(mode: ResourceMode): LockMode {
@@ -52,13 +57,23 @@ export interface LeaseSlot {
   /** The file's path, for messages. */
   readonly path: string;
   /**
+   * Its place in the one global lock order: the same string in every process
+   * that locks this file (a file's identity; an indirect lock file's path).
+   */
+  readonly key: string;
+  /**
    * Locks `range`. false when busy and not waiting; LockTimeoutError or
    * AbortError when a wait ends without it. An indirect slot also makes sure
    * that the file it locked is still the one its name points at.
    */
   take(mode: LockMode, range: Readonly<ByteRange>, options: TakeOptions): Promise<boolean>;
-  /** Unlocks `range`. An indirect slot that then holds nothing deletes its file if nobody else has it locked. */
-  release(range: Readonly<ByteRange>): void;
+  /**
+   * Unlocks `range`. An indirect slot that then holds nothing deletes its file
+   * if nobody else has it locked; with `keep`, it pins the file instead (it
+   * will be locked again through the same open file description, which a
+   * child shares).
+   */
+  release(range: Readonly<ByteRange>, options?: { keep?: boolean }): void;
   /** Releases everything and closes. Idempotent. */
   close(): void;
 }
@@ -78,15 +93,10 @@ export interface Lease {
   close(): void;
 }
 
-export interface OpenDiskOptions {
-  /** Open the lease files so that they take a write lock even for a shared or readonly disk (a migration target's guard). */
-  write?: boolean;
-}
-
 export interface Lockspace {
   readonly config: LockspaceConfig;
   /** Opens the lease of a disk: a regular file or block device. */
-  openDisk(path: string, mode: ResourceMode, options?: OpenDiskOptions): Lease;
+  openDisk(path: string, mode: ResourceMode): Lease;
 }
 
 /**
@@ -130,6 +140,7 @@ export function fixedSlot(file: LockableFile): LeaseSlot {
   return {
     file,
     path: file.path,
+    key: file.identity.key,
     async take(mode, range, o) {
       if (!o.wait) return file.tryLock(mode, range);
       await file.lock(mode, range, { timeout: o.timeout, signal: o.signal });
@@ -143,11 +154,11 @@ export function fixedSlot(file: LockableFile): LeaseSlot {
 export function directLockspace(): Lockspace {
   return {
     config: { kind: 'direct' },
-    openDisk(path, mode, options = {}) {
+    openDisk(path, mode) {
       // A shared or readonly lease is a read lock, which needs only read
       // access: a disk on a read-only filesystem, or a base image the VM may
       // not write, can still be leased shared.
-      const file = openDiskFile(path, mode === 'exclusive' || options.write === true ? 'readwrite' : 'read');
+      const file = openDiskFile(path, mode === 'exclusive' ? 'readwrite' : 'read');
       return {
         key: file.identity.key,
         path,

@@ -122,11 +122,13 @@ interface ManagedResource extends Resource {
 type CheckedSpec = (Omit<DiskSpec, 'mode'> | Omit<LeaseSpec, 'mode'>) & { mode?: ResourceMode; qemuCompatible?: boolean };
 
 /**
- * How long a fail-fast migration target waits for a guard someone holds: a
- * fresh acquirer read-locks it for a moment (two syscalls) to test it. Longer
- * than that, it is another target's.
+ * A resource's identity within this manager: the image file itself (so two
+ * paths of one file, hard links included, are one resource in every
+ * lockspace), or the lease's key for a named lease.
  */
-const GUARD_SETTLE_MS = 100;
+function identityOf(lease: Lease): string {
+  return lease.image?.identity.key ?? lease.key;
+}
 
 /** The states in which a supervised process runs. */
 const WITH_CHILD: readonly ManagerState[] = ['incoming', 'running', 'migrating', 'migrated', 'stopping'];
@@ -259,6 +261,8 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
   #targetUri: string | null = null;
   /** A completeMigrateIn() or a take-back in progress. */
   #handover: Promise<void> | null = null;
+  /** Aborts a completeMigrateIn() wait when it is cancelled. */
+  #handoverAbort: AbortController | null = null;
 
   constructor(options?: LockManagerOptions) {
     super();
@@ -358,7 +362,7 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
     try {
       if (abandoned()) throw new AbortError('start() was abandoned: free() was called', { cause: wait.signal?.reason });
       // A migration target takes only the guard now; the source still holds the leases.
-      if (this.#incoming) await takeGuards(this.#resources.values(), { ...wait, settle: GUARD_SETTLE_MS });
+      if (this.#incoming) await takeGuards(this.#resources.values(), wait);
       else await acquireAll(this.#resources.values(), wait);
       if (abandoned()) {
         this.#releaseAll();
@@ -432,7 +436,7 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
     for (;;) {
       const r = this.#open(checked, true);
       if (r.held) return { wasHeld: true };
-      const key = r.lease.key;
+      const key = identityOf(r.lease);
       const inFlight = this.#hotplugs.get(key);
       if (inFlight !== undefined) {
         // Another acquire of this disk is under way: let it finish, then look again.
@@ -537,15 +541,19 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
     if (checkFlag(o.cancel, 'cancel')) {
       if (!this.#incoming) this.#require('completeMigrateIn', ['incoming']);
       this.#require('completeMigrateIn', ['incoming', 'stopping', 'stopped']);
-      this.#abortHotplugs('completeMigrateIn({ cancel: true }) was called');
+      this.#handoverAbort?.abort(new InvalidStateError('completeMigrateIn({ cancel: true }) was called while it was waiting; nothing was acquired'));
       await this.#handover?.catch(() => undefined);
+      // The handover may have completed before the abort reached it: then the
+      // VM runs here now, and cancelling would stop the only copy of it.
+      this.#require('completeMigrateIn({ cancel: true })', ['incoming', 'stopping', 'stopped']);
       if (this.#state === 'incoming') for (const r of this.#resources.values()) releaseGuard(r);
       await this.shutdown({ graceMs });
       return;
     }
     this.#require('completeMigrateIn', ['incoming']);
     if (this.#handover !== null) throw new InvalidStateError('completeMigrateIn() is already in progress');
-    const stop = this.#hotplugAbort!.signal;
+    this.#handoverAbort = new AbortController();
+    const stop = AbortSignal.any([this.#hotplugAbort!.signal, this.#handoverAbort.signal]);
     this.#handover = (async () => {
       try {
         await acquireAll(this.#resources.values(), { wait: true, timeout, signal: signal === undefined ? stop : AbortSignal.any([signal, stop]), checkGuard: false });
@@ -569,11 +577,16 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
       await this.#handover;
     } finally {
       this.#handover = null;
+      this.#handoverAbort = null;
     }
   }
 
-  /** Source: a migration to `targetUri` begins: 'running' -> 'migrating'. Hotplug is refused until it ends. */
-  async prepareMigrate(targetUri: string): Promise<void> {
+  /**
+   * Source: a migration to `targetUri` begins: 'running' -> 'migrating'.
+   * Hotplug is refused until it ends, so the token this returns (inquire())
+   * stays true for the whole migration: give this one to the target.
+   */
+  async prepareMigrate(targetUri: string): Promise<string> {
     const uri = checkUri(targetUri, 'targetUri');
     this.#require('prepareMigrate', ['running']);
     if (this.#hotplugs.size > 0) {
@@ -581,6 +594,7 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
     }
     this.#targetUri = uri;
     this.#setState('migrating');
+    return this.inquire();
   }
 
   /**
@@ -604,7 +618,9 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
     if (!cancel) {
       if (this.#state === 'migrated') return;
       this.#stopVerify();
-      this.#releaseAll();
+      // The child shares these open file descriptions: a take-back must lock
+      // the same ones, so an indirect lock file is pinned, not deleted.
+      this.#releaseAll({ keepFiles: true });
       this.#setState('migrated');
       return;
     }
@@ -780,9 +796,8 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
 
   /** Opens the lease of a checked spec. */
   #openLease(spec: CheckedSpec, mode: ResourceMode): Lease {
-    // A migration target write-locks the guard even of a shared or readonly disk.
     if (spec.type === 'lease') return openLeaseResource({ lockspace: spec.lockspace, key: spec.key, path: spec.path }, mode);
-    return this.#space.openDisk(spec.path, mode, { write: this.#incoming });
+    return this.#space.openDisk(spec.path, mode);
   }
 
   /** Opens (or finds) the resource for a spec; throws if it is registered differently. */
@@ -791,7 +806,7 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
     const qemuCompatible = spec.qemuCompatible === true;
     const lease = this.#openLease(spec, mode);
     const path = lease.path;
-    const existing = this.#resources.get(lease.key);
+    const existing = this.#resources.get(identityOf(lease));
     if (existing !== undefined) {
       lease.close();
       const same = existing.path === path ? `'${path}'` : `'${path}' (the same ${lease.kind === 'lease' ? 'lease' : 'file'} as '${existing.path}')`;
@@ -813,7 +828,7 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
     const token: TokenResource =
       spec.type === 'lease' ? { type: 'lease', lockspace: spec.lockspace, key: spec.key, path: spec.path, mode } : { type: 'disk', path, mode, qemuCompatible };
     const r: ManagedResource = { path, mode, lease, held: false, guarded: false, hotplugged: hotplug, spec: token, qemu: qemuCompatible ? qemuProfile(mode) : undefined };
-    this.#resources.set(lease.key, r);
+    this.#resources.set(identityOf(lease), r);
     return r;
   }
 
@@ -829,7 +844,7 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
     let key: string;
     try {
       const probe = this.#openLease(spec, 'readonly');
-      key = probe.key;
+      key = identityOf(probe);
       probe.close();
     } catch {
       return undefined;
@@ -840,13 +855,14 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
   #forget(r: ManagedResource): void {
     releaseOne(r);
     r.lease.close();
-    if (this.#resources.get(r.lease.key) === r) this.#resources.delete(r.lease.key);
+    const key = identityOf(r.lease);
+    if (this.#resources.get(key) === r) this.#resources.delete(key);
   }
 
-  #releaseAll(): void {
+  #releaseAll(options: { keepFiles?: boolean } = {}): void {
     for (const r of this.#resources.values()) {
       try {
-        releaseOne(r);
+        releaseOne(r, options);
         releaseGuard(r);
       } catch (err) {
         this.#warn(err);

@@ -45,6 +45,10 @@ function bad(why: string): InvalidArgumentError {
   return new InvalidArgumentError(`invalid migration token: ${why}`);
 }
 
+function onlyKeys(o: Record<string, unknown>, allowed: readonly string[], what: string): void {
+  for (const k of Object.keys(o)) if (!allowed.includes(k)) throw bad(`${what} has an unknown key '${k.slice(0, 40)}'`);
+}
+
 /** Parses and checks a token; the fields it returns still go through the manager's own validation. */
 export function decodeToken(token: unknown): TokenState {
   if (typeof token !== 'string') throw bad(`expected a string from inquire(), got ${describe(token)}`);
@@ -64,9 +68,11 @@ export function decodeToken(token: unknown): TokenState {
   if (body === null || typeof body !== 'object') throw bad('its state is not an object');
   const b = body as Record<string, unknown>;
   if (b.manager !== TOKEN_MANAGER || b.version !== TOKEN_VERSION) throw bad('its state does not match its header');
+  onlyKeys(b, ['manager', 'version', 'lockspace', 'params', 'resources'], 'its state');
   const lockspace = b.lockspace as LockspaceConfig;
   if (lockspace === null || typeof lockspace !== 'object' || (lockspace.kind !== 'direct' && lockspace.kind !== 'indirect')) throw bad('it names no known lockspace');
   if (lockspace.kind === 'indirect' && typeof lockspace.dir !== 'string') throw bad('its indirect lockspace has no dir');
+  onlyKeys(lockspace as unknown as Record<string, unknown>, lockspace.kind === 'indirect' ? ['kind', 'dir'] : ['kind'], 'its lockspace');
   const params = b.params as TokenParams;
   if (params === null || typeof params !== 'object' || Array.isArray(params)) throw bad('its params are not an object');
   if (!Array.isArray(b.resources)) throw bad('its resources are not a list');

@@ -41,10 +41,16 @@ export function canonicalOrder<T extends { lease: Lease }>(resources: Iterable<T
 
 const heldAs = (mode: 'exclusive' | 'shared'): string => (mode === 'exclusive' ? 'exclusively' : 'shared');
 
-/** Whether another open file description holds the migration guard of this lease file. */
-function guardHeld(slot: LeaseSlot): boolean {
+/**
+ * Whether a migration target holds the guard of this lease file in a way that
+ * excludes an acquirer of `mode`: F_OFD_GETLK, which places no lock. A target
+ * guards an exclusive disk with a write lock (it excludes everyone) and a
+ * shared or readonly one with a read lock (it excludes only exclusive
+ * acquirers: shared ones are compatible with both the source and the target).
+ */
+function guardHeld(slot: LeaseSlot, mode: ResourceMode): boolean {
   try {
-    return slot.file.getConflict('shared', GUARD_RANGE) !== null;
+    return !slot.file.closed && slot.file.getConflict(lockModeOf(mode), GUARD_RANGE) !== null;
   } catch {
     return false;
   }
@@ -82,7 +88,7 @@ export function busyError(r: Resource, slot: LeaseSlot = r.lease.slots[0]!): Res
   }
   const how = holder === null ? 'held' : `held ${heldAs(holder.mode)}`;
   const where = slot.path === r.path ? '' : ` (its lock file ${slot.path})`;
-  const migrating = guardHeld(slot);
+  const migrating = guardHeld(slot, r.mode);
   // What a multi-resource acquire released again is added by withRollback().
   return new ResourceBusyError(`${r.path}${where} is ${how} by ${by}${migrating ? `; ${MIGRATING}` : ''}`, {
     holder,
@@ -92,7 +98,7 @@ export function busyError(r: Resource, slot: LeaseSlot = r.lease.slots[0]!): Res
   });
 }
 
-/** A fresh acquirer found the guard held: the resource is being handed over. */
+/** A fresh acquirer found the guard held in its way: the resource is being handed over. */
 function migrationBusy(r: Resource, slot: LeaseSlot): ResourceBusyError {
   const { candidates, text } = who(slot.path);
   return new ResourceBusyError(`${r.path} cannot be acquired: ${MIGRATING}, held by ${text}`, {
@@ -124,129 +130,119 @@ function withRollback(err: unknown, back: string[]): unknown {
 
 const remaining = (deadline: number | undefined): number | undefined => (deadline === undefined ? undefined : Math.max(0, deadline - Date.now()));
 
-/** Takes one resource's lease (and its QEMU locks), or throws a complete error and holds nothing of it. */
-async function takeOne(r: Resource, wait: boolean, deadline: number | undefined, signal: AbortSignal | undefined, checkGuard: boolean): Promise<void> {
-  const mode = lockModeOf(r.mode);
-  const taken: LeaseSlot[] = [];
-  const undo = () => {
-    for (const s of taken.reverse()) s.release(LEASE_RANGE);
-  };
-  for (const slot of r.lease.slots) {
-    let ok: boolean;
-    try {
-      ok = await slot.take(mode, LEASE_RANGE, { wait, timeout: remaining(deadline), signal });
-    } catch (err) {
-      undo();
-      if (!(err instanceof LockTimeoutError)) throw err;
-      // Name who is in the way, as a busy error does.
-      const candidates = processesWithOpen(slot.path, { excludeSelf: true });
-      const by = candidates.length > 0 ? `; it is open in ${candidates.map(describeProcess).join(', ')}` : '';
-      const migrating = guardHeld(slot) ? `; ${MIGRATING}` : '';
-      throw new LockTimeoutError(`${err.message}${by}${migrating}`, { timeout: err.timeout, holder: err.holder, cause: err });
-    }
-    if (!ok) {
-      const busy = busyError(r, slot);
-      undo();
-      throw busy;
-    }
-    taken.push(slot);
-  }
-  // Lease first, guard second: a target write-locks the guard before the
-  // source lets go of the lease, so whoever gets the lease after the source
-  // finds the guard held. Testing the guard first would leave a window between
-  // the test and the lease.
-  if (checkGuard) {
-    for (const slot of r.lease.slots) {
-      if (slot.file.tryLock('shared', GUARD_RANGE)) {
-        slot.file.unlock(GUARD_RANGE);
-        continue;
-      }
-      const busy = migrationBusy(r, slot);
-      undo();
-      throw busy;
-    }
-  }
-  if (r.qemu === undefined || r.lease.image === null) return;
+/** Takes one slot's lease byte, or throws a complete busy or timeout error. */
+async function takeSlot(r: Resource, slot: LeaseSlot, wait: boolean, deadline: number | undefined, signal: AbortSignal | undefined): Promise<void> {
+  let ok: boolean;
   try {
-    takeQemuLocks(r.lease.image, r.path, r.qemu);
+    ok = await slot.take(lockModeOf(r.mode), LEASE_RANGE, { wait, timeout: remaining(deadline), signal });
   } catch (err) {
-    undo();
-    throw err;
+    if (!(err instanceof LockTimeoutError)) throw err;
+    // Name who is in the way, as a busy error does.
+    const candidates = processesWithOpen(slot.path, { excludeSelf: true });
+    const by = candidates.length > 0 ? `; it is open in ${candidates.map(describeProcess).join(', ')}` : '';
+    const migrating = guardHeld(slot, r.mode) ? `; ${MIGRATING}` : '';
+    throw new LockTimeoutError(`${err.message}${by}${migrating}`, { timeout: err.timeout, holder: err.holder, cause: err });
   }
+  if (!ok) throw busyError(r, slot);
+}
+
+/** Once all of a resource's lease files are locked: the guard test, then QEMU's locks. Throws having taken nothing more. */
+function completeOne(r: Resource, checkGuard: boolean): void {
+  // Lease first, guard second: a target holds the guard before the source
+  // lets go of the lease, so whoever gets the lease after the source finds
+  // the guard held. Testing the guard first would leave a window between the
+  // test and the lease.
+  if (checkGuard) {
+    for (const slot of r.lease.slots) if (guardHeld(slot, r.mode)) throw migrationBusy(r, slot);
+  }
+  if (r.qemu !== undefined && r.lease.image !== null) takeQemuLocks(r.lease.image, r.path, r.qemu);
 }
 
 /**
- * Takes every resource's lease, in canonical order, or none: on the first
- * failure the leases already taken are released in reverse order and the error
- * says which. Without timeout or signal it never waits (fail fast). QEMU
- * conflicts always fail fast: QEMU's locks are not waited for.
+ * Takes every resource's lease, or none: on the first failure everything
+ * taken is released in reverse order and the error says which resources were
+ * released again. The lease files of all resources are locked in one global
+ * order (by slot key: a file's identity, or a lock file's path), the same in
+ * every process, so two managers never deadlock, even when two resources share
+ * a lock file (hard links in an indirect lockspace). Without timeout or signal
+ * it never waits (fail fast). QEMU conflicts always fail fast: QEMU's locks are
+ * not waited for.
  */
 export async function acquireAll(resources: Iterable<Resource>, options: AcquireOptions = {}): Promise<void> {
   const wait = options.wait ?? (options.timeout !== undefined || options.signal !== undefined);
   const deadline = options.timeout === undefined ? undefined : Date.now() + options.timeout;
-  const taken: Resource[] = [];
-  for (const r of canonicalOrder(resources)) {
-    if (r.held) continue;
-    try {
-      await takeOne(r, wait, deadline, options.signal, options.checkGuard ?? true);
-    } catch (err) {
-      for (const t of taken.reverse()) releaseOne(t);
-      throw withRollback(err, taken.map((t) => t.path));
+  const checkGuard = options.checkGuard ?? true;
+  const todo = canonicalOrder(resources).filter((r) => !r.held);
+  const order = todo.flatMap((r) => r.lease.slots.map((slot) => ({ r, slot }))).sort((a, b) => (a.slot.key < b.slot.key ? -1 : a.slot.key > b.slot.key ? 1 : 0));
+  const left = new Map(todo.map((r) => [r, r.lease.slots.length]));
+  const taken: Array<{ r: Resource; slot: LeaseSlot }> = [];
+  const complete: Resource[] = [];
+  try {
+    for (const step of order) {
+      await takeSlot(step.r, step.slot, wait, deadline, options.signal);
+      taken.push(step);
+      const n = left.get(step.r)! - 1;
+      left.set(step.r, n);
+      if (n === 0) {
+        completeOne(step.r, checkGuard);
+        complete.push(step.r);
+      }
     }
-    r.held = true;
-    taken.push(r);
+  } catch (err) {
+    for (const r of [...complete].reverse()) if (r.qemu !== undefined && r.lease.image !== null) releaseQemuLocks(r.lease.image, r.qemu);
+    for (const t of taken.reverse()) t.slot.release(LEASE_RANGE);
+    const failed = err instanceof ResourceBusyError ? err.resource : null;
+    throw withRollback(err, [...new Set(taken.map((t) => t.r))].filter((r) => r.path !== failed).map((r) => r.path));
   }
+  for (const r of todo) r.held = true;
 }
 
-/** Releases one lease. The lease stays open: the resource stays registered. */
-export function releaseOne(r: Resource): void {
+/**
+ * Releases one lease. The lease stays open: the resource stays registered.
+ * keepFiles: a child shares these open file descriptions and the same ones
+ * may be locked again (a migration source that may take its leases back), so
+ * an indirect lock file must not be deleted and recreated under it.
+ */
+export function releaseOne(r: Resource, options: { keepFiles?: boolean } = {}): void {
   if (r.held) {
     r.held = false;
     if (r.qemu !== undefined && r.lease.image !== null && !r.lease.image.closed) releaseQemuLocks(r.lease.image, r.qemu);
-    for (const slot of [...r.lease.slots].reverse()) slot.release(LEASE_RANGE);
+    for (const slot of [...r.lease.slots].reverse()) slot.release(LEASE_RANGE, { keep: options.keepFiles === true });
   }
 }
 
 /**
- * A migration target's guard: write-locks byte 1 of every lease file of every
- * resource, in canonical order, or none. A guard held by someone else is
- * another handover of the same disk (or, for an instant, a fresh acquirer
- * testing it): fail-fast mode waits up to `settle` ms for the latter.
+ * A migration target's guard: locks byte 1 of every lease file, in the same
+ * global order as acquireAll(), all or none: a write lock for an exclusive
+ * resource, a read lock for a shared or readonly one (two targets of one
+ * shared disk, two VMs on one base image migrating at once, are compatible).
+ * A conflicting guard is another migration of the same disk.
  */
-export async function takeGuards(resources: Iterable<Resource>, options: AcquireOptions & { settle: number }): Promise<void> {
+export async function takeGuards(resources: Iterable<Resource>, options: AcquireOptions = {}): Promise<void> {
   const wait = options.wait ?? (options.timeout !== undefined || options.signal !== undefined);
   const deadline = options.timeout === undefined ? undefined : Date.now() + options.timeout;
-  const taken: Resource[] = [];
+  const todo = canonicalOrder(resources).filter((r) => !r.guarded);
+  const order = todo.flatMap((r) => r.lease.slots.map((slot) => ({ r, slot }))).sort((a, b) => (a.slot.key < b.slot.key ? -1 : a.slot.key > b.slot.key ? 1 : 0));
+  const taken: Array<{ r: Resource; slot: LeaseSlot }> = [];
   try {
-    for (const r of canonicalOrder(resources)) {
-      if (r.guarded) continue;
-      const slots: LeaseSlot[] = [];
-      try {
-        for (const slot of r.lease.slots) {
-          try {
-            await slot.take('exclusive', GUARD_RANGE, wait ? { wait, timeout: remaining(deadline), signal: options.signal } : { wait: true, timeout: options.settle, signal: options.signal });
-          } catch (err) {
-            if (wait || !(err instanceof LockTimeoutError)) throw err;
-            const { candidates, text } = who(slot.path);
-            throw new ResourceBusyError(`${r.path}: another migration of it is in progress: its handover guard (byte 1) is held by ${text}`, {
-              resource: r.path,
-              candidates,
-              migrationInProgress: true,
-            });
-          }
-          slots.push(slot);
-        }
-      } catch (err) {
-        for (const s of slots.reverse()) s.release(GUARD_RANGE);
-        throw err;
+    for (const step of order) {
+      const { r, slot } = step;
+      if (!(await slot.take(lockModeOf(r.mode), GUARD_RANGE, { wait, timeout: remaining(deadline), signal: options.signal }))) {
+        const { candidates, text } = who(slot.path);
+        throw new ResourceBusyError(`${r.path}: another migration of it is in progress: its handover guard (byte 1) is held by ${text}`, {
+          resource: r.path,
+          candidates,
+          migrationInProgress: true,
+        });
       }
-      r.guarded = true;
-      taken.push(r);
+      taken.push(step);
     }
   } catch (err) {
-    for (const t of taken.reverse()) releaseGuard(t);
-    throw withRollback(err, taken.map((t) => t.path));
+    for (const t of taken.reverse()) t.slot.release(GUARD_RANGE);
+    const failed = err instanceof ResourceBusyError ? err.resource : null;
+    throw withRollback(err, [...new Set(taken.map((t) => t.r))].filter((r) => r.path !== failed).map((r) => r.path));
   }
+  for (const r of todo) r.guarded = true;
 }
 
 export function releaseGuard(r: Resource): void {

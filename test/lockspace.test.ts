@@ -2,15 +2,17 @@
 // separate processes. The lockspace module itself (names, protocol, races,
 // attacks) is tested in indirect.test.ts.
 import { spawnSync } from 'node:child_process';
-import { linkSync, mkdirSync, readdirSync, symlinkSync } from 'node:fs';
+import { createHash } from 'node:crypto';
+import { linkSync, mkdirSync, readdirSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { InvalidArgumentError, LockManager, ResourceAccessError, ResourceBusyError, type LockManagerOptions, type ResourceSpec } from '../lib/index.js';
+import { InvalidArgumentError, LockManager, openLockable, ResourceAccessError, ResourceBusyError, type LockManagerOptions, type ResourceSpec } from '../lib/index.js';
 import { Peer, fdCount, lockFixture, makeFile, managerPeerScript } from './helpers.js';
 
 const fx = lockFixture();
 const managers: LockManager[] = [];
 const peers: Peer[] = [];
+const vms: number[] = [];
 let dir: string;
 const TARGET = 'qemu+ssh://target/system';
 const SOURCE = 'qemu+ssh://source/system';
@@ -25,6 +27,14 @@ afterEach(async () => {
   for (const p of peers.splice(0)) {
     if (p.child.exitCode === null && p.child.signalCode === null) await p.call('free').catch(() => undefined);
     await p.kill();
+  }
+  // VMs whose supervisor a test killed live on (lockLifetime 'child').
+  for (const vm of vms.splice(0)) {
+    try {
+      process.kill(vm, 'SIGKILL');
+    } catch {
+      // Already gone.
+    }
   }
 });
 
@@ -42,7 +52,7 @@ async function holder(specs: ResourceSpec[], options: LockManagerOptions = indir
   peers.push(p);
   await p.call('create', options);
   for (const s of specs) await p.call('register', s);
-  await p.call('start', 'sleep', ['1000']);
+  vms.push(await p.call<number>('start', 'sleep', ['1000']));
   return p;
 }
 
@@ -157,6 +167,95 @@ describe('a LockManager with an indirect lockspace', () => {
     expect(() => new LockManager(indirect())).toThrow(/writable by .* and not sticky/);
     spawnSync('chmod', ['1777', dir]);
     expect(() => new LockManager(indirect())).not.toThrow();
+  });
+
+  it('two paths of one file (hard link) are one resource in one manager: the same mode a no-op, another refused', () => {
+    const hard = join(fx.tmp.dir, 'hard.img');
+    linkSync(fx.path, hard);
+    const m = manager();
+    m.registerResource({ type: 'disk', path: fx.path, mode: 'exclusive' });
+    m.registerResource({ type: 'disk', path: hard, mode: 'exclusive' });
+    expect(m.resources).toHaveLength(1);
+    expect(() => m.registerResource({ type: 'disk', path: hard, mode: 'shared' })).toThrow(InvalidArgumentError);
+  });
+
+  it('no deadlock when two managers reach two images by different hard links: the lock files are taken in one global order', async () => {
+    // Names chosen so that sorting resources by their path files would lock
+    // the two images' shared inode files in opposite orders.
+    const h = (p: string) => createHash('sha256').update(p).digest('hex');
+    let n = 0;
+    let [p1, q1, p2, q2] = ['', '', '', ''];
+    for (; ; n++) {
+      [p1, q1, p2, q2] = [`i${n}.img`, `j${n}.img`, `i${n}.lnk`, `j${n}.lnk`].map((f) => join(fx.tmp.dir, f)) as [string, string, string, string];
+      if (h(p1) < h(q1) && h(q2) < h(p2)) break;
+    }
+    writeFileSync(p1, 'x');
+    linkSync(p1, p2);
+    writeFileSync(q1, 'y');
+    linkSync(q1, q2);
+    // Hold the path files of q1 and p2 for a moment, so that both managers are mid-acquire together.
+    const block = [q1, p2].map((p) => {
+      const f = openLockable(join(dir, h(p)), { access: 'readwrite', create: true });
+      fx.opened.push(f);
+      f.tryLock('exclusive', { start: 0, length: 1 });
+      return f;
+    });
+    const mk = (a: string, b: string) => {
+      const m = manager();
+      m.registerResource({ type: 'disk', path: a, mode: 'exclusive' });
+      m.registerResource({ type: 'disk', path: b, mode: 'exclusive' });
+      return m;
+    };
+    const [m1, m2] = [mk(p1, q1), mk(p2, q2)];
+    const results = [m1, m2].map((m) => m.start('sleep', ['1000'], {}, { timeout: 3_000 }).then(() => 'started', (e: Error) => e.name));
+    await new Promise((r) => setTimeout(r, 200));
+    for (const f of block) f.close();
+    const outcome = await Promise.all(results);
+    // With a deadlock both would time out.
+    expect(outcome).toContain('started');
+  });
+
+  it('after a release while the VM runs, a waiting manager gets the disk at once: no whole-file lock stays behind in the child', async () => {
+    const m1 = manager();
+    m1.registerResource({ type: 'disk', path: fx.path, mode: 'exclusive' });
+    await m1.start('sleep', ['1000']);
+    const m2 = manager();
+    m2.registerResource({ type: 'disk', path: fx.path, mode: 'exclusive' });
+    const waiting = m2.start('sleep', ['1000'], {}, { timeout: 30_000 });
+    await new Promise((r) => setTimeout(r, 100));
+    expect(await m1.releaseResource({ type: 'disk', path: fx.path })).toEqual({ wasHeld: true });
+    await waiting;
+    expect(m2.state).toBe('running');
+    // And a third, registered before, fails fast for the right reason: m2 holds it.
+    const m3 = manager();
+    m3.registerResource({ type: 'disk', path: fx.path, mode: 'shared' });
+    await expect(m3.start('sleep', ['1000'])).rejects.toThrow(/held exclusively by/);
+  });
+
+  it('a source that takes its leases back in an indirect lockspace: its VM carries them again, even with the supervisor killed', async () => {
+    const src = await holder([{ type: 'disk', path: fx.path, mode: 'exclusive' }]);
+    const token = await src.call<string>('prepareMigrate', TARGET);
+    const tgt = await Peer.start(process.env, managerPeerScript);
+    peers.push(tgt);
+    await tgt.call('fromInquire', token, indirect());
+    await tgt.call('start', 'sleep', ['1000']);
+    // The target gives up first, then the source lets go and takes back.
+    await tgt.call('completeMigrateIn', SOURCE, { cancel: true });
+    await src.call('completeMigrateOut', TARGET);
+    await src.call('completeMigrateOut', TARGET, { cancel: true });
+    expect(await src.call('state')).toBe('running');
+    await src.kill('SIGKILL');
+    const m = manager();
+    m.registerResource({ type: 'disk', path: fx.path, mode: 'exclusive' });
+    await expect(m.start('sleep', ['1000'])).rejects.toThrow(ResourceBusyError);
+  });
+
+  it('a token names the dir as resolved: a source configured with a trailing slash is the same lockspace', () => {
+    const m = manager({ lockspace: { kind: 'indirect', dir: `${dir}/` } });
+    m.registerResource({ type: 'disk', path: fx.path, mode: 'exclusive' });
+    const t = LockManager.fromInquire(m.inquire(), indirect());
+    managers.push(t);
+    expect(t.resources).toHaveLength(1);
   });
 
   it('supervisorArgs() passes --lockspace to lockmgr run', () => {

@@ -1,6 +1,8 @@
 // Migration handover (docs/contract.md, "Migration"): source and target are
 // separate processes, each a real LockManager supervising a real child; this
 // process observes the lock bytes from outside as a third party would.
+import { spawnSync } from 'node:child_process';
+import { readFileSync, readdirSync, readlinkSync } from 'node:fs';
 import { afterEach, describe, expect, it } from 'vitest';
 import { InvalidArgumentError, InvalidStateError, LockManager, ResourceBusyError, type LockManagerOptions } from '../lib/index.js';
 import { Peer, fdCount, lockFixture, makeFile, managerPeerScript, waitUntil } from './helpers.js';
@@ -217,22 +219,100 @@ describe('the handover, source and target in separate processes', () => {
     expect(await second.call('state')).toBe('new');
   });
 
-  it('shared disks: the target takes its shared lease beside the source; a fresh shared starter is refused during the handover', async () => {
+  it('shared disks: the target guards with a read lock; shared starters are welcome during the handover, exclusive ones refused', async () => {
     const src = await source('shared');
     const tgt = await target(src.token);
-    const err = (await thirdStart('shared')) as ResourceBusyError;
+    expect(observe(GUARD)).toBe('shared');
+    // Another VM sharing the disk (a base image) starts, and may even migrate at the same time.
+    const other = manager();
+    other.registerResource({ type: 'disk', path: fx.path, mode: 'readonly' });
+    await other.start('sleep', ['1000']);
+    const otherTarget = LockManager.fromInquire(await other.prepareMigrate(TARGET));
+    managers.push(otherTarget);
+    await otherTarget.start('sleep', ['1000']);
+    expect(otherTarget.state).toBe('incoming');
+    // An exclusive starter is refused, and told why.
+    const err = (await thirdStart('exclusive')) as ResourceBusyError;
     expect(err.migrationInProgress).toBe(true);
     await src.peer.call('prepareMigrate', TARGET);
     await tgt.peer.call('completeMigrateIn', SOURCE);
     expect(await tgt.peer.call('state')).toBe('running');
     expect(observe(LEASE)).toBe('shared');
     await src.peer.call('completeMigrateOut', TARGET);
+    await other.completeMigrateOut(TARGET);
+    await otherTarget.completeMigrateIn(SOURCE);
     expect(observe(LEASE)).toBe('shared');
-    // After the handover, a shared starter is welcome again.
-    const m = manager();
-    m.registerResource({ type: 'disk', path: fx.path, mode: 'shared' });
-    await m.start('sleep', ['1000']);
-    expect(m.state).toBe('running');
+    expect(observe(GUARD)).toBe('free');
+  });
+
+  it('a readonly disk the target cannot open for writing migrates, and the incoming VM gets it read-only', async (ctx) => {
+    const image = makeFile(fx.tmp.dir, 'base.img');
+    const r = spawnSync('chattr', ['+i', image]);
+    if (r.status !== 0) {
+      console.log(`skipped: chattr +i failed (${r.stderr?.toString().trim() || r.error?.message}); needs root and a filesystem with immutable files`);
+      ctx.skip();
+    }
+    try {
+      const src = await source('shared', {}, image);
+      const token = await src.peer.call<string>('prepareMigrate', TARGET);
+      const tgt = await target(token);
+      const fds = readdirSync(`/proc/${tgt.vm}/fd`).filter((fd) => {
+        try {
+          return readlinkSync(`/proc/${tgt.vm}/fd/${fd}`) === image;
+        } catch {
+          return false;
+        }
+      });
+      expect(fds).toHaveLength(1);
+      // flags in octal; the access mode is its low two bits: 0 = O_RDONLY.
+      const flags = Number.parseInt(/^flags:\s+(\d+)/m.exec(readFileSync(`/proc/${tgt.vm}/fdinfo/${fds[0]}`, 'utf8'))![1]!, 8);
+      expect(flags & 3).toBe(0);
+      await src.peer.call('completeMigrateOut', TARGET);
+      await tgt.peer.call('completeMigrateIn', SOURCE);
+      expect(await tgt.peer.call('state')).toBe('running');
+    } finally {
+      for (const p of peers.splice(0)) {
+        await p.call('free').catch(() => undefined);
+        await p.kill();
+      }
+      spawnSync('chattr', ['-i', image]);
+    }
+  });
+
+  it('prepareMigrate() returns the token: taken then, it names every disk, hot-plugged ones included', async () => {
+    const src = await source();
+    const hot = makeFile(fx.tmp.dir, 'hot.img');
+    await src.peer.call('acquire', { type: 'disk', path: hot, mode: 'exclusive' });
+    const token = await src.peer.call<string>('prepareMigrate', TARGET);
+    const t = LockManager.fromInquire(token);
+    managers.push(t);
+    expect(t.resources.map((r) => r.path).sort()).toEqual([fx.path, hot].sort());
+  });
+
+  it('a cancel that races a completed completeMigrateIn is refused: the VM that now runs here is not stopped', async () => {
+    const holder = manager();
+    holder.registerResource({ type: 'disk', path: fx.path, mode: 'exclusive' });
+    await holder.start('sleep', ['1000']);
+    const t = LockManager.fromInquire(await holder.prepareMigrate(TARGET));
+    managers.push(t);
+    await t.start('sleep', ['1000']);
+    await holder.completeMigrateOut(TARGET);
+    const incoming = t.completeMigrateIn(SOURCE);
+    const cancel = t.completeMigrateIn(SOURCE, { cancel: true }).then(
+      () => null,
+      (err: unknown) => err,
+    );
+    await incoming.catch(() => undefined);
+    const err = await cancel;
+    // Either the cancel won (the wait was aborted, the target stopped) or the handover did (the cancel is refused).
+    if (t.state === 'running') {
+      expect(err).toBeInstanceOf(InvalidStateError);
+      expect(observe(LEASE)).toBe('exclusive');
+    } else {
+      expect(err).toBeNull();
+      expect(t.state).toBe('stopped');
+      expect(observe(LEASE)).toBe('free');
+    }
   });
 });
 
