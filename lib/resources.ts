@@ -126,6 +126,7 @@ const remaining = (deadline: number | undefined): number | undefined => (deadlin
 
 /** Takes one resource's lease (and its QEMU locks), or throws a complete error and holds nothing of it. */
 async function takeOne(r: Resource, wait: boolean, deadline: number | undefined, signal: AbortSignal | undefined, checkGuard: boolean): Promise<void> {
+  if (r.lease.owned !== undefined) return r.lease.owned.take(r.mode, { wait, timeout: remaining(deadline), signal });
   const mode = lockModeOf(r.mode);
   const taken: LeaseSlot[] = [];
   const undo = () => {
@@ -204,6 +205,7 @@ export function releaseOne(r: Resource): void {
     r.held = false;
     if (r.qemu !== undefined && r.lease.image !== null && !r.lease.image.closed) releaseQemuLocks(r.lease.image, r.qemu);
     for (const slot of [...r.lease.slots].reverse()) slot.release(LEASE_RANGE);
+    r.lease.owned?.release();
   }
 }
 
