@@ -146,6 +146,10 @@ export class SanlockLockspace implements Lockspace {
             return;
           }
           if (r.rv === -2 && offset < 0) {
+            // The daemon looks leases up only in a lockspace it has joined.
+            if (!(await lockspaceJoined({ lockspace: this.config.lockspace, path: this.config.path, hostId: this.config.hostId }))) {
+              throw errorFor(-241, 'sanlock_lookup_rindex', `${disk}: looking up its sanlock lease in lockspace ${address.lockspace}`);
+            }
             throw new ResourceAccessError(
               `${disk} has no sanlock lease in lockspace ${address.lockspace} on ${address.path}: create it once with createDiskLease() or \`lockmgr sanlock add-disk\``,
               { cause: sanlockCause(r.rv, 'sanlock_lookup_rindex') },
