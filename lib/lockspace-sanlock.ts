@@ -42,6 +42,8 @@ const RETRY_MIN_MS = 50;
 const RETRY_MAX_MS = 1000;
 
 const BUSY = new Set([-243, -11, -17]);
+/** How often a fail-fast acquire retries EAGAIN, RETRY_MIN_MS apart. */
+const TRANSIENT_RETRIES = 4;
 
 function sleep(ms: number, signal: AbortSignal | undefined): Promise<void> {
   return new Promise((resolve, reject) => {
@@ -135,6 +137,7 @@ export class SanlockLockspace implements Lockspace {
         if (pid === null) throw new UnsupportedError(`${disk}: a sanlock lease is taken for the supervised process, and there is none`);
         const deadline = o.timeout === undefined ? undefined : Date.now() + o.timeout;
         let delay = RETRY_MIN_MS;
+        let transient = 0;
         for (;;) {
           const lver = this.#incoming.get(address.resource) ?? -1;
           const r = await acquireFor(pid, address, offset, shared, lver);
@@ -162,6 +165,12 @@ export class SanlockLockspace implements Lockspace {
             );
           }
           if (!BUSY.has(r.rv)) throw errorFor(r.rv, 'sanlock_acquire', `${disk}: acquiring its sanlock lease for pid ${pid}`);
+          // EAGAIN also means "in transition" (a holder's release or a paxos
+          // round still on the storage): even a fail-fast acquire retries it briefly.
+          if (r.rv === -11 && !o.wait && transient++ < TRANSIENT_RETRIES) {
+            await sleep(RETRY_MIN_MS, o.signal);
+            continue;
+          }
           if (!o.wait || (deadline !== undefined && Date.now() >= deadline)) {
             const busy = await this.#busy(disk, address, offset, r.rv, shared);
             if (!o.wait) throw busy;
@@ -203,9 +212,8 @@ export class SanlockLockspace implements Lockspace {
       const name = hostName(address.path, o.hostId);
       return name === null ? `host ${o.hostId}` : `host ${o.hostId} (${name})`;
     });
-    const how = rv === -11 && !shared ? 'held shared' : 'held';
     const by = names.length > 0 ? `by ${names.join(', ')}` : 'by another host';
-    return new ResourceBusyError(`${disk} is ${how} ${by} in sanlock lockspace ${address.lockspace}`, { resource: disk, cause });
+    return new ResourceBusyError(`${disk} is held ${by} in sanlock lockspace ${address.lockspace}${shared ? ' (this acquire: shared)' : ''}`, { resource: disk, cause });
   }
 
   async spawnGated(command: string, args: readonly string[], options: SpawnOptions, beforeExec: (pid: number) => Promise<void>): Promise<SupervisedProcess> {

@@ -156,6 +156,7 @@ export function describeCode(rv: number): string {
   } catch {
     text = '';
   }
+  if (text.startsWith('Unknown error')) text = '';
   return text === '' || text === name ? `${name} (${rv})` : `${name} (${rv}: ${text})`;
 }
 

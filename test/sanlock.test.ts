@@ -117,12 +117,14 @@ describe.skipIf(why !== null)('sanlock lockspace', () => {
 
   afterAll(async () => {
     await cleanupManagers();
-    for (const d of daemons) {
-      if (d.exitCode === null && d.signalCode === null) {
-        const gone = new Promise((r) => d.once('exit', r));
-        d.kill('SIGKILL');
-        await gone;
-      }
+    for (const [i, d] of daemons.entries()) {
+      if (d.exitCode !== null || d.signalCode !== null) continue;
+      const gone = new Promise((r) => d.once('exit', r));
+      // A clean shutdown also ends the daemon's helper process; SIGKILL would orphan it.
+      spawnSync('sanlock', ['client', 'shutdown', '-f', '1'], { env: { ...process.env, SANLOCK_RUN_DIR: runDir(i + 1) }, stdio: 'ignore' });
+      const timer = setTimeout(() => d.kill('SIGKILL'), 5000);
+      await gone;
+      clearTimeout(timer);
     }
     if (loop !== '') spawnSync('losetup', ['-d', loop]);
     rmSync(root, { recursive: true, force: true });
@@ -320,6 +322,18 @@ describe.skipIf(why !== null)('sanlock lockspace', () => {
     managers.push(d);
     await expect(d.start()).rejects.toThrow(UnsupportedError);
     await cleanupManagers();
+  });
+
+  it('CLI: lockmgr sanlock joined and add-disk', () => {
+    const cli = (...args: string[]) => spawnSync(process.execPath, [join(import.meta.dirname, '..', 'bin', 'lockmgr.js'), 'sanlock', ...args], { encoding: 'utf8', env: { ...process.env, SANLOCK_RUN_DIR: runDir(1) } });
+    expect(cli('joined', '--lockspace', LS, '--path', loop, '--host-id', '1').status).toBe(0);
+    expect(cli('joined', '--lockspace', LS, '--path', loop, '--host-id', '7').status).toBe(1);
+    const add = cli('add-disk', '--lockspace', LS, '--path', loop, disk);
+    expect(add.status).toBe(0);
+    expect(add.stdout).toMatch(/lease exists at offset \d+/);
+    const none = spawnSync(process.execPath, [join(import.meta.dirname, '..', 'bin', 'lockmgr.js'), 'sanlock', 'joined', '--lockspace', LS, '--path', loop, '--host-id', '1'], { encoding: 'utf8', env: { ...process.env, SANLOCK_RUN_DIR: join(root, 'nowhere') } });
+    expect(none.status).toBe(69);
+    expect(none.stderr).toMatch(/no sanlock daemon answers/);
   });
 
   it('no daemon: UnsupportedError naming the socket', async () => {
