@@ -8,7 +8,7 @@ import { machine } from './lib.mjs';
 const quick = process.argv.includes('--quick');
 const onlyAt = process.argv.indexOf('--only');
 const only = onlyAt > 0 ? process.argv[onlyAt + 1]?.split(',') : undefined;
-const suites = ['acquire', 'handoff', 'contend', 'waiters', 'hold', 'spawn', 'manager', 'peers'].filter((s) => !only || only.includes(s));
+const suites = ['acquire', 'handoff', 'contend', 'waiters', 'hold', 'spawn', 'manager', 'migrate', 'peers'].filter((s) => !only || only.includes(s));
 const notes = [];
 
 const rows = [];

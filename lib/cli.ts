@@ -2,6 +2,7 @@
 // who holds what. docs/cli.md documents the flags, exit codes and --json.
 import { readFileSync } from 'node:fs';
 import { constants as osConstants } from 'node:os';
+import { resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import {
   AbortError,
@@ -18,6 +19,8 @@ import {
   type ProcessInfo,
 } from './errors.js';
 import { openDiskFile } from './lockspace.js';
+import { indirectLockspace, type IndirectLockspace, type LockFileSource } from './lockspace-indirect.js';
+import { openLockable, type LockableFile } from './locks.js';
 import { LockManager, type ExitStatus, type LockLifetime, type ManagerParams, type ResourceMode } from './manager.js';
 import { describeProcess, locksOn, processesWithOpen, type ProcLock } from './proc-locks.js';
 import { qemuLockState, type QemuPermission } from './qemu.js';
@@ -38,9 +41,9 @@ const VERSION = '0.1.0';
 
 export const HELP = `usage:
   lockmgr run [--exclusive PATH]... [--shared PATH]... [--readonly PATH]...
-              [--wait SECONDS] [--lifetime child|supervisor] [--qemu-compatible]
+              [--lockspace DIR] [--wait SECONDS] [--lifetime child|supervisor] [--qemu-compatible]
               [--name NAME] [--uuid UUID] [--id ID] [--uri URI] -- COMMAND [ARG...]
-  lockmgr status [--json] PATH...
+  lockmgr status [--json] [--lockspace DIR] PATH...
   lockmgr sanlock init|join|leave|joined|add-disk ...   (lockmgr sanlock --help)
   lockmgr --help | --version
 
@@ -162,9 +165,6 @@ async function run(argv: readonly string[], out: Output): Promise<number> {
     uri: { type: 'string' },
   });
   if (positionals.length > 0) throw usage(`unexpected argument '${positionals[0]}' before '--'`);
-  if (values.lockspace !== undefined) {
-    throw new UnsupportedError('--lockspace (indirect lockspaces) is not available in this version');
-  }
   let timeout: number | undefined;
   if (values.wait !== undefined) {
     const seconds = Number(values.wait);
@@ -179,7 +179,11 @@ async function run(argv: readonly string[], out: Output): Promise<number> {
     if (!/^\d+$/.test(values.id)) throw usage(`--id needs an integer >= 0, got '${values.id}'`);
     params.id = Number(values.id);
   }
-  const mgr = new LockManager({ params, lockLifetime: values.lifetime as LockLifetime | undefined });
+  const mgr = new LockManager({
+    params,
+    lockLifetime: values.lifetime as LockLifetime | undefined,
+    lockspace: values.lockspace === undefined ? undefined : { kind: 'indirect', dir: resolve(values.lockspace) },
+  });
   let warned = false;
   try {
     const qemuCompatible = values['qemu-compatible'] === true;
@@ -255,19 +259,41 @@ export interface StatusEntry {
   identity?: string;
   lease?: { byte: 0; state: ByteState; holder: LockHolder | null };
   migrationGuard?: { byte: 1; state: ByteState };
+  /** With --lockspace DIR: the lock files that carry this disk's lease there (docs/lockspaces.md). */
+  lockFiles?: Array<{ path: string; source: LockFileSource; identity: string; exists: boolean; lease: { byte: 0; state: ByteState; holder: LockHolder | null }; migrationGuard: { byte: 1; state: ByteState } }>;
   qemu?: { held: QemuPermission[]; unshared: QemuPermission[] };
   locks?: Array<Omit<ProcLock, 'ino'> & { ino: string }>;
   openBy?: ProcessInfo[];
   error?: { code: string; message: string };
 }
 
-function inspect(path: string): StatusEntry {
+function byteState(file: LockableFile, start: number): { state: ByteState; holder: LockHolder | null } {
+  const holder = file.getConflict('exclusive', { start, length: 1 });
+  return { state: holder === null ? 'free' : holder.mode, holder };
+}
+
+/** The lock files of `path` in an indirect lockspace, read without creating any. */
+function lockFilesOf(space: IndirectLockspace, path: string): NonNullable<StatusEntry['lockFiles']> {
+  return space.describeDisk(path).files.map((f) => {
+    let file: LockableFile;
+    try {
+      file = openLockable(f.path, { access: 'read' });
+    } catch {
+      // Not there: nobody holds it (a lock file exists while someone uses it).
+      return { path: f.path, source: f.source, identity: f.identity, exists: false, lease: { byte: 0, state: 'free', holder: null }, migrationGuard: { byte: 1, state: 'free' } };
+    }
+    try {
+      return { path: f.path, source: f.source, identity: f.identity, exists: true, lease: { byte: 0, ...byteState(file, 0) }, migrationGuard: { byte: 1, state: byteState(file, 1).state } };
+    } finally {
+      file.close();
+    }
+  });
+}
+
+function inspect(path: string, space: IndirectLockspace | undefined): StatusEntry {
   const file = openDiskFile(path, 'read');
   try {
-    const byte = (start: number): { state: ByteState; holder: LockHolder | null } => {
-      const holder = file.getConflict('exclusive', { start, length: 1 });
-      return { state: holder === null ? 'free' : holder.mode, holder };
-    };
+    const byte = (start: number) => byteState(file, start);
     const lease = byte(0);
     // QEMU locks the node it opened; for a block device that is the canonical
     // node whenever QEMU was given any path udev made (symlinks to it).
@@ -278,6 +304,7 @@ function inspect(path: string): StatusEntry {
       identity: file.identity.key,
       lease: { byte: 0, ...lease },
       migrationGuard: { byte: 1, state: byte(1).state },
+      ...(space === undefined ? {} : { lockFiles: lockFilesOf(space, path) }),
       qemu: { held: qemu.held, unshared: qemu.unshared },
       locks: [...locksOn(file.path), ...(file.path === path ? [] : locksOn(path))].map((l) => ({ ...l, ino: String(l.ino) })),
       openBy: processesWithOpen(path, { excludeSelf: true }),
@@ -288,12 +315,13 @@ function inspect(path: string): StatusEntry {
 }
 
 function status(argv: readonly string[], out: Output): number {
-  const { values, positionals } = parse(argv, { json: { type: 'boolean' } });
+  const { values, positionals } = parse(argv, { json: { type: 'boolean' }, lockspace: { type: 'string' } });
   if (positionals.length === 0) throw usage('status needs at least one PATH');
+  const space = values.lockspace === undefined ? undefined : indirectLockspace({ kind: 'indirect', dir: resolve(values.lockspace) });
   let code: number = EXIT.ok;
   const entries: StatusEntry[] = positionals.map((path) => {
     try {
-      return inspect(path);
+      return inspect(path, space);
     } catch (err) {
       // Whatever the reason (missing, a FIFO, no permission), the PATH could not be inspected.
       code = EXIT.noResource;
@@ -312,6 +340,10 @@ function table(e: StatusEntry): string {
     ['kind', `${e.kind} (${e.identity})`],
     ['lease (byte 0)', e.lease!.state === 'free' ? 'free' : `held ${e.lease!.state}`],
     ['migration guard', e.migrationGuard!.state === 'free' ? 'free' : `held ${e.migrationGuard!.state}`],
+    ...(e.lockFiles ?? []).map((f): [string, string] => [
+      `lock file (${f.source})`,
+      `${f.path}: ${f.exists ? `lease ${f.lease.state === 'free' ? 'free' : `held ${f.lease.state}`}, guard ${f.migrationGuard.state === 'free' ? 'free' : `held ${f.migrationGuard.state}`}` : 'absent (free)'}`,
+    ]),
     ['QEMU holds', e.qemu!.held.join(', ') || '-'],
     ['QEMU does not share', e.qemu!.unshared.join(', ') || '-'],
     ['open by', e.openBy!.map(describeProcess).join('\n                      ') || '-'],

@@ -8,7 +8,7 @@
 // tryLock() is one F_OFD_SETLK on the calling thread. lock() tries the same
 // first; only on conflict does it park an F_OFD_SETLKW on a dedicated native
 // waiter thread (native/waiters.cc), never on the event loop or libuv's pool.
-import { fstatSync, type BigIntStats } from 'node:fs';
+import { fstatSync, lstatSync, type BigIntStats } from 'node:fs';
 import {
   AbortError,
   InvalidArgumentError,
@@ -39,6 +39,13 @@ export interface ByteRange {
 export interface OpenOptions {
   /** 'readwrite' (default) allows exclusive and shared locks; 'read' allows shared locks only. */
   access?: Access;
+  /**
+   * Create the file (mode 0600) if it is missing, for lock files. Only with
+   * access 'readwrite'. The last path component must not be a symlink: it is
+   * refused (O_NOFOLLOW) with a ResourceAccessError, so a link planted at a lock
+   * file's name cannot make us create or lock a file of someone else's choosing.
+   */
+  create?: boolean;
 }
 
 export interface LockOptions {
@@ -67,6 +74,7 @@ const EAGAIN = errnoOf('EAGAIN');
 const EACCES = errnoOf('EACCES');
 const EBADF = errnoOf('EBADF');
 const EINVAL = errnoOf('EINVAL');
+const ELOOP = errnoOf('ELOOP');
 const ECANCELED = errnoOf('ECANCELED');
 const ETIMEDOUT = errnoOf('ETIMEDOUT');
 
@@ -320,18 +328,40 @@ const statTypes: ReadonlyArray<[(st: BigIntStats) => boolean, string]> = [
   [(st) => st.isSocket(), 'socket'],
 ];
 
+/** Whether the last component of `path` is a symlink (for the message of an O_NOFOLLOW refusal). */
+function isSymlink(path: string): boolean {
+  try {
+    return lstatSync(path).isSymbolicLink();
+  } catch {
+    return false;
+  }
+}
+
 /**
- * Opens a regular file or block device for locking. Never creates; the fd is
- * O_CLOEXEC | O_NOCTTY. Throws InvalidArgumentError for a bad path or option,
- * ResourceAccessError when the open fails or the path is a directory.
+ * Opens a regular file or block device for locking. Never creates unless
+ * `create` says so; the fd is O_CLOEXEC | O_NOCTTY. Throws InvalidArgumentError
+ * for a bad path or option, ResourceAccessError when the open fails, the path
+ * is a directory, or (with `create`) its last component is a symlink.
  */
 export function openLockable(path: string, options?: OpenOptions): LockableFile {
   checkPath(path);
-  const opts = checkOptions<OpenOptions>(options, ['access'], 'openLockable options');
+  const opts = checkOptions<OpenOptions>(options, ['access', 'create'], 'openLockable options');
   const access = opts.access === undefined ? 'readwrite' : checkOneOf(opts.access, ['read', 'readwrite'] as const, 'access');
-  const fd = native.openFile(path, access === 'readwrite');
+  if (opts.create !== undefined && typeof opts.create !== 'boolean') {
+    throw new InvalidArgumentError(`create must be a boolean, got ${describe(opts.create)}`);
+  }
+  const create = opts.create === true;
+  if (create && access !== 'readwrite') {
+    throw new InvalidArgumentError("create needs access 'readwrite': a lock file that may be created must be writable");
+  }
+  const fd = native.openFile(path, access === 'readwrite', create);
   if (fd < 0) {
-    throw fromErrno('open', -fd, path, `cannot open '${path}' for ${access === 'readwrite' ? 'reading and writing' : 'reading'}`);
+    if (create && -fd === ELOOP) {
+      const what = isSymlink(path) ? 'is a symbolic link' : 'has too many symbolic links in its directories';
+      throw fromErrno('open', ELOOP, path, `refused to open lock file '${path}': it ${what}, and lock files are never followed through symlinks (remove it if it is not yours)`);
+    }
+    const verb = create ? 'create or open' : 'open';
+    throw fromErrno('open', -fd, path, `cannot ${verb} '${path}' for ${access === 'readwrite' ? 'reading and writing' : 'reading'}`);
   }
   let st: BigIntStats;
   try {

@@ -16,6 +16,7 @@
 //           migrating | migrated --completeMigrateOut({ cancel })--> running
 //           migrating | migrated --(child exits)--> stopped
 import { EventEmitter } from 'node:events';
+import { normalize } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { AbortError, InvalidArgumentError, InvalidStateError, LockManagerError, LockTimeoutError, UnsupportedError, systemError, type ProcessInfo } from './errors.js';
 import { indirectLockspace, openLeaseResource } from './lockspace-indirect.js';
@@ -186,7 +187,7 @@ function checkResource(value: unknown, what: string): CheckedSpec {
       if (typeof spec[k] !== 'string') throw new InvalidArgumentError(`${what}.${k} must be a string, got ${describe(spec[k])}`);
     }
     const mode = spec.mode === undefined ? undefined : checkOneOf(spec.mode, MODES, `${what}.mode`);
-    return { type, path, lockspace: spec.lockspace as string, key: spec.key as string, mode };
+    return { type, path: normalize(path), lockspace: spec.lockspace as string, key: spec.key as string, mode };
   }
   const spec = checkOptions<DiskSpec>(value, ['type', 'path', 'mode', 'qemuCompatible'], what);
   const path = checkPath(spec.path, `${what}.path`);
@@ -674,13 +675,16 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
    */
   supervisorArgs(): string[] {
     if (this.#attach !== undefined) throw new InvalidStateError('supervisorArgs(): lockmgr run cannot attach to a running process');
+    if (this.#incoming) throw new InvalidStateError('supervisorArgs(): lockmgr run cannot be a migration target');
     if (this.#space.config.kind === 'sanlock') throw new InvalidStateError('supervisorArgs(): lockmgr run does not take a sanlock lockspace yet');
     const resources = [...this.#resources.values()];
+    if (resources.some((r) => r.lease.kind === 'lease')) throw new InvalidStateError('supervisorArgs(): lockmgr run takes disks only, not leases');
     const qemu = resources.filter((r) => r.qemu !== undefined).length;
     if (qemu > 0 && qemu < resources.length) {
       throw new InvalidStateError('supervisorArgs(): lockmgr run applies --qemu-compatible to every resource, and only some of these are QEMU-compatible');
     }
     const argv = ['run'];
+    if (this.#space.config.kind === 'indirect') argv.push('--lockspace', this.#space.config.dir);
     for (const r of resources) argv.push(`--${r.mode}`, r.path);
     if (qemu > 0) argv.push('--qemu-compatible');
     argv.push('--lifetime', this.#lifetime);
@@ -796,7 +800,7 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
   /** Opens the lease of a checked spec. */
   #openLease(spec: CheckedSpec, mode: ResourceMode): Lease {
     // A migration target write-locks the guard even of a shared or readonly disk.
-    if (spec.type === 'lease') return openLeaseResource(spec, mode);
+    if (spec.type === 'lease') return openLeaseResource({ lockspace: spec.lockspace, key: spec.key, path: spec.path }, mode);
     return this.#space.openDisk(spec.path, mode, { write: this.#incoming });
   }
 
@@ -833,8 +837,14 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
   }
 
   #find(spec: CheckedSpec): ManagedResource | undefined {
-    const path = spec.type === 'lease' ? undefined : spec.path;
-    for (const r of this.#resources.values()) if (r.path === path) return r;
+    if (spec.type === 'lease') {
+      // A lease is named by its spec alone: no probe, which would create its directory.
+      for (const r of this.#resources.values()) {
+        if (r.spec.type === 'lease' && r.spec.path === spec.path && r.spec.lockspace === spec.lockspace && r.spec.key === spec.key) return r;
+      }
+      return undefined;
+    }
+    for (const r of this.#resources.values()) if (r.path === spec.path) return r;
     let key: string;
     try {
       const probe = this.#openLease(spec, 'readonly');

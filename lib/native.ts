@@ -7,8 +7,8 @@ import { fileURLToPath } from 'node:url';
 import { UnsupportedError, setStrerror } from './errors.js';
 
 export interface Native {
-  /** fd, or -errno. O_CLOEXEC | O_NOCTTY, never creates. */
-  openFile(path: string, writable: boolean): number;
+  /** fd, or -errno. O_CLOEXEC | O_NOCTTY; with create also O_CREAT | O_NOFOLLOW, mode 0600 (ELOOP when the name is a symlink). */
+  openFile(path: string, writable: boolean, create: boolean): number;
   /** F_OFD_SETLK; type 0 shared, 1 exclusive, 2 unlock. 0 or errno. */
   setlk(fd: number, type: number, start: number, length: number): number;
   /** F_OFD_GETLK into out = [type, start, length, pid]; type 2 = no conflict. 0 or errno. */

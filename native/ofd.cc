@@ -56,19 +56,25 @@ Napi::Value Int(Napi::Env env, int32_t v) {
   return Napi::Value(env, out);
 }
 
-// openFile(path, writable) -> fd | -errno.
+// openFile(path, writable, create) -> fd | -errno.
 // O_NONBLOCK only for the open itself: a FIFO opened for reading would otherwise
 // block the event loop until a writer appears, and a file with a lease held by
 // someone else would block until the lease breaks. It is cleared afterwards so a
 // descriptor handed to a child behaves normally.
+// create is for lock files in a shared directory (the indirect lockspace):
+// O_CREAT makes the file if it is missing, mode 0600 so that only its owner
+// can lock it; O_NOFOLLOW refuses (ELOOP) a symlink planted at the name, which
+// would otherwise make us create or lock a file of the planter's choosing.
 Napi::Value OpenFile(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   std::string path = info[0].As<Napi::String>().Utf8Value();
   bool writable = info[1].As<Napi::Boolean>().Value();
+  bool create = info.Length() > 2 && info[2].IsBoolean() && info[2].As<Napi::Boolean>().Value();
   int flags = (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC | O_NOCTTY | O_NONBLOCK;
+  if (create) flags |= O_CREAT | O_NOFOLLOW;
   int fd;
   do {
-    fd = open(path.c_str(), flags);
+    fd = create ? open(path.c_str(), flags, 0600) : open(path.c_str(), flags);
   } while (fd < 0 && errno == EINTR);
   if (fd < 0) return Int(env, -errno);
   int fl = fcntl(fd, F_GETFL);

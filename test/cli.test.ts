@@ -1,6 +1,6 @@
 // The real lockmgr binary, in subprocesses.
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { chmodSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdirSync, readFileSync, readdirSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterEach, describe, expect, it } from 'vitest';
@@ -123,6 +123,8 @@ describe('lockmgr run', () => {
   });
 
   it('usage errors exit 64, unopenable resources 66, unsupported features 69, missing or unrunnable commands 127 and 126', () => {
+    const symlinked = join(fx.tmp.dir, 'locks-link');
+    symlinkSync(fx.tmp.dir, symlinked);
     const notExec = makeFile(fx.tmp.dir, 'script.sh', '#!/bin/sh\nexit 0\n');
     chmodSync(notExec, 0o644);
     const cases: Array<[string[], number, RegExp]> = [
@@ -137,7 +139,9 @@ describe('lockmgr run', () => {
       [['run', '--exclusive', 'relative.img', '--', 'true'], 64, /must be absolute/],
       [['run', '--exclusive', join(fx.tmp.dir, 'missing.img'), '--', 'true'], 66, /ENOENT/],
       [['run', '--exclusive', fx.tmp.dir, '--', 'true'], 66, /EISDIR/],
-      [['run', '--lockspace', fx.tmp.dir, '--exclusive', fx.path, '--', 'true'], 69, /--lockspace/],
+      [['run', '--lockspace', symlinked, '--exclusive', fx.path, '--', 'true'], 64, /lockspace dir .* is a symbolic link and was refused/],
+      [['run', '--lockspace', join(fx.tmp.dir, 'no-such-dir'), '--exclusive', fx.path, '--', 'true'], 66, /ENOENT/],
+      [['status', '--lockspace', symlinked, fx.path], 64, /symbolic link/],
       [['run', '--exclusive', fx.path, '--', join(fx.tmp.dir, 'no-such-command')], 127, /ENOENT/],
       [['run', '--exclusive', fx.path, '--', notExec], 126, /EACCES/],
       [['frobnicate'], 64, /unknown command 'frobnicate'/],
@@ -157,6 +161,30 @@ describe('lockmgr run', () => {
     const r = lockmgr('--help');
     expect(r.code).toBe(0);
     for (const code of ['64', '66', '69', '70', '75', '126', '127']) expect(r.stdout).toContain(`  ${code} `);
+  });
+
+  it('--lockspace DIR: the lease lives in lock files there (image untouched); a second run is refused; status shows them; nothing left after', async () => {
+    const dir = join(fx.tmp.dir, 'locks');
+    mkdirSync(dir, { mode: 0o700 });
+    const { child } = await background(['--lockspace', dir, '--exclusive', fx.path], 'sleep 1000');
+    expect(status(fx.path).entries[0]!.lease!.state).toBe('free');
+    const files = readdirSync(dir);
+    expect(files).toHaveLength(2);
+    const r = lockmgr('run', '--lockspace', dir, '--shared', fx.path, '--', 'true');
+    expect(r.code).toBe(75);
+    expect(r.stderr).toMatch(new RegExp(`${fx.path} \\(its lock file ${dir}/[0-9a-f]{64}\\) is held exclusively by .*${child.pid}`));
+    const s = lockmgr('status', '--json', '--lockspace', dir, fx.path);
+    const entry = (JSON.parse(s.stdout) as { entries: StatusEntry[] }).entries[0]!;
+    expect(entry.lockFiles!.map((f) => [f.source, f.exists, f.lease.state, f.migrationGuard.state])).toEqual([
+      ['path', true, 'exclusive', 'free'],
+      ['inode', true, 'exclusive', 'free'],
+    ]);
+    expect(lockmgr('status', '--lockspace', dir, fx.path).stdout).toMatch(/lock file \(path\) +\/.*: lease held exclusive, guard free/);
+    child.kill('SIGTERM');
+    await new Promise((res) => child.once('exit', res));
+    expect(readdirSync(dir)).toEqual([]);
+    expect(lockmgr('run', '--lockspace', dir, '--exclusive', fx.path, '--', 'true').code).toBe(0);
+    expect(readdirSync(dir)).toEqual([]);
   });
 
   it("runs the argv of a LockManager's supervisorArgs(), holding the same resources", async () => {

@@ -1,0 +1,221 @@
+// LockManager over an indirect lockspace and named leases, with managers in
+// separate processes. The lockspace module itself (names, protocol, races,
+// attacks) is tested in indirect.test.ts.
+import { spawnSync } from 'node:child_process';
+import { linkSync, mkdirSync, readdirSync, symlinkSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { InvalidArgumentError, LockManager, ResourceAccessError, ResourceBusyError, type LockManagerOptions, type ResourceSpec } from '../lib/index.js';
+import { Peer, fdCount, lockFixture, makeFile, managerPeerScript } from './helpers.js';
+
+const fx = lockFixture();
+const managers: LockManager[] = [];
+const peers: Peer[] = [];
+let dir: string;
+const TARGET = 'qemu+ssh://target/system';
+const SOURCE = 'qemu+ssh://source/system';
+
+beforeEach(() => {
+  dir = join(fx.tmp.dir, 'locks');
+  mkdirSync(dir, { mode: 0o755 });
+});
+
+afterEach(async () => {
+  for (const m of managers.splice(0)) await m.free();
+  for (const p of peers.splice(0)) {
+    if (p.child.exitCode === null && p.child.signalCode === null) await p.call('free').catch(() => undefined);
+    await p.kill();
+  }
+});
+
+const indirect = (): LockManagerOptions => ({ lockspace: { kind: 'indirect', dir } });
+
+function manager(options: LockManagerOptions = indirect()): LockManager {
+  const m = new LockManager(options);
+  managers.push(m);
+  return m;
+}
+
+/** A manager in another process, running `sleep` with `specs` held. */
+async function holder(specs: ResourceSpec[], options: LockManagerOptions = indirect()): Promise<Peer> {
+  const p = await Peer.start(process.env, managerPeerScript);
+  peers.push(p);
+  await p.call('create', options);
+  for (const s of specs) await p.call('register', s);
+  await p.call('start', 'sleep', ['1000']);
+  return p;
+}
+
+/** The image's own byte 0, seen from outside. */
+function imageLease(path = fx.path): string {
+  const probe = fx.open(path, 'read');
+  const c = probe.getConflict('exclusive', { start: 0, length: 1 });
+  probe.close();
+  return c === null ? 'free' : c.mode;
+}
+
+describe('a LockManager with an indirect lockspace', () => {
+  it('holds its lease in lock files in dir, not on the image; another process is refused with the lock file named; nothing is left at the end', async () => {
+    const p = await holder([{ type: 'disk', path: fx.path, mode: 'exclusive' }]);
+    expect(imageLease()).toBe('free');
+    expect(readdirSync(dir)).toHaveLength(2);
+    const m = manager();
+    m.registerResource({ type: 'disk', path: fx.path, mode: 'shared' });
+    const err = await m.start('sleep', ['1000']).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(ResourceBusyError);
+    expect((err as ResourceBusyError).message).toMatch(new RegExp(`^${fx.path} \\(its lock file ${dir}/[0-9a-f]{64}\\) is held exclusively by .*${p.child.pid}`));
+    expect(m.state).toBe('new');
+    await p.call('shutdown', { graceMs: 1000 });
+    await m.start('sleep', ['1000']);
+    expect(m.state).toBe('running');
+    await m.free();
+    await p.call('free');
+    expect(readdirSync(dir)).toEqual([]);
+  });
+
+  it('the same image by a symlink and by a hard link is one resource across processes', async () => {
+    const sym = join(fx.tmp.dir, 'sym.img');
+    const hard = join(fx.tmp.dir, 'hard.img');
+    symlinkSync(fx.path, sym);
+    linkSync(fx.path, hard);
+    await holder([{ type: 'disk', path: fx.path, mode: 'exclusive' }]);
+    for (const path of [sym, hard]) {
+      const m = manager();
+      m.registerResource({ type: 'disk', path, mode: 'exclusive' });
+      await expect(m.start('sleep', ['1000'])).rejects.toThrow(ResourceBusyError);
+    }
+  });
+
+  it('works where the image cannot be opened for writing (an immutable image): the direct lockspace cannot lease it exclusively', async (ctx) => {
+    const image = makeFile(fx.tmp.dir, 'immutable.img');
+    const r = spawnSync('chattr', ['+i', image]);
+    if (r.status !== 0) {
+      console.log(`skipped: chattr +i failed (${r.stderr?.toString().trim() || r.error?.message}); needs root and a filesystem with immutable files`);
+      ctx.skip();
+    }
+    try {
+      const direct = manager({});
+      expect(() => direct.registerResource({ type: 'disk', path: image, mode: 'exclusive' })).toThrow(ResourceAccessError);
+      const m = manager();
+      m.registerResource({ type: 'disk', path: image, mode: 'exclusive', qemuCompatible: true });
+      await m.start('sleep', ['1000']);
+      expect(m.resources[0]!.held).toBe(true);
+      await m.free();
+    } finally {
+      spawnSync('chattr', ['-i', image]);
+    }
+  });
+
+  it('migration in an indirect lockspace: the guard sits on the lock files, third parties are refused, no stray files', async () => {
+    const src = await holder([{ type: 'disk', path: fx.path, mode: 'exclusive' }]);
+    const token = await src.call<string>('inquire');
+    const tgt = await Peer.start(process.env, managerPeerScript);
+    peers.push(tgt);
+    await tgt.call('fromInquire', token, indirect());
+    await tgt.call('start', 'sleep', ['1000']);
+    await src.call('prepareMigrate', TARGET);
+    await src.call('completeMigrateOut', TARGET);
+    // The lock files survive the source's release: the target's guard keeps them.
+    expect(readdirSync(dir)).toHaveLength(2);
+    const m = manager();
+    m.registerResource({ type: 'disk', path: fx.path, mode: 'exclusive' });
+    const err = (await m.start('sleep', ['1000']).catch((e: unknown) => e)) as ResourceBusyError;
+    expect(err).toBeInstanceOf(ResourceBusyError);
+    expect(err.migrationInProgress).toBe(true);
+    await tgt.call('completeMigrateIn', SOURCE, { timeout: 10_000 });
+    expect(await tgt.call('state')).toBe('running');
+    await expect(m.start('sleep', ['1000'])).rejects.toThrow(/held exclusively/);
+    await src.call('free');
+    await tgt.call('free');
+    expect(readdirSync(dir)).toEqual([]);
+  });
+
+  it('a token from another lockspace is refused: InvalidArgumentError, nothing opened', async () => {
+    const m = manager();
+    m.registerResource({ type: 'disk', path: fx.path, mode: 'exclusive' });
+    const token = m.inquire();
+    const otherDir = join(fx.tmp.dir, 'other-locks');
+    mkdirSync(otherDir, { mode: 0o700 });
+    const direct = manager({});
+    direct.registerResource({ type: 'disk', path: fx.path, mode: 'exclusive' });
+    const before = fdCount();
+    expect(() => LockManager.fromInquire(token)).toThrow(InvalidArgumentError);
+    expect(() => LockManager.fromInquire(token)).toThrow(/lockspace indirect \(dir .*\), and this manager's is direct/);
+    expect(() => LockManager.fromInquire(token, { lockspace: { kind: 'indirect', dir: otherDir } })).toThrow(/must lock the same files/);
+    expect(() => LockManager.fromInquire(direct.inquire(), indirect())).toThrow(InvalidArgumentError);
+    expect(fdCount()).toBe(before);
+    const t = LockManager.fromInquire(token, indirect());
+    managers.push(t);
+    expect(t.resources.map((r) => r.lockFiles.length)).toEqual([2]);
+  });
+
+  it('refuses a symlinked or world-writable dir at construction', () => {
+    const link = join(fx.tmp.dir, 'link');
+    symlinkSync(dir, link);
+    expect(() => new LockManager({ lockspace: { kind: 'indirect', dir: link } })).toThrow(/symbolic link/);
+    spawnSync('chmod', ['0777', dir]);
+    expect(() => new LockManager(indirect())).toThrow(/writable by .* and not sticky/);
+    spawnSync('chmod', ['1777', dir]);
+    expect(() => new LockManager(indirect())).not.toThrow();
+  });
+
+  it('supervisorArgs() passes --lockspace to lockmgr run', () => {
+    const m = manager();
+    m.registerResource({ type: 'disk', path: fx.path, mode: 'exclusive' });
+    expect(m.supervisorArgs().slice(0, 4)).toEqual(['run', '--lockspace', dir, '--exclusive']);
+  });
+});
+
+describe('named leases: <path>/<lockspace>/<key>', () => {
+  const lease = (mode: 'exclusive' | 'shared' = 'exclusive', key = 'vm1-disk0'): ResourceSpec => ({ type: 'lease', lockspace: 'cluster', key, path: dir, mode });
+
+  it('exclude across processes, in either lockspace; the file is <path>/<lockspace>/<key>, gone after the last release', async () => {
+    const p = await holder([lease()], {});
+    expect(readdirSync(join(dir, 'cluster'))).toEqual(['vm1-disk0']);
+    const m = manager();
+    m.registerResource(lease('shared'));
+    const err = await m.start('sleep', ['1000']).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(ResourceBusyError);
+    expect((err as Error).message).toMatch(new RegExp(`^${dir}/cluster/vm1-disk0 is held exclusively by .*${p.child.pid}`));
+    await p.call('free');
+    await m.start('sleep', ['1000']);
+    expect(m.resources).toEqual([{ path: join(dir, 'cluster', 'vm1-disk0'), mode: 'shared', held: true, identity: `lease:${dir}/cluster/vm1-disk0`, lockFiles: [join(dir, 'cluster', 'vm1-disk0')] }]);
+    expect(await m.releaseResource({ type: 'lease', lockspace: 'cluster', key: 'vm1-disk0', path: dir })).toEqual({ wasHeld: true });
+    expect(readdirSync(join(dir, 'cluster'))).toEqual([]);
+  });
+
+  it('bad lockspace names and keys are InvalidArgumentError naming which; nothing is created', () => {
+    const m = manager({});
+    const bad: Array<[Record<string, unknown>, RegExp]> = [
+      [{ key: '' }, /lease key must not be empty/],
+      [{ key: 'a/b' }, /lease key must not contain '\/'/],
+      [{ key: '..' }, /lease key must not be '\.' or '\.\.'/],
+      [{ key: '.' }, /lease key must not be/],
+      [{ key: 'a\0b' }, /NUL/],
+      [{ lockspace: '/' }, /lease lockspace must not contain/],
+      [{ lockspace: '..' }, /lease lockspace must not be/],
+      [{ lockspace: '' }, /lease lockspace must not be empty/],
+      [{ key: 7 }, /key must be a string/],
+      [{ path: 'relative' }, /must be absolute/],
+      [{ qemuCompatible: true }, /unknown option 'qemuCompatible'/],
+    ];
+    for (const [patch, why] of bad) {
+      const spec = { ...lease(), ...patch };
+      expect(() => m.registerResource(spec as ResourceSpec), JSON.stringify(patch)).toThrow(InvalidArgumentError);
+      expect(() => m.registerResource(spec as ResourceSpec), JSON.stringify(patch)).toThrow(why);
+    }
+    expect(readdirSync(dir)).toEqual([]);
+    expect(m.resources).toEqual([]);
+  });
+
+  it('hotplug of a lease, and a lease travels in the migration token', async () => {
+    const m = manager({});
+    m.registerResource({ type: 'disk', path: fx.path, mode: 'exclusive' });
+    await m.start('sleep', ['1000']);
+    expect(await m.acquireResource(lease('exclusive', 'hot'))).toEqual({ wasHeld: false });
+    expect(await m.acquireResource(lease('exclusive', 'hot'))).toEqual({ wasHeld: true });
+    const t = LockManager.fromInquire(m.inquire());
+    managers.push(t);
+    expect(t.resources.map((r) => r.path).sort()).toEqual([join(dir, 'cluster', 'hot'), fx.path].sort());
+  });
+});
