@@ -24,6 +24,7 @@ import {
   errorFor,
   execHelperPath,
   hostName,
+  inquireRaw,
   leaseOwners,
   lockspaceJoined,
   readStatusLine,
@@ -42,6 +43,8 @@ const RETRY_MIN_MS = 50;
 const RETRY_MAX_MS = 1000;
 
 const BUSY = new Set([-243, -11, -17]);
+/** How long exitFailure() waits for the daemon to drop an exited owner's leases. */
+const EXIT_RELEASE_MS = 5000;
 /** How often a fail-fast acquire retries EAGAIN, RETRY_MIN_MS apart. */
 const TRANSIENT_RETRIES = 4;
 
@@ -58,6 +61,20 @@ function sleep(ms: number, signal: AbortSignal | undefined): Promise<void> {
     }, ms);
     signal?.addEventListener('abort', onAbort, { once: true });
   });
+}
+
+/**
+ * Resolves once this host's daemon no longer knows an exited process: it
+ * releases a dead client's leases asynchronously (its status shows them as
+ * "REM" for a few ms, longer under load). At most EXIT_RELEASE_MS.
+ */
+async function forgotten(pid: number): Promise<void> {
+  const end = Date.now() + EXIT_RELEASE_MS;
+  while (Date.now() < end) {
+    const r = await inquireRaw(pid).catch(() => null);
+    if (r === null || r.rv === -3 || r.rv === -2 || r.rv === -111) return;
+    await sleep(10, undefined);
+  }
 }
 
 function pipe(): [number, number] {
@@ -91,6 +108,8 @@ export class SanlockLockspace implements Lockspace {
   onWarning?: (err: unknown) => void;
   /** The registered process the leases are acquired for; null when there is none (yet, or any more). */
   #owner: number | null = null;
+  /** The owner that has just exited, until exitFailure() has seen the daemon let go of it. */
+  #exited: number | null = null;
   /** The last sanlock_inquire state of the owner: "ls:res:path:offset:lver ...". */
   #state: string | undefined;
   /** lver by resource name, from the source's state: a migration target acquires with it. */
@@ -255,6 +274,7 @@ export class SanlockLockspace implements Lockspace {
       this.#owner = child.pid;
       void child.exited.then(() => {
         if (this.#owner === child.pid) this.#owner = null;
+        this.#exited = child.pid;
       });
       await beforeExec(child.pid);
       writeSync(go[1], 'G');
@@ -270,6 +290,8 @@ export class SanlockLockspace implements Lockspace {
       // registration (and any lease taken for it) goes with it.
       closeGo();
       await child.exited;
+      // start() rejecting means nothing is held: not even for a few ms in the daemon.
+      await forgotten(child.pid);
       throw err;
     } finally {
       closeGo();
@@ -300,6 +322,10 @@ export class SanlockLockspace implements Lockspace {
 
   /** sanlock SIGKILLs a registered process whose lease it cannot renew; if the lockspace is gone from this host, that is what happened. */
   async exitFailure(status: ExitStatus): Promise<string | null> {
+    // 'exit' means the leases are free for other hosts: wait for the daemon.
+    const pid = this.#exited;
+    this.#exited = null;
+    if (pid !== null) await forgotten(pid);
     if (status.signal !== 'SIGKILL') return null;
     const joined = await lockspaceJoined({ lockspace: this.config.lockspace, path: this.config.path, hostId: this.config.hostId }).catch(() => false);
     if (joined) return null;

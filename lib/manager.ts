@@ -800,6 +800,9 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
   /** Opens the lease of a checked spec. */
   #openLease(spec: CheckedSpec, mode: ResourceMode): Lease {
     // A migration target write-locks the guard even of a shared or readonly disk.
+    if (spec.type === 'lease' && this.#space.config.kind === 'sanlock') {
+      throw new UnsupportedError("a sanlock lockspace takes disks only: { type: 'lease' } is an OFD lock file, which would not exclude other hosts");
+    }
     if (spec.type === 'lease') return openLeaseResource({ lockspace: spec.lockspace, key: spec.key, path: spec.path }, mode);
     return this.#space.openDisk(spec.path, mode, { write: this.#incoming });
   }

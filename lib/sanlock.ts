@@ -372,6 +372,11 @@ export async function inquirePid(pid: number): Promise<string> {
   return r.text;
 }
 
+/** sanlock_inquire's raw result: rv -3 (ESRCH) once the daemon no longer knows the pid. */
+export function inquireRaw(pid: number): Promise<Result> {
+  return run(Op.Inquire, [], [pid]);
+}
+
 /** Host ids (and generations) that own a resource lease, from the storage. */
 export async function leaseOwners(lease: LeaseAddress, offset: number): Promise<Array<{ hostId: number; generation: number }>> {
   const r = await run(Op.ReadOwners, [lease.lockspace, lease.resource, lease.path], [offset]);
