@@ -6,7 +6,8 @@
         "native/addon.cc",
         "native/ofd.cc",
         "native/waiters.cc",
-        "native/spawn.cc"
+        "native/spawn.cc",
+        "native/sanlock.cc"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": [
@@ -22,6 +23,16 @@
       "cflags_cc": ["-std=c++17", "-Wall", "-Wextra", "-Werror", "-fno-exceptions"],
       "ldflags": ["-pthread", "-Wl,-z,now"],
       "libraries": ["-lrt", "-ldl"],
+      "conditions": [
+        ["OS!='linux'", { "type": "none" }]
+      ]
+    },
+    {
+      "target_name": "lockmgr-sanlock-exec",
+      "type": "executable",
+      "sources": ["native/sanlock-exec.c"],
+      "cflags": ["-Wall", "-Wextra", "-Werror"],
+      "libraries": ["-ldl"],
       "conditions": [
         ["OS!='linux'", { "type": "none" }]
       ]

@@ -44,6 +44,7 @@ export const HELP = `usage:
               [--lockspace DIR] [--wait SECONDS] [--lifetime child|supervisor] [--qemu-compatible]
               [--name NAME] [--uuid UUID] [--id ID] [--uri URI] -- COMMAND [ARG...]
   lockmgr status [--json] [--lockspace DIR] PATH...
+  lockmgr sanlock init|join|leave|joined|add-disk ...   (lockmgr sanlock --help)
   lockmgr --help | --version
 
 run     Acquires every resource (all or nothing, in one canonical order), runs
@@ -112,6 +113,8 @@ export async function main(argv: readonly string[], out: Output = stdio): Promis
         return await run(rest, out);
       case 'status':
         return status(rest, out);
+      case 'sanlock':
+        return await (await import('./cli-sanlock.js')).sanlockCommand(rest, (t) => out.out(t));
       case '--help':
       case '-h':
       case 'help':

@@ -46,3 +46,4 @@ export {
 export type { DirectLockspaceConfig, IndirectLockspaceConfig } from './lockspace.js';
 export { locksOn, parseProcLocks, processesWithOpen, type ProcLock, type ProcLockKind } from './proc-locks.js';
 export { QEMU_PERMISSIONS, qemuLockState, qemuProfile, type QemuLockState, type QemuPermission, type QemuProfile } from './qemu.js';
+export * as sanlock from './sanlock.js';

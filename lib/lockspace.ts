@@ -19,6 +19,7 @@
 import { readFileSync, statSync } from 'node:fs';
 import { openLockable, type ByteRange, type LockableFile, type LockMode } from './locks.js';
 import { major, minor } from './proc-locks.js';
+import type { ExitStatus, SpawnOptions, SupervisedProcess } from './supervise.js';
 
 export type ResourceMode = 'exclusive' | 'shared' | 'readonly';
 
@@ -32,7 +33,17 @@ export interface IndirectLockspaceConfig {
   dir: string;
 }
 
-export type LockspaceConfig = DirectLockspaceConfig | IndirectLockspaceConfig;
+export interface SanlockLockspaceConfig {
+  kind: 'sanlock';
+  /** The sanlock lockspace's name, the same on every host (lib/sanlock.ts, docs/sanlock.md). */
+  lockspace: string;
+  /** The shared device or file holding the lockspace and the lease index; the same storage on every host. */
+  path: string;
+  /** This host's id in the lockspace, as joined (for lease-loss diagnosis and messages). */
+  hostId: number;
+}
+
+export type LockspaceConfig = DirectLockspaceConfig | IndirectLockspaceConfig | SanlockLockspaceConfig;
 
 export const LEASE_RANGE: Readonly<ByteRange> = Object.freeze({ start: 0, length: 1 });
 export const GUARD_RANGE: Readonly<ByteRange> = Object.freeze({ start: 1, length: 1 });
@@ -78,6 +89,18 @@ export interface LeaseSlot {
   close(): void;
 }
 
+/**
+ * A lease that is not an OFD lock: a sanlock lease belongs to a registered
+ * process, not to open files, so it has no slots and is taken and released as
+ * a whole (lockspace-sanlock.ts).
+ */
+export interface OwnedLease {
+  /** Takes the lease for the lockspace's owner process: ResourceBusyError (naming the holding host), LockTimeoutError, AbortError. */
+  take(mode: ResourceMode, options: TakeOptions): Promise<void>;
+  /** Queues the release (the daemon call runs on a native thread); failures go to Lockspace.onWarning. */
+  release(): void;
+}
+
 /** A resource's lease in a lockspace. */
 export interface Lease {
   /** The resource's identity: the same string in every process (and, where the lockspace is shared, every host) that names this resource. Sorts the canonical order. */
@@ -91,12 +114,29 @@ export interface Lease {
   readonly image: LockableFile | null;
   /** Closes every slot and the image. Idempotent. */
   close(): void;
+  /** Set for a lease that is not an OFD lock (sanlock); its slots are then empty. */
+  readonly owned?: OwnedLease;
 }
 
 export interface Lockspace {
   readonly config: LockspaceConfig;
   /** Opens the lease of a disk: a regular file or block device. */
   openDisk(path: string, mode: ResourceMode): Lease;
+  /**
+   * Only where leases belong to a process (sanlock): spawns the command
+   * through a gate, calls beforeExec(pid) while the child waits before exec
+   * (the manager acquires there), and lets it exec only if that resolves.
+   */
+  spawnGated?(command: string, args: readonly string[], options: SpawnOptions, beforeExec: (pid: number) => Promise<void>): Promise<SupervisedProcess>;
+  /** Resolves once every queued release has reached the lock service. */
+  settled?(): Promise<void>;
+  /** The lease state a migration target acquires with (in the inquire() token). */
+  migrationState?(): string | undefined;
+  setMigrationState?(state: string | undefined): void;
+  /** After the child exited: why, if the lock service killed it for a lost lease. */
+  exitFailure?(status: ExitStatus): Promise<string | null>;
+  /** Where failures with no caller go (set by the manager). */
+  onWarning?: (err: unknown) => void;
 }
 
 /**

@@ -20,6 +20,7 @@ import { normalize } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { AbortError, InvalidArgumentError, InvalidStateError, LockManagerError, LockTimeoutError, UnsupportedError, systemError, type ProcessInfo } from './errors.js';
 import { indirectLockspace, openLeaseResource } from './lockspace-indirect.js';
+import { checkSanlockConfig, sanlockLockspace } from './lockspace-sanlock.js';
 import { directLockspace, lockModeOf, LEASE_RANGE, type Lease, type LockspaceConfig, type Lockspace, type ResourceMode } from './lockspace.js';
 import { decodeToken, describeLockspace, encodeToken, sameLockspace, type TokenResource } from './migration-token.js';
 import { qemuProfile } from './qemu.js';
@@ -213,6 +214,9 @@ function checkUri(value: unknown, what: string): string {
 }
 
 function makeLockspace(value: unknown): Lockspace {
+  if ((value as { kind?: unknown } | undefined)?.kind === 'sanlock') {
+    return sanlockLockspace(checkSanlockConfig(checkOptions<Record<string, unknown>>(value, ['kind', 'lockspace', 'path', 'hostId'], 'lockspace')));
+  }
   const config = checkOptions<Partial<LockspaceConfig> & { dir?: unknown }>(value, ['kind', 'dir'], 'lockspace');
   const kind = config.kind === undefined ? 'direct' : checkOneOf(config.kind, ['direct', 'indirect'] as const, 'lockspace.kind');
   if (kind === 'direct') {
@@ -273,6 +277,7 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
       (this.#params as Record<string, unknown>)[key] = value;
     }
     this.#space = makeLockspace(o.lockspace);
+    this.#space.onWarning = (err) => this.#warn(err);
     // An attached process cannot be handed the lock fds: its lifetime is the supervisor's.
     this.#lifetime = o.lockLifetime === undefined ? (o.attach === undefined ? 'child' : 'supervisor') : checkOneOf(o.lockLifetime, ['child', 'supervisor'] as const, 'lockLifetime');
     this.#onLockFailure = o.onLockFailure === undefined ? 'poweroff' : checkOneOf(o.onLockFailure, ['poweroff', 'pause', 'ignore'] as const, 'onLockFailure');
@@ -363,7 +368,8 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
       if (abandoned()) throw new AbortError('start() was abandoned: free() was called', { cause: wait.signal?.reason });
       // A migration target takes only the guard now; the source still holds the leases.
       if (this.#incoming) await takeGuards(this.#resources.values(), wait);
-      else await acquireAll(this.#resources.values(), wait);
+      // A lockspace whose leases belong to a process (sanlock) acquires for the child before it execs, below.
+      else if (this.#space.spawnGated === undefined) await acquireAll(this.#resources.values(), wait);
       if (abandoned()) {
         this.#releaseAll();
         throw new AbortError('start() was abandoned: free() was called', { cause: wait.signal?.reason });
@@ -377,6 +383,7 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
       if (this.#attach !== undefined) {
         // A process we may not signal could never be stopped or killed, and
         // shutdown()/free() would be stuck: refuse it before watching it.
+        if (this.#space.spawnGated !== undefined) throw new UnsupportedError(`a ${this.#space.config.kind} lockspace cannot attach to a running process: its leases belong to a process that registered with the lock service before it started`);
         checkSignallable(this.#attach);
         child = attachProcess(this.#attach);
       } else {
@@ -390,7 +397,13 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
         // completeMigrateIn() takes on the same open file descriptions are then
         // the child's too.
         const keepFds = [...(spawnOptions.keepFds ?? []), ...this.#leaseFds()];
-        child = spawnSupervised(command!, args, { ...spawnOptions, keepFds });
+        if (this.#space.spawnGated !== undefined) {
+          // The child waits before exec while its leases are taken for its pid; a target's incoming child execs at once.
+          const incoming = this.#incoming;
+          child = await this.#space.spawnGated(command!, args, { ...spawnOptions, keepFds }, (pid) => (incoming ? Promise.resolve() : acquireAll(this.#resources.values(), wait)));
+        } else {
+          child = spawnSupervised(command!, args, { ...spawnOptions, keepFds });
+        }
         this.#command = [command!, ...args];
       }
     } catch (err) {
@@ -400,7 +413,7 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
     }
     this.#child = child;
     this.#hotplugAbort = new AbortController();
-    this.#stopped = child.exited.then((status) => this.#onExit(status));
+    this.#stopped = child.exited.then(async (status) => this.#onExit(status, (await this.#space.exitFailure?.(status)) ?? null));
     if (this.#incoming) {
       this.#setState('incoming');
       return;
@@ -490,7 +503,7 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
    */
   inquire(): string {
     this.#require('inquire', ['new', 'starting', 'incoming', 'running', 'migrating', 'migrated', 'stopping', 'stopped']);
-    return encodeToken({ lockspace: this.#space.config, params: this.params, resources: [...this.#resources.values()].map((r) => r.spec) });
+    return encodeToken({ lockspace: this.#space.config, params: this.params, resources: [...this.#resources.values()].map((r) => r.spec), leaseState: this.#space.migrationState?.() });
   }
 
   /**
@@ -514,6 +527,7 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
           'source and target must lock the same files, or neither excludes the other',
       );
     }
+    mgr.#space.setMigrationState?.(state.leaseState);
     try {
       for (const r of state.resources) mgr.registerResource(r as ResourceSpec);
     } catch (err) {
@@ -621,6 +635,8 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
       // The child shares these open file descriptions: a take-back must lock
       // the same ones, so an indirect lock file is pinned, not deleted.
       this.#releaseAll({ keepFiles: true });
+      // 'migrated' means released: a lock service called from a native thread must have answered.
+      await this.#space.settled?.();
       this.#setState('migrated');
       return;
     }
@@ -676,6 +692,7 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
   supervisorArgs(): string[] {
     if (this.#attach !== undefined) throw new InvalidStateError('supervisorArgs(): lockmgr run cannot attach to a running process');
     if (this.#incoming) throw new InvalidStateError('supervisorArgs(): lockmgr run cannot be a migration target');
+    if (this.#space.config.kind === 'sanlock') throw new InvalidStateError('supervisorArgs(): lockmgr run does not take a sanlock lockspace yet');
     const resources = [...this.#resources.values()];
     if (resources.some((r) => r.lease.kind === 'lease')) throw new InvalidStateError('supervisorArgs(): lockmgr run takes disks only, not leases');
     const qemu = resources.filter((r) => r.qemu !== undefined).length;
@@ -781,9 +798,11 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
     await this.free();
   }
 
-  #onExit(status: ExitStatus): void {
+  #onExit(status: ExitStatus, lost: string | null = null): void {
     this.#stopVerify();
     this.#abortHotplugs('the supervised process exited');
+    // The lock service killed the child for a lease it could no longer renew (sanlock): it applied 'poweroff' itself.
+    if (lost !== null) for (const r of this.#resources.values()) if (r.held) this.#emitSafe('lock-failure', { resource: r.path, reason: lost, action: 'poweroff' });
     // The child is reaped: only now may its leases go (invariant 2).
     this.#releaseAll();
     if (this.#state !== 'freed') this.#setState('stopped');
@@ -796,6 +815,9 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
 
   /** Opens the lease of a checked spec. */
   #openLease(spec: CheckedSpec, mode: ResourceMode): Lease {
+    if (spec.type === 'lease' && this.#space.config.kind === 'sanlock') {
+      throw new UnsupportedError("a sanlock lockspace takes disks only: { type: 'lease' } is an OFD lock file, which would not exclude other hosts");
+    }
     if (spec.type === 'lease') return openLeaseResource({ lockspace: spec.lockspace, key: spec.key, path: spec.path }, mode);
     return this.#space.openDisk(spec.path, mode);
   }

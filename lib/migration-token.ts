@@ -31,6 +31,8 @@ export interface TokenState {
   lockspace: LockspaceConfig;
   params: TokenParams;
   resources: TokenResource[];
+  /** The lock service's own state, where it has one: sanlock's inquire string (lease versions the target acquires with). */
+  leaseState?: string;
 }
 
 const digest = (text: string): string => createHash('sha256').update(text).digest('hex').slice(0, 16);
@@ -68,11 +70,14 @@ export function decodeToken(token: unknown): TokenState {
   if (body === null || typeof body !== 'object') throw bad('its state is not an object');
   const b = body as Record<string, unknown>;
   if (b.manager !== TOKEN_MANAGER || b.version !== TOKEN_VERSION) throw bad('its state does not match its header');
-  onlyKeys(b, ['manager', 'version', 'lockspace', 'params', 'resources'], 'its state');
+  onlyKeys(b, ['manager', 'version', 'lockspace', 'params', 'resources', 'leaseState'], 'its state');
   const lockspace = b.lockspace as LockspaceConfig;
-  if (lockspace === null || typeof lockspace !== 'object' || (lockspace.kind !== 'direct' && lockspace.kind !== 'indirect')) throw bad('it names no known lockspace');
+  if (lockspace === null || typeof lockspace !== 'object' || (lockspace.kind !== 'direct' && lockspace.kind !== 'indirect' && lockspace.kind !== 'sanlock')) throw bad('it names no known lockspace');
+  if (lockspace.kind === 'sanlock' && typeof lockspace.lockspace !== 'string') throw bad('its sanlock lockspace has no name');
+  if (b.leaseState !== undefined && typeof b.leaseState !== 'string') throw bad('its lease state is not a string');
   if (lockspace.kind === 'indirect' && typeof lockspace.dir !== 'string') throw bad('its indirect lockspace has no dir');
-  onlyKeys(lockspace as unknown as Record<string, unknown>, lockspace.kind === 'indirect' ? ['kind', 'dir'] : ['kind'], 'its lockspace');
+  const lockspaceKeys = { direct: ['kind'], indirect: ['kind', 'dir'], sanlock: ['kind', 'lockspace', 'path', 'hostId'] }[lockspace.kind];
+  onlyKeys(lockspace as unknown as Record<string, unknown>, lockspaceKeys, 'its lockspace');
   const params = b.params as TokenParams;
   if (params === null || typeof params !== 'object' || Array.isArray(params)) throw bad('its params are not an object');
   if (!Array.isArray(b.resources)) throw bad('its resources are not a list');
@@ -82,14 +87,17 @@ export function decodeToken(token: unknown): TokenState {
       throw bad(`resource ${i} is not a disk or lease with a path and a mode`);
     }
   }
-  return { lockspace, params, resources: b.resources as TokenResource[] };
+  return { lockspace, params, resources: b.resources as TokenResource[], leaseState: b.leaseState as string | undefined };
 }
 
 /** The same lockspace: the target must lock the very files the source locks. */
 export function sameLockspace(a: LockspaceConfig, b: LockspaceConfig): boolean {
+  // A sanlock lockspace is one by its name across hosts; its storage path and host id are per host.
+  if (a.kind === 'sanlock') return b.kind === 'sanlock' && a.lockspace === b.lockspace;
   return a.kind === b.kind && (a.kind !== 'indirect' || a.dir === (b as typeof a).dir);
 }
 
 export function describeLockspace(c: LockspaceConfig): string {
+  if (c.kind === 'sanlock') return `sanlock (lockspace ${c.lockspace})`;
   return c.kind === 'indirect' ? `indirect (dir ${c.dir})` : 'direct';
 }

@@ -53,6 +53,14 @@ export interface Native {
   /** fd or -errno. */
   openDevNull(): number;
   fdIsOpen(fd: number): boolean;
+  /** dlopen libsanlock_client.so.1 (once per process): '' or dlerror()'s text. */
+  sanlockLoad(): string;
+  /** Starts this environment's sanlock workers. onDone(id, rv, text, numbers). 0 or EALREADY. */
+  sanlockInit(onDone: (id: number, rv: number, text: string, out: Float64Array) => void): number;
+  /** Queues a sanlock call (native/sanlock.cc Op): strings NUL-separated. id > 0 or -errno. */
+  sanlockCall(op: number, strings: string, numbers: Float64Array): number;
+  /** sanlock_strerror(rv). */
+  sanlockStrerror(rv: number): string;
   /** [watched processes of this environment, orphans being reaped, 1 if clone3 is missing, clone3 spawns, fallback spawns]. */
   spawnInfo(): [number, number, number, number, number];
 }

@@ -177,7 +177,14 @@ export async function acquireAll(resources: Iterable<Resource>, options: Acquire
   const left = new Map(todo.map((r) => [r, r.lease.slots.length]));
   const taken: Array<{ r: Resource; slot: LeaseSlot }> = [];
   const complete: Resource[] = [];
+  const owned: Resource[] = [];
   try {
+    // Leases that are no OFD lock (sanlock) belong to a process: taken whole, in canonical order.
+    for (const r of todo) {
+      if (r.lease.owned === undefined) continue;
+      await r.lease.owned.take(r.mode, { wait, timeout: remaining(deadline), signal: options.signal });
+      owned.push(r);
+    }
     for (const step of order) {
       await takeSlot(step.r, step.slot, wait, deadline, options.signal);
       taken.push(step);
@@ -191,8 +198,9 @@ export async function acquireAll(resources: Iterable<Resource>, options: Acquire
   } catch (err) {
     for (const r of [...complete].reverse()) if (r.qemu !== undefined && r.lease.image !== null) releaseQemuLocks(r.lease.image, r.qemu);
     for (const t of taken.reverse()) t.slot.release(LEASE_RANGE);
+    for (const r of owned.reverse()) r.lease.owned!.release();
     const failed = err instanceof ResourceBusyError ? err.resource : null;
-    throw withRollback(err, [...new Set(taken.map((t) => t.r))].filter((r) => r.path !== failed).map((r) => r.path));
+    throw withRollback(err, [...new Set([...owned, ...taken.map((t) => t.r)])].filter((r) => r.path !== failed).map((r) => r.path));
   }
   for (const r of todo) r.held = true;
 }
@@ -208,6 +216,7 @@ export function releaseOne(r: Resource, options: { keepFiles?: boolean } = {}): 
     r.held = false;
     if (r.qemu !== undefined && r.lease.image !== null && !r.lease.image.closed) releaseQemuLocks(r.lease.image, r.qemu);
     for (const slot of [...r.lease.slots].reverse()) slot.release(LEASE_RANGE, { keep: options.keepFiles === true });
+    r.lease.owned?.release();
   }
 }
 

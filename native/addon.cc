@@ -8,6 +8,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   lockmgr::InitOfd(env, exports);
   lockmgr::InitWaiters(env, exports);
   lockmgr::InitSpawn(env, exports);
+  lockmgr::InitSanlock(env, exports);
   return exports;
 }
 

@@ -10,12 +10,14 @@ namespace lockmgr {
 
 class WaitPool;
 struct SpawnState;
+class SanlockState;
 
 // Per-environment state (main thread and each worker thread have their own).
 // N-API gives an addon one instance-data slot, so the parts share this struct.
 struct AddonData {
   WaitPool* waiters = nullptr;
   SpawnState* spawn = nullptr;
+  SanlockState* sanlock = nullptr;
   // Lockable fds opened by this environment and not yet closed. A worker that
   // ends without closing its files must not leave their locks held: the
   // environment's cleanup closes what is left here.
@@ -53,5 +55,6 @@ inline int64_t Int64Arg(const Napi::CallbackInfo& info, size_t i) {
 void InitOfd(Napi::Env env, Napi::Object exports);
 void InitWaiters(Napi::Env env, Napi::Object exports);
 void InitSpawn(Napi::Env env, Napi::Object exports);
+void InitSanlock(Napi::Env env, Napi::Object exports);
 
 }  // namespace lockmgr

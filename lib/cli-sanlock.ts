@@ -1,0 +1,79 @@
+// `lockmgr sanlock ...`: preparing shared storage for the sanlock lockspace
+// (docs/sanlock.md). Every step is a call into this host's sanlock daemon.
+import { parseArgs } from 'node:util';
+import { InvalidArgumentError } from './errors.js';
+import { createDiskLease, initStorage, joinLockspace, leaveLockspace, lockspaceJoined } from './sanlock.js';
+
+export const SANLOCK_HELP = `usage:
+  lockmgr sanlock init     --lockspace NAME --path DEVICE [--io-timeout SECONDS] [--max-hosts N]
+  lockmgr sanlock join     --lockspace NAME --path DEVICE --host-id N [--io-timeout SECONDS]
+  lockmgr sanlock leave    --lockspace NAME --path DEVICE --host-id N
+  lockmgr sanlock joined   --lockspace NAME --path DEVICE --host-id N
+  lockmgr sanlock add-disk --lockspace NAME --path DEVICE DISK...
+
+init      writes a new lockspace (offset 0) and an empty lease index (8 MiB) on
+          DEVICE, destroying any leases there: once, before any host joins
+join      joins this host's sanlock daemon as host N (1..2000, unique per host)
+leave     leaves; sanlock kills this host's processes holding leases in it
+joined    exit 0 if joined, 1 if not
+add-disk  creates the lease of each DISK (by its path, which must be the same
+          on every host); existing leases are kept
+`;
+
+function int(value: string | undefined, what: string): number | undefined {
+  if (value === undefined) return undefined;
+  if (!/^\d+$/.test(value)) throw new InvalidArgumentError(`${what} needs an integer, got '${value}' (see lockmgr sanlock --help)`);
+  return Number(value);
+}
+
+/** Runs `lockmgr sanlock ARGS`; resolves the exit code. Errors propagate to the CLI's mapping. */
+export async function sanlockCommand(args: readonly string[], out: (text: string) => void): Promise<number> {
+  const [action, ...rest] = args;
+  if (action === undefined || action === '--help' || action === 'help') {
+    out(SANLOCK_HELP);
+    return 0;
+  }
+  let parsed;
+  try {
+    parsed = parseArgs({
+      args: rest,
+      options: { lockspace: { type: 'string' }, path: { type: 'string' }, 'host-id': { type: 'string' }, 'io-timeout': { type: 'string' }, 'max-hosts': { type: 'string' } },
+      allowPositionals: action === 'add-disk',
+      strict: true,
+    });
+  } catch (err) {
+    throw new InvalidArgumentError(`${(err as Error).message} (see lockmgr sanlock --help)`);
+  }
+  const v = parsed.values;
+  const base = { lockspace: v.lockspace as string, path: v.path as string };
+  const hostId = int(v['host-id'], '--host-id') as number;
+  const ioTimeout = int(v['io-timeout'], '--io-timeout');
+  switch (action) {
+    case 'init':
+      await initStorage({ ...base, ioTimeout, maxHosts: int(v['max-hosts'], '--max-hosts') });
+      out(`initialized lockspace ${base.lockspace} and its lease index on ${base.path}\n`);
+      return 0;
+    case 'join': {
+      const t0 = Date.now();
+      const r = await joinLockspace({ ...base, hostId, ioTimeout });
+      out(r.wasJoined ? `already joined ${base.lockspace} as host ${hostId}\n` : `joined ${base.lockspace} as host ${hostId} in ${((Date.now() - t0) / 1000).toFixed(1)} s\n`);
+      return 0;
+    }
+    case 'leave': {
+      const r = await leaveLockspace({ ...base, hostId });
+      out(r.wasJoined ? `left ${base.lockspace}\n` : `not joined to ${base.lockspace}\n`);
+      return 0;
+    }
+    case 'joined':
+      return (await lockspaceJoined({ ...base, hostId })) ? 0 : 1;
+    case 'add-disk':
+      if (parsed.positionals.length === 0) throw new InvalidArgumentError('add-disk needs at least one DISK (see lockmgr sanlock --help)');
+      for (const disk of parsed.positionals) {
+        const r = await createDiskLease({ ...base, disk });
+        out(`${disk}: lease ${r.created ? 'created' : 'exists'} at offset ${r.offset}\n`);
+      }
+      return 0;
+    default:
+      throw new InvalidArgumentError(`unknown sanlock action '${action}' (see lockmgr sanlock --help)`);
+  }
+}

@@ -1,0 +1,338 @@
+// The sanlock lockspace: leases on shared storage that exclude across hosts
+// (docs/sanlock.md).
+//
+// How a lease is tied to the VM: sanlock leases belong to a *registered
+// process*. The daemon records the pid that connected in sanlock_register
+// (SO_PEERCRED), SIGKILLs that pid when the lease can no longer be renewed,
+// and releases its leases when the registration connection closes, that is
+// when the process exits. So the VM itself must be the registered process.
+// spawnGated() runs the command through native/sanlock-exec.c with the VM's
+// own pid: the helper registers and waits; the supervisor acquires every lease
+// for that pid (sanlock_acquire(-1, pid)) from its own connection; only then
+// does the helper exec the command. If the acquire fails, the helper exits
+// without exec'ing: the VM never runs without its leases. The leases then
+// live exactly as long as the VM, whatever happens to the supervisor (as
+// lockLifetime 'child' does with OFD locks), and a lease lost on the storage
+// kills the VM, not the supervisor.
+import { statSync, writeSync } from 'node:fs';
+import { AbortError, InvalidArgumentError, LockTimeoutError, ResourceAccessError, ResourceBusyError, SpawnError, UnsupportedError, systemError } from './errors.js';
+import type { Lease, Lockspace, OwnedLease, ResourceMode, SanlockLockspaceConfig, TakeOptions } from './lockspace.js';
+import { native } from './native.js';
+import {
+  acquireFor,
+  diskResourceName,
+  errorFor,
+  execHelperPath,
+  hostName,
+  inquireRaw,
+  leaseOwners,
+  lockspaceJoined,
+  readStatusLine,
+  releaseFor,
+  requireLibrary,
+  sanlockCause,
+  type LeaseAddress,
+} from './sanlock.js';
+import { spawnSupervised, type ExitStatus, type SpawnOptions, type SupervisedProcess } from './supervise.js';
+import { describe } from './validate.js';
+
+/** How long the helper may take to register, and to exec. */
+const HELPER_TIMEOUT_MS = 10_000;
+/** Between two acquire attempts while another host holds the lease: sanlock never waits by itself. */
+const RETRY_MIN_MS = 50;
+const RETRY_MAX_MS = 1000;
+
+const BUSY = new Set([-243, -11, -17]);
+/** How long exitFailure() waits for the daemon to drop an exited owner's leases. */
+const EXIT_RELEASE_MS = 5000;
+/** How often a fail-fast acquire retries EAGAIN, RETRY_MIN_MS apart. */
+const TRANSIENT_RETRIES = 4;
+
+function sleep(ms: number, signal: AbortSignal | undefined): Promise<void> {
+  return new Promise((resolve, reject) => {
+    if (signal?.aborted) return reject(new AbortError('The wait for a sanlock lease was aborted', { cause: signal.reason }));
+    const onAbort = () => {
+      clearTimeout(t);
+      reject(new AbortError('The wait for a sanlock lease was aborted', { cause: signal!.reason }));
+    };
+    const t = setTimeout(() => {
+      signal?.removeEventListener('abort', onAbort);
+      resolve();
+    }, ms);
+    signal?.addEventListener('abort', onAbort, { once: true });
+  });
+}
+
+/**
+ * Resolves once this host's daemon no longer knows an exited process: it
+ * releases a dead client's leases asynchronously (its status shows them as
+ * "REM" for a few ms, longer under load). At most EXIT_RELEASE_MS.
+ */
+async function forgotten(pid: number): Promise<void> {
+  const end = Date.now() + EXIT_RELEASE_MS;
+  while (Date.now() < end) {
+    const r = await inquireRaw(pid).catch(() => null);
+    if (r === null || r.rv === -3 || r.rv === -2 || r.rv === -111) return;
+    await sleep(10, undefined);
+  }
+}
+
+function pipe(): [number, number] {
+  const out = new Int32Array(2);
+  const e = native.makePipe(out);
+  if (e !== 0) throw errorForPipe(e);
+  return [out[0]!, out[1]!];
+}
+
+function errorForPipe(e: number): Error {
+  const cause = systemError(e, 'pipe2');
+  return new UnsupportedError(`sanlock: cannot make the exec helper's pipes: ${cause.message}`, { cause });
+}
+
+export function checkSanlockConfig(value: Record<string, unknown>): SanlockLockspaceConfig {
+  const { lockspace, path, hostId } = value;
+  if (typeof lockspace !== 'string' || lockspace === '' || Buffer.byteLength(lockspace) > 48 || /[\0:\s]/.test(lockspace)) {
+    throw new InvalidArgumentError(`lockspace.lockspace must be a sanlock lockspace name (1 to 48 bytes, no ':' or white space), got ${describe(lockspace)}`);
+  }
+  if (typeof path !== 'string' || !path.startsWith('/') || path.includes(':') || path.includes('\0')) {
+    throw new InvalidArgumentError(`lockspace.path must be the absolute path of the shared lease storage, without ':', got ${describe(path)}`);
+  }
+  if (typeof hostId !== 'number' || !Number.isInteger(hostId) || hostId < 1 || hostId > 2000) {
+    throw new InvalidArgumentError(`lockspace.hostId must be this host's id in the lockspace (1 to 2000), got ${describe(hostId)}`);
+  }
+  return { kind: 'sanlock', lockspace, path, hostId };
+}
+
+export class SanlockLockspace implements Lockspace {
+  readonly config: SanlockLockspaceConfig;
+  onWarning?: (err: unknown) => void;
+  /** The registered process the leases are acquired for; null when there is none (yet, or any more). */
+  #owner: number | null = null;
+  /** The owner that has just exited, until exitFailure() has seen the daemon let go of it. */
+  #exited: number | null = null;
+  /** The last sanlock_inquire state of the owner: "ls:res:path:offset:lver ...". */
+  #state: string | undefined;
+  /** lver by resource name, from the source's state: a migration target acquires with it. */
+  #incoming = new Map<string, number>();
+  /** Releases queued and not yet answered. */
+  readonly #releases = new Set<Promise<void>>();
+
+  constructor(config: SanlockLockspaceConfig) {
+    requireLibrary();
+    this.config = config;
+  }
+
+  openDisk(path: string, mode: ResourceMode): Lease {
+    let kind: 'file' | 'block-device';
+    try {
+      const st = statSync(path);
+      if (st.isBlockDevice()) kind = 'block-device';
+      else if (st.isFile()) kind = 'file';
+      else throw new InvalidArgumentError(`${path} is neither a regular file nor a block device`);
+    } catch (err) {
+      if (err instanceof InvalidArgumentError) throw err;
+      const e = err as NodeJS.ErrnoException;
+      throw new ResourceAccessError(`cannot open ${path}: ${e.message}`, { cause: err });
+    }
+    const address: LeaseAddress = { lockspace: this.config.lockspace, resource: diskResourceName(path), path: this.config.path };
+    return {
+      key: `sanlock:${address.lockspace}:${address.resource}`,
+      path,
+      kind,
+      slots: [],
+      image: null,
+      close: () => undefined,
+      owned: this.#owned(path, address, mode),
+    };
+  }
+
+  #owned(disk: string, address: LeaseAddress, mode: ResourceMode): OwnedLease {
+    let offset = -1;
+    let heldBy: number | null = null;
+    const shared = mode !== 'exclusive';
+    return {
+      take: async (_mode: ResourceMode, o: TakeOptions) => {
+        const pid = this.#owner;
+        if (pid === null) throw new UnsupportedError(`${disk}: a sanlock lease is taken for the supervised process, and there is none`);
+        const deadline = o.timeout === undefined ? undefined : Date.now() + o.timeout;
+        let delay = RETRY_MIN_MS;
+        let transient = 0;
+        for (;;) {
+          const lver = this.#incoming.get(address.resource) ?? -1;
+          const r = await acquireFor(pid, address, offset, shared, lver);
+          if (r.out.length > 0 && r.out[0]! >= 0) offset = r.out[0]!;
+          if (r.rv === 0) {
+            heldBy = pid;
+            this.#incoming.delete(address.resource);
+            if (r.text !== '') this.#state = r.text;
+            return;
+          }
+          if (r.rv === -2 && offset < 0) {
+            // The daemon looks leases up only in a lockspace it has joined.
+            if (!(await lockspaceJoined({ lockspace: this.config.lockspace, path: this.config.path, hostId: this.config.hostId }))) {
+              throw errorFor(-241, 'sanlock_lookup_rindex', `${disk}: looking up its sanlock lease in lockspace ${address.lockspace}`);
+            }
+            throw new ResourceAccessError(
+              `${disk} has no sanlock lease in lockspace ${address.lockspace} on ${address.path}: create it once with createDiskLease() or \`lockmgr sanlock add-disk\``,
+              { cause: sanlockCause(r.rv, 'sanlock_lookup_rindex') },
+            );
+          }
+          if (r.rv === -240) {
+            throw new ResourceBusyError(
+              `${disk}: its sanlock lease changed hands after the source's inquire() (lease version ${lver} expected): another host acquired it during the migration`,
+              { resource: disk, cause: sanlockCause(r.rv, 'sanlock_acquire') },
+            );
+          }
+          if (!BUSY.has(r.rv)) throw errorFor(r.rv, 'sanlock_acquire', `${disk}: acquiring its sanlock lease for pid ${pid}`);
+          // EAGAIN also means "in transition" (a holder's release or a paxos
+          // round still on the storage): even a fail-fast acquire retries it briefly.
+          if (r.rv === -11 && !o.wait && transient++ < TRANSIENT_RETRIES) {
+            await sleep(RETRY_MIN_MS, o.signal);
+            continue;
+          }
+          if (!o.wait || (deadline !== undefined && Date.now() >= deadline)) {
+            const busy = await this.#busy(disk, address, offset, r.rv, shared);
+            if (!o.wait) throw busy;
+            throw new LockTimeoutError(`${disk}: the sanlock lease was not free within ${o.timeout} ms: ${busy.message}`, { timeout: o.timeout!, cause: busy });
+          }
+          const left = deadline === undefined ? delay : Math.min(delay, Math.max(0, deadline - Date.now()));
+          await sleep(left, o.signal);
+          delay = Math.min(delay * 2, RETRY_MAX_MS);
+        }
+      },
+      release: () => {
+        const pid = heldBy;
+        heldBy = null;
+        // The owner has exited: its connection closed and the daemon released
+        // the lease already. (A release by pid now could reach a stranger that
+        // reused the number.)
+        if (pid === null || pid !== this.#owner || offset < 0) return;
+        const p = releaseFor(pid, address, offset).then(
+          (r) => {
+            // -3: the process exited meanwhile, and the daemon released with it.
+            if (r.rv < 0 && r.rv !== -3) this.onWarning?.(errorFor(r.rv, 'sanlock_release', `${disk}: releasing its sanlock lease`));
+          },
+          (err: unknown) => this.onWarning?.(err),
+        );
+        const tracked = p.finally(() => this.#releases.delete(tracked));
+        this.#releases.add(tracked);
+      },
+    };
+  }
+
+  /** The busy error for a lease someone else holds, naming the host(s) sanlock reports as owners. */
+  async #busy(disk: string, address: LeaseAddress, offset: number, rv: number, shared: boolean): Promise<ResourceBusyError> {
+    const cause = sanlockCause(rv, 'sanlock_acquire');
+    if (rv === -17) {
+      return new ResourceBusyError(`${disk} is held by another process on this host (${this.config.hostId}) through sanlock lockspace ${address.lockspace}`, { resource: disk, cause });
+    }
+    const owners = offset < 0 ? [] : (await leaseOwners(address, offset)).filter((o) => o.hostId !== this.config.hostId);
+    const names = owners.map((o) => {
+      const name = hostName(address.path, o.hostId);
+      return name === null ? `host ${o.hostId}` : `host ${o.hostId} (${name})`;
+    });
+    const by = names.length > 0 ? `by ${names.join(', ')}` : 'by another host';
+    return new ResourceBusyError(`${disk} is held ${by} in sanlock lockspace ${address.lockspace}${shared ? ' (this acquire: shared)' : ''}`, { resource: disk, cause });
+  }
+
+  async spawnGated(command: string, args: readonly string[], options: SpawnOptions, beforeExec: (pid: number) => Promise<void>): Promise<SupervisedProcess> {
+    const helper = execHelperPath();
+    const status = pipe();
+    let go: [number, number];
+    try {
+      go = pipe();
+    } catch (err) {
+      native.closeFd(status[0]);
+      native.closeFd(status[1]);
+      throw err;
+    }
+    let child: SupervisedProcess;
+    try {
+      child = spawnSupervised(helper, [String(status[1]), String(go[0]), command, ...args], { ...options, keepFds: [...(options.keepFds ?? []), status[1], go[0]] });
+    } catch (err) {
+      native.closeFd(status[0]);
+      native.closeFd(go[1]);
+      throw err;
+    } finally {
+      // The child's copies are its own now; ours would hide its EOFs.
+      native.closeFd(status[1]);
+      native.closeFd(go[0]);
+    }
+    let goOpen = true;
+    const closeGo = () => {
+      if (goOpen) native.closeFd(go[1]);
+      goOpen = false;
+    };
+    try {
+      const reg = await readStatusLine(status[0], HELPER_TIMEOUT_MS);
+      if (!reg.line.startsWith('R ')) {
+        const m = /^E (-?\d+) ?(.*)$/.exec(reg.line);
+        if (m !== null && Number(m[1]) === -2 && m[2]!.includes('.so')) throw new UnsupportedError(`sanlock: the exec helper cannot load the client library: ${m[2]}`);
+        if (m !== null) throw errorFor(Number(m[1]), 'sanlock_register', `registering the supervised process with the sanlock daemon`);
+        throw new UnsupportedError(`sanlock: the exec helper ${helper} ended before it registered (${reg.rv < 0 ? systemError(-reg.rv, 'read').message : 'EOF'})`);
+      }
+      this.#owner = child.pid;
+      void child.exited.then(() => {
+        if (this.#owner === child.pid) this.#owner = null;
+        this.#exited = child.pid;
+      });
+      await beforeExec(child.pid);
+      writeSync(go[1], 'G');
+      closeGo();
+      const exec = await readStatusLine(status[0], HELPER_TIMEOUT_MS);
+      const x = /^X (\d+)$/.exec(exec.line);
+      if (x !== null) {
+        const cause = systemError(Number(x[1]), 'execve', command);
+        throw new SpawnError(`cannot run ${command}: ${cause.message}`, { cause });
+      }
+    } catch (err) {
+      // The helper sees EOF on its gate and exits without exec'ing; its
+      // registration (and any lease taken for it) goes with it.
+      closeGo();
+      await child.exited;
+      // start() rejecting means nothing is held: not even for a few ms in the daemon.
+      await forgotten(child.pid);
+      throw err;
+    } finally {
+      closeGo();
+      native.closeFd(status[0]);
+    }
+    return child;
+  }
+
+  async settled(): Promise<void> {
+    while (this.#releases.size > 0) await Promise.all(this.#releases);
+  }
+
+  migrationState(): string | undefined {
+    return this.#state;
+  }
+
+  /** The source's "ls:res:path:offset:lver" entries: the target acquires each with its lver, so it fails if anyone took the lease in between. */
+  setMigrationState(state: string | undefined): void {
+    this.#incoming.clear();
+    if (state === undefined) return;
+    for (const entry of state.split(/\s+/)) {
+      const parts = entry.replace(/^"|"$/g, '').split(':');
+      if (parts.length < 5 || parts[0] !== this.config.lockspace) continue;
+      const lver = Number(parts[4]);
+      if (Number.isSafeInteger(lver) && lver > 0) this.#incoming.set(parts[1]!, lver);
+    }
+  }
+
+  /** sanlock SIGKILLs a registered process whose lease it cannot renew; if the lockspace is gone from this host, that is what happened. */
+  async exitFailure(status: ExitStatus): Promise<string | null> {
+    // 'exit' means the leases are free for other hosts: wait for the daemon.
+    const pid = this.#exited;
+    this.#exited = null;
+    if (pid !== null) await forgotten(pid);
+    if (status.signal !== 'SIGKILL') return null;
+    const joined = await lockspaceJoined({ lockspace: this.config.lockspace, path: this.config.path, hostId: this.config.hostId }).catch(() => false);
+    if (joined) return null;
+    return `sanlock lockspace ${this.config.lockspace} is no longer held by this host (host id ${this.config.hostId}): its delta lease could not be renewed or the lockspace was removed, and sanlock killed the process (SIGKILL)`;
+  }
+}
+
+export function sanlockLockspace(config: SanlockLockspaceConfig): SanlockLockspace {
+  return new SanlockLockspace(config);
+}

@@ -1,0 +1,431 @@
+// sanlock from TypeScript: every daemon call runs on a native worker thread
+// (native/sanlock.cc) and comes back as a Promise; sanlock's negative codes
+// become lockmgr's typed errors; and the storage helpers that prepare a
+// shared device (docs/sanlock.md).
+//
+// Storage layout on the shared device or file (one per cluster):
+//   offset 0       the lockspace: one delta lease per host id (sanlock direct init -s)
+//   offset 8 MiB   the resource index (rindex), then the resource leases it
+//                  allocates, one per disk (sanlock client format -x / create -x)
+// 8 MiB is the largest area sanlock gives a lockspace by default (4K-sector
+// devices, or files), so the same layout works on every kind of storage.
+import { createHash } from 'node:crypto';
+import { closeSync, existsSync, openSync, readSync } from 'node:fs';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import {
+  InternalError,
+  InvalidArgumentError,
+  InvalidStateError,
+  LockManagerError,
+  ResourceAccessError,
+  ResourceBusyError,
+  ResourceExhaustedError,
+  UnsupportedError,
+  systemError,
+} from './errors.js';
+import { native } from './native.js';
+import { describe } from './validate.js';
+
+export const LOCKSPACE_OFFSET = 0;
+export const RINDEX_OFFSET = 8 * 1024 * 1024;
+/** sanlock's limit for lockspace and resource names. */
+export const NAME_MAX = 48;
+
+/** sanlock's return codes that lockmgr maps (sanlock_rv.h, and -errno). */
+export const SANLOCK_CODES: Readonly<Record<number, string>> = {
+  [-2]: 'ENOENT',
+  [-3]: 'ESRCH',
+  [-11]: 'EAGAIN',
+  [-16]: 'EBUSY',
+  [-17]: 'EEXIST',
+  [-22]: 'EINVAL',
+  [-28]: 'ENOSPC',
+  [-38]: 'ENOSYS',
+  [-110]: 'ETIMEDOUT',
+  [-111]: 'ECONNREFUSED',
+  [-115]: 'EINPROGRESS',
+  [-201]: 'SANLK_ERROR',
+  [-202]: 'SANLK_AIO_TIMEOUT',
+  [-203]: 'SANLK_WD_ERROR',
+  [-210]: 'SANLK_DBLOCK_READ',
+  [-211]: 'SANLK_DBLOCK_WRITE',
+  [-220]: 'SANLK_LEADER_READ',
+  [-221]: 'SANLK_LEADER_WRITE',
+  [-223]: 'SANLK_LEADER_MAGIC',
+  [-226]: 'SANLK_LEADER_LOCKSPACE',
+  [-227]: 'SANLK_LEADER_RESOURCE',
+  [-231]: 'SANLK_ADDLS_INVALID_HOSTID',
+  [-240]: 'SANLK_ACQUIRE_LVER',
+  [-241]: 'SANLK_ACQUIRE_LOCKSPACE',
+  [-243]: 'SANLK_ACQUIRE_IDLIVE',
+  [-244]: 'SANLK_ACQUIRE_OWNED',
+  [-245]: 'SANLK_ACQUIRE_OTHER',
+  [-262]: 'SANLK_HOSTID_BUSY',
+};
+
+const enum Op {
+  Acquire = 1,
+  Release = 2,
+  Inquire = 3,
+  WriteLockspace = 4,
+  AddLockspace = 5,
+  RemLockspace = 6,
+  InqLockspace = 7,
+  FormatRindex = 8,
+  CreateResource = 9,
+  Lookup = 10,
+  ReadOwners = 11,
+  ReadStatus = 12,
+}
+
+interface Result {
+  rv: number;
+  text: string;
+  out: Float64Array;
+}
+
+interface Registry {
+  ready: boolean;
+  calls: Map<number, (r: Result) => void>;
+}
+
+const REGISTRY = Symbol.for('lockmgr.sanlock');
+
+function registry(): Registry {
+  const holder = native as unknown as Record<symbol, Registry | undefined>;
+  let r = holder[REGISTRY];
+  if (r === undefined) {
+    r = { ready: false, calls: new Map() };
+    Object.defineProperty(native, REGISTRY, { value: r });
+  }
+  return r;
+}
+
+function deliver(id: number, rv: number, text: string, out: Float64Array): void {
+  const calls = registry().calls;
+  const done = calls.get(id);
+  if (done === undefined) return;
+  calls.delete(id);
+  done({ rv, text, out });
+}
+
+/** The client library's dlopen error, or null once it is loaded. */
+export function sanlockLibraryError(): string | null {
+  const e = native.sanlockLoad();
+  return e === '' ? null : e;
+}
+
+/** The directory of this process's sanlock daemon socket (the client library reads SANLOCK_RUN_DIR). */
+export function runDir(): string {
+  return process.env.SANLOCK_RUN_DIR || '/run/sanlock';
+}
+
+/** UnsupportedError unless the client library is loaded; it names what is missing. */
+export function requireLibrary(): void {
+  const e = sanlockLibraryError();
+  if (e !== null) {
+    throw new UnsupportedError(`sanlock is not available: libsanlock_client.so.1 cannot be loaded (${e}); install it (Debian: apt-get install sanlock libsanlock-client1)`);
+  }
+}
+
+function run(op: Op, strings: string[], numbers: number[]): Promise<Result> {
+  requireLibrary();
+  const r = registry();
+  if (!r.ready) {
+    const e = native.sanlockInit(deliver);
+    if (e !== 0 && e !== EALREADY) throw new InternalError(`sanlock worker set-up failed (${e})`);
+    r.ready = true;
+  }
+  const id = native.sanlockCall(op, strings.join('\0'), Float64Array.from(numbers));
+  if (id < 0) {
+    const cause = systemError(-id, 'pthread_create');
+    throw new ResourceExhaustedError(`cannot start a thread for sanlock calls: ${cause.message}`, { cause });
+  }
+  return new Promise((resolve) => r.calls.set(id, resolve));
+}
+
+const EALREADY = 114;
+
+/** sanlock's name and text for a return code. */
+export function describeCode(rv: number): string {
+  const name = SANLOCK_CODES[rv] ?? String(rv);
+  let text = '';
+  try {
+    text = native.sanlockStrerror(rv);
+  } catch {
+    text = '';
+  }
+  if (text.startsWith('Unknown error')) text = '';
+  return text === '' || text === name ? `${name} (${rv})` : `${name} (${rv}: ${text})`;
+}
+
+/** The cause of a sanlock failure: what sanlock returned, as a Node-style error with `code` and `errno`. */
+export interface SanlockCause extends Error {
+  code: string;
+  errno: number;
+  syscall: string;
+}
+
+export function sanlockCause(rv: number, call: string): SanlockCause {
+  const err = new Error(`${describeCode(rv)}, ${call}`) as SanlockCause;
+  err.code = SANLOCK_CODES[rv] ?? `SANLK_${-rv}`;
+  err.errno = rv;
+  err.syscall = call;
+  return err;
+}
+
+const IO_CODES = new Set([-202, -210, -211, -212, -213, -214, -220, -221, -222, -223, -224, -225, -226, -227, -228, -229, -5]);
+
+/**
+ * The typed error for a sanlock return code (docs/sanlock.md has the table).
+ * Busy codes (-243, -11, -17, -240) are left to the caller, who knows whom to
+ * name; here they map to a plain ResourceBusyError.
+ */
+export function errorFor(rv: number, call: string, what: string): LockManagerError {
+  const cause = sanlockCause(rv, call);
+  const msg = `${what}: ${cause.message}`;
+  if (rv === -2 || rv === -111 || rv === -13) {
+    const sock = join(runDir(), 'sanlock.sock');
+    if (!existsSync(sock) || rv !== -2) {
+      return new UnsupportedError(`${what}: no sanlock daemon answers at ${sock} (start it: sanlock daemon; a test daemon: SANLOCK_RUN_DIR, SANLOCK_PRIVILEGED=0, -w 0): ${cause.message}`, { cause });
+    }
+    return new ResourceAccessError(`${msg} (not found)`, { cause });
+  }
+  if (rv === -38) return new UnsupportedError(`${what}: libsanlock_client.so.1 is not loaded: ${sanlockLibraryError() ?? ''}`, { cause });
+  if (rv === -203) {
+    return new UnsupportedError(`${what}: the sanlock daemon has no watchdog (wdmd is not running, or /dev/watchdog is missing); run wdmd, or start sanlock with -w 0 and read docs/sanlock.md on what that leaves unprotected: ${cause.message}`, { cause });
+  }
+  if (rv === -3) {
+    return new InvalidStateError(`${what}: the process is not registered with this host's sanlock daemon (it has exited, or was not started through the sanlock lockspace): ${cause.message}`, { cause });
+  }
+  if (rv === -28 || rv === -241) {
+    return new InvalidStateError(`${what}: this host has not joined the lockspace (joinLockspace(), or lockmgr sanlock join): ${cause.message}`, { cause });
+  }
+  if (rv === -243 || rv === -11 || rv === -17 || rv === -240 || rv === -244 || rv === -245 || rv === -262) return new ResourceBusyError(msg, { cause });
+  if (rv === -22) return new InvalidArgumentError(msg, { cause });
+  if (rv === -110 || IO_CODES.has(rv)) return new ResourceAccessError(msg, { cause });
+  return new InternalError(msg, { cause });
+}
+
+// ---- names --------------------------------------------------------------
+
+function checkName(value: unknown, what: string): string {
+  if (typeof value !== 'string' || value === '' || Buffer.byteLength(value) > NAME_MAX || /[\0:\s]/.test(value)) {
+    throw new InvalidArgumentError(`${what} must be a sanlock name: 1 to ${NAME_MAX} bytes, no NUL, ':' or white space, got ${describe(value)}`);
+  }
+  return value;
+}
+
+function checkStoragePath(value: unknown, what: string): string {
+  if (typeof value !== 'string' || !value.startsWith('/') || value.includes('\0') || value.includes(':') || Buffer.byteLength(value) >= 1024) {
+    throw new InvalidArgumentError(`${what} must be an absolute path without ':' (sanlock's separator), shorter than 1024 bytes, got ${describe(value)}`);
+  }
+  return value;
+}
+
+function checkInt(value: unknown, what: string, min: number, max: number, fallback: number): number {
+  if (value === undefined) return fallback;
+  if (typeof value !== 'number' || !Number.isInteger(value) || value < min || value > max) {
+    throw new InvalidArgumentError(`${what} must be an integer from ${min} to ${max}, got ${describe(value)}`);
+  }
+  return value;
+}
+
+/**
+ * The sanlock resource name of a disk: 'lockmgr-' and the first 40 hex digits
+ * of the SHA-256 of its path. The path is the disk's identity across hosts, so
+ * every host must name a shared disk by the same path (/dev/disk/by-id/...,
+ * /dev/mapper/..., an NFS path), as libvirt's sanlock plugin requires too.
+ */
+export function diskResourceName(path: string): string {
+  return `lm-${createHash('sha256').update(path).digest('hex').slice(0, 40)}`;
+}
+
+// ---- storage helpers ------------------------------------------------------
+
+export interface StorageOptions {
+  /** The lockspace's name, the same on every host. */
+  lockspace: string;
+  /** The shared device or file that holds the lockspace and the leases. */
+  path: string;
+}
+
+export interface InitOptions extends StorageOptions {
+  /** Seconds; every host's renewal and failure detection scale with it (sanlock's default 10). */
+  ioTimeout?: number;
+  /** Host ids 1..maxHosts (0: sanlock's default, 2000 on 512-byte sectors). */
+  maxHosts?: number;
+}
+
+async function check(p: Promise<Result>, call: string, what: string): Promise<Result> {
+  const r = await p;
+  if (r.rv < 0) throw errorFor(r.rv, call, what);
+  return r;
+}
+
+/**
+ * Writes a new lockspace and an empty lease index on shared storage. Destroys
+ * whatever leases were there: run it once, while no host has joined. Needs a
+ * running daemon on this host (it does the I/O), not a joined lockspace.
+ */
+export async function initStorage(options: InitOptions): Promise<void> {
+  const name = checkName(options?.lockspace, 'lockspace');
+  const path = checkStoragePath(options.path, 'path');
+  const ioTimeout = checkInt(options.ioTimeout, 'ioTimeout', 1, 300, 10);
+  const maxHosts = checkInt(options.maxHosts, 'maxHosts', 0, 2000, 0);
+  await check(run(Op.WriteLockspace, [name, path], [LOCKSPACE_OFFSET, maxHosts, ioTimeout]), 'sanlock_write_lockspace', `initStorage: writing lockspace ${name} on ${path}`);
+  await check(run(Op.FormatRindex, [name, path], [RINDEX_OFFSET]), 'sanlock_format_rindex', `initStorage: writing the lease index on ${path}`);
+}
+
+export interface JoinOptions extends StorageOptions {
+  /** This host's id in the lockspace: 1..maxHosts, unique per host. */
+  hostId: number;
+  /** Seconds (0: the daemon's default). Use the value the lockspace was initialized with. */
+  ioTimeout?: number;
+}
+
+/** Joins this host's daemon to the lockspace: takes the host id's delta lease (about 3 io_timeouts: 3 s at io_timeout 1, 21 s at the default 10). Joined already: a no-op. */
+export async function joinLockspace(options: JoinOptions): Promise<{ wasJoined: boolean }> {
+  const name = checkName(options?.lockspace, 'lockspace');
+  const path = checkStoragePath(options.path, 'path');
+  const hostId = checkInt(options.hostId, 'hostId', 1, 2000, 0);
+  const ioTimeout = checkInt(options.ioTimeout, 'ioTimeout', 0, 300, 0);
+  const r = await run(Op.AddLockspace, [name, path], [LOCKSPACE_OFFSET, hostId, ioTimeout]);
+  if (r.rv === -17) return { wasJoined: true };
+  if (r.rv === -262) {
+    throw new ResourceBusyError(`joinLockspace: host id ${hostId} of lockspace ${name} is in use by another host (${await hostName(path, hostId) ?? 'name unknown'}): ${sanlockCause(r.rv, 'sanlock_add_lockspace').message}`, { cause: sanlockCause(r.rv, 'sanlock_add_lockspace') });
+  }
+  if (r.rv < 0) throw errorFor(r.rv, 'sanlock_add_lockspace', `joinLockspace: lockspace ${name} as host ${hostId} on ${path}`);
+  return { wasJoined: false };
+}
+
+/** Leaves the lockspace. sanlock kills every process of this host that holds a lease in it. Not joined: a no-op. */
+export async function leaveLockspace(options: JoinOptions): Promise<{ wasJoined: boolean }> {
+  const name = checkName(options?.lockspace, 'lockspace');
+  const path = checkStoragePath(options.path, 'path');
+  const hostId = checkInt(options.hostId, 'hostId', 1, 2000, 0);
+  const r = await run(Op.RemLockspace, [name, path], [LOCKSPACE_OFFSET, hostId]);
+  if (r.rv === -2) return { wasJoined: false };
+  if (r.rv < 0) throw errorFor(r.rv, 'sanlock_rem_lockspace', `leaveLockspace: ${name}`);
+  return { wasJoined: true };
+}
+
+/** Whether this host's daemon holds the lockspace with this host id. */
+export async function lockspaceJoined(options: JoinOptions): Promise<boolean> {
+  const name = checkName(options?.lockspace, 'lockspace');
+  const path = checkStoragePath(options.path, 'path');
+  const hostId = checkInt(options.hostId, 'hostId', 1, 2000, 0);
+  const r = await run(Op.InqLockspace, [name, path], [LOCKSPACE_OFFSET, hostId]);
+  if (r.rv === 0) return true;
+  if (r.rv === -2) {
+    if (!existsSync(join(runDir(), 'sanlock.sock'))) throw errorFor(-111, 'sanlock_inq_lockspace', 'lockspaceJoined');
+    return false;
+  }
+  throw errorFor(r.rv, 'sanlock_inq_lockspace', `lockspaceJoined: ${name}`);
+}
+
+/**
+ * Creates the lease of a disk in the lease index (once per disk, from any one
+ * host that has joined). Exists already: returns its offset.
+ */
+export async function createDiskLease(options: StorageOptions & { disk: string }): Promise<{ offset: number; created: boolean }> {
+  const name = checkName(options?.lockspace, 'lockspace');
+  const path = checkStoragePath(options.path, 'path');
+  const disk = checkStoragePath(options.disk, 'disk');
+  const res = diskResourceName(disk);
+  const found = await lookupLease(name, path, res);
+  if (found !== null) return { offset: found, created: false };
+  const r = await check(run(Op.CreateResource, [name, path, res], [RINDEX_OFFSET]), 'sanlock_create_resource', `createDiskLease: ${disk} in lockspace ${name}`);
+  return { offset: r.out[0]!, created: true };
+}
+
+/** The offset of a resource lease in the index, or null. */
+export async function lookupLease(lockspace: string, path: string, resource: string): Promise<number | null> {
+  const r = await run(Op.Lookup, [lockspace, path, resource], [RINDEX_OFFSET]);
+  if (r.rv === -2 || r.rv === -61 /* ENODATA */) return null;
+  if (r.rv < 0) throw errorFor(r.rv, 'sanlock_lookup_rindex', `looking up ${resource} in the lease index of ${path}`);
+  return r.out[0]!;
+}
+
+// ---- leases ----------------------------------------------------------------
+
+export interface LeaseAddress {
+  lockspace: string;
+  resource: string;
+  path: string;
+}
+
+/** Acquires for a registered pid. offset -1: look it up in the index. lver -1: any. Resolves rv, the offset and the pid's inquire state. */
+export function acquireFor(pid: number, lease: LeaseAddress, offset: number, shared: boolean, lver: number): Promise<Result> {
+  return run(Op.Acquire, [lease.lockspace, lease.resource, lease.path], [pid, offset, RINDEX_OFFSET, shared ? 1 : 0, lver]);
+}
+
+export function releaseFor(pid: number, lease: LeaseAddress, offset: number): Promise<Result> {
+  return run(Op.Release, [lease.lockspace, lease.resource, lease.path], [pid, offset]);
+}
+
+/** sanlock_inquire for a registered pid: its leases as "lockspace:resource:path:offset:lver" strings. */
+export async function inquirePid(pid: number): Promise<string> {
+  const r = await run(Op.Inquire, [], [pid]);
+  if (r.rv < 0) throw errorFor(r.rv, 'sanlock_inquire', `inquire for pid ${pid}`);
+  return r.text;
+}
+
+/** sanlock_inquire's raw result: rv -3 (ESRCH) once the daemon no longer knows the pid. */
+export function inquireRaw(pid: number): Promise<Result> {
+  return run(Op.Inquire, [], [pid]);
+}
+
+/** Host ids (and generations) that own a resource lease, from the storage. */
+export async function leaseOwners(lease: LeaseAddress, offset: number): Promise<Array<{ hostId: number; generation: number }>> {
+  const r = await run(Op.ReadOwners, [lease.lockspace, lease.resource, lease.path], [offset]);
+  if (r.rv < 0) return [];
+  const owners: Array<{ hostId: number; generation: number }> = [];
+  for (let i = 0; i + 1 < r.out.length; i += 2) owners.push({ hostId: r.out[i]!, generation: r.out[i + 1]! });
+  return owners;
+}
+
+/** One line from an exec helper's status pipe ('' at EOF), read on the admin thread. */
+export async function readStatusLine(fd: number, timeoutMs: number): Promise<{ rv: number; line: string }> {
+  const r = await run(Op.ReadStatus, [], [fd, timeoutMs]);
+  return { rv: r.rv, line: r.text };
+}
+
+/**
+ * The name a host joined with (sanlock daemon -e), read from its delta lease
+ * on the storage: sanlock keeps it in the leader record's resource_name
+ * (byte 104, 48 bytes; sector size at byte 12). Best effort: null if it
+ * cannot be read. A buffered read may be stale by a renewal or two; names only
+ * change when a host rejoins.
+ */
+export function hostName(path: string, hostId: number): string | null {
+  let fd = -1;
+  try {
+    fd = openSync(path, 'r');
+    const first = Buffer.alloc(512);
+    if (readSync(fd, first, 0, 512, LOCKSPACE_OFFSET) !== 512) return null;
+    const sector = first.readUInt32LE(12);
+    if (sector !== 512 && sector !== 4096) return null;
+    const rec = Buffer.alloc(512);
+    if (readSync(fd, rec, 0, 512, LOCKSPACE_OFFSET + (hostId - 1) * sector) !== 512) return null;
+    if (Number(rec.readBigUInt64LE(32)) !== hostId) return null;
+    const raw = rec.subarray(104, 152);
+    const end = raw.indexOf(0);
+    const name = raw.subarray(0, end < 0 ? raw.length : end).toString('utf8');
+    return name === '' ? null : name;
+  } catch {
+    return null;
+  } finally {
+    if (fd >= 0) closeSync(fd);
+  }
+}
+
+/** The exec helper (native/sanlock-exec.c), built next to the addon. */
+export function execHelperPath(): string {
+  const root = fileURLToPath(new URL('..', import.meta.url));
+  for (const p of [join(root, 'build', 'Release', 'lockmgr-sanlock-exec'), join(root, 'prebuilds', `${process.platform}-${process.arch}`, 'lockmgr-sanlock-exec')]) {
+    if (existsSync(p)) return p;
+  }
+  throw new UnsupportedError(`sanlock: the helper lockmgr-sanlock-exec is not built (expected in ${join(root, 'build', 'Release')}); rebuild with \`npm rebuild lockmgr --build-from-source\``);
+}

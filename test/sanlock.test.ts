@@ -1,0 +1,390 @@
+// The sanlock lockspace against real sanlock daemons (docs/sanlock.md).
+//
+// Two simulated hosts on this machine: two daemons, each with its own
+// SANLOCK_RUN_DIR and host name, unprivileged and without a watchdog, sharing
+// one lockspace on a loop device. The sanlock client library reads
+// SANLOCK_RUN_DIR once per process, so one host is one process: this test
+// process is host 1, and host 2 is a manager peer process.
+import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { LockManager, ResourceAccessError, ResourceBusyError, SpawnError, InvalidStateError, UnsupportedError } from '../lib/index.js';
+import { createDiskLease, initStorage, joinLockspace, leaveLockspace, lockspaceJoined, sanlockLibraryError } from '../lib/sanlock.js';
+import { Peer, fdCount, isRoot, managerPeerScript, threadCount, waitUntil } from './helpers.js';
+
+function unavailable(): string | null {
+  if (!isRoot) return 'not root (loop devices and the sanlock daemon need root)';
+  if (spawnSync('sanlock', ['version']).error !== undefined) return 'the sanlock daemon is not installed (Debian: apt-get install sanlock libsanlock-client1)';
+  if (spawnSync('losetup', ['--version']).error !== undefined) return 'losetup is missing';
+  const lib = sanlockLibraryError();
+  if (lib !== null) return `libsanlock_client.so.1 cannot be loaded: ${lib}`;
+  return null;
+}
+
+const why = unavailable();
+if (why !== null) console.warn(`test/sanlock.test.ts skipped: ${why}`);
+
+const LS = 'lmtest';
+const root = mkdtempSync(join(tmpdir(), 'lockmgr-sanlock-'));
+const runDir = (h: number) => join(root, `h${h}`);
+// Host 1 is this process: set before the first call into the client library.
+process.env.SANLOCK_RUN_DIR = runDir(1);
+
+let loop = '';
+const daemons: ChildProcess[] = [];
+const peers: Peer[] = [];
+const managers: LockManager[] = [];
+const disk = join(root, 'vm1.img');
+const disk2 = join(root, 'vm2.img');
+const host = (h: number) => ({ kind: 'sanlock' as const, lockspace: LS, path: loop, hostId: h });
+const timings: Record<string, number> = {};
+
+function startDaemon(h: number): ChildProcess {
+  mkdirSync(runDir(h), { recursive: true });
+  const d = spawn('sanlock', ['daemon', '-D', '-w', '0', '-e', `host${h}`, '-U', '0', '-G', '0'], {
+    env: { ...process.env, SANLOCK_RUN_DIR: runDir(h), SANLOCK_PRIVILEGED: '0' },
+    stdio: 'ignore',
+  });
+  daemons.push(d);
+  return d;
+}
+
+function client(h: number, ...args: string[]): string {
+  return execFileSync('sanlock', ['client', ...args], { env: { ...process.env, SANLOCK_RUN_DIR: runDir(h) }, encoding: 'utf8' });
+}
+
+/** The leases host h's daemon holds, as "r LS:RES:PATH:OFFSET:LVER p PID" lines. */
+function heldOn(h: number): string[] {
+  return client(h, 'status')
+    .split('\n')
+    .filter((l) => l.startsWith('r '));
+}
+
+async function host2(): Promise<Peer> {
+  const p = await Peer.start({ ...process.env, SANLOCK_RUN_DIR: runDir(2) }, managerPeerScript);
+  peers.push(p);
+  return p;
+}
+
+function manager(h = 1): LockManager {
+  const m = new LockManager({ lockspace: host(h) });
+  managers.push(m);
+  return m;
+}
+
+async function cleanupManagers(): Promise<void> {
+  for (const m of managers.splice(0)) await m.free();
+  for (const p of peers.splice(0)) {
+    if (p.child.exitCode === null && p.child.signalCode === null) await p.call('free').catch(() => undefined);
+    await p.kill();
+  }
+  // A VM whose supervisor was killed (lease kept, by design) is killed here; the daemons then drop its leases.
+  for (const h of [1, 2]) {
+    for (const l of heldOn(h)) {
+      const pid = Number(/ p (\d+)/.exec(l)?.[1]);
+      if (pid > 0 && alive(pid)) process.kill(pid, 'SIGKILL');
+    }
+  }
+  await waitUntil(() => heldOn(1).length === 0 && heldOn(2).length === 0, 10_000, 'the daemons to drop every lease');
+}
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+describe.skipIf(why !== null)('sanlock lockspace', () => {
+  beforeAll(async () => {
+    const lun = join(root, 'lun.img');
+    execFileSync('truncate', ['-s', '64M', lun]);
+    loop = execFileSync('losetup', ['-f', '--show', lun], { encoding: 'utf8' }).trim();
+    writeFileSync(disk, 'x'.repeat(4096));
+    writeFileSync(disk2, 'x'.repeat(4096));
+    startDaemon(1);
+    startDaemon(2);
+    await waitUntil(() => existsSync(join(runDir(1), 'sanlock.sock')) && existsSync(join(runDir(2), 'sanlock.sock')), 10_000, 'the sanlock daemons');
+    await initStorage({ lockspace: LS, path: loop, ioTimeout: 1 });
+    const t0 = Date.now();
+    // Host 2 joins through the sanlock CLI, host 1 through lockmgr, at once.
+    const join2 = new Promise<void>((resolve, reject) => {
+      const c = spawn('sanlock', ['client', 'add_lockspace', '-o', '1', '-s', `${LS}:2:${loop}:0`], { env: { ...process.env, SANLOCK_RUN_DIR: runDir(2) }, stdio: 'ignore' });
+      c.on('exit', (code) => (code === 0 ? resolve() : reject(new Error(`add_lockspace for host 2 exited ${code}`))));
+    });
+    expect(await joinLockspace({ lockspace: LS, path: loop, hostId: 1, ioTimeout: 1 })).toEqual({ wasJoined: false });
+    timings.join = Date.now() - t0;
+    await join2;
+    expect(await createDiskLease({ lockspace: LS, path: loop, disk })).toMatchObject({ created: true });
+    expect(await createDiskLease({ lockspace: LS, path: loop, disk: disk2 })).toMatchObject({ created: true });
+  }, 60_000);
+
+  afterAll(async () => {
+    await cleanupManagers();
+    for (const [i, d] of daemons.entries()) {
+      if (d.exitCode !== null || d.signalCode !== null) continue;
+      const gone = new Promise((r) => d.once('exit', r));
+      // A clean shutdown also ends the daemon's helper process; SIGKILL would orphan it.
+      spawnSync('sanlock', ['client', 'shutdown', '-f', '1'], { env: { ...process.env, SANLOCK_RUN_DIR: runDir(i + 1) }, stdio: 'ignore' });
+      const timer = setTimeout(() => d.kill('SIGKILL'), 5000);
+      await gone;
+      clearTimeout(timer);
+    }
+    if (loop !== '') spawnSync('losetup', ['-d', loop]);
+    rmSync(root, { recursive: true, force: true });
+    console.log(`sanlock timings (ms): ${JSON.stringify(timings)}`);
+  });
+
+  it('storage helpers: joined, idempotent join and lease creation', async () => {
+    expect(await lockspaceJoined({ lockspace: LS, path: loop, hostId: 1 })).toBe(true);
+    expect(await joinLockspace({ lockspace: LS, path: loop, hostId: 1, ioTimeout: 1 })).toEqual({ wasJoined: true });
+    const again = await createDiskLease({ lockspace: LS, path: loop, disk });
+    expect(again.created).toBe(false);
+    expect(again.offset).toBeGreaterThanOrEqual(8 * 1024 * 1024);
+  });
+
+  it('host 1 VM holds the disk: the lease is the VM pid\'s; host 2 is refused, naming host 1; host 2 acquires once the VM exits', async () => {
+    const m = manager(1);
+    m.registerResource({ type: 'disk', path: disk, mode: 'exclusive' });
+    const t0 = performance.now();
+    await m.start('sleep', ['1000']);
+    timings.start = Math.round(performance.now() - t0);
+    const vm = m.getChild().pid;
+    expect(heldOn(1).some((l) => l.endsWith(` p ${vm}`))).toBe(true);
+
+    const p = await host2();
+    await p.call('create', { lockspace: host(2) });
+    await p.call('register', { type: 'disk', path: disk, mode: 'exclusive' });
+    const err = await p.callError('start', 'sleep', ['1000']);
+    expect(err.name).toBe('ResourceBusyError');
+    expect(err.message).toMatch(/held by host 1 \(host1\)/);
+    expect(await p.call('state')).toBe('new');
+    // The refused host's helper never exec'd and left nothing registered.
+    expect(heldOn(2)).toEqual([]);
+
+    await m.shutdown({ graceMs: 2000 });
+    expect(heldOn(1)).toEqual([]);
+    const vm2 = await p.call<number>('start', 'sleep', ['1000']);
+    expect(heldOn(2).some((l) => l.endsWith(` p ${vm2}`))).toBe(true);
+    await cleanupManagers();
+  });
+
+  it('the lease outlives the supervisor and goes with the VM (it is the registered process)', async () => {
+    const p = await host2();
+    await p.call('create', { lockspace: host(2) });
+    await p.call('register', { type: 'disk', path: disk, mode: 'exclusive' });
+    const vm = await p.call<number>('start', 'sleep', ['1000']);
+    await p.kill('SIGKILL');
+    expect(alive(vm)).toBe(true);
+    expect(heldOn(2).some((l) => l.endsWith(` p ${vm}`))).toBe(true);
+    const m = manager(1);
+    m.registerResource({ type: 'disk', path: disk, mode: 'exclusive' });
+    await expect(m.start('sleep', ['1000'])).rejects.toThrow(ResourceBusyError);
+    process.kill(vm, 'SIGKILL');
+    await waitUntil(() => heldOn(2).length === 0, 5000, 'host 2 to release with its VM');
+    await m.start('sleep', ['1000'], {}, { timeout: 5000 });
+    await cleanupManagers();
+  });
+
+  it('waits for the lease with a timeout: LockTimeoutError, then success when the holder exits', async () => {
+    const a = manager(1);
+    a.registerResource({ type: 'disk', path: disk, mode: 'exclusive' });
+    await a.start('sleep', ['1000']);
+    const p = await host2();
+    await p.call('create', { lockspace: host(2) });
+    await p.call('register', { type: 'disk', path: disk, mode: 'exclusive' });
+    const timeout = await p.callError('start', 'sleep', ['1000'], {}, { timeout: 300 });
+    expect(timeout.name).toBe('LockTimeoutError');
+    expect(timeout.message).toMatch(/host 1/);
+    const started = p.call<number>('start', 'sleep', ['1000'], {}, { timeout: 10_000 });
+    await new Promise((r) => setTimeout(r, 200));
+    await a.shutdown({ graceMs: 2000 });
+    expect(await started).toBeGreaterThan(0);
+    await cleanupManagers();
+  });
+
+  it('shared leases coexist across hosts; exclusive against them is busy', async () => {
+    const a = manager(1);
+    a.registerResource({ type: 'disk', path: disk2, mode: 'shared' });
+    await a.start('sleep', ['1000']);
+    const p = await host2();
+    await p.call('create', { lockspace: host(2) });
+    await p.call('register', { type: 'disk', path: disk2, mode: 'readonly' });
+    await p.call('start', 'sleep', ['1000']);
+    const x = manager(1);
+    x.registerResource({ type: 'disk', path: disk2, mode: 'exclusive' });
+    await expect(x.start('sleep', ['1000'])).rejects.toThrow(ResourceBusyError);
+    await cleanupManagers();
+  });
+
+  it('all or nothing: the second disk busy leaves the first released and the command never run', async () => {
+    const p = await host2();
+    await p.call('create', { lockspace: host(2) });
+    await p.call('register', { type: 'disk', path: disk2, mode: 'exclusive' });
+    await p.call('start', 'sleep', ['1000']);
+    const m = manager(1);
+    m.registerResource({ type: 'disk', path: disk, mode: 'exclusive' });
+    m.registerResource({ type: 'disk', path: disk2, mode: 'exclusive' });
+    const marker = join(root, 'ran');
+    const err = await m.start('sh', ['-c', `touch ${marker}; sleep 1000`]).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(ResourceBusyError);
+    expect(existsSync(marker)).toBe(false);
+    await waitUntil(() => heldOn(1).length === 0, 5000, 'the rolled-back lease to go');
+    expect(m.state).toBe('new');
+    await cleanupManagers();
+  });
+
+  it('migration from host 1 to host 2 with the lease state: the target acquires with the source\'s lease version', async () => {
+    const src = manager(1);
+    src.registerResource({ type: 'disk', path: disk, mode: 'exclusive' });
+    await src.start('sleep', ['1000']);
+    const token = src.inquire();
+    const p = await host2();
+    await p.call('fromInquire', token, { lockspace: host(2) });
+    await p.call('start', 'sleep', ['1000']);
+    expect(await p.call('state')).toBe('incoming');
+    await src.prepareMigrate('host2');
+    const t0 = performance.now();
+    await src.completeMigrateOut('host2');
+    timings.release = Math.round(performance.now() - t0);
+    expect(heldOn(1)).toEqual([]);
+    const t1 = performance.now();
+    await p.call('completeMigrateIn', 'host1', { timeout: 10_000 });
+    timings.migrateIn = Math.round(performance.now() - t1);
+    expect(await p.call('state')).toBe('running');
+    expect(heldOn(2)).toHaveLength(1);
+    // The source cannot take it back any more.
+    await expect(src.completeMigrateOut('host2', { cancel: true })).rejects.toThrow(ResourceBusyError);
+    await cleanupManagers();
+  });
+
+  it('a third party that takes the lease during the handover makes the target fail (lease version changed)', async () => {
+    const src = manager(1);
+    src.registerResource({ type: 'disk', path: disk, mode: 'exclusive' });
+    await src.start('sleep', ['1000']);
+    const token = src.inquire();
+    const p = await host2();
+    await p.call('fromInquire', token, { lockspace: host(2) });
+    await p.call('start', 'sleep', ['1000']);
+    await src.prepareMigrate('host2');
+    await src.completeMigrateOut('host2');
+    const third = manager(1);
+    third.registerResource({ type: 'disk', path: disk, mode: 'exclusive' });
+    await third.start('sleep', ['1000']);
+    await third.shutdown({ graceMs: 2000 });
+    const err = await p.callError('completeMigrateIn', 'host1', { timeout: 5000 });
+    expect(err.name).toBe('ResourceBusyError');
+    expect(err.message).toMatch(/changed hands/);
+    await cleanupManagers();
+  });
+
+  it('lease loss: sanlock kills the VM when the lockspace goes; the manager reports lock-failure', async () => {
+    const m = manager(1);
+    const failures: unknown[] = [];
+    m.on('lock-failure', (f) => failures.push(f));
+    m.registerResource({ type: 'disk', path: disk, mode: 'exclusive' });
+    await m.start('sleep', ['1000']);
+    const exited = new Promise((r) => m.once('exit', r));
+    await leaveLockspace({ lockspace: LS, path: loop, hostId: 1 });
+    try {
+      await lostAndRefused();
+    } finally {
+      const t0 = Date.now();
+      await joinLockspace({ lockspace: LS, path: loop, hostId: 1, ioTimeout: 1 });
+      timings.rejoin = Date.now() - t0;
+    }
+    await cleanupManagers();
+    async function lostAndRefused(): Promise<void> {
+    expect(await exited).toEqual({ code: null, signal: 'SIGKILL' });
+    expect(failures).toEqual([{ resource: disk, reason: expect.stringMatching(/no longer held by this host/), action: 'poweroff' }]);
+    expect(m.state).toBe('stopped');
+    // Not joined: InvalidStateError, and the command never runs.
+    const b = manager(1);
+    b.registerResource({ type: 'disk', path: disk, mode: 'exclusive' });
+    await expect(b.start('sleep', ['1000'])).rejects.toThrow(InvalidStateError);
+    expect(b.state).toBe('new');
+    }
+  });
+
+  it('typed errors: lease missing, command missing, attach', async () => {
+    const none = join(root, 'no-lease.img');
+    writeFileSync(none, 'x');
+    const a = manager(1);
+    a.registerResource({ type: 'disk', path: none, mode: 'exclusive' });
+    await expect(a.start('sleep', ['1000'])).rejects.toThrow(ResourceAccessError);
+    expect(a.state).toBe('new');
+
+    const c = manager(1);
+    c.registerResource({ type: 'disk', path: disk, mode: 'exclusive' });
+    const spawnErr = await c.start('/nonexistent/qemu', []).catch((e: unknown) => e);
+    expect(spawnErr).toBeInstanceOf(SpawnError);
+    expect((spawnErr as SpawnError).cause.code).toBe('ENOENT');
+    await waitUntil(() => heldOn(1).length === 0, 5000, 'the failed exec to release');
+
+    expect(() => new LockManager({ lockspace: host(1), attach: process.pid })).not.toThrow();
+    const d = new LockManager({ lockspace: host(1), attach: process.pid });
+    managers.push(d);
+    await expect(d.start()).rejects.toThrow(UnsupportedError);
+    await cleanupManagers();
+  });
+
+  it('CLI: lockmgr sanlock joined and add-disk', () => {
+    const cli = (...args: string[]) => spawnSync(process.execPath, [join(import.meta.dirname, '..', 'bin', 'lockmgr.js'), 'sanlock', ...args], { encoding: 'utf8', env: { ...process.env, SANLOCK_RUN_DIR: runDir(1) } });
+    expect(cli('joined', '--lockspace', LS, '--path', loop, '--host-id', '1').status).toBe(0);
+    expect(cli('joined', '--lockspace', LS, '--path', loop, '--host-id', '7').status).toBe(1);
+    const add = cli('add-disk', '--lockspace', LS, '--path', loop, disk);
+    expect(add.status).toBe(0);
+    expect(add.stdout).toMatch(/lease exists at offset \d+/);
+    const none = spawnSync(process.execPath, [join(import.meta.dirname, '..', 'bin', 'lockmgr.js'), 'sanlock', 'joined', '--lockspace', LS, '--path', loop, '--host-id', '1'], { encoding: 'utf8', env: { ...process.env, SANLOCK_RUN_DIR: join(root, 'nowhere') } });
+    expect(none.status).toBe(69);
+    expect(none.stderr).toMatch(/no sanlock daemon answers/);
+  });
+
+  it('no daemon: UnsupportedError naming the socket', async () => {
+    const empty = join(root, 'nodaemon');
+    mkdirSync(empty, { recursive: true });
+    const p = await Peer.start({ ...process.env, SANLOCK_RUN_DIR: empty }, managerPeerScript);
+    peers.push(p);
+    await p.call('create', { lockspace: host(1) });
+    await p.call('register', { type: 'disk', path: disk, mode: 'exclusive' });
+    const err = await p.callError('start', 'sleep', ['1000']);
+    expect(err.name).toBe('UnsupportedError');
+    expect(err.message).toMatch(/no sanlock daemon answers at .*nodaemon\/sanlock.sock/);
+    await cleanupManagers();
+  });
+
+  it('leaves no fds or threads behind', async () => {
+    await new Promise((r) => setTimeout(r, 1500));
+    const fds = fdCount();
+    const threads = threadCount();
+    for (let i = 0; i < 3; i++) {
+      const m = manager(1);
+      m.registerResource({ type: 'disk', path: disk, mode: 'exclusive' });
+      await m.start('sleep', ['1000']);
+      await m.free();
+    }
+    await cleanupManagers();
+    expect(fdCount()).toBe(fds);
+    // The sanlock worker threads exit after a second idle.
+    await waitUntil(() => threadCount() <= threads, 5000, 'idle sanlock workers to exit');
+  });
+
+  it.skipIf(process.env.LOCKMGR_SANLOCK_FAILOVER !== '1')('host death: host 2 acquires once host 1 is dead (about 70 s; LOCKMGR_SANLOCK_FAILOVER=1)', async () => {
+    const m = manager(1);
+    m.registerResource({ type: 'disk', path: disk, mode: 'exclusive' });
+    await m.start('sleep', ['1000']);
+    // Host 1 dies: its daemon stops renewing (without a watchdog its VM runs on: see docs/sanlock.md).
+    daemons[0]!.kill('SIGKILL');
+    const p = await host2();
+    await p.call('create', { lockspace: host(2) });
+    await p.call('register', { type: 'disk', path: disk, mode: 'exclusive' });
+    const t0 = Date.now();
+    await p.call('start', 'sleep', ['1000'], {}, { timeout: 150_000 });
+    timings.failover = Date.now() - t0;
+    await cleanupManagers();
+  }, 200_000);
+});
