@@ -8,7 +8,7 @@
 // tryLock() is one F_OFD_SETLK on the calling thread. lock() tries the same
 // first; only on conflict does it park an F_OFD_SETLKW on a dedicated native
 // waiter thread (native/waiters.cc), never on the event loop or libuv's pool.
-import { fstatSync, lstatSync, type BigIntStats } from 'node:fs';
+import { fstatSync, lstatSync, statfsSync, type BigIntStats } from 'node:fs';
 import {
   AbortError,
   InvalidArgumentError,
@@ -90,7 +90,7 @@ function parseRange(range: ByteRange | undefined): void {
     rangeLength = 0;
     return;
   }
-  if (range === null || typeof range !== 'object') {
+  if (range === null || typeof range !== 'object' || Array.isArray(range)) {
     throw new InvalidArgumentError(`range must be an object { start, length }, got ${describe(range)}`);
   }
   for (const key in range) {
@@ -328,6 +328,32 @@ const statTypes: ReadonlyArray<[(st: BigIntStats) => boolean, string]> = [
   [(st) => st.isSocket(), 'socket'],
 ];
 
+/**
+ * Pseudo filesystems whose "regular files" are kernel interfaces, not storage.
+ * A lease on one excludes nobody it should: /proc/self/... is another file in
+ * every process. By statfs f_type (linux/magic.h).
+ */
+const PSEUDO_FILESYSTEMS = new Map<number, string>([
+  [0x9fa0, 'proc'],
+  [0x62656572, 'sysfs'],
+  [0x64626720, 'debugfs'],
+  [0x74726163, 'tracefs'],
+  [0x73636673, 'securityfs'],
+  [0x27e0eb, 'cgroup'],
+  [0x63677270, 'cgroup2'],
+  [0x62656570, 'configfs'],
+]);
+
+/** The pseudo filesystem the open file `fd` lives on, or null. */
+function pseudoFilesystem(fd: number): string | null {
+  try {
+    // Through the fd's magic link: the filesystem of the file that was opened.
+    return PSEUDO_FILESYSTEMS.get(statfsSync(`/proc/self/fd/${fd}`).type) ?? null;
+  } catch {
+    return null;
+  }
+}
+
 /** Whether the last component of `path` is a symlink (for the message of an O_NOFOLLOW refusal). */
 function isSymlink(path: string): boolean {
   try {
@@ -369,6 +395,11 @@ export function openLockable(path: string, options?: OpenOptions): LockableFile 
   } catch (err) {
     native.closeFd(fd);
     throw fromErrno('open', -((err as NodeJS.ErrnoException).errno ?? -EINVAL), path, `cannot stat '${path}'`);
+  }
+  const pseudo = st.isFile() ? pseudoFilesystem(fd) : null;
+  if (pseudo !== null) {
+    native.closeFd(fd);
+    throw new InvalidArgumentError(`'${path}' is on ${pseudo}, a pseudo filesystem of kernel interfaces; only regular files (of a real filesystem) and block devices can be locked`);
   }
   if (st.isFile()) {
     return new LockableFile(constructing, fd, path, 'file', { dev: st.dev, ino: st.ino, key: `f:${st.dev}:${st.ino}` }, access);

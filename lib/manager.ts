@@ -134,6 +134,11 @@ function identityOf(lease: Lease): string {
 /** The states in which a supervised process runs. */
 const WITH_CHILD: readonly ManagerState[] = ['incoming', 'running', 'migrating', 'migrated', 'stopping'];
 
+/** The largest pid_t. */
+const MAX_PID = 0x7fffffff;
+/** The longest delay setTimeout/setInterval honour. */
+const MAX_TIMER_MS = 2 ** 31 - 1;
+
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 const PARAM_KEYS = ['id', 'uuid', 'name', 'uri'] as const;
 const MODES = ['exclusive', 'shared', 'readonly'] as const;
@@ -282,7 +287,8 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
     this.#lifetime = o.lockLifetime === undefined ? (o.attach === undefined ? 'child' : 'supervisor') : checkOneOf(o.lockLifetime, ['child', 'supervisor'] as const, 'lockLifetime');
     this.#onLockFailure = o.onLockFailure === undefined ? 'poweroff' : checkOneOf(o.onLockFailure, ['poweroff', 'pause', 'ignore'] as const, 'onLockFailure');
     if (o.attach !== undefined) {
-      if (typeof o.attach !== 'number' || !Number.isInteger(o.attach) || o.attach <= 0) {
+      // pid_t is 32 bits: a larger number is no process, and would reach kill() as a type error.
+      if (typeof o.attach !== 'number' || !Number.isInteger(o.attach) || o.attach <= 0 || o.attach > MAX_PID) {
         throw new InvalidArgumentError(`attach must be a process id (an integer > 0), got ${describe(o.attach)}`);
       }
       if (o.lockLifetime === 'child') {
@@ -300,6 +306,10 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
     }
     this.#verifyInterval = checkTimeout(o.verifyInterval, 'verifyInterval');
     if (this.#verifyInterval === 0) throw new InvalidArgumentError('verifyInterval must be > 0 milliseconds');
+    // setInterval() turns a longer delay into 1 ms: a check meant for once a month would run a thousand times a second.
+    if (this.#verifyInterval !== undefined && this.#verifyInterval > MAX_TIMER_MS) {
+      throw new InvalidArgumentError(`verifyInterval must be at most ${MAX_TIMER_MS} ms, got ${this.#verifyInterval}`);
+    }
   }
 
   get state(): ManagerState {
