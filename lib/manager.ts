@@ -219,11 +219,12 @@ function checkUri(value: unknown, what: string): string {
 }
 
 function makeLockspace(value: unknown): Lockspace {
-  if ((value as { kind?: unknown } | undefined)?.kind === 'sanlock') {
+  const kindOf = checkOptions<{ kind?: unknown }>(value, ['kind', 'dir', 'lockspace', 'path', 'hostId'], 'lockspace').kind;
+  const kind = kindOf === undefined ? 'direct' : checkOneOf(kindOf, ['direct', 'indirect', 'sanlock'] as const, 'lockspace.kind');
+  if (kind === 'sanlock') {
     return sanlockLockspace(checkSanlockConfig(checkOptions<Record<string, unknown>>(value, ['kind', 'lockspace', 'path', 'hostId'], 'lockspace')));
   }
-  const config = checkOptions<Partial<LockspaceConfig> & { dir?: unknown }>(value, ['kind', 'dir'], 'lockspace');
-  const kind = config.kind === undefined ? 'direct' : checkOneOf(config.kind, ['direct', 'indirect'] as const, 'lockspace.kind');
+  const config = checkOptions<{ dir?: unknown }>(value, ['kind', 'dir'], 'lockspace');
   if (kind === 'direct') {
     if (config.dir !== undefined) throw new InvalidArgumentError("lockspace.dir is for kind 'indirect'; a direct lockspace locks the images themselves");
     return directLockspace();
