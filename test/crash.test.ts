@@ -76,8 +76,6 @@ const PINS: Want[] = [
 let childBinary = '';
 let binDir = '';
 let trialSeq = 0;
-/** Every supervised child seen, for the final zombie check: init reaps the orphans. */
-const orphans: Array<{ pid: number; start: string }> = [];
 
 // ---------------------------------------------------------------- the trial's world
 
@@ -152,7 +150,7 @@ class Trial {
 
   /** A victim set up with A and C registered, as a fresh manager or a migration target. */
   async victimWith(token?: string): Promise<Victim> {
-    const v = await Victim.start(this.env);
+    const v = await Victim.start({ ...this.env, CRASH_TRIAL: this.tag });
     this.victim = v;
     if (token === undefined) {
       await v.call('create', this.options);
@@ -334,14 +332,20 @@ interface Proc {
   start: string;
 }
 
-/** Processes whose command line carries `tag` as an argument (the trial's children, reported or not). */
+/**
+ * The trial's processes: those whose environment has CRASH_TRIAL=tag. The
+ * victim runs with it and its children inherit it; a child caught between
+ * clone and exec (its supervisor killed in the middle of a spawn) still shows
+ * its parent's memory, environment included. Zombies show none: they no
+ * longer run.
+ */
 function tagged(tag: string): Proc[] {
   const out: Proc[] = [];
+  const needle = `CRASH_TRIAL=${tag}`;
   for (const name of readdirSync('/proc')) {
     if (!/^\d+$/.test(name)) continue;
     try {
-      const argv = readFileSync(`/proc/${name}/cmdline`, 'utf8').split('\0');
-      if (!argv.includes(tag)) continue;
+      if (!readFileSync(`/proc/${name}/environ`, 'utf8').split('\0').includes(needle)) continue;
       const start = startTime(Number(name));
       if (start !== null) out.push({ pid: Number(name), start });
     } catch {
@@ -351,14 +355,70 @@ function tagged(tag: string): Proc[] {
   return out;
 }
 
-/** Alive: exists (the same process: same start time) and not a zombie. */
+/** Every process running our child binary, zombies included (their comm stays). */
+function childBinaryProcesses(): number[] {
+  const out: number[] = [];
+  for (const name of readdirSync('/proc')) {
+    if (!/^\d+$/.test(name)) continue;
+    try {
+      if (readFileSync(`/proc/${name}/comm`, 'utf8').trim() === 'crash-child') out.push(Number(name));
+    } catch {
+      // gone
+    }
+  }
+  return out;
+}
+
+/** PF_EXITING in /proc/PID/stat's flags: do_exit() has begun; it runs no more user code. */
+const PF_EXITING = 0x4;
+
+/** Alive: exists (the same process: same start time), not a zombie, not exiting. */
 function isAlive(p: Proc): boolean {
   try {
     const stat = procStat(p.pid);
-    return stat[19] === p.start && stat[0] !== 'Z';
+    return stat[19] === p.start && stat[0] !== 'Z' && (Number(stat[6]) & PF_EXITING) === 0;
   } catch {
     return false;
   }
+}
+
+/** The images and lock files of a trial. */
+function trialFiles(t: Trial): string[] {
+  return [...Object.values(t.paths), ...readdirSync(t.lockDir).map((n) => join(t.lockDir, n))];
+}
+
+/** Processes other than this one with an fd on any of `files` (by device and inode). */
+function openers(files: string[]): Proc[] {
+  const inodes = new Set<string>();
+  for (const f of files) {
+    try {
+      const st = statSync(f, { bigint: true });
+      inodes.add(`${st.dev}:${st.ino}`);
+    } catch {
+      // deleted meanwhile
+    }
+  }
+  const out: Proc[] = [];
+  for (const name of readdirSync('/proc')) {
+    if (!/^\d+$/.test(name) || Number(name) === process.pid) continue;
+    let fds: string[];
+    try {
+      fds = readdirSync(`/proc/${name}/fd`);
+    } catch {
+      continue;
+    }
+    const hit = fds.some((fd) => {
+      try {
+        const st = statSync(`/proc/${name}/fd/${fd}`, { bigint: true });
+        return inodes.has(`${st.dev}:${st.ino}`);
+      } catch {
+        return false;
+      }
+    });
+    const start = hit ? startTime(Number(name)) : null;
+    if (start !== null) out.push({ pid: Number(name), start });
+  }
+  return out;
 }
 
 function isGoneOrZombie(p: Proc): boolean {
@@ -645,15 +705,22 @@ async function observe(t: Trial, plan: Plan, records: Array<Record<string, unkno
   if (v.child.pid !== undefined && readdirSync('/proc').includes(String(v.child.pid)) && procStat(v.child.pid)[0] === 'Z') violations.push(`the killed supervisor ${v.child.pid} is a zombie`);
   // Everyone else lets go: the only holders left are the victim's children.
   for (const m of t.partners.splice(0)) await m.free();
-  const children = tagged(t.tag);
-  for (const c of children) orphans.push(c);
-  if (children.length > 1) violations.push(`${children.length} children carry the trial's tag: ${children.map((c) => c.pid).join(', ')}`);
-  const child = children[0];
-  const childAlive = child !== undefined && isAlive(child);
-  if (process.env.LOCKMGR_CRASH_DEBUG) console.log(t.step, t.lifetime, t.space, t.variant, children, childAlive, child && readFileSync(`/proc/${child.pid}/stat`, 'utf8'));
+  // The victim's children: by the trial's tag in their environment, and
+  // anything that still has one of the trial's files open (a child that is
+  // exiting has lost its environment with its memory, not yet its files).
+  const found = new Map<number, Proc>();
+  for (const p of [...tagged(t.tag), ...openers(trialFiles(t))]) found.set(p.pid, p);
+  const live = [...found.values()].filter(isAlive);
+  if (live.length > 1) violations.push(`${live.length} live processes of the trial: ${live.map((c) => c.pid).join(', ')}`);
+  const child = live[0];
   let checked = false;
-  if (plan.rule === null && childAlive) violations.push(`a child ${child!.pid} runs at a step where none should exist`);
+  if (plan.rule === null && child !== undefined) violations.push(`a child ${child.pid} runs at a step where none should exist`);
   violations.push(...(plan.free?.(t) ?? []));
+  // Under 'child' lifetime the child it reported spawning outlives it (unless it was sent SIGTERM).
+  const spawned = records.filter((r) => typeof r.spawned === 'number').map((r) => r.spawned as number);
+  if (t.lifetime === 'child' && plan.survives !== false && t.variant === 'ignore-term') {
+    for (const pid of spawned) if (!live.some((c) => c.pid === pid)) violations.push(`'child' lifetime: child ${pid} died with its supervisor`);
+  }
   if (child !== undefined) {
     if (t.lifetime === 'supervisor') {
       // It dies with its supervisor; whenever it is seen alive, it must be seen holding its leases.
@@ -672,31 +739,31 @@ async function observe(t: Trial, plan: Plan, records: Array<Record<string, unkno
         GUARD_MS,
         `the child ${child.pid} to die with its supervisor`,
       );
-    } else {
-      if (!childAlive && plan.survives !== false && t.variant === 'ignore-term') violations.push(`'child' lifetime: child ${child.pid} died with its supervisor`);
-      if (childAlive && plan.rule !== null) {
-        checked = true;
-        const seen = plan.rule(t, child);
-        // Checked again after the fact: a child that died meanwhile is not running unlocked.
-        if (seen.length > 0 && isAlive(child)) violations.push(...seen.map((s) => `'child' lifetime, live child ${child.pid}: ${s}`));
-      }
-      try {
-        process.kill(child.pid, isAlive(child) ? 'SIGKILL' : 0);
-      } catch {
-        // already gone
-      }
+    } else if (plan.rule !== null) {
+      checked = true;
+      const seen = plan.rule(t, child);
+      // Checked again after the fact: a child that died meanwhile is not running unlocked.
+      if (seen.length > 0 && isAlive(child)) violations.push(...seen.map((s) => `'child' lifetime, live child ${child.pid}: ${s}`));
+    }
+  }
+  for (const p of found.values()) {
+    try {
+      if (isAlive(p)) process.kill(p.pid, 'SIGKILL');
+    } catch {
+      // already gone
     }
     await within(
       (async () => {
-        while (!isGoneOrZombie(child)) await new Promise((r) => setTimeout(r, 2));
+        while (!isGoneOrZombie(p)) await new Promise((r) => setTimeout(r, 2));
       })(),
       GUARD_MS,
-      `the child ${child.pid} to die`,
+      `process ${p.pid} to die`,
     );
   }
   // Everything is dead now: nothing may be locked on any of the trial's files.
-  const files = [...Object.values(t.paths), ...readdirSync(t.lockDir).map((n) => join(t.lockDir, n))];
-  for (const f of files) {
+  const stillOpen = openers(trialFiles(t));
+  if (stillOpen.length > 0) violations.push(`processes still have the trial's files open: ${stillOpen.map((p) => p.pid).join(', ')}`);
+  for (const f of trialFiles(t)) {
     const held = locksOn(f).filter((l) => !l.blocked);
     if (held.length > 0) violations.push(`${f} still has ${held.length} lock(s) in /proc/locks with every holder dead`);
     let probe;
@@ -745,7 +812,7 @@ async function deterministicTrial(step: string, lifetime: Lifetime, space: Space
 async function randomTrial(script: string, lifetime: Lifetime, space: Space, delayMs: number): Promise<Outcome> {
   const t = new Trial(`random: ${script}`, lifetime, space, 'ignore-term');
   try {
-    const v = await Victim.start();
+    const v = await Victim.start({ ...process.env, CRASH_TRIAL: t.tag });
     t.victim = v;
     const s = SCRIPTS[script]!;
     await s.run(t, v);
@@ -775,7 +842,7 @@ async function cleanupTrial(t: Trial): Promise<void> {
 async function calibrate(script: string, space: Space): Promise<number> {
   const t = new Trial(`calibrate: ${script}`, 'child', space, 'ignore-term');
   try {
-    const v = await Victim.start();
+    const v = await Victim.start({ ...process.env, CRASH_TRIAL: t.tag });
     t.victim = v;
     const begin = performance.now();
     await SCRIPTS[script]!.run(t, v);
@@ -842,15 +909,16 @@ describe('crash matrix: SIGKILL of the supervisor at every step', () => {
     }
     const outcomes = await pool(jobs, PARALLEL);
 
-    // Orphaned children are init's to reap: every one must be gone (not a zombie) in the end.
+    // Orphaned children are init's to reap (it does so every second or two
+    // here): in the end none may be left, alive or zombie.
     await within(
       (async () => {
-        while (orphans.some((o) => !isGoneOrZombie(o) || (startTime(o.pid) === o.start))) await new Promise((r) => setTimeout(r, 50));
+        while (childBinaryProcesses().length > 0) await new Promise((r) => setTimeout(r, 50));
       })(),
       GUARD_MS,
       'init to reap the orphaned children',
     ).catch(() => undefined);
-    const lingering = orphans.filter((o) => startTime(o.pid) === o.start);
+    const lingering = childBinaryProcesses();
     const zombies = zombieChildren(process.pid);
 
     const table = new Map<string, { trials: number; alive: number; leftFiles: number; violations: number }>();
@@ -863,7 +931,7 @@ describe('crash matrix: SIGKILL of the supervisor at every step', () => {
       table.set(o.step, row);
     }
     const violations = outcomes.flatMap((o) => o.violations.map((v) => `${o.step} [${o.lifetime}, ${o.space}]: ${v}`));
-    if (lingering.length > 0) violations.push(`orphaned children not reaped: ${lingering.map((o) => o.pid).join(', ')}`);
+    if (lingering.length > 0) violations.push(`children left behind (alive or zombie): ${lingering.join(', ')}`);
     if (zombies.length > 0) violations.push(`zombie children of the test process: ${zombies.join(', ')}`);
     const lines = [...table].map(([step, r]) => `  ${step.padEnd(42)} ${String(r.trials).padStart(4)} trials  ${String(r.alive).padStart(3)} live children checked  ${String(r.leftFiles).padStart(3)} lock files left (unlocked, swept)  ${r.violations} violations`);
     console.log(`crash matrix: ${outcomes.length} trials, ${violations.length} violations\n${lines.join('\n')}`);
