@@ -804,6 +804,9 @@ async function deterministicTrial(step: string, lifetime: Lifetime, space: Space
     const plan = await STEPS[step]!(t);
     await t.victim!.kill();
     return await observe(t, plan, t.victim!.records);
+  } catch (err) {
+    // A trial that breaks is a violation, and the other trials still run and clean up.
+    return { step, lifetime, space, childChecked: false, leftFiles: 0, violations: [`the trial failed: ${(err as Error).stack ?? String(err)}`] };
   } finally {
     await cleanupTrial(t);
   }
@@ -820,6 +823,8 @@ async function randomTrial(script: string, lifetime: Lifetime, space: Space, del
     await v.kill();
     const rule = s.rule(t, v.records);
     return await observe(t, { rule: rule ?? (() => []), survives: !v.records.some((r) => r.call === 'shutdown') }, v.records);
+  } catch (err) {
+    return { step: t.step, lifetime, space, childChecked: false, leftFiles: 0, violations: [`the trial failed: ${(err as Error).stack ?? String(err)}`] };
   } finally {
     await cleanupTrial(t);
   }
