@@ -37,6 +37,7 @@ export const SANLOCK_CODES: Readonly<Record<number, string>> = {
   [-2]: 'ENOENT',
   [-3]: 'ESRCH',
   [-11]: 'EAGAIN',
+  [-13]: 'EACCES',
   [-16]: 'EBUSY',
   [-17]: 'EEXIST',
   [-22]: 'EINVAL',
@@ -76,7 +77,7 @@ const enum Op {
   CreateResource = 9,
   Lookup = 10,
   ReadOwners = 11,
-  ReadStatus = 12,
+  ReleaseAll = 13,
 }
 
 interface Result {
@@ -185,7 +186,14 @@ const IO_CODES = new Set([-202, -210, -211, -212, -213, -214, -220, -221, -222, 
 export function errorFor(rv: number, call: string, what: string): LockManagerError {
   const cause = sanlockCause(rv, call);
   const msg = `${what}: ${cause.message}`;
-  if (rv === -2 || rv === -111 || rv === -13) {
+  if (rv === -13) {
+    const sock = join(runDir(), 'sanlock.sock');
+    return new ResourceAccessError(
+      `${what}: permission denied by the sanlock daemon at ${sock}: its socket admits root and the members of the sanlock group (the daemon's -U/-G), and the daemon itself must be able to open the lease storage: ${cause.message}`,
+      { cause },
+    );
+  }
+  if (rv === -2 || rv === -111) {
     const sock = join(runDir(), 'sanlock.sock');
     if (!existsSync(sock) || rv !== -2) {
       return new UnsupportedError(`${what}: no sanlock daemon answers at ${sock} (start it: sanlock daemon; a test daemon: SANLOCK_RUN_DIR, SANLOCK_PRIVILEGED=0, -w 0): ${cause.message}`, { cause });
@@ -311,18 +319,28 @@ export async function leaveLockspace(options: JoinOptions): Promise<{ wasJoined:
   return { wasJoined: true };
 }
 
-/** Whether this host's daemon holds the lockspace with this host id. */
-export async function lockspaceJoined(options: JoinOptions): Promise<boolean> {
+/**
+ * This host's daemon and the lockspace: 'joined'; 'joining' while a join is in
+ * progress (sanlock's EINPROGRESS: leases cannot be acquired in it yet);
+ * 'not-joined'.
+ */
+export async function lockspaceState(options: JoinOptions): Promise<'joined' | 'joining' | 'not-joined'> {
   const name = checkName(options?.lockspace, 'lockspace');
   const path = checkStoragePath(options.path, 'path');
   const hostId = checkInt(options.hostId, 'hostId', 1, 2000, 0);
   const r = await run(Op.InqLockspace, [name, path], [LOCKSPACE_OFFSET, hostId]);
-  if (r.rv === 0) return true;
+  if (r.rv === 0) return 'joined';
+  if (r.rv === -115) return 'joining';
   if (r.rv === -2) {
     if (!existsSync(join(runDir(), 'sanlock.sock'))) throw errorFor(-111, 'sanlock_inq_lockspace', 'lockspaceJoined');
-    return false;
+    return 'not-joined';
   }
   throw errorFor(r.rv, 'sanlock_inq_lockspace', `lockspaceJoined: ${name}`);
+}
+
+/** Whether this host's daemon holds the lockspace with this host id (false while a join is still in progress). */
+export async function lockspaceJoined(options: JoinOptions): Promise<boolean> {
+  return (await lockspaceState(options)) === 'joined';
 }
 
 /**
@@ -386,10 +404,9 @@ export async function leaseOwners(lease: LeaseAddress, offset: number): Promise<
   return owners;
 }
 
-/** One line from an exec helper's status pipe ('' at EOF), read on the admin thread. */
-export async function readStatusLine(fd: number, timeoutMs: number): Promise<{ rv: number; line: string }> {
-  const r = await run(Op.ReadStatus, [], [fd, timeoutMs]);
-  return { rv: r.rv, line: r.text };
+/** sanlock_release(-1, pid, SANLK_REL_ALL): every lease the pid still holds. */
+export function releaseAllFor(pid: number): Promise<Result> {
+  return run(Op.ReleaseAll, [], [pid]);
 }
 
 /**
