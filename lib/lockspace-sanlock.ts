@@ -28,6 +28,7 @@ import {
   inquireRaw,
   leaseOwners,
   lockspaceJoined,
+  lockspaceJoinedSettled,
   releaseAllFor,
   releaseFor,
   requireLibrary,
@@ -494,7 +495,7 @@ export class SanlockLockspace implements Lockspace {
       }
     }
     if (status.signal !== 'SIGKILL') return null;
-    const joined = await lockspaceJoined({ lockspace: this.config.lockspace, path: this.config.path, hostId: this.config.hostId }).catch(() => false);
+    const joined = await lockspaceJoinedSettled({ lockspace: this.config.lockspace, path: this.config.path, hostId: this.config.hostId }).catch(() => false);
     if (joined) return null;
     return `sanlock lockspace ${this.config.lockspace} is no longer held by this host (host id ${this.config.hostId}): its delta lease could not be renewed or the lockspace was removed, and sanlock killed the process (SIGKILL)`;
   }

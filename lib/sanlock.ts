@@ -325,10 +325,23 @@ export async function leaveLockspace(options: JoinOptions): Promise<{ wasJoined:
  * 'not-joined'.
  */
 export async function lockspaceState(options: JoinOptions): Promise<'joined' | 'joining' | 'not-joined'> {
+  return inqLockspace(options, false);
+}
+
+/**
+ * Whether the lockspace is joined once any join or leave of it in progress
+ * has completed (SANLK_INQ_WAIT, on the admin worker: it may wait as long as
+ * a join). For the manager's "was the VM killed because the lockspace went?".
+ */
+export async function lockspaceJoinedSettled(options: JoinOptions): Promise<boolean> {
+  return (await inqLockspace(options, true)) === 'joined';
+}
+
+async function inqLockspace(options: JoinOptions, settle: boolean): Promise<'joined' | 'joining' | 'not-joined'> {
   const name = checkName(options?.lockspace, 'lockspace');
   const path = checkStoragePath(options.path, 'path');
   const hostId = checkInt(options.hostId, 'hostId', 1, 2000, 0);
-  const r = await run(Op.InqLockspace, [name, path], [LOCKSPACE_OFFSET, hostId]);
+  const r = await run(Op.InqLockspace, [name, path], settle ? [LOCKSPACE_OFFSET, hostId, 1] : [LOCKSPACE_OFFSET, hostId]);
   if (r.rv === 0) return 'joined';
   if (r.rv === -115) return 'joining';
   if (r.rv === -2) {

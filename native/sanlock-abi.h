@@ -69,3 +69,4 @@ struct sanlk_host {
 #define SANLK_RESTRICT_ALL 0x00000001
 
 #define SANLK_REL_ALL 0x00000001
+#define SANLK_INQ_WAIT 0x00000001

@@ -11,7 +11,8 @@
 // 3 io_timeouts; a paxos acquire does disk I/O on shared storage). On the
 // event loop that would stall everything; on libuv's threadpool four of them
 // would stall every fs call. Each environment has two small worker threads,
-// each with a FIFO queue: "lease" for acquire, release and inquire (FIFO
+// each with a FIFO queue: "lease" for acquire, release and the quick queries
+// (inquire, lease owners, whether a lockspace is joined) (FIFO
 // matters: a release queued before an acquire of the same lease reaches the
 // daemon first), and "admin" for storage set-up and joins, so a 20-second
 // join never delays a lease call. (The exec helper's status pipe is read on
@@ -110,7 +111,7 @@ enum Op {
   kWriteLockspace = 4, // s: ls, path; n: offset, maxHosts, ioTimeout
   kAddLockspace = 5,   // s: ls, path; n: offset, hostId, ioTimeout
   kRemLockspace = 6,   // s: ls, path; n: offset, hostId
-  kInqLockspace = 7,   // s: ls, path; n: offset, hostId
+  kInqLockspace = 7,   // s: ls, path; n: offset, hostId[, wait: SANLK_INQ_WAIT, on the admin queue]
   kFormatRindex = 8,   // s: ls, path; n: rxOffset
   kCreateResource = 9, // s: ls, path, res; n: rxOffset -> out: offset
   kLookup = 10,        // s: ls, path, res; n: rxOffset -> out: offset
@@ -246,7 +247,8 @@ void Run(Request* r) {
     case kInqLockspace: {
       sanlk_lockspace ls;
       FillLockspace(&ls, r->s[0], r->s[1], static_cast<uint64_t>(r->n[0]), static_cast<uint64_t>(r->n[1]));
-      r->rv = r->op == kRemLockspace ? g_lib.rem_lockspace(&ls, 0) : g_lib.inq_lockspace(&ls, 0);
+      uint32_t inq_flags = r->n.size() > 2 && r->n[2] != 0 ? SANLK_INQ_WAIT : 0;
+      r->rv = r->op == kRemLockspace ? g_lib.rem_lockspace(&ls, 0) : g_lib.inq_lockspace(&ls, inq_flags);
       return;
     }
     case kFormatRindex: {
@@ -495,7 +497,8 @@ Napi::Value SanlockCall(const Napi::CallbackInfo& info) {
   }
   Napi::Float64Array nums = info[2].As<Napi::Float64Array>();
   for (size_t i = 0; i < nums.ElementLength(); i++) r->n.push_back(nums[i]);
-  bool admin = r->op != kAcquire && r->op != kRelease && r->op != kReleaseAll && r->op != kInquire && r->op != kReadOwners;
+  bool admin = r->op != kAcquire && r->op != kRelease && r->op != kReleaseAll && r->op != kInquire && r->op != kReadOwners &&
+               !(r->op == kInqLockspace && r->n.size() < 3);
   return Napi::Number::New(env, state->Submit(admin, r));
 }
 
