@@ -332,10 +332,12 @@ export class SanlockLockspace implements Lockspace {
       return new ResourceBusyError(`${disk} is held by another process on this host (${this.config.hostId}) through sanlock lockspace ${address.lockspace}`, { resource: disk, cause });
     }
     const owners = offset < 0 ? [] : (await leaseOwners(address, offset)).filter((o) => o.hostId !== this.config.hostId);
-    const names = owners.map((o) => {
-      const name = hostName(address.path, o.hostId);
-      return name === null ? `host ${o.hostId}` : `host ${o.hostId} (${name})`;
-    });
+    const names = await Promise.all(
+      owners.map(async (o) => {
+        const name = await hostName(address.path, o.hostId);
+        return name === null ? `host ${o.hostId}` : `host ${o.hostId} (${name})`;
+      }),
+    );
     const by = names.length > 0 ? `by ${names.join(', ')}` : 'by another host';
     return new ResourceBusyError(`${disk} is held ${by} in sanlock lockspace ${address.lockspace}${shared ? ' (this acquire: shared)' : ''}`, { resource: disk, cause });
   }

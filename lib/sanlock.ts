@@ -10,7 +10,8 @@
 // 8 MiB is the largest area sanlock gives a lockspace by default (4K-sector
 // devices, or files), so the same layout works on every kind of storage.
 import { createHash } from 'node:crypto';
-import { closeSync, existsSync, openSync, readSync } from 'node:fs';
+import { existsSync } from 'node:fs';
+import { open } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import {
@@ -429,16 +430,17 @@ export function releaseAllFor(pid: number): Promise<Result> {
  * cannot be read. A buffered read may be stale by a renewal or two; names only
  * change when a host rejoins.
  */
-export function hostName(path: string, hostId: number): string | null {
-  let fd = -1;
+export async function hostName(path: string, hostId: number): Promise<string | null> {
+  // fs/promises: the reads run on libuv's threadpool, never on the event loop (shared storage may be slow).
+  let file;
   try {
-    fd = openSync(path, 'r');
+    file = await open(path, 'r');
     const first = Buffer.alloc(512);
-    if (readSync(fd, first, 0, 512, LOCKSPACE_OFFSET) !== 512) return null;
+    if ((await file.read(first, 0, 512, LOCKSPACE_OFFSET)).bytesRead !== 512) return null;
     const sector = first.readUInt32LE(12);
     if (sector !== 512 && sector !== 4096) return null;
     const rec = Buffer.alloc(512);
-    if (readSync(fd, rec, 0, 512, LOCKSPACE_OFFSET + (hostId - 1) * sector) !== 512) return null;
+    if ((await file.read(rec, 0, 512, LOCKSPACE_OFFSET + (hostId - 1) * sector)).bytesRead !== 512) return null;
     if (Number(rec.readBigUInt64LE(32)) !== hostId) return null;
     const raw = rec.subarray(104, 152);
     const end = raw.indexOf(0);
@@ -447,7 +449,7 @@ export function hostName(path: string, hostId: number): string | null {
   } catch {
     return null;
   } finally {
-    if (fd >= 0) closeSync(fd);
+    await file?.close().catch(() => undefined);
   }
 }
 
