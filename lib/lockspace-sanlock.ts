@@ -437,7 +437,13 @@ export class SanlockLockspace implements Lockspace {
       // registration (and any lease taken for it) goes with it. Stopped: it
       // may be stuck in sanlock_register() on a hung daemon, so kill it.
       closeGo();
-      if (stopped !== null) child.signal('SIGKILL');
+      if (stopped !== null) {
+        try {
+          child.signal('SIGKILL');
+        } catch (e) {
+          this.onWarning?.(e);
+        }
+      }
       await child.exited;
       // start() rejecting means nothing is held: not even for a few ms in the
       // daemon. Stopped: the daemon may not answer; wait a bounded time only.
