@@ -2,7 +2,7 @@
 // (docs/sanlock.md). Every step is a call into this host's sanlock daemon.
 import { parseArgs } from 'node:util';
 import { InvalidArgumentError } from './errors.js';
-import { createDiskLease, initStorage, joinLockspace, leaveLockspace, lockspaceJoined } from './sanlock.js';
+import { createDiskLease, initStorage, joinLockspace, leaveLockspace, lockspaceState } from './sanlock.js';
 
 export const SANLOCK_HELP = `usage:
   lockmgr sanlock init     --lockspace NAME --path DEVICE [--io-timeout SECONDS] [--max-hosts N]
@@ -15,7 +15,8 @@ init      writes a new lockspace (offset 0) and an empty lease index (8 MiB) on
           DEVICE, destroying any leases there: once, before any host joins
 join      joins this host's sanlock daemon as host N (1..2000, unique per host)
 leave     leaves; sanlock kills this host's processes holding leases in it
-joined    exit 0 if joined, 1 if not
+joined    exit 0 if joined, 1 if not (also while a join is in progress:
+          it then prints 'joining')
 add-disk  creates the lease of each DISK (by its path, which must be the same
           on every host); existing leases are kept
 `;
@@ -64,8 +65,11 @@ export async function sanlockCommand(args: readonly string[], out: (text: string
       out(r.wasJoined ? `left ${base.lockspace}\n` : `not joined to ${base.lockspace}\n`);
       return 0;
     }
-    case 'joined':
-      return (await lockspaceJoined({ ...base, hostId })) ? 0 : 1;
+    case 'joined': {
+      const state = await lockspaceState({ ...base, hostId });
+      if (state === 'joining') out(`joining ${base.lockspace} as host ${hostId}: not joined yet\n`);
+      return state === 'joined' ? 0 : 1;
+    }
     case 'add-disk':
       if (parsed.positionals.length === 0) throw new InvalidArgumentError('add-disk needs at least one DISK (see lockmgr sanlock --help)');
       for (const disk of parsed.positionals) {

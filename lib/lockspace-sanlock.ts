@@ -15,8 +15,9 @@
 // lockLifetime 'child' does with OFD locks), and a lease lost on the storage
 // kills the VM, not the supervisor.
 import { statSync, writeSync } from 'node:fs';
+import { Socket } from 'node:net';
 import { AbortError, InvalidArgumentError, LockTimeoutError, ResourceAccessError, ResourceBusyError, SpawnError, UnsupportedError, systemError } from './errors.js';
-import type { Lease, Lockspace, OwnedLease, ResourceMode, SanlockLockspaceConfig, TakeOptions } from './lockspace.js';
+import type { GateLimits, Lease, Lockspace, OwnedLease, ResourceMode, SanlockLockspaceConfig, TakeOptions } from './lockspace.js';
 import { native } from './native.js';
 import {
   acquireFor,
@@ -27,7 +28,8 @@ import {
   inquireRaw,
   leaseOwners,
   lockspaceJoined,
-  readStatusLine,
+  lockspaceJoinedSettled,
+  releaseAllFor,
   releaseFor,
   requireLibrary,
   sanlockCause,
@@ -47,6 +49,15 @@ const BUSY = new Set([-243, -11, -17]);
 const EXIT_RELEASE_MS = 5000;
 /** How often a fail-fast acquire retries EAGAIN, RETRY_MIN_MS apart. */
 const TRANSIENT_RETRIES = 4;
+/**
+ * A daemon that has not answered this long after start()'s deadline is taken
+ * for hung: the gate gives up on it (SIGKILLs the helper) instead of waiting.
+ * The grace lets an answering daemon's own LockTimeoutError (naming the
+ * holder) come first.
+ */
+const HUNG_GRACE_MS = 2000;
+/** After free(), an abort or a hung daemon: how long the gate still waits for the daemon to forget the helper. */
+const INTERRUPTED_FORGET_MS = 1000;
 
 function sleep(ms: number, signal: AbortSignal | undefined): Promise<void> {
   return new Promise((resolve, reject) => {
@@ -63,17 +74,90 @@ function sleep(ms: number, signal: AbortSignal | undefined): Promise<void> {
   });
 }
 
+/** p, or 'late' after ms (the daemon call goes on: a native thread cannot be interrupted). */
+function within<T>(p: Promise<T>, ms: number): Promise<T | 'late'> {
+  let t: NodeJS.Timeout | undefined;
+  const late = new Promise<'late'>((resolve) => (t = setTimeout(() => resolve('late'), Math.max(0, ms))));
+  return Promise.race([p, late]).finally(() => clearTimeout(t));
+}
+
 /**
- * Resolves once this host's daemon no longer knows an exited process: it
+ * Resolves true once this host's daemon no longer knows an exited process: it
  * releases a dead client's leases asynchronously (its status shows them as
- * "REM" for a few ms, longer under load). At most EXIT_RELEASE_MS.
+ * "REM" for a few ms, longer under load). False after ms (EXIT_RELEASE_MS),
+ * also when the daemon does not answer: a child of the process may have
+ * inherited its registration, or the daemon hangs.
  */
-async function forgotten(pid: number): Promise<void> {
-  const end = Date.now() + EXIT_RELEASE_MS;
+async function forgotten(pid: number, ms = EXIT_RELEASE_MS): Promise<boolean> {
+  const end = Date.now() + ms;
   while (Date.now() < end) {
-    const r = await inquireRaw(pid).catch(() => null);
-    if (r === null || r.rv === -3 || r.rv === -2 || r.rv === -111) return;
+    const r = await within(inquireRaw(pid).catch(() => null), end - Date.now());
+    if (r === 'late') return false;
+    if (r === null || r.rv === -3 || r.rv === -2 || r.rv === -111) return true;
     await sleep(10, undefined);
+  }
+  return false;
+}
+
+/**
+ * The read end of the exec helper's status pipe, read on the event loop
+ * (non-blocking, through a libuv pipe handle): no native worker waits on it,
+ * so a start never queues behind a lockspace join. Owns the fd.
+ */
+class StatusPipe {
+  #buf = '';
+  #eof = false;
+  #error: Error | null = null;
+  #wake: (() => void) | null = null;
+  readonly #socket: Socket;
+
+  constructor(fd: number) {
+    this.#socket = new Socket({ fd, readable: true, writable: false, allowHalfOpen: true });
+    this.#socket.setEncoding('utf8');
+    this.#socket.on('data', (d: string) => {
+      this.#buf += d;
+      this.#wake?.();
+    });
+    this.#socket.on('end', () => {
+      this.#eof = true;
+      this.#wake?.();
+    });
+    this.#socket.on('error', (err) => {
+      this.#error = err;
+      this.#eof = true;
+      this.#wake?.();
+    });
+  }
+
+  /** The next line (without \n); '' at EOF; rv -110 (ETIMEDOUT) after ms, or -errno on a read error. */
+  async line(ms: number): Promise<{ rv: number; line: string }> {
+    const end = Date.now() + ms;
+    for (;;) {
+      const nl = this.#buf.indexOf('\n');
+      if (nl >= 0) {
+        const line = this.#buf.slice(0, nl);
+        this.#buf = this.#buf.slice(nl + 1);
+        return { rv: 0, line };
+      }
+      if (this.#eof) {
+        const line = this.#buf;
+        this.#buf = '';
+        return { rv: this.#error !== null ? -((this.#error as NodeJS.ErrnoException).errno ?? 5) : 0, line };
+      }
+      const left = end - Date.now();
+      if (left <= 0) return { rv: -110, line: '' };
+      let t: NodeJS.Timeout | undefined;
+      await new Promise<void>((resolve) => {
+        this.#wake = resolve;
+        t = setTimeout(resolve, left);
+      });
+      clearTimeout(t);
+      this.#wake = null;
+    }
+  }
+
+  close(): void {
+    this.#socket.destroy();
   }
 }
 
@@ -114,6 +198,8 @@ export class SanlockLockspace implements Lockspace {
   #state: string | undefined;
   /** lver by resource name, from the source's state: a migration target acquires with it. */
   #incoming = new Map<string, number>();
+  /** The resource names of the leases held now (take()n and not released). */
+  readonly #held = new Set<string>();
   /** Releases queued and not yet answered. */
   readonly #releases = new Set<Promise<void>>();
 
@@ -150,6 +236,24 @@ export class SanlockLockspace implements Lockspace {
     let offset = -1;
     let heldBy: number | null = null;
     const shared = mode !== 'exclusive';
+    const release = () => {
+      const pid = heldBy;
+      heldBy = null;
+      this.#held.delete(address.resource);
+      // The owner has exited: its connection closed and the daemon released
+      // the lease already. (A release by pid now could reach a stranger that
+      // reused the number.)
+      if (pid === null || pid !== this.#owner || offset < 0) return;
+      const p = releaseFor(pid, address, offset).then(
+        (r) => {
+          // -3: the process exited meanwhile, and the daemon released with it.
+          if (r.rv < 0 && r.rv !== -3) this.onWarning?.(errorFor(r.rv, 'sanlock_release', `${disk}: releasing its sanlock lease`));
+        },
+        (err: unknown) => this.onWarning?.(err),
+      );
+      const tracked = p.finally(() => this.#releases.delete(tracked));
+      this.#releases.add(tracked);
+    };
     return {
       take: async (_mode: ResourceMode, o: TakeOptions) => {
         const pid = this.#owner;
@@ -163,8 +267,15 @@ export class SanlockLockspace implements Lockspace {
           if (r.out.length > 0 && r.out[0]! >= 0) offset = r.out[0]!;
           if (r.rv === 0) {
             heldBy = pid;
+            this.#held.add(address.resource);
             this.#incoming.delete(address.resource);
             if (r.text !== '') this.#state = r.text;
+            // Aborted (free(), the caller's signal, a hung-daemon gate) while
+            // the daemon was acquiring: nobody waits for this lease any more.
+            if (o.signal?.aborted) {
+              release();
+              throw new AbortError('The wait for a sanlock lease was aborted; the lease acquired meanwhile was released', { cause: o.signal.reason });
+            }
             return;
           }
           if (r.rv === -2 && offset < 0) {
@@ -200,22 +311,16 @@ export class SanlockLockspace implements Lockspace {
           delay = Math.min(delay * 2, RETRY_MAX_MS);
         }
       },
-      release: () => {
+      release,
+      stillHeld: async () => {
         const pid = heldBy;
-        heldBy = null;
-        // The owner has exited: its connection closed and the daemon released
-        // the lease already. (A release by pid now could reach a stranger that
-        // reused the number.)
-        if (pid === null || pid !== this.#owner || offset < 0) return;
-        const p = releaseFor(pid, address, offset).then(
-          (r) => {
-            // -3: the process exited meanwhile, and the daemon released with it.
-            if (r.rv < 0 && r.rv !== -3) this.onWarning?.(errorFor(r.rv, 'sanlock_release', `${disk}: releasing its sanlock lease`));
-          },
-          (err: unknown) => this.onWarning?.(err),
-        );
-        const tracked = p.finally(() => this.#releases.delete(tracked));
-        this.#releases.add(tracked);
+        // Released, or the owner has exited (its 'exit' reports that): nothing to check.
+        if (pid === null || pid !== this.#owner) return true;
+        const r = await inquireRaw(pid);
+        // ESRCH while the VM runs: it closed its registration (the daemon dropped every lease with it).
+        if (r.rv === -3) return pid !== this.#owner;
+        if (r.rv < 0) throw errorFor(r.rv, 'sanlock_inquire', `${disk}: checking its sanlock lease for pid ${pid}`);
+        return r.text.split(/\s+/).some((e) => e.replace(/^"/, '').startsWith(`${address.lockspace}:${address.resource}:`));
       },
     };
   }
@@ -227,15 +332,23 @@ export class SanlockLockspace implements Lockspace {
       return new ResourceBusyError(`${disk} is held by another process on this host (${this.config.hostId}) through sanlock lockspace ${address.lockspace}`, { resource: disk, cause });
     }
     const owners = offset < 0 ? [] : (await leaseOwners(address, offset)).filter((o) => o.hostId !== this.config.hostId);
-    const names = owners.map((o) => {
-      const name = hostName(address.path, o.hostId);
-      return name === null ? `host ${o.hostId}` : `host ${o.hostId} (${name})`;
-    });
+    const names = await Promise.all(
+      owners.map(async (o) => {
+        const name = await hostName(address.path, o.hostId);
+        return name === null ? `host ${o.hostId}` : `host ${o.hostId} (${name})`;
+      }),
+    );
     const by = names.length > 0 ? `by ${names.join(', ')}` : 'by another host';
     return new ResourceBusyError(`${disk} is held ${by} in sanlock lockspace ${address.lockspace}${shared ? ' (this acquire: shared)' : ''}`, { resource: disk, cause });
   }
 
-  async spawnGated(command: string, args: readonly string[], options: SpawnOptions, beforeExec: (pid: number) => Promise<void>): Promise<SupervisedProcess> {
+  async spawnGated(
+    command: string,
+    args: readonly string[],
+    options: SpawnOptions,
+    beforeExec: (pid: number, signal: AbortSignal) => Promise<void>,
+    limits: GateLimits = {},
+  ): Promise<SupervisedProcess> {
     const helper = execHelperPath();
     const status = pipe();
     let go: [number, number];
@@ -258,13 +371,40 @@ export class SanlockLockspace implements Lockspace {
       native.closeFd(status[1]);
       native.closeFd(go[0]);
     }
+    const reader = new StatusPipe(status[0]);
     let goOpen = true;
     const closeGo = () => {
       if (goOpen) native.closeFd(go[1]);
       goOpen = false;
     };
+    // free(), the caller's signal, or a daemon hung past the deadline stop the
+    // gate at once: every await below races them, since a daemon call on a
+    // native thread cannot be interrupted.
+    const gate = new AbortController();
+    const signal = limits.signal === undefined ? gate.signal : AbortSignal.any([limits.signal, gate.signal]);
+    let stopped: Error | null = null;
+    let interrupt!: (err: Error) => void;
+    const interrupted = new Promise<never>((_, reject) => (interrupt = reject));
+    interrupted.catch(() => undefined);
+    const stop = (err: Error) => {
+      if (stopped !== null) return;
+      stopped = err;
+      gate.abort(err);
+      interrupt(err);
+    };
+    const onAbort = () => stop(new AbortError('start() was aborted while the sanlock gate was closed: the command was not run', { cause: limits.signal?.reason }));
+    if (limits.signal?.aborted) onAbort();
+    else limits.signal?.addEventListener('abort', onAbort, { once: true });
+    const hung =
+      limits.deadline === undefined
+        ? undefined
+        : setTimeout(
+            () => stop(new LockTimeoutError(`the sanlock daemon did not answer within ${limits.timeout} ms (+${HUNG_GRACE_MS} ms): the command was not run`, { timeout: limits.timeout ?? 0 })),
+            Math.max(0, limits.deadline - Date.now()) + HUNG_GRACE_MS,
+          );
+    const guarded = <T>(p: Promise<T>): Promise<T> => Promise.race([p, interrupted]);
     try {
-      const reg = await readStatusLine(status[0], HELPER_TIMEOUT_MS);
+      const reg = await guarded(reader.line(HELPER_TIMEOUT_MS));
       if (!reg.line.startsWith('R ')) {
         const m = /^E (-?\d+) ?(.*)$/.exec(reg.line);
         if (m !== null && Number(m[1]) === -2 && m[2]!.includes('.so')) throw new UnsupportedError(`sanlock: the exec helper cannot load the client library: ${m[2]}`);
@@ -276,10 +416,17 @@ export class SanlockLockspace implements Lockspace {
         if (this.#owner === child.pid) this.#owner = null;
         this.#exited = child.pid;
       });
-      await beforeExec(child.pid);
+      await guarded(beforeExec(child.pid, signal));
+      // The last look before the command runs: the gate opens only for a
+      // start() that still waits for it, within its deadline.
+      if (stopped !== null) throw stopped;
+      if (signal.aborted) throw new AbortError('start() was aborted while the sanlock gate was closed: the command was not run', { cause: signal.reason });
+      if (limits.deadline !== undefined && limits.timeout !== 0 && Date.now() > limits.deadline) {
+        throw new LockTimeoutError(`the sanlock leases were acquired ${Date.now() - limits.deadline} ms after the deadline of ${limits.timeout} ms: released, the command was not run`, { timeout: limits.timeout ?? 0 });
+      }
       writeSync(go[1], 'G');
       closeGo();
-      const exec = await readStatusLine(status[0], HELPER_TIMEOUT_MS);
+      const exec = await reader.line(HELPER_TIMEOUT_MS);
       const x = /^X (\d+)$/.exec(exec.line);
       if (x !== null) {
         const cause = systemError(Number(x[1]), 'execve', command);
@@ -287,15 +434,26 @@ export class SanlockLockspace implements Lockspace {
       }
     } catch (err) {
       // The helper sees EOF on its gate and exits without exec'ing; its
-      // registration (and any lease taken for it) goes with it.
+      // registration (and any lease taken for it) goes with it. Stopped: it
+      // may be stuck in sanlock_register() on a hung daemon, so kill it.
       closeGo();
+      if (stopped !== null) {
+        try {
+          child.signal('SIGKILL');
+        } catch (e) {
+          this.onWarning?.(e);
+        }
+      }
       await child.exited;
-      // start() rejecting means nothing is held: not even for a few ms in the daemon.
-      await forgotten(child.pid);
+      // start() rejecting means nothing is held: not even for a few ms in the
+      // daemon. Stopped: the daemon may not answer; wait a bounded time only.
+      await forgotten(child.pid, stopped !== null ? INTERRUPTED_FORGET_MS : EXIT_RELEASE_MS);
       throw err;
     } finally {
       closeGo();
-      native.closeFd(status[0]);
+      reader.close();
+      clearTimeout(hung);
+      limits.signal?.removeEventListener('abort', onAbort);
     }
     return child;
   }
@@ -304,8 +462,13 @@ export class SanlockLockspace implements Lockspace {
     while (this.#releases.size > 0) await Promise.all(this.#releases);
   }
 
+  /** The lease state of the leases held now: a lease released since (hot-unplugged) is not in it. */
   migrationState(): string | undefined {
-    return this.#state;
+    if (this.#state === undefined) return undefined;
+    const now = this.#state
+      .split(/\s+/)
+      .filter((e) => e !== '' && this.#held.has(e.replace(/^"/, '').split(':')[1] ?? ''));
+    return now.length > 0 ? now.join(' ') : undefined;
   }
 
   /** The source's "ls:res:path:offset:lver" entries: the target acquires each with its lver, so it fails if anyone took the lease in between. */
@@ -325,9 +488,22 @@ export class SanlockLockspace implements Lockspace {
     // 'exit' means the leases are free for other hosts: wait for the daemon.
     const pid = this.#exited;
     this.#exited = null;
-    if (pid !== null) await forgotten(pid);
+    if (pid !== null && !(await forgotten(pid))) {
+      // The registration outlived the VM: a process that inherited its fd (a
+      // child of the VM's) keeps it open, and with it the leases. Release them.
+      const r = await within(releaseAllFor(pid).catch((err: unknown) => err as Error), EXIT_RELEASE_MS);
+      if (r === 'late' || r instanceof Error || (r.rv < 0 && r.rv !== -3)) {
+        const why = r === 'late' ? 'the daemon did not answer' : r instanceof Error ? r.message : errorFor(r.rv, 'sanlock_release', 'release').message;
+        this.onWarning?.(
+          new ResourceBusyError(
+            `sanlock: process ${pid} exited, but the daemon still holds its leases (a child of it inherited the registration fd and still runs?) and releasing them failed: ${why}; other hosts cannot take its disks until that process exits`,
+            { cause: r instanceof Error ? r : undefined },
+          ),
+        );
+      }
+    }
     if (status.signal !== 'SIGKILL') return null;
-    const joined = await lockspaceJoined({ lockspace: this.config.lockspace, path: this.config.path, hostId: this.config.hostId }).catch(() => false);
+    const joined = await lockspaceJoinedSettled({ lockspace: this.config.lockspace, path: this.config.path, hostId: this.config.hostId }).catch(() => false);
     if (joined) return null;
     return `sanlock lockspace ${this.config.lockspace} is no longer held by this host (host id ${this.config.hostId}): its delta lease could not be renewed or the lockspace was removed, and sanlock killed the process (SIGKILL)`;
   }

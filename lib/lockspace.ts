@@ -99,6 +99,17 @@ export interface OwnedLease {
   take(mode: ResourceMode, options: TakeOptions): Promise<void>;
   /** Queues the release (the daemon call runs on a native thread); failures go to Lockspace.onWarning. */
   release(): void;
+  /** Whether the lock service still has the lease for its owner (verify()); asked on a native thread. */
+  stillHeld?(): Promise<boolean>;
+}
+
+/** What stops a gated spawn before the command runs (spawnGated). */
+export interface GateLimits {
+  /** free() or the caller's abort. */
+  signal?: AbortSignal;
+  /** start()'s timeout, and its deadline (Date.now() based). */
+  timeout?: number;
+  deadline?: number;
 }
 
 /** A resource's lease in a lockspace. */
@@ -125,9 +136,16 @@ export interface Lockspace {
   /**
    * Only where leases belong to a process (sanlock): spawns the command
    * through a gate, calls beforeExec(pid) while the child waits before exec
-   * (the manager acquires there), and lets it exec only if that resolves.
+   * (the manager acquires there, with the signal given), and lets it exec
+   * only if that resolves and limits have not run out.
    */
-  spawnGated?(command: string, args: readonly string[], options: SpawnOptions, beforeExec: (pid: number) => Promise<void>): Promise<SupervisedProcess>;
+  spawnGated?(
+    command: string,
+    args: readonly string[],
+    options: SpawnOptions,
+    beforeExec: (pid: number, signal: AbortSignal) => Promise<void>,
+    limits?: GateLimits,
+  ): Promise<SupervisedProcess>;
   /** Resolves once every queued release has reached the lock service. */
   settled?(): Promise<void>;
   /** The lease state a migration target acquires with (in the inquire() token). */

@@ -375,6 +375,7 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
 
   async #start(command: string | undefined, args: readonly string[], spawnOptions: SpawnOptions, wait: AcquireOptions): Promise<void> {
     const abandoned = (): boolean => this.#free !== null || this.#state !== 'starting';
+    const deadline = wait.timeout === undefined ? undefined : Date.now() + wait.timeout;
     try {
       if (abandoned()) throw new AbortError('start() was abandoned: free() was called', { cause: wait.signal?.reason });
       // A migration target takes only the guard now; the source still holds the leases.
@@ -411,7 +412,12 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
         if (this.#space.spawnGated !== undefined) {
           // The child waits before exec while its leases are taken for its pid; a target's incoming child execs at once.
           const incoming = this.#incoming;
-          child = await this.#space.spawnGated(command!, args, { ...spawnOptions, keepFds }, (pid) => (incoming ? Promise.resolve() : acquireAll(this.#resources.values(), wait)));
+          // It execs only if start() still waits for it: free(), the signal and the deadline close the gate (the helper exits, the leases go).
+          const beforeExec = async (pid: number, signal: AbortSignal): Promise<void> => {
+            if (!incoming) await acquireAll(this.#resources.values(), { ...wait, timeout: deadline === undefined ? undefined : Math.max(0, deadline - Date.now()), signal });
+            if (abandoned()) throw new AbortError('start() was abandoned: free() was called', { cause: wait.signal?.reason });
+          };
+          child = await this.#space.spawnGated(command!, args, { ...spawnOptions, keepFds }, beforeExec, { signal: wait.signal, timeout: wait.timeout, deadline });
         } else {
           child = spawnSupervised(command!, args, { ...spawnOptions, keepFds });
         }
@@ -595,6 +601,8 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
       }
       // Only now: from the source's release to here, the guard kept fresh acquirers out.
       for (const r of this.#resources.values()) releaseGuard(r);
+      // The source's lease versions were for this handover only (sanlock): a later hotplug acquires afresh.
+      this.#space.setMigrationState?.(undefined);
       this.#setState('running');
       this.#startVerify();
     })();
@@ -730,6 +738,13 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
   async verify(): Promise<VerifyResult> {
     this.#require('verify', ['running', 'migrating']);
     const lostResources = [...this.#resources.values()].filter((r) => r.held && !stillHeld(r));
+    // Leases that are no OFD lock (sanlock) are asked of their lock service.
+    const owned = [...this.#resources.values()].filter((r) => r.held && r.lease.owned?.stillHeld !== undefined);
+    if (owned.length > 0) {
+      const ok = await Promise.all(owned.map((r) => r.lease.owned!.stillHeld!()));
+      if (this.#state !== 'running' && this.#state !== 'migrating') return { lost: [] };
+      lostResources.push(...owned.filter((r, i) => !ok[i] && r.held));
+    }
     const lost = lostResources.map((r) => r.path);
     // The action first: a throwing 'lock-failure' listener must not leave the
     // child running without its lease.

@@ -10,7 +10,8 @@
 // 8 MiB is the largest area sanlock gives a lockspace by default (4K-sector
 // devices, or files), so the same layout works on every kind of storage.
 import { createHash } from 'node:crypto';
-import { closeSync, existsSync, openSync, readSync } from 'node:fs';
+import { existsSync } from 'node:fs';
+import { open } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import {
@@ -37,6 +38,7 @@ export const SANLOCK_CODES: Readonly<Record<number, string>> = {
   [-2]: 'ENOENT',
   [-3]: 'ESRCH',
   [-11]: 'EAGAIN',
+  [-13]: 'EACCES',
   [-16]: 'EBUSY',
   [-17]: 'EEXIST',
   [-22]: 'EINVAL',
@@ -76,7 +78,7 @@ const enum Op {
   CreateResource = 9,
   Lookup = 10,
   ReadOwners = 11,
-  ReadStatus = 12,
+  ReleaseAll = 13,
 }
 
 interface Result {
@@ -185,7 +187,14 @@ const IO_CODES = new Set([-202, -210, -211, -212, -213, -214, -220, -221, -222, 
 export function errorFor(rv: number, call: string, what: string): LockManagerError {
   const cause = sanlockCause(rv, call);
   const msg = `${what}: ${cause.message}`;
-  if (rv === -2 || rv === -111 || rv === -13) {
+  if (rv === -13) {
+    const sock = join(runDir(), 'sanlock.sock');
+    return new ResourceAccessError(
+      `${what}: permission denied by the sanlock daemon at ${sock}: its socket admits root and the members of the sanlock group (the daemon's -U/-G), and the daemon itself must be able to open the lease storage: ${cause.message}`,
+      { cause },
+    );
+  }
+  if (rv === -2 || rv === -111) {
     const sock = join(runDir(), 'sanlock.sock');
     if (!existsSync(sock) || rv !== -2) {
       return new UnsupportedError(`${what}: no sanlock daemon answers at ${sock} (start it: sanlock daemon; a test daemon: SANLOCK_RUN_DIR, SANLOCK_PRIVILEGED=0, -w 0): ${cause.message}`, { cause });
@@ -311,18 +320,41 @@ export async function leaveLockspace(options: JoinOptions): Promise<{ wasJoined:
   return { wasJoined: true };
 }
 
-/** Whether this host's daemon holds the lockspace with this host id. */
-export async function lockspaceJoined(options: JoinOptions): Promise<boolean> {
+/**
+ * This host's daemon and the lockspace: 'joined'; 'joining' while a join is in
+ * progress (sanlock's EINPROGRESS: leases cannot be acquired in it yet);
+ * 'not-joined'.
+ */
+export async function lockspaceState(options: JoinOptions): Promise<'joined' | 'joining' | 'not-joined'> {
+  return inqLockspace(options, false);
+}
+
+/**
+ * Whether the lockspace is joined once any join or leave of it in progress
+ * has completed (SANLK_INQ_WAIT, on the admin worker: it may wait as long as
+ * a join). For the manager's "was the VM killed because the lockspace went?".
+ */
+export async function lockspaceJoinedSettled(options: JoinOptions): Promise<boolean> {
+  return (await inqLockspace(options, true)) === 'joined';
+}
+
+async function inqLockspace(options: JoinOptions, settle: boolean): Promise<'joined' | 'joining' | 'not-joined'> {
   const name = checkName(options?.lockspace, 'lockspace');
   const path = checkStoragePath(options.path, 'path');
   const hostId = checkInt(options.hostId, 'hostId', 1, 2000, 0);
-  const r = await run(Op.InqLockspace, [name, path], [LOCKSPACE_OFFSET, hostId]);
-  if (r.rv === 0) return true;
+  const r = await run(Op.InqLockspace, [name, path], settle ? [LOCKSPACE_OFFSET, hostId, 1] : [LOCKSPACE_OFFSET, hostId]);
+  if (r.rv === 0) return 'joined';
+  if (r.rv === -115) return 'joining';
   if (r.rv === -2) {
     if (!existsSync(join(runDir(), 'sanlock.sock'))) throw errorFor(-111, 'sanlock_inq_lockspace', 'lockspaceJoined');
-    return false;
+    return 'not-joined';
   }
   throw errorFor(r.rv, 'sanlock_inq_lockspace', `lockspaceJoined: ${name}`);
+}
+
+/** Whether this host's daemon holds the lockspace with this host id (false while a join is still in progress). */
+export async function lockspaceJoined(options: JoinOptions): Promise<boolean> {
+  return (await lockspaceState(options)) === 'joined';
 }
 
 /**
@@ -386,10 +418,9 @@ export async function leaseOwners(lease: LeaseAddress, offset: number): Promise<
   return owners;
 }
 
-/** One line from an exec helper's status pipe ('' at EOF), read on the admin thread. */
-export async function readStatusLine(fd: number, timeoutMs: number): Promise<{ rv: number; line: string }> {
-  const r = await run(Op.ReadStatus, [], [fd, timeoutMs]);
-  return { rv: r.rv, line: r.text };
+/** sanlock_release(-1, pid, SANLK_REL_ALL): every lease the pid still holds. */
+export function releaseAllFor(pid: number): Promise<Result> {
+  return run(Op.ReleaseAll, [], [pid]);
 }
 
 /**
@@ -399,16 +430,17 @@ export async function readStatusLine(fd: number, timeoutMs: number): Promise<{ r
  * cannot be read. A buffered read may be stale by a renewal or two; names only
  * change when a host rejoins.
  */
-export function hostName(path: string, hostId: number): string | null {
-  let fd = -1;
+export async function hostName(path: string, hostId: number): Promise<string | null> {
+  // fs/promises: the reads run on libuv's threadpool, never on the event loop (shared storage may be slow).
+  let file;
   try {
-    fd = openSync(path, 'r');
+    file = await open(path, 'r');
     const first = Buffer.alloc(512);
-    if (readSync(fd, first, 0, 512, LOCKSPACE_OFFSET) !== 512) return null;
+    if ((await file.read(first, 0, 512, LOCKSPACE_OFFSET)).bytesRead !== 512) return null;
     const sector = first.readUInt32LE(12);
     if (sector !== 512 && sector !== 4096) return null;
     const rec = Buffer.alloc(512);
-    if (readSync(fd, rec, 0, 512, LOCKSPACE_OFFSET + (hostId - 1) * sector) !== 512) return null;
+    if ((await file.read(rec, 0, 512, LOCKSPACE_OFFSET + (hostId - 1) * sector)).bytesRead !== 512) return null;
     if (Number(rec.readBigUInt64LE(32)) !== hostId) return null;
     const raw = rec.subarray(104, 152);
     const end = raw.indexOf(0);
@@ -417,7 +449,7 @@ export function hostName(path: string, hostId: number): string | null {
   } catch {
     return null;
   } finally {
-    if (fd >= 0) closeSync(fd);
+    await file?.close().catch(() => undefined);
   }
 }
 

@@ -14,7 +14,8 @@
  * can. Then:
  *
  *   1. dlopen libsanlock_client.so.1 (the package does not link against it),
- *      sanlock_register(), and keep the registration fd open across exec;
+ *      sanlock_register(), sanlock_restrict(SANLK_RESTRICT_SIGTERM), and keep
+ *      the registration fd open across exec;
  *   2. write "R <fd>\n" to STATUS_FD (or "E <code> <text>\n" and exit 111);
  *   3. block on GO_FD while the supervisor acquires the leases for this pid
  *      (sanlock_acquire(-1, pid, ...) from its own connection);
@@ -74,6 +75,14 @@ int main(int argc, char **argv) {
     report(status, line);
     return 111;
   }
+  /*
+   * On lease loss the daemon must SIGKILL, never SIGTERM: a VM that exits
+   * cleanly on SIGTERM would look like an ordinary shutdown, and the manager
+   * reports a lost lease by the SIGKILL (3.8.5 sends SIGKILL anyway; this makes
+   * it certain). Best effort: a daemon without it still kills.
+   */
+  int (*restrict_)(int, uint32_t) = (int (*)(int, uint32_t))dlsym(lib, "sanlock_restrict");
+  if (restrict_ != NULL) restrict_(sock, SANLK_RESTRICT_SIGTERM);
   /* Handed to COMMAND on purpose: the registration must outlive the exec. */
   fcntl(sock, F_SETFD, 0);
   snprintf(line, sizeof line, "R %d\n", sock);

@@ -11,10 +11,12 @@
 // 3 io_timeouts; a paxos acquire does disk I/O on shared storage). On the
 // event loop that would stall everything; on libuv's threadpool four of them
 // would stall every fs call. Each environment has two small worker threads,
-// each with a FIFO queue: "lease" for acquire, release and inquire (FIFO
+// each with a FIFO queue: "lease" for acquire, release and the quick queries
+// (inquire, lease owners, whether a lockspace is joined) (FIFO
 // matters: a release queued before an acquire of the same lease reaches the
-// daemon first), and "admin" for storage set-up, joins and waits on the
-// helper's status pipe, so a 20-second join never delays a lease call. A
+// daemon first), and "admin" for storage set-up and joins, so a 20-second
+// join never delays a lease call. (The exec helper's status pipe is read on
+// the event loop, lib/lockspace-sanlock.ts: a join never delays a start.) A
 // worker exits after a second without work and is started again on demand.
 //
 // Results go back to JS through one thread-safe function per environment,
@@ -24,7 +26,6 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
@@ -110,12 +111,12 @@ enum Op {
   kWriteLockspace = 4, // s: ls, path; n: offset, maxHosts, ioTimeout
   kAddLockspace = 5,   // s: ls, path; n: offset, hostId, ioTimeout
   kRemLockspace = 6,   // s: ls, path; n: offset, hostId
-  kInqLockspace = 7,   // s: ls, path; n: offset, hostId
+  kInqLockspace = 7,   // s: ls, path; n: offset, hostId[, wait: SANLK_INQ_WAIT, on the admin queue]
   kFormatRindex = 8,   // s: ls, path; n: rxOffset
   kCreateResource = 9, // s: ls, path, res; n: rxOffset -> out: offset
   kLookup = 10,        // s: ls, path, res; n: rxOffset -> out: offset
   kReadOwners = 11,    // s: ls, res, path; n: offset -> out: [host_id, generation, ...]
-  kReadStatus = 12,    // n: fd, timeoutMs -> text: one line (without \n), "" at EOF
+  kReleaseAll = 13,    // n: pid: every lease the pid holds (SANLK_REL_ALL)
 };
 
 struct Request {
@@ -173,35 +174,7 @@ int Lookup(const std::string& ls, const std::string& path, uint64_t rx_offset, c
   return rv;
 }
 
-// One line from the helper's status pipe, waiting at most timeout_ms. The fd
-// is the supervisor's read end (CLOEXEC, blocking); only this thread reads it.
-int ReadStatus(int fd, int timeout_ms, std::string* text) {
-  timespec start;
-  clock_gettime(CLOCK_MONOTONIC, &start);
-  for (;;) {
-    timespec now;
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    long elapsed = (now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000;
-    if (elapsed >= timeout_ms) return -ETIMEDOUT;
-    pollfd p = {fd, POLLIN, 0};
-    int r = poll(&p, 1, static_cast<int>(timeout_ms - elapsed));
-    if (r < 0 && errno == EINTR) continue;
-    if (r < 0) return -errno;
-    if (r == 0) continue;
-    char c;
-    ssize_t n = read(fd, &c, 1);
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) return -errno;
-    if (n == 0 || c == '\n') return 0;
-    if (text->size() < 4096) text->push_back(c);
-  }
-}
-
 void Run(Request* r) {
-  if (r->op == kReadStatus) {
-    r->rv = ReadStatus(static_cast<int>(r->n[0]), static_cast<int>(r->n[1]), &r->text);
-    return;
-  }
   if (!LibReady()) {
     r->rv = -ENOSYS;
     return;
@@ -247,6 +220,9 @@ void Run(Request* r) {
       r->rv = g_lib.release(-1, static_cast<int>(r->n[0]), 0, 1, list);
       return;
     }
+    case kReleaseAll:
+      r->rv = g_lib.release(-1, static_cast<int>(r->n[0]), SANLK_REL_ALL, 0, nullptr);
+      return;
     case kInquire: {
       char* state = nullptr;
       int count = 0;
@@ -271,7 +247,8 @@ void Run(Request* r) {
     case kInqLockspace: {
       sanlk_lockspace ls;
       FillLockspace(&ls, r->s[0], r->s[1], static_cast<uint64_t>(r->n[0]), static_cast<uint64_t>(r->n[1]));
-      r->rv = r->op == kRemLockspace ? g_lib.rem_lockspace(&ls, 0) : g_lib.inq_lockspace(&ls, 0);
+      uint32_t inq_flags = r->n.size() > 2 && r->n[2] != 0 ? SANLK_INQ_WAIT : 0;
+      r->rv = r->op == kRemLockspace ? g_lib.rem_lockspace(&ls, 0) : g_lib.inq_lockspace(&ls, inq_flags);
       return;
     }
     case kFormatRindex: {
@@ -520,7 +497,8 @@ Napi::Value SanlockCall(const Napi::CallbackInfo& info) {
   }
   Napi::Float64Array nums = info[2].As<Napi::Float64Array>();
   for (size_t i = 0; i < nums.ElementLength(); i++) r->n.push_back(nums[i]);
-  bool admin = r->op != kAcquire && r->op != kRelease && r->op != kInquire && r->op != kReadOwners;
+  bool admin = r->op != kAcquire && r->op != kRelease && r->op != kReleaseAll && r->op != kInquire && r->op != kReadOwners &&
+               !(r->op == kInqLockspace && r->n.size() < 3);
   return Napi::Number::New(env, state->Submit(admin, r));
 }
 

@@ -6,12 +6,12 @@
 // SANLOCK_RUN_DIR once per process, so one host is one process: this test
 // process is host 1, and host 2 is a manager peer process.
 import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { LockManager, ResourceAccessError, ResourceBusyError, SpawnError, InvalidStateError, UnsupportedError } from '../lib/index.js';
-import { createDiskLease, initStorage, joinLockspace, leaveLockspace, lockspaceJoined, sanlockLibraryError } from '../lib/sanlock.js';
+import { AbortError, LockManager, LockTimeoutError, ResourceAccessError, ResourceBusyError, SpawnError, InvalidStateError, UnsupportedError } from '../lib/index.js';
+import { createDiskLease, initStorage, joinLockspace, leaveLockspace, lockspaceJoined, lockspaceState, sanlockLibraryError } from '../lib/sanlock.js';
 import { Peer, fdCount, isRoot, managerPeerScript, threadCount, waitUntil } from './helpers.js';
 
 function unavailable(): string | null {
@@ -88,6 +88,24 @@ async function cleanupManagers(): Promise<void> {
     }
   }
   await waitUntil(() => heldOn(1).length === 0 && heldOn(2).length === 0, 10_000, 'the daemons to drop every lease');
+}
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+const bin = join(import.meta.dirname, '..', 'bin', 'lockmgr.js');
+
+/** Host 1's daemon stopped (SIGSTOP) until resume(): a daemon that hangs. Short pauses only: at io_timeout 1 the lockspace is lost after about 8 s. */
+function stopDaemon1(): { resume: () => void; stopped: () => boolean } {
+  const d = daemons[0]!;
+  d.kill('SIGSTOP');
+  let stopped = true;
+  const resume = () => {
+    if (!stopped) return;
+    stopped = false;
+    d.kill('SIGCONT');
+  };
+  // Never left stopped, even if the test under it hangs.
+  setTimeout(resume, 6000).unref();
+  return { resume, stopped: () => stopped };
 }
 
 function alive(pid: number): boolean {
@@ -355,6 +373,177 @@ describe.skipIf(why !== null)('sanlock lockspace', () => {
     expect(err.name).toBe('UnsupportedError');
     expect(err.message).toMatch(/no sanlock daemon answers at .*nodaemon\/sanlock.sock/);
     await cleanupManagers();
+  });
+
+  it('free(), an abort or the deadline while the gate is closed: start() rejects and the command never runs', async () => {
+    for (const variant of ['free', 'abort', 'timeout'] as const) {
+      const marker = join(root, `ran-${variant}`);
+      const m = manager(1);
+      m.registerResource({ type: 'disk', path: disk, mode: 'exclusive' });
+      const ac = new AbortController();
+      const opts = variant === 'abort' ? { signal: ac.signal } : variant === 'timeout' ? { timeout: 100 } : undefined;
+      // The helper blocks in sanlock_register() on the stopped daemon: the gate is closed.
+      const daemon = stopDaemon1();
+      const started = m.start('sh', ['-c', `touch ${marker}; exec sleep 1000`], {}, opts).then(() => null, (e: unknown) => e);
+      await sleep(100);
+      const freed = variant === 'free' ? m.free() : undefined;
+      if (variant === 'abort') ac.abort();
+      // The timeout variant: the daemon answers (register, acquire) after the deadline.
+      await sleep(300);
+      daemon.resume();
+      const err = await started;
+      await freed;
+      expect(err).toBeInstanceOf(variant === 'timeout' ? LockTimeoutError : AbortError);
+      expect(m.state).toBe(variant === 'free' ? 'freed' : 'new');
+      await waitUntil(() => heldOn(1).length === 0, 5000, 'nothing held');
+      expect(existsSync(marker)).toBe(false);
+    }
+    await cleanupManagers();
+    expect(await lockspaceJoined({ lockspace: LS, path: loop, hostId: 1 })).toBe(true);
+  });
+
+  it('a hung daemon: free() and the deadline end start() without waiting for the daemon', async () => {
+    const a = manager(1);
+    a.registerResource({ type: 'disk', path: disk, mode: 'exclusive' });
+    const b = manager(1);
+    b.registerResource({ type: 'disk', path: disk2, mode: 'exclusive' });
+    const daemon = stopDaemon1();
+    try {
+      const timedOut = a.start('sleep', ['1000'], {}, { timeout: 100 }).then(() => null, (e: unknown) => [e, daemon.stopped()]);
+      const freed = b.start('sleep', ['1000']).then(() => null, (e: unknown) => e);
+      await sleep(100);
+      await b.free();
+      expect(daemon.stopped()).toBe(true);
+      expect(await freed).toBeInstanceOf(AbortError);
+      const [err, whileStopped] = (await timedOut) as [unknown, boolean];
+      expect(err).toBeInstanceOf(LockTimeoutError);
+      expect((err as Error).message).toMatch(/did not answer/);
+      expect(whileStopped).toBe(true);
+      expect(a.state).toBe('new');
+    } finally {
+      daemon.resume();
+    }
+    await waitUntil(() => heldOn(1).length === 0, 5000, 'nothing held');
+    await cleanupManagers();
+    expect(await lockspaceJoined({ lockspace: LS, path: loop, hostId: 1 })).toBe(true);
+  });
+
+  it("a VM whose child inherited the registration: its leases are released at 'exit' all the same", async () => {
+    const pidFile = join(root, 'bg.pid');
+    const m = manager(1);
+    const warnings: unknown[] = [];
+    m.on('warning', (w) => warnings.push(w));
+    m.registerResource({ type: 'disk', path: disk, mode: 'exclusive' });
+    const exited = new Promise((r) => m.once('exit', r));
+    await m.start('sh', ['-c', `sleep 1000 & echo $! > ${pidFile}; exit 0`]);
+    expect(await exited).toEqual({ code: 0, signal: null });
+    const bg = Number(readFileSync(pidFile, 'utf8'));
+    try {
+      expect(alive(bg)).toBe(true);
+      expect(heldOn(1)).toEqual([]);
+      expect(warnings).toEqual([]);
+      const p = await host2();
+      await p.call('create', { lockspace: host(2) });
+      await p.call('register', { type: 'disk', path: disk, mode: 'exclusive' });
+      const vm2 = await p.call<number>('start', 'sleep', ['1000']);
+      expect(heldOn(2).some((l) => l.endsWith(` p ${vm2}`))).toBe(true);
+    } finally {
+      process.kill(bg, 'SIGKILL');
+    }
+    await cleanupManagers();
+  });
+
+  it('a VM that closes its registration loses its leases: verify() and verifyInterval report it and power the VM off', async () => {
+    const closer = ['-c', 'for f in $(ls /proc/$$/fd); do [ $f -gt 2 ] && eval "exec $f>&-"; done; exec sleep 1000'];
+    const m = manager(1);
+    const failures: unknown[] = [];
+    m.on('lock-failure', (f) => failures.push(f));
+    m.registerResource({ type: 'disk', path: disk, mode: 'exclusive' });
+    await m.start('bash', closer);
+    const vm = m.getChild().pid;
+    await waitUntil(() => !heldOn(1).some((l) => l.endsWith(` p ${vm}`)), 5000, "the daemon to drop the VM's lease");
+    const exited = new Promise((r) => m.once('exit', r));
+    expect(await m.verify()).toEqual({ lost: [disk] });
+    expect(failures).toEqual([{ resource: disk, reason: expect.stringMatching(/no longer held/), action: 'poweroff' }]);
+    expect(await exited).toEqual({ code: null, signal: 'SIGKILL' });
+
+    const n = new LockManager({ lockspace: host(1), verifyInterval: 50 });
+    managers.push(n);
+    n.registerResource({ type: 'disk', path: disk2, mode: 'exclusive' });
+    const failed = new Promise((r) => n.once('lock-failure', r));
+    const nExited = new Promise((r) => n.once('exit', r));
+    await n.start('bash', closer);
+    expect(await failed).toMatchObject({ resource: disk2, action: 'poweroff' });
+    expect(await nExited).toEqual({ code: null, signal: 'SIGKILL' });
+    // A VM that keeps its registration: verify() finds its lease.
+    const k = manager(1);
+    k.registerResource({ type: 'disk', path: disk, mode: 'exclusive' });
+    await k.start('sleep', ['1000']);
+    expect(await k.verify()).toEqual({ lost: [] });
+    await cleanupManagers();
+  });
+
+  it("a join in progress: a start does not wait behind it, and lockspaceJoined() says not yet ('joining')", async () => {
+    const lun2 = join(root, 'ls2.img');
+    execFileSync('truncate', ['-s', '16M', lun2]);
+    const o = { lockspace: 'lmjoin', path: lun2, hostId: 1 };
+    await initStorage({ ...o, ioTimeout: 1 });
+    let joined = false;
+    const joining = joinLockspace({ ...o, ioTimeout: 1 }).then(() => (joined = true));
+    try {
+      await waitUntil(() => client(1, 'status').includes('lmjoin'), 5000, 'the join to begin');
+      const m = manager(1);
+      m.registerResource({ type: 'disk', path: disk, mode: 'exclusive' });
+      await m.start('sleep', ['1000']);
+      expect(joined).toBe(false);
+      expect(await lockspaceState(o)).toBe('joining');
+      expect(await lockspaceJoined(o)).toBe(false);
+      const cli = spawnSync(process.execPath, [bin, 'sanlock', 'joined', '--lockspace', o.lockspace, '--path', lun2, '--host-id', '1'], { encoding: 'utf8' });
+      expect(cli.stderr).toBe('');
+      expect(cli.stdout).toMatch(/^joining lmjoin as host 1: not joined yet/);
+      expect(cli.status).toBe(1);
+      expect(joined).toBe(false);
+    } finally {
+      await joining;
+      await leaveLockspace(o);
+    }
+    expect(await lockspaceState(o)).toBe('not-joined');
+    await cleanupManagers();
+  });
+
+  it('a lease released before the migration is not in the token: the target hotplugs it later without a false "changed hands"', async () => {
+    const src = manager(1);
+    src.registerResource({ type: 'disk', path: disk, mode: 'exclusive' });
+    await src.start('sleep', ['1000']);
+    await src.acquireResource({ type: 'disk', path: disk2, mode: 'exclusive' });
+    await src.releaseResource({ type: 'disk', path: disk2 });
+    const token = await src.prepareMigrate('host2');
+    const p = await host2();
+    await p.call('fromInquire', token, { lockspace: host(2) });
+    await p.call('start', 'sleep', ['1000']);
+    await src.completeMigrateOut('host2');
+    await p.call('completeMigrateIn', 'host1', { timeout: 10_000 });
+    // Meanwhile another VM uses disk 2 (its lease version moves on) and stops.
+    const other = manager(1);
+    other.registerResource({ type: 'disk', path: disk2, mode: 'exclusive' });
+    await other.start('sleep', ['1000']);
+    await other.shutdown({ graceMs: 2000 });
+    await p.call('acquire', { type: 'disk', path: disk2, mode: 'exclusive' });
+    expect(heldOn(2)).toHaveLength(2);
+    await cleanupManagers();
+  });
+
+  it('permission denied on the daemon socket: ResourceAccessError saying so, not "no daemon"', () => {
+    // As nobody: the socket is root's (the daemon's -U 0 -G 0), in a 0700 directory.
+    const r = spawnSync(process.execPath, [bin, 'sanlock', 'joined', '--lockspace', LS, '--path', loop, '--host-id', '1'], {
+      encoding: 'utf8',
+      uid: 65534,
+      gid: 65534,
+      env: { ...process.env, SANLOCK_RUN_DIR: runDir(1) },
+    });
+    expect(r.stderr).toMatch(/permission denied by the sanlock daemon at .*sanlock\.sock: its socket admits root and the members of the sanlock group/);
+    expect(r.stderr).toMatch(/EACCES \(-13/);
+    expect(r.status).toBe(66);
   });
 
   it('leaves no fds or threads behind', async () => {
