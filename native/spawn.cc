@@ -168,6 +168,19 @@ std::atomic<bool> g_clone3_missing{false};
 std::atomic<uint64_t> g_clone3_spawns{0};
 std::atomic<uint64_t> g_fallback_spawns{0};
 
+// The child's code (ChildMain and everything it calls) is kept out of
+// AddressSanitizer's instrumentation; it matters only to `npm run test:asan`,
+// as nothing is instrumented in a normal build. The child runs on our own
+// mmap'd stack and shares the parent's memory, so also ASan's shadow and
+// state: instrumented frames poison shadow bytes of that stack, and its frames
+// never return (execve or _exit end them). ASan cannot clean up after them
+// (__asan_handle_no_return refuses a stack it did not create, with a warning),
+// so the poison outlived the child; once Teardown had unmapped the stack, V8
+// mapped heap pages at the same address and ASan reported its next memcpy
+// there as a stack-buffer-overflow in V8. The calls the child makes into libc
+// still go through ASan's interceptors, which only check their arguments.
+#define LOCKMGR_CHILD_CODE __attribute__((no_sanitize_address))
+
 // Everything the child needs, prepared by the parent. The child reads it and
 // writes only err and stage; with CLONE_VFORK the parent reads them once the
 // child has exec'd (they stay 0) or exited.
@@ -187,7 +200,7 @@ struct ChildPlan {
   volatile int stage;
 };
 
-[[noreturn]] void ChildFail(ChildPlan* p, int stage, int err) {
+[[noreturn]] LOCKMGR_CHILD_CODE void ChildFail(ChildPlan* p, int stage, int err) {
   p->stage = stage;
   p->err = err;
   _exit(127);
@@ -196,7 +209,7 @@ struct ChildPlan {
 // Closes every open fd in [lo, hi] but `keep`, by walking /proc/self/fd with
 // raw getdents64 (no opendir: no malloc in the child). Passes repeat until one
 // closes nothing, so closing while listing cannot skip an entry.
-int CloseByListing(unsigned lo, unsigned hi) {
+LOCKMGR_CHILD_CODE int CloseByListing(unsigned lo, unsigned hi) {
   int dir = open("/proc/self/fd", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (dir < 0) return errno;
   alignas(8) char buf[2048];
@@ -232,7 +245,7 @@ int CloseByListing(unsigned lo, unsigned hi) {
 // Closes [lo, hi]. close_range(2) is one syscall. Where it is missing (before
 // Linux 5.9: ENOSYS) or refused (seccomp profiles older than it answer EPERM),
 // list /proc/self/fd; only without /proc, loop up to the hard fd limit.
-int CloseRange(unsigned lo, unsigned hi) {
+LOCKMGR_CHILD_CODE int CloseRange(unsigned lo, unsigned hi) {
   if (lo > hi) return 0;
   if (syscall(SYS_close_range, lo, hi, 0) == 0) return 0;
   if (errno != ENOSYS && errno != EPERM && errno != EINVAL) return errno;
@@ -253,7 +266,7 @@ int CloseRange(unsigned lo, unsigned hi) {
 // /proc/self/fd, so the parent's keeps its flag; a socket cannot be reopened,
 // so its shared flag is cleared, as libuv does. Regular files ignore
 // O_NONBLOCK, and a reopen would lose their offset: they are left alone.
-void MakeStdioBlocking() {
+LOCKMGR_CHILD_CODE void MakeStdioBlocking() {
   for (int i = 0; i < 3; i++) {
     int fl = fcntl(i, F_GETFL);
     if (fl < 0 || (fl & O_NONBLOCK) == 0) continue;
@@ -279,7 +292,7 @@ void MakeStdioBlocking() {
 // that is missing or unreadable does not stop the search; EACCES is remembered
 // and wins over ENOENT at the end; any other error ends it. ENOEXEC (a text file
 // without #!) runs the file with /bin/sh, as execvp does. Returns the errno.
-int ExecSearch(ChildPlan* p) {
+LOCKMGR_CHILD_CODE int ExecSearch(ChildPlan* p) {
   int err = ENOENT;
   bool saw_eacces = false;
   for (char* const* path = p->paths; *path != nullptr; ++path) {
@@ -312,7 +325,7 @@ int ExecSearch(ChildPlan* p) {
 // Runs in the child, on its own stack, every signal blocked (the parent blocked
 // them all before clone so that no handler of the parent's can run here on
 // shared memory).
-int ChildMain(void* arg) {
+LOCKMGR_CHILD_CODE int ChildMain(void* arg) {
   ChildPlan* p = static_cast<ChildPlan*>(arg);
 
   // Every disposition back to the default: handlers would be reset by execve
