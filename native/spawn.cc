@@ -119,16 +119,17 @@ namespace lockmgr {
 namespace {
 
 // The first eight fields of struct clone_args (CLONE_ARGS_SIZE_VER0): declared
-// here so an older <linux/sched.h> cannot change what we pass.
+// here so an older <linux/sched.h> cannot change what we pass. The kernel reads
+// the fields we never set (they stay 0): they are there for the layout.
 struct CloneArgs {
   uint64_t flags;
   uint64_t pidfd;
-  uint64_t child_tid;
-  uint64_t parent_tid;
+  uint64_t child_tid;   // cppcheck-suppress unusedStructMember
+  uint64_t parent_tid;  // cppcheck-suppress unusedStructMember
   uint64_t exit_signal;
   uint64_t stack;
   uint64_t stack_size;
-  uint64_t tls;
+  uint64_t tls;  // cppcheck-suppress unusedStructMember
 };
 
 // Where a spawn failed. lib/supervise.ts maps these to syscall names.
@@ -537,7 +538,8 @@ class OrphanReaper {
       }
       pfds.clear();
       pfds.push_back({wake_fd_, POLLIN, 0});
-      for (int fd : fds_) pfds.push_back({fd, POLLIN, 0});
+      // A plain loop reads better here than std::transform with a back_inserter.
+      for (int fd : fds_) pfds.push_back({fd, POLLIN, 0});  // cppcheck-suppress useStlAlgorithm
       lock.unlock();
       int n = poll(pfds.data(), pfds.size(), -1);
       lock.lock();
@@ -871,8 +873,8 @@ Napi::Value Spawn(const Napi::CallbackInfo& info) {
     // wait ends as it exits): reap it now, in microseconds. Left to the loop, a
     // synchronous loop of failing spawns piles up zombies and pidfds until
     // clone3 itself fails with EMFILE.
-    siginfo_t info;
-    while (waitid(static_cast<idtype_t>(P_PIDFD), static_cast<id_t>(pidfd), &info, WEXITED | __WALL) < 0 && errno == EINTR) {
+    siginfo_t si;
+    while (waitid(static_cast<idtype_t>(P_PIDFD), static_cast<id_t>(pidfd), &si, WEXITED | __WALL) < 0 && errno == EINTR) {
     }
     close(pidfd);
     out[2] = plan.stage;
