@@ -1,0 +1,201 @@
+// Drives every native entry point of the addon through the built package
+// (dist/), for scripts/valgrind.sh: valgrind memcheck runs this one process
+// instead of the whole vitest suite (Node under valgrind is 20-50x slower).
+//
+// Covered, per native function (native/*.cc):
+//   openFile (plain, create, failing) setlk getlk closeFd retireFd strerror
+//   initWaiters waitLock (grant, timeout, abort, close while waiting, batches)
+//   cancelWait waiterThreads (and the idle exit of waiter threads)
+//   initSpawn spawn (exec, exit codes, failing exec, ENOEXEC -> /bin/sh, pipes,
+//   /dev/null, keepFds, cwd, newSession, parentDeathSignal, the fallback)
+//   attach sendSignal setRef makePipe openDevNull fdIsOpen spawnInfo
+//   worker teardown: a worker with open files, pending waits and running
+//   children, terminated (cleanup hooks, pool shutdown, orphan reaper), and a
+//   worker that ends by itself.
+// Prints one JSON line of what ran; exits non-zero if anything behaved wrongly.
+import { spawn as cpSpawn } from 'node:child_process';
+import { once } from 'node:events';
+import { mkdtempSync, rmSync, writeFileSync, chmodSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { Worker } from 'node:worker_threads';
+
+const dist = new URL('../dist/', import.meta.url);
+const { openLockable, spawnSupervised, attachProcess } = await import(new URL('index.js', dist).href);
+const { native } = await import(new URL('native.js', dist).href);
+
+const dir = mkdtempSync(join(tmpdir(), 'lockmgr-valgrind-'));
+const file = join(dir, 'disk.img');
+writeFileSync(file, Buffer.alloc(4096));
+const ran = {};
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+function check(cond, what) {
+  if (!cond) throw new Error(`valgrind-drive: ${what}`);
+  ran[what] = (ran[what] ?? 0) + 1;
+}
+async function rejects(p, name, what) {
+  try {
+    await p;
+  } catch (e) {
+    check(e.name === name, `${what} (${e.name})`);
+    return;
+  }
+  check(false, `${what}: resolved`);
+}
+
+// --- ofd.cc -----------------------------------------------------------------
+const a = openLockable(file);
+const b = openLockable(file);
+const ro = openLockable(file, { access: 'read' });
+check(a.tryLock('exclusive'), 'setlk exclusive');
+check(!b.tryLock('shared'), 'setlk conflict');
+check(b.getConflict('exclusive') !== null, 'getlk conflict');
+check(a.getConflict('exclusive') === null, 'getlk none');
+a.unlock();
+check(b.tryLock('shared', { start: 100, length: 2 }) && ro.tryLock('shared', { start: 100, length: 2 }), 'setlk shared range');
+b.unlock();
+ro.close();
+const created = openLockable(join(dir, 'lockfile'), { create: true });
+check(created.tryLock('exclusive'), 'openFile create');
+created.close();
+try {
+  openLockable(join(dir, 'missing'));
+  check(false, 'openFile ENOENT');
+} catch (e) {
+  check(e.code !== undefined, 'openFile ENOENT');
+}
+check(native.strerror(37).length > 0 && native.strerror(116).length > 0, 'strerror');
+
+// --- waiters.cc -------------------------------------------------------------
+a.tryLock('exclusive');
+await rejects(b.lock('exclusive', undefined, { timeout: 30 }), 'LockTimeoutError', 'waitLock timeout');
+const ac = new AbortController();
+const aborted = b.lock('shared', undefined, { signal: ac.signal });
+setTimeout(() => ac.abort(), 20);
+await rejects(aborted, 'AbortError', 'cancelWait abort');
+// A batch: many waiters on distinct bytes, all granted by one unlock.
+const many = [];
+const files = [];
+for (let i = 0; i < 16; i++) {
+  const f = openLockable(file);
+  files.push(f);
+  many.push(f.lock('exclusive', { start: i, length: 1 }, { timeout: 60_000 }));
+}
+check(native.waiterThreads() > 0, 'waiterThreads busy');
+await sleep(50);
+a.unlock();
+await Promise.all(many);
+check(true, 'waitLock granted batch');
+for (const f of files) f.close();
+// close() while a wait is pending: retireFd, then closeFd once the waiter reported.
+a.tryLock('exclusive');
+const c = openLockable(file);
+const pending = c.lock('exclusive');
+await sleep(30);
+c.close();
+await rejects(pending, 'InvalidStateError', 'retireFd close while waiting');
+a.unlock();
+// The idle waiter threads exit after a second (detached self-exit path).
+for (let i = 0; i < 100 && native.waiterThreads() > 0; i++) await sleep(100);
+check(native.waiterThreads() === 0, 'waiter threads idle exit');
+
+// --- spawn.cc ---------------------------------------------------------------
+async function exits(child) {
+  return child.exited;
+}
+check((await exits(spawnSupervised('true', [], { stdio: 'ignore' }))).code === 0, 'spawn true');
+check((await exits(spawnSupervised('sh', ['-c', 'exit 3'], { stdio: 'ignore' }))).code === 3, 'spawn exit code');
+{
+  const p = spawnSupervised('sh', ['-c', 'cat; echo out; echo err >&2'], { stdio: 'pipe' });
+  p.stdin.end('in\n');
+  const chunks = [];
+  p.stdout.on('data', (d) => chunks.push(d));
+  p.stderr.resume();
+  await exits(p);
+  await once(p.stdout, 'close');
+  check(Buffer.concat(chunks).toString() === 'in\nout\n', 'makePipe stdio pipe');
+}
+{
+  // keepFds: the child inherits a locked fd; cwd; newSession; parentDeathSignal.
+  const kept = openLockable(file);
+  kept.tryLock('shared', { start: 7, length: 1 });
+  const st = await exits(spawnSupervised('sh', ['-c', `test -e /proc/self/fd/${kept.fd} && test "$(pwd)" = ${JSON.stringify(dir)}`], {
+    stdio: 'ignore', keepFds: [kept.fd], cwd: dir, newSession: true, parentDeathSignal: 'SIGKILL',
+  }));
+  check(st.code === 0, 'spawn keepFds cwd newSession pdeathsig');
+  check(native.fdIsOpen(kept.fd) && !native.fdIsOpen(1_000_000), 'fdIsOpen');
+  kept.close();
+}
+{
+  // A failing exec: SpawnError, or (where the child cannot report back, as
+  // under valgrind, which turns CLONE_VM|CLONE_VFORK into a fork) exit 127.
+  try {
+    const st = await exits(spawnSupervised(join(dir, 'no-such-command'), [], { stdio: 'ignore' }));
+    check(st.code === 127, 'spawn failing exec');
+  } catch (e) {
+    check(e.name === 'SpawnError', 'spawn failing exec');
+  }
+  // ENOEXEC: a text file without #! runs with /bin/sh, as execvp does.
+  const script = join(dir, 'script');
+  writeFileSync(script, 'exit 5\n');
+  chmodSync(script, 0o755);
+  check((await exits(spawnSupervised(script, [], { stdio: 'ignore' }))).code === 5, 'spawn ENOEXEC via /bin/sh');
+}
+{
+  // sendSignal, setRef (unref/ref), stop with SIGTERM.
+  const p = spawnSupervised('sleep', ['30'], { stdio: 'ignore' });
+  p.unref();
+  p.ref();
+  check(p.signal(0), 'sendSignal 0');
+  check((await p.stop({ graceMs: 5000 })).signal === 'SIGTERM', 'sendSignal stop');
+  check(p.signal('SIGTERM') === false, 'sendSignal after exit');
+}
+{
+  // The fallback: clone + pidfd_open.
+  process.env.LOCKMGR_SPAWN_FALLBACK = '1';
+  check((await exits(spawnSupervised('true', [], { stdio: 'ignore' }))).code === 0, 'spawn fallback');
+  delete process.env.LOCKMGR_SPAWN_FALLBACK;
+}
+{
+  // attach: pidfd_open on a process that is not our child; its exit is seen, never reaped by us.
+  const other = cpSpawn('sleep', ['30'], { stdio: 'ignore' });
+  await once(other, 'spawn');
+  const p = attachProcess(other.pid);
+  check(p.signal('SIGTERM'), 'attach sendSignal');
+  const [st] = await Promise.all([p.exited, once(other, 'exit')]);
+  check(st.code === null, 'attach exit seen');
+}
+const info = native.spawnInfo();
+check(info[0] === 0, 'spawnInfo nothing watched');
+ran.spawnInfo = info;
+
+// --- workers: environment teardown --------------------------------------------
+const workerSource = (mode) => `
+  const { parentPort, workerData } = require('node:worker_threads');
+  import(${JSON.stringify(new URL('index.js', dist).href)}).then(async (m) => {
+    const f = m.openLockable(workerData.file);
+    f.tryLock('shared', { start: 50, length: 1 });
+    const g = m.openLockable(workerData.file);
+    g.lock('exclusive', { start: 60, length: 1 }).catch(() => {});   // blocks: the main thread holds byte 60
+    m.spawnSupervised('sleep', ['0.3'], { stdio: 'ignore' });         // still running at teardown: the orphan reaper's
+    const t = m.spawnSupervised('true', [], { stdio: 'ignore' });
+    await t.exited;
+    parentPort.postMessage('ready');
+    ${mode === 'exit' ? "setTimeout(() => process.exit(0), 50);" : 'setInterval(() => {}, 1000);'}
+  });`;
+a.tryLock('exclusive', { start: 60, length: 1 });
+for (const mode of ['terminate', 'exit', 'terminate']) {
+  const w = new Worker(workerSource(mode), { eval: true, workerData: { file } });
+  await once(w, 'message');
+  if (mode === 'terminate') await w.terminate();
+  else await once(w, 'exit');
+  check(true, `worker ${mode}`);
+}
+// The worker's files were closed by its cleanup hook: nothing of theirs is left.
+check(a.getConflict('exclusive', { start: 50, length: 1 }) === null, 'worker cleanup closed its files');
+for (let i = 0; i < 100 && native.spawnInfo()[1] > 0; i++) await sleep(100);
+check(native.spawnInfo()[1] === 0, 'orphans reaped');
+a.close();
+b.close();
+rmSync(dir, { recursive: true, force: true });
+console.log(JSON.stringify({ ok: true, ran }));
