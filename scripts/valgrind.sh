@@ -30,7 +30,8 @@ log="$out/memcheck.log"
 rm -f "$log"
 start=$(date +%s)
 status=0
-valgrind --tool=memcheck --leak-check=full --show-leak-kinds=definite --errors-for-leak-kinds=definite \
+# A hang fails rather than blocks: killed after VALGRIND_TIMEOUT seconds.
+timeout -s KILL "${VALGRIND_TIMEOUT:-900}" valgrind --tool=memcheck --leak-check=full --show-leak-kinds=definite --errors-for-leak-kinds=definite \
   --track-fds=no --num-callers=40 --error-exitcode=99 --suppressions=test/valgrind.supp \
   --trace-children=no --log-file="$log" \
   node --jitless scripts/valgrind-drive.mjs >"$out/drive.out" || status=$?
