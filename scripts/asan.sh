@@ -60,8 +60,9 @@ npm run --silent build:ts
 
 # --- run ----------------------------------------------------------------------
 rm -f "$out"/logs/*
-export LOCKMGR_PREBUILD="$root/$out"
-export LD_PRELOAD="$asan_rt:$ubsan_rt${LD_PRELOAD:+:$LD_PRELOAD}"
+# Not exported to this script's own commands (awk, grep): only the commands
+# run through `sanitized` get the runtimes and options.
+san_env=(LOCKMGR_PREBUILD="$root/$out" LD_PRELOAD="$asan_rt:$ubsan_rt${LD_PRELOAD:+:$LD_PRELOAD}")
 # detect_leaks=0: Node and V8 are not instrumented and free little at exit (and
 # SIGKILLed fixtures never exit at all), so LeakSanitizer would report thousands
 # of allocations of theirs; its suppressions match any frame of a stack, so a
@@ -71,21 +72,23 @@ export LD_PRELOAD="$asan_rt:$ubsan_rt${LD_PRELOAD:+:$LD_PRELOAD}"
 # checks for WebAssembly); ASan's must not take over.
 # detect_stack_use_after_return=0: our spawn path runs the child on a stack of
 # its own (clone3 + CLONE_VM); ASan's fake stacks do not survive that switch.
-export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=0:exitcode=86:handle_segv=0:handle_sigbus=0:handle_sigfpe=0:handle_abort=0:allow_user_segv_handler=1:detect_stack_use_after_return=0:check_initialization_order=1:strict_init_order=1:detect_odr_violation=0:log_path=$root/$out/logs/asan"
-export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:exitcode=87:log_path=$root/$out/logs/ubsan"
+asan_options="detect_leaks=0:halt_on_error=1:abort_on_error=0:exitcode=86:handle_segv=0:handle_sigbus=0:handle_sigfpe=0:handle_abort=0:allow_user_segv_handler=1:detect_stack_use_after_return=0:check_initialization_order=1:strict_init_order=1:detect_odr_violation=0:log_path=$root/$out/logs/asan"
+ubsan_options="print_stacktrace=1:halt_on_error=1:exitcode=87:log_path=$root/$out/logs/ubsan"
 
 suites=(test/locks.test.ts test/wait.test.ts test/worker.test.ts test/signal.test.ts test/supervise.test.ts
   test/leaks.test.ts test/errors.test.ts test/manager.test.ts test/migration.test.ts test/indirect.test.ts
   test/lockspace.test.ts test/blockdev.test.ts test/cli.test.ts)
 if [ $# -gt 0 ]; then suites=("$@"); fi
 
+sanitized() { env "${san_env[@]}" ASAN_OPTIONS="$asan_options" UBSAN_OPTIONS="$ubsan_options" "$@"; }
+
 status=0
-npx --no-install vitest run "${suites[@]}" || status=$?
+sanitized npx --no-install vitest run "${suites[@]}" || status=$?
 
 # The preload must have reached the workers: each node process that loaded the
 # sanitized addon could not have started without it, and a check in-process
 # proves the sanitized build is the one loaded.
-node --input-type=module -e '
+sanitized node --input-type=module -e '
   const { createRequire } = await import("node:module");
   const require = createRequire(process.cwd() + "/");
   const path = require("node-gyp-build").resolve(process.cwd());
@@ -93,6 +96,40 @@ node --input-type=module -e '
   await import(process.cwd() + "/dist/index.js");
   console.log("asan: sanitized addon " + path);
 ' || status=1
+
+# LeakSanitizer over scripts/valgrind-drive.mjs (every native entry point,
+# spawn and worker teardown included, which valgrind 3.19 cannot run: it lacks
+# pidfd_open). Here detect_leaks=1: at exit LSan lists every unfreed block no
+# pointer reaches. V8 and Node leave such blocks (worker isolates' remembered
+# sets and the like) and are not ours to fix, so the report is not suppressed
+# but filtered: a leak fails the job when a frame of its allocation stack is in
+# our code (symbolized as native/*.cc or *.h, else lockmgr.node): our code, or
+# an N-API call made by it, allocated the block. Checked to catch a planted
+# `new int[7]` in openFile.
+rm -rf "$out/lsan" && mkdir -p "$out/lsan"
+lsan_options=${asan_options/detect_leaks=0/detect_leaks=1}
+lsan_options=${lsan_options/\/logs\/asan/\/lsan\/lsan}
+asan_options=$lsan_options sanitized node scripts/valgrind-drive.mjs >"$out/lsan/drive.out" || true
+if ! grep -q '"ok":true' "$out/lsan/drive.out"; then
+  echo "asan: the LeakSanitizer driver did not finish" >&2
+  cat "$out/lsan/drive.out" >&2
+  status=1
+fi
+lsan_all=$(cat "$out"/lsan/lsan.* 2>/dev/null | grep -cE '^(Direct|Indirect) leak' || true)
+lsan_ours=$(cat "$out"/lsan/lsan.* 2>/dev/null | awk '
+  /^(Direct|Indirect) leak/ { if (rec != "" && ours) print rec; rec = $0; ours = 0; next }
+  /^$/ { if (rec != "" && ours) print rec; rec = ""; ours = 0; next }
+  rec != "" { rec = rec "\n" $0; if ($0 ~ /lockmgr\.node|[ \/]native\/[a-z_]+\.(cc|h):/) ours = 1 }
+  END { if (rec != "" && ours) print rec }' | tee "$out/lsan/ours.txt" | grep -cE '^(Direct|Indirect) leak' || true)
+echo "asan: LeakSanitizer over the driver: $lsan_all leak records in all, $lsan_ours with a frame in our code"
+if [ "$lsan_ours" != 0 ]; then
+  head -80 "$out/lsan/ours.txt" >&2
+  status=1
+fi
+if grep -l 'ERROR: AddressSanitizer' "$out"/lsan/lsan.* 2>/dev/null; then
+  echo "asan: AddressSanitizer error in the driver (above)" >&2
+  status=1
+fi
 
 shopt -s nullglob
 logs=("$out"/logs/*)
