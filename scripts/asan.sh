@@ -37,7 +37,7 @@ done
 out=build-asan
 mkdir -p "$out/native" "$out/logs"
 cp -p binding.gyp "$out/"
-cp -p native/*.cc native/*.h "$out/native/"
+cp -p native/* "$out/native/"
 san=(-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g -O1)
 (
   cd "$out"

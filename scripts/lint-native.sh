@@ -21,4 +21,12 @@ cppcheck --std=c++17 --language=c++ --enable=all --inline-suppr --error-exitcode
   -DNAPI_VERSION=8 -DNAPI_DISABLE_CPP_EXCEPTIONS -DNODE_ADDON_API_DISABLE_DEPRECATED \
   --template='{file}:{line}: {severity}: {id}: {message}' \
   native/*.cc
-echo "lint:native: cppcheck clean ($(ls native/*.cc | wc -l) files)"
+# C sources (helper executables), if any, as C.
+shopt -s nullglob
+c_files=(native/*.c)
+if [ ${#c_files[@]} -gt 0 ]; then
+  cppcheck --std=c11 --language=c --enable=all --inline-suppr --error-exitcode=1 -q \
+    --suppress=missingIncludeSystem -D__linux__ -D__x86_64__ -D__GNUC__ -D_GNU_SOURCE \
+    --template='{file}:{line}: {severity}: {id}: {message}' "${c_files[@]}"
+fi
+echo "lint:native: cppcheck clean ($(ls native/*.cc native/*.c 2>/dev/null | wc -l) files)"
