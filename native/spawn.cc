@@ -119,16 +119,17 @@ namespace lockmgr {
 namespace {
 
 // The first eight fields of struct clone_args (CLONE_ARGS_SIZE_VER0): declared
-// here so an older <linux/sched.h> cannot change what we pass.
+// here so an older <linux/sched.h> cannot change what we pass. The kernel reads
+// the fields we never set (they stay 0): they are there for the layout.
 struct CloneArgs {
   uint64_t flags;
   uint64_t pidfd;
-  uint64_t child_tid;
-  uint64_t parent_tid;
+  uint64_t child_tid;   // cppcheck-suppress unusedStructMember
+  uint64_t parent_tid;  // cppcheck-suppress unusedStructMember
   uint64_t exit_signal;
   uint64_t stack;
   uint64_t stack_size;
-  uint64_t tls;
+  uint64_t tls;  // cppcheck-suppress unusedStructMember
 };
 
 // Where a spawn failed. lib/supervise.ts maps these to syscall names.
@@ -168,6 +169,19 @@ std::atomic<bool> g_clone3_missing{false};
 std::atomic<uint64_t> g_clone3_spawns{0};
 std::atomic<uint64_t> g_fallback_spawns{0};
 
+// The child's code (ChildMain and everything it calls) is kept out of
+// AddressSanitizer's instrumentation; it matters only to `npm run test:asan`,
+// as nothing is instrumented in a normal build. The child runs on our own
+// mmap'd stack and shares the parent's memory, so also ASan's shadow and
+// state: instrumented frames poison shadow bytes of that stack, and its frames
+// never return (execve or _exit end them). ASan cannot clean up after them
+// (__asan_handle_no_return refuses a stack it did not create, with a warning),
+// so the poison outlived the child; once Teardown had unmapped the stack, V8
+// mapped heap pages at the same address and ASan reported its next memcpy
+// there as a stack-buffer-overflow in V8. The calls the child makes into libc
+// still go through ASan's interceptors, which only check their arguments.
+#define LOCKMGR_CHILD_CODE __attribute__((no_sanitize_address))
+
 // Everything the child needs, prepared by the parent. The child reads it and
 // writes only err and stage; with CLONE_VFORK the parent reads them once the
 // child has exec'd (they stay 0) or exited.
@@ -187,7 +201,7 @@ struct ChildPlan {
   volatile int stage;
 };
 
-[[noreturn]] void ChildFail(ChildPlan* p, int stage, int err) {
+[[noreturn]] LOCKMGR_CHILD_CODE void ChildFail(ChildPlan* p, int stage, int err) {
   p->stage = stage;
   p->err = err;
   _exit(127);
@@ -196,7 +210,7 @@ struct ChildPlan {
 // Closes every open fd in [lo, hi] but `keep`, by walking /proc/self/fd with
 // raw getdents64 (no opendir: no malloc in the child). Passes repeat until one
 // closes nothing, so closing while listing cannot skip an entry.
-int CloseByListing(unsigned lo, unsigned hi) {
+LOCKMGR_CHILD_CODE int CloseByListing(unsigned lo, unsigned hi) {
   int dir = open("/proc/self/fd", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (dir < 0) return errno;
   alignas(8) char buf[2048];
@@ -232,7 +246,7 @@ int CloseByListing(unsigned lo, unsigned hi) {
 // Closes [lo, hi]. close_range(2) is one syscall. Where it is missing (before
 // Linux 5.9: ENOSYS) or refused (seccomp profiles older than it answer EPERM),
 // list /proc/self/fd; only without /proc, loop up to the hard fd limit.
-int CloseRange(unsigned lo, unsigned hi) {
+LOCKMGR_CHILD_CODE int CloseRange(unsigned lo, unsigned hi) {
   if (lo > hi) return 0;
   if (syscall(SYS_close_range, lo, hi, 0) == 0) return 0;
   if (errno != ENOSYS && errno != EPERM && errno != EINVAL) return errno;
@@ -253,7 +267,7 @@ int CloseRange(unsigned lo, unsigned hi) {
 // /proc/self/fd, so the parent's keeps its flag; a socket cannot be reopened,
 // so its shared flag is cleared, as libuv does. Regular files ignore
 // O_NONBLOCK, and a reopen would lose their offset: they are left alone.
-void MakeStdioBlocking() {
+LOCKMGR_CHILD_CODE void MakeStdioBlocking() {
   for (int i = 0; i < 3; i++) {
     int fl = fcntl(i, F_GETFL);
     if (fl < 0 || (fl & O_NONBLOCK) == 0) continue;
@@ -279,7 +293,7 @@ void MakeStdioBlocking() {
 // that is missing or unreadable does not stop the search; EACCES is remembered
 // and wins over ENOENT at the end; any other error ends it. ENOEXEC (a text file
 // without #!) runs the file with /bin/sh, as execvp does. Returns the errno.
-int ExecSearch(ChildPlan* p) {
+LOCKMGR_CHILD_CODE int ExecSearch(ChildPlan* p) {
   int err = ENOENT;
   bool saw_eacces = false;
   for (char* const* path = p->paths; *path != nullptr; ++path) {
@@ -312,7 +326,7 @@ int ExecSearch(ChildPlan* p) {
 // Runs in the child, on its own stack, every signal blocked (the parent blocked
 // them all before clone so that no handler of the parent's can run here on
 // shared memory).
-int ChildMain(void* arg) {
+LOCKMGR_CHILD_CODE int ChildMain(void* arg) {
   ChildPlan* p = static_cast<ChildPlan*>(arg);
 
   // Every disposition back to the default: handlers would be reset by execve
@@ -524,7 +538,8 @@ class OrphanReaper {
       }
       pfds.clear();
       pfds.push_back({wake_fd_, POLLIN, 0});
-      for (int fd : fds_) pfds.push_back({fd, POLLIN, 0});
+      // A plain loop reads better here than std::transform with a back_inserter.
+      for (int fd : fds_) pfds.push_back({fd, POLLIN, 0});  // cppcheck-suppress useStlAlgorithm
       lock.unlock();
       int n = poll(pfds.data(), pfds.size(), -1);
       lock.lock();
@@ -858,8 +873,8 @@ Napi::Value Spawn(const Napi::CallbackInfo& info) {
     // wait ends as it exits): reap it now, in microseconds. Left to the loop, a
     // synchronous loop of failing spawns piles up zombies and pidfds until
     // clone3 itself fails with EMFILE.
-    siginfo_t info;
-    while (waitid(static_cast<idtype_t>(P_PIDFD), static_cast<id_t>(pidfd), &info, WEXITED | __WALL) < 0 && errno == EINTR) {
+    siginfo_t si;
+    while (waitid(static_cast<idtype_t>(P_PIDFD), static_cast<id_t>(pidfd), &si, WEXITED | __WALL) < 0 && errno == EINTR) {
     }
     close(pidfd);
     out[2] = plan.stage;

@@ -26,6 +26,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <deque>
@@ -240,12 +241,12 @@ class WaitPool {
   void Shutdown() {
     std::unique_lock<std::mutex> lock(mu_);
     stopping_ = true;
-    for (auto& kv : active_) Kick(kv.second);
+    for (const auto& kv : active_) Kick(kv.second);
     work_cv_.notify_all();
     exit_cv_.wait(lock, [this] { return live_ == 0; });
     std::vector<pthread_t> threads;
     threads.swap(threads_);
-    for (auto& kv : active_) delete kv.second;
+    for (const auto& kv : active_) delete kv.second;
     active_.clear();
     queue_.clear();
     lock.unlock();
@@ -370,12 +371,8 @@ class WaitPool {
       // detaches itself. The module is pinned (PinModule), so the few
       // instructions it runs after the unlock below stay mapped.
       pthread_t self = pthread_self();
-      for (auto it = threads_.begin(); it != threads_.end(); ++it) {
-        if (pthread_equal(*it, self)) {
-          threads_.erase(it);
-          break;
-        }
-      }
+      auto it = std::find_if(threads_.begin(), threads_.end(), [self](pthread_t t) { return pthread_equal(t, self) != 0; });
+      if (it != threads_.end()) threads_.erase(it);
       pthread_detach(self);
     }
     live_--;

@@ -18,7 +18,7 @@ import {
   openLockable,
   systemError,
 } from '../lib/index.js';
-import { compileShim, distUrl, fdCount, isRoot, lockFixture, runScript } from './helpers.js';
+import { compileShim, distUrl, fdCount, isRoot, lockFixture, preload, runScript } from './helpers.js';
 
 const fx = lockFixture();
 const open = fx.opened;
@@ -196,7 +196,7 @@ describe('real triggers', () => {
       }
       await f.lock('shared').then(() => { out.lock = 'ok'; }, (e) => { out.lock = e.name; });
       console.log(JSON.stringify(out));`;
-    expect(runScript(script, { LD_PRELOAD: shim, DENY_OFD_ERRNO: String(errnoOf('EINVAL')) })).toEqual({
+    expect(runScript(script, { LD_PRELOAD: preload(shim), DENY_OFD_ERRNO: String(errnoOf('EINVAL')) })).toEqual({
       tryLock: 'UnsupportedError EINVAL fcntl',
       getConflict: 'UnsupportedError EINVAL fcntl',
       unlock: 'UnsupportedError EINVAL fcntl',
@@ -209,7 +209,7 @@ describe('real triggers', () => {
     const script = `import { openLockable } from ${JSON.stringify(distUrl)};
       const f = openLockable(${JSON.stringify(fx.path)});
       try { f.tryLock('exclusive'); console.log('"ok"'); } catch (e) { console.log(JSON.stringify(e.name + ' ' + e.code + ' ' + e.cause?.code)); }`;
-    expect(runScript(script, { LD_PRELOAD: shim, DENY_OFD_ERRNO: String(errnoOf('ENOLCK')) })).toBe('NoLocksAvailableError ERR_NO_LOCKS ENOLCK');
+    expect(runScript(script, { LD_PRELOAD: preload(shim), DENY_OFD_ERRNO: String(errnoOf('ENOLCK')) })).toBe('NoLocksAvailableError ERR_NO_LOCKS ENOLCK');
   });
 
   it('a FIFO is refused without blocking on the open', () => {

@@ -158,6 +158,14 @@ export function compileShim(name: string, dir: string): string {
   return out;
 }
 
+/**
+ * LD_PRELOAD value for a shim, after whatever is preloaded already: under
+ * `npm run test:asan` the sanitizer runtimes are preloaded and must stay first.
+ */
+export function preload(shim: string): string {
+  return [process.env.LD_PRELOAD, shim].filter(Boolean).join(':');
+}
+
 /** Runs an ES module script with plain node; returns its stdout parsed as JSON (stderr must be empty). */
 export function runScript(source: string, env: NodeJS.ProcessEnv = {}): unknown {
   const r = spawnSync(process.execPath, ['--input-type=module', '-e', source], { encoding: 'utf8', env: { ...process.env, ...env } });

@@ -12,7 +12,7 @@ import {
   type LockManagerOptions,
   type ManagerState,
 } from '../lib/index.js';
-import { Peer, compileShim, distUrl, fdCount, isRoot, lockFixture, makeFile, managerPeerScript, runScript, waitUntil } from './helpers.js';
+import { Peer, compileShim, distUrl, fdCount, isRoot, lockFixture, makeFile, managerPeerScript, preload, runScript, waitUntil } from './helpers.js';
 
 const fx = lockFixture();
 const managers: LockManager[] = [];
@@ -156,7 +156,7 @@ describe('registerResource', () => {
       try { m.registerResource({ type: 'disk', path: ${JSON.stringify(fx.path)}, mode: 'exclusive' });
             await m.start('touch', [${JSON.stringify(marker)}]); console.log('"started"'); }
       catch (e) { console.log(JSON.stringify(e.name + ' ' + m.state)); }`;
-    expect(runScript(script, { LD_PRELOAD: shim, DENY_OFD_ERRNO: '22' })).toBe('UnsupportedError new');
+    expect(runScript(script, { LD_PRELOAD: preload(shim), DENY_OFD_ERRNO: '22' })).toBe('UnsupportedError new');
     expect(existsSync(marker)).toBe(false);
   });
 

@@ -2,7 +2,7 @@ import { execFileSync, spawnSync } from 'node:child_process';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, expect, it } from 'vitest';
-import { makeFile, tempDir } from './helpers.js';
+import { makeFile, preload, tempDir } from './helpers.js';
 
 // The wake-up signal (SIGRTMIN+6 unless LOCKMGR_WAKE_SIGNAL says otherwise) must
 // be ours alone: a handler someone else installed would swallow our wake-ups.
@@ -31,7 +31,7 @@ function waitInChild(env: Record<string, string>): { tryLock?: boolean; result: 
       (e) => console.log(JSON.stringify({ tryLock, result: e.name + ' ' + e.code + ' ' + e.message })));`;
   const r = spawnSync(process.execPath, ['--input-type=module', '-e', script], {
     encoding: 'utf8',
-    env: { ...process.env, LD_PRELOAD: shim, ...env },
+    env: { ...process.env, LD_PRELOAD: preload(shim), ...env },
   });
   expect(r.stderr).toBe('');
   return JSON.parse(r.stdout);

@@ -18,7 +18,7 @@ import {
   type SupervisedProcess,
 } from '../lib/index.js';
 import { supervisionInfo } from '../lib/supervise.js';
-import { compileShim, distUrl, isRoot, runScript, tempDir, threadCount, waitUntil } from './helpers.js';
+import { compileShim, distUrl, isRoot, preload, runScript, tempDir, threadCount, waitUntil } from './helpers.js';
 import { childrenOf, collect, firstJsonLine, openFds, procStat, procState, signalMasks, within, zombieChildren } from './process-helpers.js';
 
 const here = fileURLToPath(new URL('.', import.meta.url));
@@ -559,7 +559,7 @@ test('where clone3 is ENOSYS (seccomp, old kernels) spawns fall back to clone + 
     const info = supervisionInfo();
     out.info = { clone3Missing: info.clone3Missing, clone3Spawns: info.clone3Spawns, fallbackSpawns: info.fallbackSpawns };
     console.log(JSON.stringify(out));`;
-  const env = { LD_PRELOAD: shim, DENY_CLONE3: '1', LOCKMGR_SPAWN_FALLBACK: '' };
+  const env = { LD_PRELOAD: preload(shim), DENY_CLONE3: '1', LOCKMGR_SPAWN_FALLBACK: '' };
   expect(runScript(script, env)).toEqual({
     status: { code: 3, signal: null },
     error: 'true ENOENT',
@@ -617,7 +617,7 @@ test('where close_range is refused (EPERM from an old seccomp profile) the child
     const status = await child.exited;
     await closed;
     console.log(JSON.stringify({ status, fds: out.trim().split(/\\s+/).map(Number).sort((a, b) => a - b), kept, extra }));`;
-  const out = runScript(script, { LD_PRELOAD: shim, DENY_CLOSE_RANGE: '1' }) as { status: unknown; fds: number[]; kept: number };
+  const out = runScript(script, { LD_PRELOAD: preload(shim), DENY_CLOSE_RANGE: '1' }) as { status: unknown; fds: number[]; kept: number };
   expect(out.status).toEqual({ code: 0, signal: null });
   // ls itself opens one fd to list the directory.
   expect(out.fds.filter((fd) => fd !== 3 || out.kept === 3).slice(0, 3)).toEqual([0, 1, 2]);
