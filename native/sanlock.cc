@@ -322,8 +322,8 @@ class Worker {
 
 class SanlockState {
  public:
-  SanlockState(Napi::Env env, Napi::Function on_done) : env_(env), lease_(this), admin_(this) {
-    tsfn_ = Napi::ThreadSafeFunction::New(env, on_done, "lockmgr:sanlock", 0, 1);
+  SanlockState(Napi::Env env, Napi::Function on_done)
+      : env_(env), tsfn_(Napi::ThreadSafeFunction::New(env, on_done, "lockmgr:sanlock", 0, 1)), lease_(this), admin_(this) {
     tsfn_.Unref(env);
   }
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # npm run test:asan: the native-facing test suites against an addon built with
-# AddressSanitizer + UndefinedBehaviorSanitizer (docs/reliability-native.md).
+# AddressSanitizer + UndefinedBehaviorSanitizer (docs/reliability.md, "Native hygiene").
 #
 # - The sanitized addon is built from a copy of binding.gyp and native/ in
 #   build-asan/, so build/Release (what `npm test` and the package load) is
@@ -77,7 +77,7 @@ ubsan_options="print_stacktrace=1:halt_on_error=1:exitcode=87:log_path=$root/$ou
 
 suites=(test/locks.test.ts test/wait.test.ts test/worker.test.ts test/signal.test.ts test/supervise.test.ts
   test/leaks.test.ts test/errors.test.ts test/manager.test.ts test/migration.test.ts test/indirect.test.ts
-  test/lockspace.test.ts test/blockdev.test.ts test/cli.test.ts)
+  test/lockspace.test.ts test/blockdev.test.ts test/cli.test.ts test/sanlock.test.ts test/exhaustion.test.ts)
 if [ $# -gt 0 ]; then suites=("$@"); fi
 
 sanitized() { env "${san_env[@]}" ASAN_OPTIONS="$asan_options" UBSAN_OPTIONS="$ubsan_options" "$@"; }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # npm run test:valgrind: valgrind memcheck over scripts/valgrind-drive.mjs, which
 # drives every native entry point of the addon (the build npm test uses,
-# build/Release) through dist/ (docs/reliability-native.md).
+# build/Release) through dist/ (docs/reliability.md, "Native hygiene").
 #
 # Fails on any memcheck error (invalid read/write, use of uninitialised
 # values, bad free, fd misuse...) and on any definitely lost block, with
