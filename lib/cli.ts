@@ -338,8 +338,9 @@ function table(e: StatusEntry): string {
   if (e.error) return `${e.path}\n  error               ${e.error.message}\n`;
   const rows: Array<[string, string]> = [
     ['kind', `${e.kind} (${e.identity})`],
-    ['lease (byte 0)', e.lease!.state === 'free' ? 'free' : `held ${e.lease!.state}`],
-    ['migration guard', e.migrationGuard!.state === 'free' ? 'free' : `held ${e.migrationGuard!.state}`],
+    // With --lockspace the lease is in the lock files below; the image's own bytes are the direct lockspace's.
+    [e.lockFiles ? 'image byte 0 (direct)' : 'lease (byte 0)', e.lease!.state === 'free' ? 'free' : `held ${e.lease!.state}`],
+    [e.lockFiles ? 'image byte 1 (direct)' : 'migration guard', e.migrationGuard!.state === 'free' ? 'free' : `held ${e.migrationGuard!.state}`],
     ...(e.lockFiles ?? []).map((f): [string, string] => [
       `lock file (${f.source})`,
       `${f.path}: ${f.exists ? `lease ${f.lease.state === 'free' ? 'free' : `held ${f.lease.state}`}, guard ${f.migrationGuard.state === 'free' ? 'free' : `held ${f.migrationGuard.state}`}` : 'absent (free)'}`,
