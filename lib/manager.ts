@@ -205,6 +205,20 @@ function checkResource(value: unknown, what: string): CheckedSpec {
   return { type, path, mode, qemuCompatible: spec.qemuCompatible === true };
 }
 
+/**
+ * acquireAll() that `stop` (the manager's own: the child's exit, shutdown,
+ * free, a cancel) also ends, with stop's reason as the error. `wait` must be
+ * explicit: stop is not the caller's signal.
+ */
+async function acquireUnless(stop: AbortSignal, resources: Iterable<Resource>, options: AcquireOptions & { wait: boolean }): Promise<void> {
+  try {
+    await acquireAll(resources, { ...options, signal: options.signal === undefined ? stop : AbortSignal.any([options.signal, stop]) });
+  } catch (err) {
+    if (stop.aborted) throw stop.reason as Error;
+    throw err;
+  }
+}
+
 function checkFlag(value: unknown, what: string): boolean {
   if (value !== undefined && typeof value !== 'boolean') throw new InvalidArgumentError(`${what} must be a boolean, got ${describe(value)}`);
   return value === true;
@@ -488,10 +502,9 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
     const stop = this.#hotplugAbort!.signal;
     const wait = w.timeout !== undefined || w.signal !== undefined;
     try {
-      await acquireAll([r], { timeout: w.timeout, signal: w.signal === undefined ? stop : AbortSignal.any([w.signal, stop]), wait });
+      await acquireUnless(stop, [r], { timeout: w.timeout, signal: w.signal, wait });
     } catch (err) {
       if (r.hotplugged) this.#forget(r);
-      if (stop.aborted) throw stop.reason as Error;
       throw err;
     }
     if (this.#state !== 'running') {
@@ -587,9 +600,8 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
     const stop = AbortSignal.any([this.#hotplugAbort!.signal, this.#handoverAbort.signal]);
     this.#handover = (async () => {
       try {
-        await acquireAll(this.#resources.values(), { wait: true, timeout, signal: signal === undefined ? stop : AbortSignal.any([signal, stop]), checkGuard: false });
+        await acquireUnless(stop, this.#resources.values(), { wait: true, timeout, signal, checkGuard: false });
       } catch (err) {
-        if (stop.aborted) throw stop.reason as Error;
         if (err instanceof LockTimeoutError) {
           throw new LockTimeoutError(`completeMigrateIn: the source (${uri}) did not let go in time: ${err.message}`, { timeout: err.timeout, holder: err.holder, cause: err });
         }
@@ -662,13 +674,8 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
     if (this.#state === 'migrated') {
       const stop = this.#hotplugAbort!.signal;
       this.#handover = (async () => {
-        try {
-          // Not a fresh acquire: the target's guard is expected, and this is the source taking back its own.
-          await acquireAll(this.#resources.values(), { timeout, signal: signal === undefined ? stop : AbortSignal.any([signal, stop]), wait: timeout !== undefined || signal !== undefined, checkGuard: false });
-        } catch (err) {
-          if (stop.aborted) throw stop.reason as Error;
-          throw err;
-        }
+        // Not a fresh acquire: the target's guard is expected, and this is the source taking back its own.
+        await acquireUnless(stop, this.#resources.values(), { timeout, signal, wait: timeout !== undefined || signal !== undefined, checkGuard: false });
         if (this.#state !== 'migrated') {
           this.#releaseAll();
           throw new InvalidStateError(`completeMigrateOut: the manager became '${this.#state}' while it took the leases back; they were released`);

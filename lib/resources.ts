@@ -34,9 +34,37 @@ export interface AcquireOptions {
   checkGuard?: boolean;
 }
 
+const byKey = (a: string, b: string): number => (a < b ? -1 : a > b ? 1 : 0);
+
 /** Canonical order: by identity key, the same in every process, so two managers never deadlock. */
 export function canonicalOrder<T extends { lease: Lease }>(resources: Iterable<T>): T[] {
-  return [...resources].sort((a, b) => (a.lease.key < b.lease.key ? -1 : a.lease.key > b.lease.key ? 1 : 0));
+  return [...resources].sort((a, b) => byKey(a.lease.key, b.lease.key));
+}
+
+type Step = { r: Resource; slot: LeaseSlot };
+
+/**
+ * The lease files of all `resources`, in the one global lock order (by slot
+ * key: a file's identity, or a lock file's path), the same in every process,
+ * so two managers never deadlock, even when two resources share a lock file
+ * (hard links in an indirect lockspace).
+ */
+function lockOrder(resources: readonly Resource[]): Step[] {
+  return resources.flatMap((r) => r.lease.slots.map((slot) => ({ r, slot }))).sort((a, b) => byKey(a.slot.key, b.slot.key));
+}
+
+/** Whether to wait, and until when: waiting by default when a timeout or signal is given. */
+function waitPlan(options: AcquireOptions): { wait: boolean; deadline: number | undefined } {
+  return {
+    wait: options.wait ?? (options.timeout !== undefined || options.signal !== undefined),
+    deadline: options.timeout === undefined ? undefined : Date.now() + options.timeout,
+  };
+}
+
+/** `err`, saying which of `touched` (all but the one that failed) were released again. */
+function rolledBack(err: unknown, touched: Iterable<Resource>): unknown {
+  const failed = err instanceof ResourceBusyError ? err.resource : null;
+  return withRollback(err, [...new Set(touched)].filter((r) => r.path !== failed).map((r) => r.path));
 }
 
 const heldAs = (mode: 'exclusive' | 'shared'): string => (mode === 'exclusive' ? 'exclusively' : 'shared');
@@ -161,21 +189,16 @@ function completeOne(r: Resource, checkGuard: boolean): void {
 /**
  * Takes every resource's lease, or none: on the first failure everything
  * taken is released in reverse order and the error says which resources were
- * released again. The lease files of all resources are locked in one global
- * order (by slot key: a file's identity, or a lock file's path), the same in
- * every process, so two managers never deadlock, even when two resources share
- * a lock file (hard links in an indirect lockspace). Without timeout or signal
+ * released again. The lease files are locked in lockOrder(). Without timeout or signal
  * it never waits (fail fast). QEMU conflicts always fail fast: QEMU's locks are
  * not waited for.
  */
 export async function acquireAll(resources: Iterable<Resource>, options: AcquireOptions = {}): Promise<void> {
-  const wait = options.wait ?? (options.timeout !== undefined || options.signal !== undefined);
-  const deadline = options.timeout === undefined ? undefined : Date.now() + options.timeout;
+  const { wait, deadline } = waitPlan(options);
   const checkGuard = options.checkGuard ?? true;
   const todo = canonicalOrder(resources).filter((r) => !r.held);
-  const order = todo.flatMap((r) => r.lease.slots.map((slot) => ({ r, slot }))).sort((a, b) => (a.slot.key < b.slot.key ? -1 : a.slot.key > b.slot.key ? 1 : 0));
   const left = new Map(todo.map((r) => [r, r.lease.slots.length]));
-  const taken: Array<{ r: Resource; slot: LeaseSlot }> = [];
+  const taken: Step[] = [];
   const complete: Resource[] = [];
   const owned: Resource[] = [];
   try {
@@ -185,7 +208,7 @@ export async function acquireAll(resources: Iterable<Resource>, options: Acquire
       await r.lease.owned.take(r.mode, { wait, timeout: remaining(deadline), signal: options.signal });
       owned.push(r);
     }
-    for (const step of order) {
+    for (const step of lockOrder(todo)) {
       await takeSlot(step.r, step.slot, wait, deadline, options.signal);
       taken.push(step);
       const n = left.get(step.r)! - 1;
@@ -199,8 +222,7 @@ export async function acquireAll(resources: Iterable<Resource>, options: Acquire
     for (const r of [...complete].reverse()) if (r.qemu !== undefined && r.lease.image !== null) releaseQemuLocks(r.lease.image, r.qemu);
     for (const t of taken.reverse()) t.slot.release(LEASE_RANGE);
     for (const r of owned.reverse()) r.lease.owned!.release();
-    const failed = err instanceof ResourceBusyError ? err.resource : null;
-    throw withRollback(err, [...new Set([...owned, ...taken.map((t) => t.r)])].filter((r) => r.path !== failed).map((r) => r.path));
+    throw rolledBack(err, [...owned, ...taken.map((t) => t.r)]);
   }
   for (const r of todo) r.held = true;
 }
@@ -228,13 +250,11 @@ export function releaseOne(r: Resource, options: { keepFiles?: boolean } = {}): 
  * A conflicting guard is another migration of the same disk.
  */
 export async function takeGuards(resources: Iterable<Resource>, options: AcquireOptions = {}): Promise<void> {
-  const wait = options.wait ?? (options.timeout !== undefined || options.signal !== undefined);
-  const deadline = options.timeout === undefined ? undefined : Date.now() + options.timeout;
+  const { wait, deadline } = waitPlan(options);
   const todo = canonicalOrder(resources).filter((r) => !r.guarded);
-  const order = todo.flatMap((r) => r.lease.slots.map((slot) => ({ r, slot }))).sort((a, b) => (a.slot.key < b.slot.key ? -1 : a.slot.key > b.slot.key ? 1 : 0));
-  const taken: Array<{ r: Resource; slot: LeaseSlot }> = [];
+  const taken: Step[] = [];
   try {
-    for (const step of order) {
+    for (const step of lockOrder(todo)) {
       const { r, slot } = step;
       if (!(await slot.take(lockModeOf(r.mode), GUARD_RANGE, { wait, timeout: remaining(deadline), signal: options.signal }))) {
         const { candidates, text } = who(slot.path);
@@ -248,8 +268,7 @@ export async function takeGuards(resources: Iterable<Resource>, options: Acquire
     }
   } catch (err) {
     for (const t of taken.reverse()) t.slot.release(GUARD_RANGE);
-    const failed = err instanceof ResourceBusyError ? err.resource : null;
-    throw withRollback(err, [...new Set(taken.map((t) => t.r))].filter((r) => r.path !== failed).map((r) => r.path));
+    throw rolledBack(err, taken.map((t) => t.r));
   }
   for (const r of todo) r.guarded = true;
 }
