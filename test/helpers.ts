@@ -6,7 +6,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import * as hooks from 'vitest';
-import { openLockable, type LockableFile } from '../lib/index.js';
+import { LockManager, openLockable, type LockableFile, type LockManagerOptions } from '../lib/index.js';
 
 export const isRoot = process.getuid?.() === 0;
 
@@ -175,3 +175,43 @@ export function runScript(source: string, env: NodeJS.ProcessEnv = {}): unknown 
 
 /** The URL of the built package entry, for scripts run by plain node. */
 export const distUrl = new URL('../dist/index.js', import.meta.url).href;
+
+/**
+ * LockManagers and manager peer processes (fixtures/manager-peer.mjs) made by
+ * a test, freed after it, as a vitest hook. Managers first: under lockLifetime
+ * 'child' a killed supervisor's child lives on, and free() kills it.
+ */
+export function managerHarness(): { managers: LockManager[]; peers: Peer[]; manager(options?: LockManagerOptions): LockManager; managerPeer(): Promise<Peer> } {
+  const harness = {
+    managers: [] as LockManager[],
+    peers: [] as Peer[],
+    manager(options?: LockManagerOptions): LockManager {
+      const m = new LockManager(options);
+      harness.managers.push(m);
+      return m;
+    },
+    async managerPeer(): Promise<Peer> {
+      const p = await Peer.start(process.env, managerPeerScript);
+      harness.peers.push(p);
+      return p;
+    },
+  };
+  hooks.afterEach(async () => {
+    for (const m of harness.managers.splice(0)) await m.free();
+    for (const p of harness.peers.splice(0)) {
+      if (p.child.exitCode === null && p.child.signalCode === null) await p.call('free').catch(() => undefined);
+      await p.kill();
+    }
+  });
+  return harness;
+}
+
+/** Whether a process exists (kill(pid, 0)); a zombie still does. */
+export function processExists(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}

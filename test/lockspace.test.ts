@@ -7,11 +7,11 @@ import { linkSync, mkdirSync, readdirSync, symlinkSync, writeFileSync } from 'no
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { InvalidArgumentError, LockManager, openLockable, ResourceAccessError, ResourceBusyError, type LockManagerOptions, type ResourceSpec } from '../lib/index.js';
-import { Peer, fdCount, lockFixture, makeFile, managerPeerScript } from './helpers.js';
+import { fdCount, lockFixture, makeFile, managerHarness, type Peer } from './helpers.js';
 
 const fx = lockFixture();
-const managers: LockManager[] = [];
-const peers: Peer[] = [];
+const harness = managerHarness();
+const { managers } = harness;
 const vms: number[] = [];
 let dir: string;
 const TARGET = 'qemu+ssh://target/system';
@@ -22,12 +22,7 @@ beforeEach(() => {
   mkdirSync(dir, { mode: 0o755 });
 });
 
-afterEach(async () => {
-  for (const m of managers.splice(0)) await m.free();
-  for (const p of peers.splice(0)) {
-    if (p.child.exitCode === null && p.child.signalCode === null) await p.call('free').catch(() => undefined);
-    await p.kill();
-  }
+afterEach(() => {
   // VMs whose supervisor a test killed live on (lockLifetime 'child').
   for (const vm of vms.splice(0)) {
     try {
@@ -40,16 +35,11 @@ afterEach(async () => {
 
 const indirect = (): LockManagerOptions => ({ lockspace: { kind: 'indirect', dir } });
 
-function manager(options: LockManagerOptions = indirect()): LockManager {
-  const m = new LockManager(options);
-  managers.push(m);
-  return m;
-}
+const manager = (options: LockManagerOptions = indirect()): LockManager => harness.manager(options);
 
 /** A manager in another process, running `sleep` with `specs` held. */
 async function holder(specs: ResourceSpec[], options: LockManagerOptions = indirect()): Promise<Peer> {
-  const p = await Peer.start(process.env, managerPeerScript);
-  peers.push(p);
+  const p = await harness.managerPeer();
   await p.call('create', options);
   for (const s of specs) await p.call('register', s);
   vms.push(await p.call<number>('start', 'sleep', ['1000']));
@@ -119,8 +109,7 @@ describe('a LockManager with an indirect lockspace', () => {
   it('migration in an indirect lockspace: the guard sits on the lock files, third parties are refused, no stray files', async () => {
     const src = await holder([{ type: 'disk', path: fx.path, mode: 'exclusive' }]);
     const token = await src.call<string>('inquire');
-    const tgt = await Peer.start(process.env, managerPeerScript);
-    peers.push(tgt);
+    const tgt = await harness.managerPeer();
     await tgt.call('fromInquire', token, indirect());
     await tgt.call('start', 'sleep', ['1000']);
     await src.call('prepareMigrate', TARGET);
@@ -235,8 +224,7 @@ describe('a LockManager with an indirect lockspace', () => {
   it('a source that takes its leases back in an indirect lockspace: its VM carries them again, even with the supervisor killed', async () => {
     const src = await holder([{ type: 'disk', path: fx.path, mode: 'exclusive' }]);
     const token = await src.call<string>('prepareMigrate', TARGET);
-    const tgt = await Peer.start(process.env, managerPeerScript);
-    peers.push(tgt);
+    const tgt = await harness.managerPeer();
     await tgt.call('fromInquire', token, indirect());
     await tgt.call('start', 'sleep', ['1000']);
     // The target gives up first, then the source lets go and takes back.

@@ -2,7 +2,7 @@
 import { spawnSync } from 'node:child_process';
 import { chmodSync, existsSync, linkSync, readFileSync, readdirSync, readlinkSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import {
   InvalidArgumentError,
   InvalidStateError,
@@ -12,33 +12,11 @@ import {
   type LockManagerOptions,
   type ManagerState,
 } from '../lib/index.js';
-import { Peer, compileShim, distUrl, fdCount, isRoot, lockFixture, makeFile, managerPeerScript, preload, runScript, waitUntil } from './helpers.js';
+import { compileShim, distUrl, fdCount, isRoot, lockFixture, makeFile, managerHarness, preload, runScript, waitUntil } from './helpers.js';
 
 const fx = lockFixture();
-const managers: LockManager[] = [];
-const peers: Peer[] = [];
+const { manager, managerPeer } = managerHarness();
 const BYTE0 = { start: 0, length: 1 };
-
-function manager(options?: LockManagerOptions): LockManager {
-  const m = new LockManager(options);
-  managers.push(m);
-  return m;
-}
-
-async function managerPeer(): Promise<Peer> {
-  const p = await Peer.start(process.env, managerPeerScript);
-  peers.push(p);
-  return p;
-}
-
-afterEach(async () => {
-  for (const m of managers.splice(0)) await m.free();
-  // free() first: under lockLifetime 'child' a killed supervisor's child lives on.
-  for (const p of peers.splice(0)) {
-    if (p.child.exitCode === null && p.child.signalCode === null) await p.call('free').catch(() => undefined);
-    await p.kill();
-  }
-});
 
 /** What an observer sees on byte 0 of `path`: the conflicting lock's mode, or 'free'. */
 function observe(path = fx.path): 'exclusive' | 'shared' | 'free' {

@@ -3,37 +3,17 @@
 // process observes the lock bytes from outside as a third party would.
 import { spawnSync } from 'node:child_process';
 import { readFileSync, readdirSync, readlinkSync } from 'node:fs';
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { InvalidArgumentError, InvalidStateError, LockManager, ResourceBusyError, type LockManagerOptions } from '../lib/index.js';
-import { Peer, fdCount, lockFixture, makeFile, managerPeerScript, waitUntil } from './helpers.js';
+import { fdCount, lockFixture, makeFile, managerHarness, processExists, waitUntil, type Peer } from './helpers.js';
 
 const fx = lockFixture();
-const managers: LockManager[] = [];
-const peers: Peer[] = [];
+const { managers, peers, manager, managerPeer } = managerHarness();
 const LEASE = { start: 0, length: 1 };
 const GUARD = { start: 1, length: 1 };
 const TARGET = 'qemu+ssh://target.example/system';
 const SOURCE = 'qemu+ssh://source.example/system';
 
-function manager(options?: LockManagerOptions): LockManager {
-  const m = new LockManager(options);
-  managers.push(m);
-  return m;
-}
-
-async function managerPeer(): Promise<Peer> {
-  const p = await Peer.start(process.env, managerPeerScript);
-  peers.push(p);
-  return p;
-}
-
-afterEach(async () => {
-  for (const m of managers.splice(0)) await m.free();
-  for (const p of peers.splice(0)) {
-    if (p.child.exitCode === null && p.child.signalCode === null) await p.call('free').catch(() => undefined);
-    await p.kill();
-  }
-});
 
 /** What a third party sees on a byte of `path`: the conflicting lock's mode, or 'free'. */
 function observe(range: { start: number; length: number }, path = fx.path): 'exclusive' | 'shared' | 'free' {
@@ -43,14 +23,7 @@ function observe(range: { start: number; length: number }, path = fx.path): 'exc
   return c === null ? 'free' : c.mode;
 }
 
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-}
+const alive = processExists;
 
 /** A source process running a VM (sleep) with `path` leased in `mode`. */
 async function source(mode: 'exclusive' | 'shared' = 'exclusive', options: LockManagerOptions = {}, path = fx.path): Promise<{ peer: Peer; token: string; vm: number }> {

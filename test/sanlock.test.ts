@@ -12,7 +12,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { AbortError, LockManager, LockTimeoutError, ResourceAccessError, ResourceBusyError, SpawnError, InvalidStateError, UnsupportedError } from '../lib/index.js';
 import { createDiskLease, initStorage, joinLockspace, leaveLockspace, lockspaceJoined, lockspaceState, sanlockLibraryError } from '../lib/sanlock.js';
-import { Peer, fdCount, isRoot, managerPeerScript, threadCount, waitUntil } from './helpers.js';
+import { Peer, fdCount, isRoot, managerPeerScript, processExists, threadCount, waitUntil } from './helpers.js';
 
 function unavailable(): string | null {
   if (!isRoot) return 'not root (loop devices and the sanlock daemon need root)';
@@ -111,14 +111,7 @@ function stopDaemon1(): { resume: () => void; stopped: () => boolean } {
   return { resume, stopped: () => stopped };
 }
 
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-}
+const alive = processExists;
 
 // Also when the suite below is skipped or filtered out: root is made at load.
 afterAll(() => rmSync(root, { recursive: true, force: true }));
