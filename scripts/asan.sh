@@ -112,9 +112,11 @@ sanitized node --input-type=module -e '
 rm -rf "$out/lsan" && mkdir -p "$out/lsan"
 lsan_options=${asan_options/detect_leaks=0/detect_leaks=1}
 lsan_options=${lsan_options/\/logs\/asan/\/lsan\/lsan}
-asan_options=$lsan_options sanitized node scripts/valgrind-drive.mjs >"$out/lsan/drive.out" || true
+drive_rc=0
+asan_options=$lsan_options sanitized node scripts/valgrind-drive.mjs >"$out/lsan/drive.out" || drive_rc=$?
 if ! grep -q '"ok":true' "$out/lsan/drive.out"; then
-  echo "asan: the LeakSanitizer driver did not finish" >&2
+  # The exit status says how it ended (128+N: killed by signal N), for a run that printed nothing.
+  echo "asan: the LeakSanitizer driver did not finish (exit status $drive_rc)" >&2
   cat "$out/lsan/drive.out" >&2
   status=1
 fi
