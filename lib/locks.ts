@@ -8,7 +8,7 @@
 // tryLock() is one F_OFD_SETLK on the calling thread. lock() tries the same
 // first; only on conflict does it park an F_OFD_SETLKW on a dedicated native
 // waiter thread (native/waiters.cc), never on the event loop or libuv's pool.
-import { fstatSync, lstatSync, statfsSync, type BigIntStats } from 'node:fs';
+import { fstatSync, statfsSync, type BigIntStats } from 'node:fs';
 import {
   AbortError,
   InvalidArgumentError,
@@ -40,10 +40,12 @@ export interface OpenOptions {
   /** 'readwrite' (default) allows exclusive and shared locks; 'read' allows shared locks only. */
   access?: Access;
   /**
-   * Create the file (mode 0600) if it is missing, for lock files. Only with
-   * access 'readwrite'. The last path component must not be a symlink: it is
-   * refused (O_NOFOLLOW) with a ResourceAccessError, so a link planted at a lock
-   * file's name cannot make us create or lock a file of someone else's choosing.
+   * Open or create a lock file. Only with access 'readwrite'. A missing file is
+   * created (O_EXCL, mode 0600). An existing one is used only if it is
+   * plausibly a lock file: a regular file, empty, with one link, owned by this
+   * user or root, without set-id bits; anything else is refused with a
+   * ResourceAccessError before it is opened for writing. The last path
+   * component is never followed through a symlink.
    */
   create?: boolean;
 }
@@ -74,7 +76,11 @@ const EAGAIN = errnoOf('EAGAIN');
 const EACCES = errnoOf('EACCES');
 const EBADF = errnoOf('EBADF');
 const EINVAL = errnoOf('EINVAL');
+const EEXIST = errnoOf('EEXIST');
 const ELOOP = errnoOf('ELOOP');
+const ENOENT = errnoOf('ENOENT');
+/** How often a lock file may vanish between the O_EXCL create and the open of the existing one: each time, another process deleted it. */
+const MAX_CREATE_ATTEMPTS = 1000;
 const ECANCELED = errnoOf('ECANCELED');
 const ETIMEDOUT = errnoOf('ETIMEDOUT');
 
@@ -148,13 +154,16 @@ export class LockableFile implements Disposable {
   readonly kind: ResourceKind;
   readonly identity: ResourceIdentity;
   readonly access: Access;
+  /** This open created the file (openLockable with `create`, and the name was free). */
+  readonly created: boolean;
   #fd: number;
   #closed = false;
   readonly #waits = new Set<PendingWait>();
 
   /** @internal */
-  constructor(token: symbol, fd: number, path: string, kind: ResourceKind, identity: ResourceIdentity, access: Access) {
+  constructor(token: symbol, fd: number, path: string, kind: ResourceKind, identity: ResourceIdentity, access: Access, created = false) {
     if (token !== constructing) throw new InvalidStateError('use openLockable() to open a lockable file');
+    this.created = created;
     this.#fd = fd;
     this.path = path;
     this.kind = kind;
@@ -354,20 +363,65 @@ function pseudoFilesystem(fd: number): string | null {
   }
 }
 
-/** Whether the last component of `path` is a symlink (for the message of an O_NOFOLLOW refusal). */
-function isSymlink(path: string): boolean {
+/** fstat of a descriptor as a typed error (ResourceAccessError, the cause Node's system error). */
+function fstatOf(fd: number, path: string): BigIntStats {
   try {
-    return lstatSync(path).isSymbolicLink();
-  } catch {
-    return false;
+    return fstatSync(fd, { bigint: true });
+  } catch (err) {
+    throw fromErrno('open', -((err as NodeJS.ErrnoException).errno ?? -EINVAL), path, `cannot stat '${path}'`);
   }
 }
 
 /**
- * Opens a regular file or block device for locking. Never creates unless
- * `create` says so; the fd is O_CLOEXEC | O_NOCTTY. Throws InvalidArgumentError
- * for a bad path or option, ResourceAccessError when the open fails, the path
- * is a directory, or (with `create`) its last component is a symlink.
+ * Why an existing file is not plausibly a lock file, or null. Lock files are
+ * made by lock managers (lockmgr, virtlockd): empty, one link, owned by the
+ * user that made them or by root, no set-id bits. Anything else was put there
+ * by someone else, and using it would let them choose what we lock, hold open
+ * for writing, or delete.
+ */
+function implausibleLockFile(st: BigIntStats): string | null {
+  if (st.isSymbolicLink()) return 'is a symbolic link, and lock files are never followed through symlinks';
+  if (!st.isFile()) return `is a ${st.isDirectory() ? 'directory' : st.isBlockDevice() ? 'block device' : (statTypes.find(([test]) => test(st))?.[1] ?? 'special file')}, not a lock file`;
+  if (st.size !== 0n) return `is not empty (${st.size} bytes): lock files are always empty, so this is some other file`;
+  if ((Number(st.mode) & 0o6000) !== 0) return `has its set-user-ID or set-group-ID bit set (mode ${(Number(st.mode) & 0o7777).toString(8).padStart(4, '0')})`;
+  const uid = BigInt(process.geteuid?.() ?? 0);
+  if (st.uid !== uid && st.uid !== 0n) return `is owned by uid ${st.uid}, neither this user (uid ${uid}) nor root: its owner could delete or replace it under a holder`;
+  if (st.nlink > 1n) return `has ${st.nlink} hard links; a lock file has one`;
+  return null;
+}
+
+/**
+ * Whether a lock file may be deleted at its last release: still plausible, and
+ * in the form lockmgr creates (mode 0600, owned by this user). A file someone
+ * made otherwise is left alone, even when empty.
+ */
+export function deletableLockFile(st: BigIntStats): boolean {
+  return implausibleLockFile(st) === null && st.uid === BigInt(process.geteuid?.() ?? 0) && (Number(st.mode) & 0o7777) === 0o600 && st.nlink === 1n;
+}
+
+function typeError(path: string, st: BigIntStats): LockManagerError {
+  if (st.isDirectory()) {
+    const cause = systemError(errnoOf('EISDIR'), 'open', path);
+    return new ResourceAccessError(`cannot lock '${path}': ${cause.message}`, { cause });
+  }
+  const type = statTypes.find(([test]) => test(st))?.[1] ?? 'special file';
+  return new InvalidArgumentError(`'${path}' is a ${type}; only regular files and block devices can be locked (it was not opened)`);
+}
+
+/**
+ * Opens a regular file or block device for locking; the fd is O_CLOEXEC |
+ * O_NOCTTY. What the path names is decided before it is opened for I/O (an
+ * O_PATH descriptor and fstat): a character device, FIFO or socket is never
+ * opened, and the file that is opened is the inode that was checked.
+ *
+ * With `create` (lock files): a missing file is created (O_EXCL, mode 0600);
+ * an existing one must be a plausible lock file (empty, one link, owned by this
+ * user or root, no set-id bits) and is refused otherwise, before it is opened
+ * for writing. The last component is never followed through a symlink.
+ *
+ * Throws InvalidArgumentError for a bad path or option or a file that cannot be
+ * locked, ResourceAccessError when the open fails, the path is a directory or
+ * (with `create`) the file is not a plausible lock file.
  */
 export function openLockable(path: string, options?: OpenOptions): LockableFile {
   checkPath(path);
@@ -380,38 +434,45 @@ export function openLockable(path: string, options?: OpenOptions): LockableFile 
   if (create && access !== 'readwrite') {
     throw new InvalidArgumentError("create needs access 'readwrite': a lock file that may be created must be writable");
   }
-  const fd = native.openFile(path, access === 'readwrite', create);
-  if (fd < 0) {
-    if (create && -fd === ELOOP) {
-      const what = isSymlink(path) ? 'is a symbolic link' : 'has too many symbolic links in its directories';
-      throw fromErrno('open', ELOOP, path, `refused to open lock file '${path}': it ${what}, and lock files are never followed through symlinks (remove it if it is not yours)`);
+  const writable = access === 'readwrite';
+  const how = `for ${writable ? 'reading and writing' : 'reading'}`;
+  let opath = -1;
+  for (let attempt = 0; opath < 0; attempt++) {
+    if (create) {
+      const fd = native.createFile(path);
+      if (fd >= 0) return adopt(fd, path, fstatOf(fd, path), access, true);
+      if (-fd !== EEXIST) throw fromErrno('open', -fd, path, `cannot create or open lock file '${path}'`);
     }
-    const verb = create ? 'create or open' : 'open';
-    throw fromErrno('open', -fd, path, `cannot ${verb} '${path}' for ${access === 'readwrite' ? 'reading and writing' : 'reading'}`);
+    opath = native.openPath(path, create);
+    // A lock file deleted by its last holder between our two opens: create it anew.
+    if (opath === -ENOENT && create && attempt < MAX_CREATE_ATTEMPTS) continue;
+    if (opath < 0) throw fromErrno('open', -opath, path, create ? `cannot create or open lock file '${path}'` : `cannot open '${path}' ${how}`);
   }
+  let fd: number;
   let st: BigIntStats;
   try {
-    st = fstatSync(fd, { bigint: true });
-  } catch (err) {
-    native.closeFd(fd);
-    throw fromErrno('open', -((err as NodeJS.ErrnoException).errno ?? -EINVAL), path, `cannot stat '${path}'`);
+    st = fstatOf(opath, path);
+    if (create) {
+      if (st.isSymbolicLink()) {
+        throw fromErrno('open', ELOOP, path, `refused to open lock file '${path}': it is a symbolic link, and lock files are never followed through symlinks (remove it if it is not yours)`);
+      }
+      const why = implausibleLockFile(st);
+      if (why !== null) throw new ResourceAccessError(`refused to use '${path}' as a lock file: it ${why}. It was not opened for writing; remove it if no lock manager of yours made it`);
+    }
+    if (!st.isFile() && !st.isBlockDevice()) throw typeError(path, st);
+    const pseudo = st.isFile() ? pseudoFilesystem(opath) : null;
+    if (pseudo !== null) {
+      throw new InvalidArgumentError(`'${path}' is on ${pseudo}, a pseudo filesystem of kernel interfaces; only regular files (of a real filesystem) and block devices can be locked`);
+    }
+    fd = native.reopenFd(opath, writable);
+    if (fd < 0) throw fromErrno('open', -fd, path, `cannot open '${path}' ${how}`);
+  } finally {
+    native.closeFd(opath);
   }
-  const pseudo = st.isFile() ? pseudoFilesystem(fd) : null;
-  if (pseudo !== null) {
-    native.closeFd(fd);
-    throw new InvalidArgumentError(`'${path}' is on ${pseudo}, a pseudo filesystem of kernel interfaces; only regular files (of a real filesystem) and block devices can be locked`);
-  }
-  if (st.isFile()) {
-    return new LockableFile(constructing, fd, path, 'file', { dev: st.dev, ino: st.ino, key: `f:${st.dev}:${st.ino}` }, access);
-  }
-  if (st.isBlockDevice()) {
-    return new LockableFile(constructing, fd, path, 'block-device', { dev: st.rdev, ino: 0n, key: `b:${st.rdev}` }, access);
-  }
-  native.closeFd(fd);
-  if (st.isDirectory()) {
-    const cause = systemError(errnoOf('EISDIR'), 'open', path);
-    throw new ResourceAccessError(`cannot lock '${path}': ${cause.message}`, { cause });
-  }
-  const type = statTypes.find(([test]) => test(st))?.[1] ?? 'special file';
-  throw new InvalidArgumentError(`'${path}' is a ${type}; only regular files and block devices can be locked`);
+  return adopt(fd, path, st, access, false);
+}
+
+function adopt(fd: number, path: string, st: BigIntStats, access: Access, created: boolean): LockableFile {
+  if (st.isBlockDevice()) return new LockableFile(constructing, fd, path, 'block-device', { dev: st.rdev, ino: 0n, key: `b:${st.rdev}` }, access, created);
+  return new LockableFile(constructing, fd, path, 'file', { dev: st.dev, ino: st.ino, key: `f:${st.dev}:${st.ino}` }, access, created);
 }

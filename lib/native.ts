@@ -7,8 +7,12 @@ import { fileURLToPath } from 'node:url';
 import { UnsupportedError, setStrerror } from './errors.js';
 
 export interface Native {
-  /** fd, or -errno. O_CLOEXEC | O_NOCTTY; with create also O_CREAT | O_NOFOLLOW, mode 0600 (ELOOP when the name is a symlink). */
-  openFile(path: string, writable: boolean, create: boolean): number;
+  /** O_PATH | O_CLOEXEC (| O_NOFOLLOW) fd, or -errno: names the inode, opens nothing. */
+  openPath(path: string, nofollow: boolean): number;
+  /** A new open file description of the inode an fd refers to (through /proc/self/fd), O_CLOEXEC | O_NOCTTY: fd, or -errno. */
+  reopenFd(fd: number, writable: boolean): number;
+  /** O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW, mode 0600: fd, or -errno (EEXIST when the name exists). */
+  createFile(path: string): number;
   /** F_OFD_SETLK; type 0 shared, 1 exclusive, 2 unlock. 0 or errno. */
   setlk(fd: number, type: number, start: number, length: number): number;
   /** F_OFD_GETLK into out = [type, start, length, pid]; type 2 = no conflict. 0 or errno. */

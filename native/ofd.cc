@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -56,35 +57,61 @@ Napi::Value Int(Napi::Env env, int32_t v) {
   return Napi::Value(env, out);
 }
 
-// openFile(path, writable, create) -> fd | -errno.
-// O_NONBLOCK only for the open itself: a FIFO opened for reading would otherwise
-// block the event loop until a writer appears, and a file with a lease held by
-// someone else would block until the lease breaks. It is cleared afterwards so a
-// descriptor handed to a child behaves normally.
-// create is for lock files in a shared directory (the indirect lockspace):
-// O_CREAT makes the file if it is missing, mode 0600 so that only its owner
-// can lock it; O_NOFOLLOW refuses (ELOOP) a symlink planted at the name, which
-// would otherwise make us create or lock a file of the planter's choosing.
-Napi::Value OpenFile(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
+// The safe open: decide what a path names before opening it for I/O. Opening
+// a character device can act (a watchdog arms, a tape rewinds), and an
+// implausible lock file must be refused before it is opened for writing.
+// openPath gives an O_PATH descriptor, which opens nothing; lib/ fstat()s it
+// and decides; reopenFd opens that very inode through /proc/self/fd, so the
+// name cannot be swapped between the decision and the open.
+
+// openPath(path, nofollow) -> O_PATH fd | -errno.
+Napi::Value OpenPath(const Napi::CallbackInfo& info) {
   std::string path = info[0].As<Napi::String>().Utf8Value();
-  bool writable = info[1].As<Napi::Boolean>().Value();
-  bool create = info.Length() > 2 && info[2].IsBoolean() && info[2].As<Napi::Boolean>().Value();
-  int flags = (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC | O_NOCTTY | O_NONBLOCK;
-  if (create) flags |= O_CREAT | O_NOFOLLOW;
+  int flags = O_PATH | O_CLOEXEC | (info[1].As<Napi::Boolean>().Value() ? O_NOFOLLOW : 0);
   int fd;
   do {
-    fd = create ? open(path.c_str(), flags, 0600) : open(path.c_str(), flags);
+    fd = open(path.c_str(), flags);
   } while (fd < 0 && errno == EINTR);
-  if (fd < 0) return Int(env, -errno);
-  int fl = fcntl(fd, F_GETFL);
-  if (fl < 0 || fcntl(fd, F_SETFL, fl & ~O_NONBLOCK) < 0) {
+  return Int(info.Env(), fd < 0 ? -errno : fd);
+}
+
+// Clears the O_NONBLOCK the open used and tracks the fd; closes it on failure.
+int Adopt(Napi::Env env, int fd) {
+  // F_SETFL changes only the status flags: 0 clears O_NONBLOCK, so a
+  // descriptor handed to a child behaves normally.
+  if (fcntl(fd, F_SETFL, 0) < 0) {
     int e = errno;
     close(fd);
-    return Int(env, -e);
+    return -e;
   }
   GetAddonData(env)->lock_fds.insert(fd);
-  return Int(env, fd);
+  return fd;
+}
+
+// reopenFd(opath, writable) -> fd | -errno: a new open file description of the
+// inode `opath` refers to. O_NONBLOCK for the open itself: a file with a lease
+// (F_SETLEASE) held by someone else would otherwise block until it breaks.
+Napi::Value ReopenFd(const Napi::CallbackInfo& info) {
+  char proc[64];
+  snprintf(proc, sizeof proc, "/proc/self/fd/%d", Int32Arg(info, 0));
+  int flags = (info[1].As<Napi::Boolean>().Value() ? O_RDWR : O_RDONLY) | O_CLOEXEC | O_NOCTTY | O_NONBLOCK;
+  int fd;
+  do {
+    fd = open(proc, flags);
+  } while (fd < 0 && errno == EINTR);
+  return Int(info.Env(), fd < 0 ? -errno : Adopt(info.Env(), fd));
+}
+
+// createFile(path) -> fd | -errno: a new lock file, or EEXIST. O_EXCL makes
+// "we created it" a fact; O_NOFOLLOW refuses a symlink planted at the name.
+Napi::Value CreateFile(const Napi::CallbackInfo& info) {
+  std::string path = info[0].As<Napi::String>().Utf8Value();
+  int flags = O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC | O_NOCTTY | O_NONBLOCK;
+  int fd;
+  do {
+    fd = open(path.c_str(), flags, 0600);
+  } while (fd < 0 && errno == EINTR);
+  return Int(info.Env(), fd < 0 ? -errno : Adopt(info.Env(), fd));
 }
 
 // setlk(fd, type, start, length) -> 0 | errno. Never waits.
@@ -162,7 +189,9 @@ void InitOfd(Napi::Env env, Napi::Object exports) {
     for (int fd : data->lock_fds) close(fd);
     data->lock_fds.clear();
   });
-  exports["openFile"] = Napi::Function::New(env, OpenFile, "openFile");
+  exports["openPath"] = Napi::Function::New(env, OpenPath, "openPath");
+  exports["reopenFd"] = Napi::Function::New(env, ReopenFd, "reopenFd");
+  exports["createFile"] = Napi::Function::New(env, CreateFile, "createFile");
   exports["setlk"] = Napi::Function::New(env, SetLk, "setlk");
   exports["getlk"] = Napi::Function::New(env, GetLk, "getlk");
   exports["closeFd"] = Napi::Function::New(env, CloseFd, "closeFd");

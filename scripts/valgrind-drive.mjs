@@ -3,7 +3,8 @@
 // instead of the whole vitest suite (Node under valgrind is 20-50x slower).
 //
 // Covered, per native function (native/*.cc):
-//   openFile (plain, create, failing) setlk getlk closeFd retireFd strerror
+//   openPath reopenFd createFile (plain, create, existing lock file, failing)
+//   setlk getlk closeFd retireFd strerror
 //   initWaiters waitLock (grant, timeout, abort, close while waiting, batches)
 //   cancelWait waiterThreads (and the idle exit of waiter threads)
 //   initSpawn spawn (exec, exit codes, failing exec, ENOEXEC -> /bin/sh, pipes,
@@ -81,13 +82,16 @@ check(b.tryLock('shared', { start: 100, length: 2 }) && ro.tryLock('shared', { s
 b.unlock();
 ro.close();
 const created = openLockable(join(dir, 'lockfile'), { create: true });
-check(created.tryLock('exclusive'), 'openFile create');
+check(created.created && created.tryLock('exclusive'), 'createFile');
+const existing = openLockable(join(dir, 'lockfile'), { create: true });
+check(!existing.created && !existing.tryLock('shared'), 'createFile EEXIST, openPath, reopenFd');
+existing.close();
 created.close();
 try {
   openLockable(join(dir, 'missing'));
-  check(false, 'openFile ENOENT');
+  check(false, 'openPath ENOENT');
 } catch (e) {
-  check(e.code !== undefined, 'openFile ENOENT');
+  check(e.code !== undefined, 'openPath ENOENT');
 }
 check(native.strerror(37).length > 0 && native.strerror(116).length > 0, 'strerror');
 

@@ -106,12 +106,23 @@ describe('real triggers', () => {
     expectSystem(openError(join(fx.tmp.dir, 'x'.repeat(300))), ResourceAccessError, 'ENAMETOOLONG');
   });
 
-  it('ENXIO: a unix socket', async () => {
+  it('ENXIO: a block device node with no device behind it (root: mknod, major 60 is for local use)', (ctx) => {
+    if (!isRoot) {
+      console.log('skipped: mknod needs root');
+      return ctx.skip();
+    }
+    const node = join(fx.tmp.dir, 'nodev');
+    execFileSync('mknod', [node, 'b', '60', '0']);
+    expectSystem(openError(node), ResourceAccessError, 'ENXIO');
+  });
+
+  it('a unix socket is refused before it is opened: InvalidArgumentError', async () => {
     const sock = join(fx.tmp.dir, 'sock');
     const server = createServer();
     await new Promise<void>((r) => server.listen(sock, r));
     try {
-      expectSystem(openError(sock), ResourceAccessError, 'ENXIO');
+      expect(openError(sock)).toBeInstanceOf(InvalidArgumentError);
+      expect(openError(sock).message).toMatch(/is a socket; only regular files and block devices can be locked \(it was not opened\)/);
     } finally {
       server.close();
     }

@@ -215,3 +215,31 @@ export function processExists(pid: number): boolean {
     return false;
   }
 }
+
+/**
+ * Runs node with `args` (a script: ['--input-type=module', '-e', source])
+ * under strace and returns the open(2)-family, unlink and rename calls whose
+ * path is one of `paths`, as strace printed them (O_PATH opens included);
+ * null when strace is not installed. The run may fail (a CLI exiting 64).
+ */
+export function syscallsOnPaths(args: readonly string[], paths: readonly string[]): string[] | null {
+  if (spawnSync('strace', ['-V']).status !== 0) return null;
+  const { dir, cleanup } = tempDir();
+  try {
+    const log = join(dir, 'strace.log');
+    const r = spawnSync('strace', ['-f', '-qq', '-e', 'trace=open,openat,openat2,creat,unlink,unlinkat,rename,renameat,renameat2', '-o', log, process.execPath, ...args], {
+      encoding: 'utf8',
+    });
+    if (r.error) throw r.error;
+    return readFileSync(log, 'utf8')
+      .split('\n')
+      .filter((line) => paths.some((p) => line.includes(JSON.stringify(p))));
+  } finally {
+    cleanup();
+  }
+}
+
+/** syscallsOnPaths() of an ES module script. */
+export function opensUnderStrace(source: string, paths: readonly string[]): string[] | null {
+  return syscallsOnPaths(['--input-type=module', '-e', source], paths);
+}
