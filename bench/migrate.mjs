@@ -20,7 +20,7 @@ async function migrate(disks) {
     for (const path of disks) s.registerResource({ type: 'disk', path, mode: 'exclusive' });
     await s.start('sleep', ['1000']);
     const p0 = process.hrtime.bigint();
-    t = LockManager.fromInquire(s.inquire());
+    t = LockManager.fromInquire(s.inquire(), { resources: disks.map((path) => ({ type: 'disk', path, mode: 'exclusive' })) });
     const p1 = process.hrtime.bigint();
     await t.start('sleep', ['1000']);
     const p2 = process.hrtime.bigint();

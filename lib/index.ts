@@ -26,6 +26,7 @@ export * from './errors.js';
 export {
   LockManager,
   type DiskSpec,
+  type FromInquireOptions,
   type LeaseSpec,
   type MigrateInOptions,
   type MigrateOutOptions,

@@ -19,7 +19,7 @@ import {
   ResourceAccessError,
   systemError,
 } from './errors.js';
-import { openLockable, type ByteRange, type LockableFile, type LockMode } from './locks.js';
+import { deletableLockFile, openLockable, type ByteRange, type LockableFile, type LockMode } from './locks.js';
 import {
   canonicalBlockNode,
   openDiskFile,
@@ -217,31 +217,14 @@ function isErrno(err: unknown, code: string): boolean {
   return (err as NodeJS.ErrnoException | null)?.code === code;
 }
 
-/** Opens (creating if missing) a lock file: readwrite, 0600, never through a symlink, a regular file with one link. */
+/**
+ * Opens (creating if missing) a lock file: readwrite, 0600, never through a
+ * symlink. An existing file must be a plausible lock file (openLockable's
+ * `create`: empty, one link, ours or root's, no set-id bits), or it is refused
+ * before it is opened for writing.
+ */
 function openLockFile(path: string): LockableFile {
-  const file = openLockable(path, { access: 'readwrite', create: true });
-  let problem: string | null = null;
-  if (file.kind !== 'file') {
-    problem = 'is a block device, not a lock file';
-  } else {
-    let links: bigint;
-    try {
-      links = fstatSync(file.fd, { bigint: true }).nlink;
-    } catch (err) {
-      file.close();
-      throw statError(err, path, `cannot check lock file '${path}'`);
-    }
-    // Nothing in the protocol links a lock file. A second link is someone
-    // else's doing, and unlinking the name at release would leave them a file
-    // we believe gone, or lock a file they chose. No link at all is a deleter
-    // that won the race since our open: take() finds that out and starts over.
-    if (links > 1n) problem = `has ${links} hard links; a lock file has at most one`;
-  }
-  if (problem !== null) {
-    file.close();
-    throw new ResourceAccessError(`refused to use lock file '${path}': it ${problem}. Remove it if no lease manager of yours made it`);
-  }
-  return file;
+  return openLockable(path, { access: 'readwrite', create: true });
 }
 
 function rangeKey(range: Readonly<ByteRange>): string {
@@ -249,10 +232,13 @@ function rangeKey(range: Readonly<ByteRange>): string {
 }
 
 /**
- * A lock file in a shared directory, created when missing and deleted when its
- * last holder leaves. Its `file` is replaced when take() finds that the name
- * was deleted or recreated; after a release deleted it, `file` is closed until
- * the next take() recreates it. take() calls on one slot must not overlap.
+ * A lock file in a shared directory, created when missing and, if
+ * `deletable`, deleted when its last holder leaves (only when it is still in
+ * the form lockmgr creates: empty, ours, mode 0600, one link). Its `file` is
+ * replaced when take() finds that the name was deleted or recreated; after a
+ * release deleted it, `file` is closed until the next take() recreates it.
+ * take() calls on one slot must not overlap. A named lease's file is never
+ * deleted (libvirt's are not either): it may be someone's configuration.
  */
 export class IndirectSlot implements LeaseSlot {
   readonly path: string;
@@ -261,10 +247,12 @@ export class IndirectSlot implements LeaseSlot {
   readonly #held = new Map<string, Readonly<ByteRange>>();
   #taking = false;
   #closed = false;
+  readonly #deletable: boolean;
 
-  constructor(path: string) {
+  constructor(path: string, options: { deletable: boolean }) {
     this.path = path;
     this.key = path;
+    this.#deletable = options.deletable;
     this.#file = openLockFile(path);
   }
 
@@ -410,7 +398,8 @@ export class IndirectSlot implements LeaseSlot {
    * Deletes the file if nobody holds any lock on it: a non-blocking exclusive
    * lock of the whole file (the lease, guard and pin bytes, and virtlockd's
    * locks, which conflict with ours) proves that; then the name must still
-   * point at our inode, else it is someone else's file now. unlink happens
+   * point at our inode, else it is someone else's file now, and the file must
+   * still be in the form lockmgr creates (deletableLockFile). unlink happens
    * under the lock. The probe uses a private open file description, opened for
    * the purpose and closed at once: the slot's own may be shared with a child
    * (keepFds), and a whole-file lock placed on it would stay for as long as
@@ -420,11 +409,15 @@ export class IndirectSlot implements LeaseSlot {
    * else deleted it.
    */
   #tryDelete(): void {
+    if (!this.#deletable) return;
     const file = this.#file;
     let probe: LockableFile | null = null;
     try {
-      probe = openLockable(this.path, { access: 'readwrite' });
-      if (probe.identity.dev === file.identity.dev && probe.identity.ino === file.identity.ino && probe.tryLock('exclusive', WHOLE_FILE) && this.#linked(file)) {
+      if (!deletableLockFile(fstatSync(file.fd, { bigint: true }))) return;
+      // Our inode, through a new open file description: never the name, which
+      // may point elsewhere by now.
+      probe = openLockable(`/proc/self/fd/${file.fd}`, { access: 'readwrite' });
+      if (probe.tryLock('exclusive', WHOLE_FILE) && this.#linked(file) && deletableLockFile(fstatSync(file.fd, { bigint: true }))) {
         unlinkSync(this.path);
         // The name is gone: the next take() creates the next file.
         file.close();
@@ -446,8 +439,10 @@ function checkSameDir(dir: string, expected: BigIntStats, what: string): void {
 
 function leaseOf(key: string, path: string, kind: Lease['kind'], slotPaths: readonly string[], image: LockableFile | null): Lease {
   const slots: IndirectSlot[] = [];
+  // A disk's lock files are lockmgr's own, named after the disk; a named lease's file is the caller's.
+  const deletable = kind !== 'lease';
   try {
-    for (const p of slotPaths) slots.push(new IndirectSlot(p));
+    for (const p of slotPaths) slots.push(new IndirectSlot(p, { deletable }));
   } catch (err) {
     for (const s of slots) s.close();
     image?.close();

@@ -100,6 +100,12 @@ export interface MigrateOutOptions extends WaitOptions {
   cancel?: boolean;
 }
 
+/** LockManager.fromInquire()'s options: a target's own configuration. */
+export interface FromInquireOptions extends Omit<LockManagerOptions, 'flags' | 'attach'> {
+  /** The target's resources, from its own configuration; the token must name exactly these. */
+  resources: ResourceSpec[];
+}
+
 export interface LockFailure {
   /** The resource whose lock was found lost. */
   resource: string;
@@ -157,9 +163,36 @@ function checkSignallable(pid: number): void {
   }
 }
 
-function requireMode(mode: ResourceMode | undefined): ResourceMode {
-  if (mode === undefined) throw new InvalidArgumentError(`resource.mode must be one of ${MODES.map((m) => `'${m}'`).join(', ')}`);
+function requireMode(mode: ResourceMode | undefined, what = 'resource.mode'): ResourceMode {
+  if (mode === undefined) throw new InvalidArgumentError(`${what} must be one of ${MODES.map((m) => `'${m}'`).join(', ')}`);
   return mode;
+}
+
+function specText(r: TokenResource | CheckedSpec): string {
+  const what = r.type === 'lease' ? `lease ${r.lockspace}/${r.key} in ${r.path}` : `disk ${r.path}`;
+  return `${what} (${r.mode ?? 'no mode'}${r.type === 'disk' && r.qemuCompatible ? ', QEMU-compatible' : ''})`;
+}
+
+const specKey = (r: TokenResource | CheckedSpec): string =>
+  r.type === 'lease' ? JSON.stringify(['lease', normalize(r.path), r.lockspace, r.key]) : JSON.stringify(['disk', normalize(r.path)]);
+
+/**
+ * Why a migration token's resources differ from the target's own, or null:
+ * the same resources (by type and path, a lease also by lockspace and key),
+ * each in the same mode and with the same QEMU-compatibility.
+ */
+function tokenMismatch(token: readonly TokenResource[], mine: readonly CheckedSpec[]): string | null {
+  const theirs = new Map(token.map((r) => [specKey(r), r]));
+  const ours = new Map(mine.map((r) => [specKey(r), r]));
+  for (const [key, r] of theirs) {
+    const m = ours.get(key);
+    if (m === undefined) return `the token names ${specText(r)}, which this target did not register`;
+    if (m.mode !== r.mode || (r.type === 'disk' && r.qemuCompatible !== (m.qemuCompatible === true))) {
+      return `the token has ${specText(r)}, and this target ${specText(m)}`;
+    }
+  }
+  for (const [key, m] of ours) if (!theirs.has(key)) return `this target registered ${specText(m)}, which the source does not hold`;
+  return null;
 }
 
 function checkParam(key: unknown, value: unknown): [keyof ManagerParams, ManagerParams[keyof ManagerParams]] {
@@ -537,20 +570,34 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
   }
 
   /**
-   * A migration target for the source that made `token` with inquire(): its
-   * resources registered, in state 'new' with flags.migrate. InvalidArgumentError
-   * for a truncated, altered or foreign token, or one from another lockspace
-   * than options.lockspace (default: direct).
+   * A migration target for the source that made `token` with inquire(), in
+   * state 'new' with flags.migrate. The target's own configuration names its
+   * resources (`options.resources`, as libvirt's target has the domain
+   * definition): they are registered, and the token must list exactly the same
+   * ones in the same modes. A path that only the token names is never opened.
+   * InvalidArgumentError for a truncated, altered or foreign token, one from
+   * another lockspace than options.lockspace (default: direct), or one whose
+   * resources differ from options.resources; nothing is left open.
    */
-  static fromInquire(token: string, options?: Omit<LockManagerOptions, 'flags' | 'attach'>): LockManager {
+  static fromInquire(token: string, options: FromInquireOptions): LockManager {
     const state = decodeToken(token);
-    const o = checkOptions<LockManagerOptions>(options, ['params', 'lockspace', 'lockLifetime', 'onLockFailure', 'verifyInterval'], 'fromInquire options');
+    const o = checkOptions<FromInquireOptions>(options, ['params', 'lockspace', 'lockLifetime', 'onLockFailure', 'verifyInterval', 'resources'], 'fromInquire options');
+    if (!Array.isArray(o.resources)) {
+      throw new InvalidArgumentError(
+        `fromInquire options.resources must be the target's own list of resources (the token is checked against it, never trusted for paths), got ${describe(o.resources)}`,
+      );
+    }
     const mine = o.params?.uuid;
     if (mine !== undefined && state.params.uuid !== undefined && String(mine).toLowerCase() !== state.params.uuid) {
       throw new InvalidArgumentError(`the migration token is for domain ${state.params.uuid}, not ${describe(mine)}`);
     }
+    const specs = o.resources.map((r, i) => checkResource(r, `resources[${i}]`));
+    for (const [i, spec] of specs.entries()) requireMode(spec.mode, `resources[${i}].mode`);
+    const differs = tokenMismatch(state.resources, specs);
+    if (differs !== null) throw new InvalidArgumentError(`the migration token does not match this target's resources: ${differs}`);
+    const { resources: _resources, ...managerOptions } = o;
     // The source's parameters, then the target's own (a domain's id differs per host).
-    const mgr = new LockManager({ ...o, params: { ...state.params, ...o.params }, flags: { migrate: true } });
+    const mgr = new LockManager({ ...managerOptions, params: { ...state.params, ...o.params }, flags: { migrate: true } });
     if (!sameLockspace(mgr.#space.config, state.lockspace)) {
       throw new InvalidArgumentError(
         `the migration token comes from a lockspace ${describeLockspace(state.lockspace)}, and this manager's is ${describeLockspace(mgr.#space.config)}: ` +
@@ -559,7 +606,7 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
     }
     mgr.#space.setMigrationState?.(state.leaseState);
     try {
-      for (const r of state.resources) mgr.registerResource(r as ResourceSpec);
+      for (const spec of specs) mgr.#open(spec, false);
     } catch (err) {
       for (const r of mgr.#resources.values()) r.lease.close();
       mgr.#resources.clear();

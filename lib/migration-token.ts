@@ -5,9 +5,11 @@
 //   lockmgr.1.<base64url of the JSON state>.<first 16 hex digits of its sha256>
 //
 // The digest catches truncation and accidental edits; it is not a signature
-// (anyone can compute it), so the token is as trustworthy as the channel that
-// carried it. The target checks the manager name, the version, the digest and
-// every field, and refuses anything else with InvalidArgumentError.
+// (anyone can compute it). The target therefore trusts the token for nothing
+// it could not check: it opens only the resources its own configuration names
+// (LockManager.fromInquire's `resources`), and the token must list exactly
+// those. It checks the manager name, the version, the digest and every field,
+// and refuses anything else with InvalidArgumentError.
 import { createHash } from 'node:crypto';
 import { InvalidArgumentError } from './errors.js';
 import type { LockspaceConfig, ResourceMode } from './lockspace.js';
@@ -34,6 +36,8 @@ export interface TokenState {
   /** The lock service's own state, where it has one: sanlock's inquire string (lease versions the target acquires with). */
   leaseState?: string;
 }
+
+const MODES: readonly ResourceMode[] = ['exclusive', 'shared', 'readonly'];
 
 const digest = (text: string): string => createHash('sha256').update(text).digest('hex').slice(0, 16);
 
@@ -86,6 +90,10 @@ export function decodeToken(token: unknown): TokenState {
     if (res === null || typeof res !== 'object' || (res.type !== 'disk' && res.type !== 'lease') || typeof res.path !== 'string' || typeof res.mode !== 'string') {
       throw bad(`resource ${i} is not a disk or lease with a path and a mode`);
     }
+    onlyKeys(res, res.type === 'disk' ? ['type', 'path', 'mode', 'qemuCompatible'] : ['type', 'lockspace', 'key', 'path', 'mode'], `resource ${i}`);
+    if (!(MODES as readonly unknown[]).includes(res.mode)) throw bad(`resource ${i} has an unknown mode ${describe(res.mode)}`);
+    if (res.type === 'disk' && typeof res.qemuCompatible !== 'boolean') throw bad(`resource ${i} does not say whether it is QEMU-compatible`);
+    if (res.type === 'lease' && (typeof res.lockspace !== 'string' || typeof res.key !== 'string')) throw bad(`resource ${i} is a lease without a lockspace and key`);
   }
   return { lockspace, params, resources: b.resources as TokenResource[], leaseState: b.leaseState as string | undefined };
 }

@@ -20,10 +20,11 @@ import {
   openLockable,
   spawnSupervised,
   type LockableFile,
+  type ResourceSpec,
   type SupervisedProcess,
 } from '../lib/index.js';
 import { locksOn } from '../lib/proc-locks.js';
-import { distUrl, fdCount, isRoot, makeFile, runScript, tempDir, waitUntil } from './helpers.js';
+import { distUrl, fdCount, isRoot, makeFile, runScript, syscallsOnPaths, tempDir, waitUntil } from './helpers.js';
 import { childrenOf } from './process-helpers.js';
 
 const BIN = fileURLToPath(new URL('../bin/lockmgr.js', import.meta.url));
@@ -233,7 +234,7 @@ const pathCases: PathCase[] = [
   { label: 'a regular file used as a directory', path: () => P.underFile!, api: { error: RAE, message: /ENOTDIR: not a directory/, cause: 'ENOTDIR' }, run: 66, status: 'ERR_RESOURCE_ACCESS' },
   { label: 'a directory', path: () => P.dir!, api: { error: RAE, message: /'.*a-dir'.*EISDIR/, cause: 'EISDIR' }, run: 66, status: 'ERR_RESOURCE_ACCESS' },
   { label: 'a FIFO', path: () => P.fifo!, api: { error: IAE, message: /is a FIFO; only regular files and block devices can be locked/ }, run: 64, status: 'ERR_INVALID_ARGUMENT' },
-  { label: 'a unix socket', path: () => P.socket!, api: { error: RAE, message: /ENXIO: no such device or address/, cause: 'ENXIO' }, run: 66, status: 'ERR_RESOURCE_ACCESS' },
+  { label: 'a unix socket', path: () => P.socket!, api: { error: IAE, message: /is a socket; only regular files and block devices can be locked \(it was not opened\)/ }, run: 64, status: 'ERR_INVALID_ARGUMENT' },
   { label: 'a /proc file (/proc/self/comm: another file in every process)', path: () => P.proc!, api: { error: IAE, message: /'\/proc\/self\/comm' is on proc, a pseudo filesystem/ }, run: 64, status: 'ERR_INVALID_ARGUMENT' },
   ...(SYS_FILE === undefined ? [] : [{ label: `a /sys file (${SYS_FILE})`, path: () => P.sys!, api: { error: IAE, message: /is on sysfs, a pseudo filesystem/ }, run: 64, status: 'ERR_INVALID_ARGUMENT' }]),
   { label: '/dev/null (a character device)', path: () => P.devnull!, api: { error: IAE, message: /'\/dev\/null' is a character device/ }, run: 64, status: 'ERR_INVALID_ARGUMENT' },
@@ -286,6 +287,35 @@ describe('paths', () => {
     ];
     for (const [label, fn, x] of spawnCases) it(label, () => expectFailure(fn, x));
   });
+});
+
+// ---------------------------------------------------------------------------
+// Host safety (issue 18, part 3): opening a character device can act (a
+// watchdog arms, a tape rewinds). What a path names is decided through an
+// O_PATH descriptor, which opens nothing; a device is never opened for I/O.
+
+describe('a character device is never opened', () => {
+  const cli = fileURLToPath(new URL('../bin/lockmgr.js', import.meta.url));
+  const cases: Array<[string, string[]]> = [
+    ['openLockable', ['--input-type=module', '-e', `import { openLockable } from ${JSON.stringify(distUrl)}; try { openLockable('/dev/zero'); } catch {}`]],
+    [
+      'registerResource and acquireResource',
+      ['--input-type=module', '-e', `import { LockManager } from ${JSON.stringify(distUrl)}; const m = new LockManager(); try { m.registerResource({ type: 'disk', path: '/dev/zero', mode: 'readonly' }); } catch {} await m.free();`],
+    ],
+    ['lockmgr status /dev/zero', [cli, 'status', '/dev/zero']],
+    ['lockmgr run --exclusive /dev/zero', [cli, 'run', '--exclusive', '/dev/zero', '--', 'true']],
+  ];
+  for (const [label, args] of cases) {
+    it(`${label}: only O_PATH opens of /dev/zero (strace)`, (ctx) => {
+      const calls = syscallsOnPaths(args, ['/dev/zero']);
+      if (calls === null) {
+        console.log('skipped: strace is not installed');
+        return ctx.skip();
+      }
+      expect(calls.length, 'the path was looked at').toBeGreaterThan(0);
+      expect(calls.filter((line) => !line.includes('O_PATH'))).toEqual([]);
+    });
+  }
 });
 
 // ---------------------------------------------------------------------------
@@ -857,6 +887,8 @@ describe('inquire tokens', () => {
     await source.free();
     body = JSON.parse(Buffer.from(token.split('.')[2]!, 'base64url').toString('utf8')) as Record<string, unknown>;
   });
+  /** The target's own configuration: the disk the source registered. */
+  const mine = (): ResourceSpec[] => [{ type: 'disk', path: disk, mode: 'exclusive' }];
   const tokenCases: Array<[string, () => string, RegExp, ErrorClass?]> = [
     ['truncated by a few characters', () => token.slice(0, -3), /its digest does not match: it was truncated or altered/],
     ['truncated to its head', () => token.slice(0, 12), /it is not in the form lockmgr\.VERSION\.STATE\.DIGEST \(truncated\?\)/],
@@ -874,26 +906,32 @@ describe('inquire tokens', () => {
     ['no resources list', () => forge('lockmgr', 1, { ...body, resources: 'all' }), /its resources are not a list/],
     ['a resource without a path', () => forge('lockmgr', 1, { ...body, resources: [{ type: 'disk', mode: 'exclusive' }] }), /resource 0 is not a disk or lease with a path and a mode/],
     ['an unknown lockspace', () => forge('lockmgr', 1, { ...body, lockspace: { kind: 'nfs' } }), /it names no known lockspace/],
-    ['a resource with an unknown mode', () => forge('lockmgr', 1, { ...body, resources: [{ type: 'disk', path: disk, mode: 'write' }] }), /resource\.mode must be one of/],
-    ['a resource with a relative path', () => forge('lockmgr', 1, { ...body, resources: [{ type: 'disk', path: 'disk.img', mode: 'exclusive' }] }), /resource\.path must be absolute/],
-    ['a resource with an unknown key', () => forge('lockmgr', 1, { ...body, resources: [{ type: 'disk', path: disk, mode: 'exclusive', evil: true }] }), /resource has an unknown option 'evil'/],
-    ['a lease resource whose key escapes with ..', () => forge('lockmgr', 1, { ...body, resources: [{ type: 'lease', lockspace: 'ls', key: '..', path: tmp.dir, mode: 'exclusive' }] }), /lease key must not be '\.' or '\.\.'/],
+    ['a resource with an unknown mode', () => forge('lockmgr', 1, { ...body, resources: [{ type: 'disk', path: disk, mode: 'write', qemuCompatible: false }] }), /resource 0 has an unknown mode "write"/],
+    ['a resource with a relative path', () => forge('lockmgr', 1, { ...body, resources: [{ type: 'disk', path: 'disk.img', mode: 'exclusive', qemuCompatible: false }] }), /the token names disk disk\.img \(exclusive\), which this target did not register/],
+    ['a resource with an unknown key', () => forge('lockmgr', 1, { ...body, resources: [{ type: 'disk', path: disk, mode: 'exclusive', qemuCompatible: false, evil: true }] }), /resource 0 has an unknown key 'evil'/],
+    ['a lease resource whose key escapes with ..', () => forge('lockmgr', 1, { ...body, resources: [{ type: 'lease', lockspace: 'ls', key: '..', path: tmp.dir, mode: 'exclusive' }] }), /the token names lease ls\/\.\. in .*, which this target did not register/],
     ['malformed uuid in its params', () => forge('lockmgr', 1, { ...body, params: { uuid: 'nope' } }), /params\.uuid must be a UUID/],
     ['an unknown param', () => forge('lockmgr', 1, { ...body, params: { owner: 'x' } }), /params has an unknown option 'owner'/],
     ['from an indirect lockspace, for a direct target', () => forge('lockmgr', 1, { ...body, lockspace: { kind: 'indirect', dir: tmp.dir } }), /comes from a lockspace indirect .* and this manager's is direct/],
-    ['naming a file that is missing here', () => forge('lockmgr', 1, { ...body, resources: [{ type: 'disk', path: P.missing, mode: 'exclusive', qemuCompatible: false }] }), /cannot open '.*missing\.img'.*ENOENT/, ResourceAccessError],
-    ['naming a FIFO', () => forge('lockmgr', 1, { ...body, resources: [{ type: 'disk', path: P.fifo, mode: 'shared', qemuCompatible: false }] }), /is a FIFO/],
+    ['naming a file this target did not configure', () => forge('lockmgr', 1, { ...body, resources: [{ type: 'disk', path: P.missing, mode: 'exclusive', qemuCompatible: false }] }), /the token names disk .*missing\.img \(exclusive\), which this target did not register/],
+    ['naming a FIFO', () => forge('lockmgr', 1, { ...body, resources: [{ type: 'disk', path: P.fifo, mode: 'shared', qemuCompatible: false }] }), /the token names disk .*, which this target did not register/],
+    ['a disk made shared', () => forge('lockmgr', 1, { ...body, resources: [{ type: 'disk', path: disk, mode: 'shared', qemuCompatible: false }] }), /the token has disk .* \(shared\), and this target disk .* \(exclusive\)/],
+    ['a disk missing from it', () => forge('lockmgr', 1, { ...body, resources: [] }), /this target registered disk .* \(exclusive\), which the source does not hold/],
   ];
   for (const [label, make, message, error = IAE] of tokenCases) {
-    it(`fromInquire: ${label}`, () => expectFailure(() => LockManager.fromInquire(make()), { error, message }));
+    it(`fromInquire: ${label}`, () => expectFailure(() => LockManager.fromInquire(make(), { resources: mine() }), { error, message }));
   }
-  it('fromInquire: not a string', () => expectFailure(() => LockManager.fromInquire(42 as never), { error: IAE, message: /expected a string from inquire\(\), got 42/ }));
+  it('fromInquire: not a string', () => expectFailure(() => LockManager.fromInquire(42 as never, { resources: mine() }), { error: IAE, message: /expected a string from inquire\(\), got 42/ }));
+  it('fromInquire: no resources of the target\'s own', () =>
+    expectFailure(() => LockManager.fromInquire(token, {} as never), { error: IAE, message: /fromInquire options\.resources must be the target's own list of resources .*, got undefined/ }));
+  it('fromInquire: a target resource that is not a resource', () =>
+    expectFailure(() => LockManager.fromInquire(token, { resources: [{ type: 'disk', path: disk }] as never }), { error: IAE, message: /resources\[0\]\.mode must be one of/ }));
   it('fromInquire: a target uuid that differs from the token', () =>
-    expectFailure(() => LockManager.fromInquire(token, { params: { uuid: '22345678-1234-1234-1234-123456789abc' } }), { error: IAE, message: /the migration token is for domain 12345678-.*, not "22345678-/ }));
-  it('fromInquire: a target option that a target may not have (flags)', () => expectFailure(() => LockManager.fromInquire(token, { flags: { migrate: false } } as never), { error: IAE, message: /fromInquire options has an unknown option 'flags'/ }));
+    expectFailure(() => LockManager.fromInquire(token, { resources: mine(), params: { uuid: '22345678-1234-1234-1234-123456789abc' } }), { error: IAE, message: /the migration token is for domain 12345678-.*, not "22345678-/ }));
+  it('fromInquire: a target option that a target may not have (flags)', () => expectFailure(() => LockManager.fromInquire(token, { resources: mine(), flags: { migrate: false } } as never), { error: IAE, message: /fromInquire options has an unknown option 'flags'/ }));
   it('the control: the untouched token makes a target in state new, holding nothing', async () => {
     const before = snapshot();
-    const target = LockManager.fromInquire(token);
+    const target = LockManager.fromInquire(token, { resources: mine() });
     expect(target.state).toBe('new');
     expect(target.resources.map((r) => [r.path, r.mode, r.held])).toEqual([[disk, 'exclusive', false]]);
     await target.free();

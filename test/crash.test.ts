@@ -124,6 +124,11 @@ class Trial {
     return { type: 'disk', path: this.paths[res], mode };
   }
 
+  /** The resources every source of a trial holds when it migrates (B is hot-plugged and released before): a target's own configuration. */
+  registered(): Array<{ type: 'disk'; path: string; mode: Mode }> {
+    return [this.disk('A'), this.disk('C')];
+  }
+
   /** The files that carry res's lease: the image (direct), or its lock files (indirect: path file, inode file). */
   leaseFiles(res: Res): string[] {
     const image = this.paths[res];
@@ -142,7 +147,7 @@ class Trial {
   }
 
   async partnerTarget(token: string): Promise<LockManager> {
-    const m = LockManager.fromInquire(token, { lockspace: this.lockspace });
+    const m = LockManager.fromInquire(token, { lockspace: this.lockspace, resources: this.registered() });
     this.partners.push(m);
     await m.start(childBinary, ['plain', `${this.tag}-partner`], { stdio: 'ignore' });
     return m;
@@ -157,7 +162,7 @@ class Trial {
       await v.call('register', this.disk('A'));
       await v.call('register', this.disk('C'));
     } else {
-      await v.call('fromInquire', token, this.options);
+      await v.call('fromInquire', token, { ...this.options, resources: this.registered() });
     }
     return v;
   }
@@ -669,7 +674,7 @@ const SCRIPTS: Record<string, RandomScript> = {
   target: {
     async run(t, v) {
       const src = await t.partner(['A', 'C']);
-      await v.call('fromInquire', src.inquire(), t.options);
+      await v.call('fromInquire', src.inquire(), { ...t.options, resources: t.registered() });
       const [command, args, spawnOptions] = t.command;
       void v.until((r) => r.state === 'incoming', 'incoming').then(
         async () => {

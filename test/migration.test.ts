@@ -4,7 +4,8 @@
 import { spawnSync } from 'node:child_process';
 import { readFileSync, readdirSync, readlinkSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
-import { InvalidArgumentError, InvalidStateError, LockManager, ResourceBusyError, type LockManagerOptions } from '../lib/index.js';
+import { join } from 'node:path';
+import { InvalidArgumentError, InvalidStateError, LockManager, ResourceBusyError, type LockManagerOptions, type ResourceSpec } from '../lib/index.js';
 import { fdCount, lockFixture, makeFile, managerHarness, processExists, waitUntil, type Peer } from './helpers.js';
 
 const fx = lockFixture();
@@ -26,18 +27,27 @@ function observe(range: { start: number; length: number }, path = fx.path): 'exc
 const alive = processExists;
 
 /** A source process running a VM (sleep) with `path` leased in `mode`. */
-async function source(mode: 'exclusive' | 'shared' = 'exclusive', options: LockManagerOptions = {}, path = fx.path): Promise<{ peer: Peer; token: string; vm: number }> {
+async function source(mode: 'exclusive' | 'shared' = 'exclusive', options: LockManagerOptions = {}, path = fx.path): Promise<Source> {
   const peer = await managerPeer();
   await peer.call('create', options);
-  await peer.call('register', { type: 'disk', path, mode });
+  const resources: ResourceSpec[] = [{ type: 'disk', path, mode }];
+  await peer.call('register', resources[0]);
   const vm = await peer.call<number>('start', 'sleep', ['1000']);
-  return { peer, token: await peer.call<string>('inquire'), vm };
+  return { peer, token: await peer.call<string>('inquire'), vm, resources };
 }
 
-/** A target process for `token`, started: its incoming VM runs, it holds the guard. */
-async function target(token: string, options: LockManagerOptions = {}): Promise<{ peer: Peer; vm: number }> {
+interface Source {
+  peer: Peer;
+  token: string;
+  vm: number;
+  /** What it registered: the target's own configuration names the same. */
+  resources: ResourceSpec[];
+}
+
+/** A target process for the source's token (or `token`), configured with the same resources, started: its incoming VM runs, it holds the guard. */
+async function target(src: Source, token = src.token): Promise<{ peer: Peer; vm: number }> {
   const peer = await managerPeer();
-  await peer.call('fromInquire', token, options);
+  await peer.call('fromInquire', token, { resources: src.resources });
   const vm = await peer.call<number>('start', 'sleep', ['1000']);
   return { peer, vm };
 }
@@ -58,7 +68,7 @@ async function thirdStart(mode: 'exclusive' | 'shared' = 'exclusive', path = fx.
 describe('the handover, source and target in separate processes', () => {
   it('success: guard at target start, leases released by the source and taken by the target, no window for a third party', async () => {
     const src = await source();
-    const tgt = await target(src.token);
+    const tgt = await target(src);
     expect(await tgt.peer.call('state')).toBe('incoming');
     expect(observe(LEASE)).toBe('exclusive');
     expect(observe(GUARD)).toBe('exclusive');
@@ -101,7 +111,7 @@ describe('the handover, source and target in separate processes', () => {
 
   it('the target waits in completeMigrateIn until the source lets go', async () => {
     const src = await source();
-    const tgt = await target(src.token);
+    const tgt = await target(src);
     await src.peer.call('prepareMigrate', TARGET);
     let done = false;
     const incoming = tgt.peer.call('completeMigrateIn', SOURCE, { timeout: 30_000 }).then(() => {
@@ -119,7 +129,7 @@ describe('the handover, source and target in separate processes', () => {
 
   it('target timeout: LockTimeoutError naming the source, still incoming with its guard; then cancel ends it stopped', async () => {
     const src = await source();
-    const tgt = await target(src.token);
+    const tgt = await target(src);
     await src.peer.call('prepareMigrate', TARGET);
     const err = await tgt.peer.callError('completeMigrateIn', SOURCE, { timeout: 200 });
     expect(err.code).toBe('ERR_LOCK_TIMEOUT');
@@ -139,7 +149,7 @@ describe('the handover, source and target in separate processes', () => {
   it('source killed mid-migration: the kernel frees its locks and the target acquires', async () => {
     // lockLifetime 'supervisor': the VM dies with its supervisor.
     const src = await source('exclusive', { lockLifetime: 'supervisor' });
-    const tgt = await target(src.token);
+    const tgt = await target(src);
     await src.peer.call('prepareMigrate', TARGET);
     const incoming = tgt.peer.call('completeMigrateIn', SOURCE, { timeout: 30_000 });
     await src.peer.kill('SIGKILL');
@@ -151,7 +161,7 @@ describe('the handover, source and target in separate processes', () => {
 
   it('the source VM exiting mid-migration releases its leases; the source ends stopped and the target acquires', async () => {
     const src = await source();
-    const tgt = await target(src.token);
+    const tgt = await target(src);
     await src.peer.call('prepareMigrate', TARGET);
     process.kill(src.vm, 'SIGKILL');
     await tgt.peer.call('completeMigrateIn', SOURCE, { timeout: 30_000 });
@@ -163,7 +173,7 @@ describe('the handover, source and target in separate processes', () => {
 
   it('a third party waiting for the disk gets ResourceBusyError (migration in progress) when the source lets go, never the lease', async () => {
     const src = await source();
-    const tgt = await target(src.token);
+    const tgt = await target(src);
     await src.peer.call('prepareMigrate', TARGET);
     const m = manager();
     m.registerResource({ type: 'disk', path: fx.path, mode: 'exclusive' });
@@ -183,9 +193,9 @@ describe('the handover, source and target in separate processes', () => {
 
   it('a second target for the same disk fails fast: another migration is in progress', async () => {
     const src = await source();
-    await target(src.token);
+    await target(src);
     const second = await managerPeer();
-    await second.call('fromInquire', src.token);
+    await second.call('fromInquire', src.token, { resources: src.resources });
     const err = await second.callError('start', 'sleep', ['1000']);
     expect(err.code).toBe('ERR_RESOURCE_BUSY');
     expect(err.message).toMatch(/another migration of it is in progress/);
@@ -194,13 +204,13 @@ describe('the handover, source and target in separate processes', () => {
 
   it('shared disks: the target guards with a read lock; shared starters are welcome during the handover, exclusive ones refused', async () => {
     const src = await source('shared');
-    const tgt = await target(src.token);
+    const tgt = await target(src);
     expect(observe(GUARD)).toBe('shared');
     // Another VM sharing the disk (a base image) starts, and may even migrate at the same time.
     const other = manager();
     other.registerResource({ type: 'disk', path: fx.path, mode: 'readonly' });
     await other.start('sleep', ['1000']);
-    const otherTarget = LockManager.fromInquire(await other.prepareMigrate(TARGET));
+    const otherTarget = LockManager.fromInquire(await other.prepareMigrate(TARGET), { resources: [{ type: 'disk', path: fx.path, mode: 'readonly' }] });
     managers.push(otherTarget);
     await otherTarget.start('sleep', ['1000']);
     expect(otherTarget.state).toBe('incoming');
@@ -228,7 +238,7 @@ describe('the handover, source and target in separate processes', () => {
     try {
       const src = await source('shared', {}, image);
       const token = await src.peer.call<string>('prepareMigrate', TARGET);
-      const tgt = await target(token);
+      const tgt = await target(src, token);
       const fds = readdirSync(`/proc/${tgt.vm}/fd`).filter((fd) => {
         try {
           return readlinkSync(`/proc/${tgt.vm}/fd/${fd}`) === image;
@@ -257,16 +267,18 @@ describe('the handover, source and target in separate processes', () => {
     const hot = makeFile(fx.tmp.dir, 'hot.img');
     await src.peer.call('acquire', { type: 'disk', path: hot, mode: 'exclusive' });
     const token = await src.peer.call<string>('prepareMigrate', TARGET);
-    const t = LockManager.fromInquire(token);
+    const t = LockManager.fromInquire(token, { resources: [...src.resources, { type: 'disk', path: hot, mode: 'exclusive' }] });
     managers.push(t);
     expect(t.resources.map((r) => r.path).sort()).toEqual([fx.path, hot].sort());
+    // Without the hot-plugged disk, the target's configuration does not match what the source holds.
+    expect(() => LockManager.fromInquire(token, { resources: src.resources })).toThrow(/the token names disk .*hot\.img \(exclusive\), which this target did not register/);
   });
 
   it('a cancel that races a completed completeMigrateIn is refused: the VM that now runs here is not stopped', async () => {
     const holder = manager();
     holder.registerResource({ type: 'disk', path: fx.path, mode: 'exclusive' });
     await holder.start('sleep', ['1000']);
-    const t = LockManager.fromInquire(await holder.prepareMigrate(TARGET));
+    const t = LockManager.fromInquire(await holder.prepareMigrate(TARGET), { resources: [{ type: 'disk', path: fx.path, mode: 'exclusive' }] });
     managers.push(t);
     await t.start('sleep', ['1000']);
     await holder.completeMigrateOut(TARGET);
@@ -292,7 +304,7 @@ describe('the handover, source and target in separate processes', () => {
 describe('cancel at each step', () => {
   it('target cancels before the source prepared: guard gone, incoming VM stopped, source untouched', async () => {
     const src = await source();
-    const tgt = await target(src.token);
+    const tgt = await target(src);
     await tgt.peer.call('completeMigrateIn', SOURCE, { cancel: true, graceMs: 1000 });
     expect(await tgt.peer.call('state')).toBe('stopped');
     expect(alive(tgt.vm)).toBe(false);
@@ -305,7 +317,7 @@ describe('cancel at each step', () => {
 
   it('source cancels after prepareMigrate: back to running with its lease; the target can only time out, then cancel', async () => {
     const src = await source();
-    const tgt = await target(src.token);
+    const tgt = await target(src);
     await src.peer.call('prepareMigrate', TARGET);
     await src.peer.call('completeMigrateOut', TARGET, { cancel: true });
     expect(await src.peer.call('state')).toBe('running');
@@ -320,7 +332,7 @@ describe('cancel at each step', () => {
 
   it('source cancels after completeMigrateOut: it takes the leases back past the target\'s guard', async () => {
     const src = await source();
-    const tgt = await target(src.token);
+    const tgt = await target(src);
     await src.peer.call('prepareMigrate', TARGET);
     await src.peer.call('completeMigrateOut', TARGET);
     expect(observe(LEASE)).toBe('free');
@@ -337,7 +349,7 @@ describe('cancel at each step', () => {
 
   it('target cancels after the source let go: the source takes the leases back', async () => {
     const src = await source();
-    const tgt = await target(src.token);
+    const tgt = await target(src);
     await src.peer.call('prepareMigrate', TARGET);
     await src.peer.call('completeMigrateOut', TARGET);
     await tgt.peer.call('completeMigrateIn', SOURCE, { cancel: true });
@@ -350,7 +362,7 @@ describe('cancel at each step', () => {
 
   it('source cancels after the target completed: ResourceBusyError, the source stays migrated and holds nothing', async () => {
     const src = await source();
-    const tgt = await target(src.token);
+    const tgt = await target(src);
     await src.peer.call('prepareMigrate', TARGET);
     await src.peer.call('completeMigrateOut', TARGET);
     await tgt.peer.call('completeMigrateIn', SOURCE);
@@ -375,7 +387,13 @@ describe('inquire tokens', () => {
     const m = manager({ params: { name: 'vm1', uuid: '5f1c2a3e-9b0d-4c6e-8a7f-112233445566' } });
     m.registerResource({ type: 'disk', path: fx.path, mode: 'exclusive', qemuCompatible: true });
     m.registerResource({ type: 'disk', path: other, mode: 'readonly' });
-    const t = LockManager.fromInquire(m.inquire(), { params: { id: 7 } });
+    const t = LockManager.fromInquire(m.inquire(), {
+      params: { id: 7 },
+      resources: [
+        { type: 'disk', path: other, mode: 'readonly' },
+        { type: 'disk', path: fx.path, mode: 'exclusive', qemuCompatible: true },
+      ],
+    });
     managers.push(t);
     expect(t.params).toEqual({ name: 'vm1', uuid: '5f1c2a3e-9b0d-4c6e-8a7f-112233445566', id: 7 });
     expect(t.resources.map((r) => [r.path, r.mode, r.held]).sort()).toEqual(
@@ -400,11 +418,15 @@ describe('inquire tokens', () => {
       ['', /form lockmgr/],
       [42, /expected a string/],
     ];
+    const resources: ResourceSpec[] = [
+      { type: 'disk', path: fx.path, mode: 'exclusive', qemuCompatible: true },
+      { type: 'disk', path: join(fx.tmp.dir, 'data.img'), mode: 'readonly' },
+    ];
     for (const [t, why] of bad) {
-      expect(() => LockManager.fromInquire(t as string), String(t)).toThrow(InvalidArgumentError);
-      expect(() => LockManager.fromInquire(t as string), String(t)).toThrow(why);
+      expect(() => LockManager.fromInquire(t as string, { resources }), String(t)).toThrow(InvalidArgumentError);
+      expect(() => LockManager.fromInquire(t as string, { resources }), String(t)).toThrow(why);
     }
-    expect(() => LockManager.fromInquire(token, { params: { uuid: '00000000-0000-4000-8000-000000000000' } })).toThrow(/is for domain 5f1c2a3e/);
+    expect(() => LockManager.fromInquire(token, { resources, params: { uuid: '00000000-0000-4000-8000-000000000000' } })).toThrow(/is for domain 5f1c2a3e/);
   });
 
   it('the target opens the resources at fromInquire: a disk missing on the target fails there, holding nothing', async () => {
@@ -416,7 +438,7 @@ describe('inquire tokens', () => {
     const { rmSync } = await import('node:fs');
     rmSync(other);
     const before = fdCount();
-    expect(() => LockManager.fromInquire(token)).toThrow(/gone\.img/);
+    expect(() => LockManager.fromInquire(token, { resources: [{ type: 'disk', path: other, mode: 'exclusive' }] })).toThrow(/gone\.img/);
     expect(fdCount()).toBe(before);
   });
 });
@@ -494,7 +516,7 @@ describe('nothing leaks', () => {
       const s = new LockManager();
       s.registerResource({ type: 'disk', path: fx.path, mode: 'exclusive' });
       await s.start('sleep', ['1000']);
-      const t = LockManager.fromInquire(s.inquire());
+      const t = LockManager.fromInquire(s.inquire(), { resources: [{ type: 'disk', path: fx.path, mode: 'exclusive' }] });
       await t.start('sleep', ['1000']);
       await s.prepareMigrate(TARGET);
       await s.completeMigrateOut(TARGET);

@@ -263,7 +263,7 @@ describe.skipIf(why !== null)('sanlock lockspace', () => {
     await src.start('sleep', ['1000']);
     const token = src.inquire();
     const p = await host2();
-    await p.call('fromInquire', token, { lockspace: host(2) });
+    await p.call('fromInquire', token, { lockspace: host(2), resources: [{ type: 'disk', path: disk, mode: 'exclusive' }] });
     await p.call('start', 'sleep', ['1000']);
     expect(await p.call('state')).toBe('incoming');
     await src.prepareMigrate('host2');
@@ -287,7 +287,7 @@ describe.skipIf(why !== null)('sanlock lockspace', () => {
     await src.start('sleep', ['1000']);
     const token = src.inquire();
     const p = await host2();
-    await p.call('fromInquire', token, { lockspace: host(2) });
+    await p.call('fromInquire', token, { lockspace: host(2), resources: [{ type: 'disk', path: disk, mode: 'exclusive' }] });
     await p.call('start', 'sleep', ['1000']);
     await src.prepareMigrate('host2');
     await src.completeMigrateOut('host2');
@@ -520,7 +520,7 @@ describe.skipIf(why !== null)('sanlock lockspace', () => {
     await src.releaseResource({ type: 'disk', path: disk2 });
     const token = await src.prepareMigrate('host2');
     const p = await host2();
-    await p.call('fromInquire', token, { lockspace: host(2) });
+    await p.call('fromInquire', token, { lockspace: host(2), resources: [{ type: 'disk', path: disk, mode: 'exclusive' }] });
     await p.call('start', 'sleep', ['1000']);
     await src.completeMigrateOut('host2');
     await p.call('completeMigrateIn', 'host1', { timeout: 10_000 });
