@@ -3,7 +3,7 @@
 // alternate between C and ours so both see the same machine noise.
 import { execFileSync } from 'node:child_process';
 import { openLockable } from '../dist/index.js';
-import { native } from '../dist/native.js';
+import { native } from '../dist/os/native.js';
 import { compileC, median, scratchFile } from './lib.mjs';
 
 const BYTE0 = { start: 0, length: 1 };

@@ -11,7 +11,7 @@ export {
   type OpenOptions,
   type ResourceIdentity,
   type ResourceKind,
-} from './locks.js';
+} from './os/locks.js';
 export {
   spawnSupervised,
   attachProcess,
@@ -21,8 +21,8 @@ export {
   type StdioEntry,
   type StdioKind,
   type StopOptions,
-} from './supervise.js';
-export * from './errors.js';
+} from './os/supervise.js';
+export * from './os/errors.js';
 export {
   LockManager,
   type DiskSpec,
@@ -43,8 +43,8 @@ export {
   type ResourceSpec,
   type VerifyResult,
   type WaitOptions,
-} from './manager.js';
-export type { DirectLockspaceConfig, IndirectLockspaceConfig } from './lockspace.js';
-export { locksOn, parseProcLocks, processesWithOpen, type ProcLock, type ProcLockKind } from './proc-locks.js';
-export { QEMU_PERMISSIONS, qemuLockState, qemuProfile, type QemuLockState, type QemuPermission, type QemuProfile } from './qemu.js';
-export * as sanlock from './sanlock.js';
+} from './manager/manager.js';
+export type { DirectLockspaceConfig, IndirectLockspaceConfig } from './lockspaces/driver.js';
+export { locksOn, parseProcLocks, processesWithOpen, type ProcLock, type ProcLockKind } from './os/proc-locks.js';
+export { QEMU_PERMISSIONS, qemuLockState, qemuProfile, type QemuLockState, type QemuPermission, type QemuProfile } from './os/qemu.js';
+export * as sanlock from './lockspaces/sanlock-client.js';

@@ -51,10 +51,35 @@ inline int64_t Int64Arg(const Napi::CallbackInfo& info, size_t i) {
   return v;
 }
 
-// Each native part adds its functions to the addon's exports.
-void InitOfd(Napi::Env env, Napi::Object exports);
+// The seam's one return convention: every call that can fail returns a value
+// >= 0 (0, an fd, an id) or -errno, and records which system call failed on
+// this thread; lib/os/native.ts reads that back (failedSyscall()) and makes
+// the typed error in one place. constants.syscalls names them for JS.
+#define LOCKMGR_SYSCALLS(X)                                                                          \
+  X(None, "") X(Open, "open") X(Fcntl, "fcntl") X(Close, "close") X(Dup3, "dup3")                   \
+  X(PthreadCreate, "pthread_create") X(TimerCreate, "timer_create") X(Sigaction, "sigaction")        \
+  X(Clone3, "clone3") X(Clone, "clone") X(PidfdOpen, "pidfd_open") X(Mmap, "mmap")                  \
+  X(Execve, "execve") X(Chdir, "chdir") X(Dup2, "dup2") X(Setsid, "setsid") X(Prctl, "prctl")       \
+  X(CloseRange, "close_range") X(Pipe2, "pipe2") X(PidfdSendSignal, "pidfd_send_signal")            \
+  X(UvPollInit, "uv_poll_init") X(NapiInit, "napi_init")
+
+enum Syscall : int {
+#define LOCKMGR_SYSCALL_ENUM(name, text) kSys##name,
+  LOCKMGR_SYSCALLS(LOCKMGR_SYSCALL_ENUM)
+#undef LOCKMGR_SYSCALL_ENUM
+  kSysCount
+};
+
+// Records where a call failed and returns -err: `return Fail(kSysOpen, errno);`.
+int Fail(Syscall where, int err);
+
+// A result as JS receives it.
+inline Napi::Value Result(Napi::Env env, double rv) { return Napi::Number::New(env, rv); }
+
+// Each native part adds its functions (and its constants) to the addon's exports.
+void InitOfd(Napi::Env env, Napi::Object exports, Napi::Object constants);
 void InitWaiters(Napi::Env env, Napi::Object exports);
-void InitSpawn(Napi::Env env, Napi::Object exports);
-void InitSanlock(Napi::Env env, Napi::Object exports);
+void InitSpawn(Napi::Env env, Napi::Object exports, Napi::Object constants);
+void InitSanlock(Napi::Env env, Napi::Object exports, Napi::Object constants);
 
 }  // namespace lockmgr

@@ -1,7 +1,7 @@
 // OFD byte-range lock primitives: thin wrappers over open(2), fcntl(2) and close(2).
-// Every function returns 0 or a positive errno (open returns the fd or -errno);
-// nothing here allocates a JS object on the success path, so tryLock costs about
-// one syscall plus the N-API call.
+// Every function returns a value >= 0 or -errno (common.h); nothing here
+// allocates a JS object on the success path, so tryLock costs about one syscall
+// plus the N-API call.
 #include <errno.h>
 #include <fcntl.h>
 #include <stdint.h>
@@ -20,8 +20,8 @@
 namespace lockmgr {
 namespace {
 
-// Lock types as JS passes them; kept apart from F_RDLCK/F_WRLCK so lib/ never
-// depends on the values of libc's constants.
+// Lock types as JS passes them (constants.lock); kept apart from F_RDLCK and
+// F_WRLCK so lib/ never depends on the values of libc's constants.
 constexpr int kShared = 0;
 constexpr int kExclusive = 1;
 constexpr int kUnlock = 2;
@@ -72,7 +72,7 @@ Napi::Value OpenPath(const Napi::CallbackInfo& info) {
   do {
     fd = open(path.c_str(), flags);
   } while (fd < 0 && errno == EINTR);
-  return Int(info.Env(), fd < 0 ? -errno : fd);
+  return Int(info.Env(), fd < 0 ? Fail(kSysOpen, errno) : fd);
 }
 
 // Clears the O_NONBLOCK the open used and tracks the fd; closes it on failure.
@@ -82,7 +82,7 @@ int Adopt(Napi::Env env, int fd) {
   if (fcntl(fd, F_SETFL, 0) < 0) {
     int e = errno;
     close(fd);
-    return -e;
+    return Fail(kSysFcntl, e);
   }
   GetAddonData(env)->lock_fds.insert(fd);
   return fd;
@@ -99,7 +99,7 @@ Napi::Value ReopenFd(const Napi::CallbackInfo& info) {
   do {
     fd = open(proc, flags);
   } while (fd < 0 && errno == EINTR);
-  return Int(info.Env(), fd < 0 ? -errno : Adopt(info.Env(), fd));
+  return Int(info.Env(), fd < 0 ? Fail(kSysOpen, errno) : Adopt(info.Env(), fd));
 }
 
 // createFile(path) -> fd | -errno: a new lock file, or EEXIST. O_EXCL makes
@@ -111,10 +111,10 @@ Napi::Value CreateFile(const Napi::CallbackInfo& info) {
   do {
     fd = open(path.c_str(), flags, 0600);
   } while (fd < 0 && errno == EINTR);
-  return Int(info.Env(), fd < 0 ? -errno : Adopt(info.Env(), fd));
+  return Int(info.Env(), fd < 0 ? Fail(kSysOpen, errno) : Adopt(info.Env(), fd));
 }
 
-// setlk(fd, type, start, length) -> 0 | errno. Never waits.
+// setlk(fd, type, start, length) -> 0 | -errno. Never waits.
 Napi::Value SetLk(const Napi::CallbackInfo& info) {
   struct flock fl;
   FillFlock(&fl, Int32Arg(info, 1), Int64Arg(info, 2), Int64Arg(info, 3));
@@ -123,10 +123,10 @@ Napi::Value SetLk(const Napi::CallbackInfo& info) {
   do {
     rc = fcntl(fd, F_OFD_SETLK, &fl);
   } while (rc < 0 && errno == EINTR);
-  return Int(info.Env(), rc < 0 ? errno : 0);
+  return Int(info.Env(), rc < 0 ? Fail(kSysFcntl, errno) : 0);
 }
 
-// getlk(fd, type, start, length, out Float64Array[4]) -> 0 | errno.
+// getlk(fd, type, start, length, out Float64Array[4]) -> 0 | -errno.
 // out receives [type, start, length, pid]; type kUnlock means no conflict.
 Napi::Value GetLk(const Napi::CallbackInfo& info) {
   struct flock fl;
@@ -135,7 +135,7 @@ Napi::Value GetLk(const Napi::CallbackInfo& info) {
   do {
     rc = fcntl(Int32Arg(info, 0), F_OFD_GETLK, &fl);
   } while (rc < 0 && errno == EINTR);
-  if (rc < 0) return Int(info.Env(), errno);
+  if (rc < 0) return Int(info.Env(), Fail(kSysFcntl, errno));
   Napi::Float64Array out = info[4].As<Napi::Float64Array>();
   if (out.ElementLength() >= 4) {
     out[0] = FromLockType(fl.l_type);
@@ -146,14 +146,14 @@ Napi::Value GetLk(const Napi::CallbackInfo& info) {
   return Int(info.Env(), 0);
 }
 
-// closeFd(fd) -> 0 | errno. Not retried on EINTR: on Linux the fd is gone either way.
+// closeFd(fd) -> 0 | -errno. Not retried on EINTR: on Linux the fd is gone either way.
 Napi::Value CloseFd(const Napi::CallbackInfo& info) {
   int fd = Int32Arg(info, 0);
   GetAddonData(info.Env())->lock_fds.erase(fd);
-  return Int(info.Env(), close(fd) < 0 ? errno : 0);
+  return Int(info.Env(), close(fd) < 0 ? Fail(kSysClose, errno) : 0);
 }
 
-// retireFd(fd) -> 0 | errno. For close() while waiter threads still block on
+// retireFd(fd) -> 0 | -errno. For close() while waiter threads still block on
 // the fd: atomically puts an O_PATH descriptor of "/" in its place. That drops
 // our reference to the open file description at once, so its locks go as soon
 // as no syscall holds it (a grant that lands in a waiter's fcntl after this is
@@ -163,9 +163,9 @@ Napi::Value CloseFd(const Napi::CallbackInfo& info) {
 Napi::Value RetireFd(const Napi::CallbackInfo& info) {
   int fd = Int32Arg(info, 0);
   int placeholder = open("/", O_PATH | O_CLOEXEC);
-  if (placeholder < 0) return Int(info.Env(), errno);
+  if (placeholder < 0) return Int(info.Env(), Fail(kSysOpen, errno));
   int rc = dup3(placeholder, fd, O_CLOEXEC);
-  int e = rc < 0 ? errno : 0;
+  int e = rc < 0 ? Fail(kSysDup3, errno) : 0;
   close(placeholder);
   return Int(info.Env(), e);
 }
@@ -181,7 +181,13 @@ Napi::Value StrError(const Napi::CallbackInfo& info) {
 
 }  // namespace
 
-void InitOfd(Napi::Env env, Napi::Object exports) {
+void InitOfd(Napi::Env env, Napi::Object exports, Napi::Object constants) {
+  Napi::Object lock = Napi::Object::New(env);
+  lock["SHARED"] = kShared;
+  lock["EXCLUSIVE"] = kExclusive;
+  lock["UNLOCK"] = kUnlock;
+  lock.Freeze();
+  constants["lock"] = lock;
   // Registered before the waiter pool's hook, so it runs after it (hooks run in
   // reverse order): no waiter thread uses these fds any more when they close.
   AddonData* data = GetAddonData(env);

@@ -11,6 +11,20 @@
 
 #define LOCKMGR_SANLOCK_LIB "libsanlock_client.so.1"
 
+// sanlock_rv.h: the return codes of sanlock's own (the rest are -errno).
+#define LOCKMGR_SANLK_CODES(X)                                                                       \
+  X(SANLK_ERROR, -201) X(SANLK_AIO_TIMEOUT, -202) X(SANLK_WD_ERROR, -203)                           \
+  X(SANLK_DBLOCK_READ, -210) X(SANLK_DBLOCK_WRITE, -211) X(SANLK_DBLOCK_LVER, -212)                 \
+  X(SANLK_DBLOCK_MBAL, -213) X(SANLK_DBLOCK_CHECKSUM, -214)                                         \
+  X(SANLK_LEADER_READ, -220) X(SANLK_LEADER_WRITE, -221) X(SANLK_LEADER_DIFF, -222)                 \
+  X(SANLK_LEADER_MAGIC, -223) X(SANLK_LEADER_VERSION, -224) X(SANLK_LEADER_SECTORSIZE, -225)        \
+  X(SANLK_LEADER_LOCKSPACE, -226) X(SANLK_LEADER_RESOURCE, -227) X(SANLK_LEADER_NUMHOSTS, -228)     \
+  X(SANLK_LEADER_CHECKSUM, -229)                                                                    \
+  X(SANLK_ADDLS_INVALID_HOSTID, -231)                                                               \
+  X(SANLK_ACQUIRE_LVER, -240) X(SANLK_ACQUIRE_LOCKSPACE, -241) X(SANLK_ACQUIRE_IDDISK, -242)        \
+  X(SANLK_ACQUIRE_IDLIVE, -243) X(SANLK_ACQUIRE_OWNED, -244) X(SANLK_ACQUIRE_OTHER, -245)           \
+  X(SANLK_ACQUIRE_SHRETRY, -246) X(SANLK_HOSTID_BUSY, -262)
+
 #define SANLK_NAME_LEN 48
 #define SANLK_PATH_LEN 1024
 

@@ -2,7 +2,7 @@
 //
 // Why dlopen: the addon must load and work on every machine, and only the
 // sanlock lockspace needs sanlock. The library is opened at run time by
-// sanlockLoad(); without it, lib/sanlock.ts reports UnsupportedError with
+// sanlockLoad(); without it, lib/lockspaces/sanlock-client.ts reports UnsupportedError with
 // dlerror()'s text. The ABI structs are our own copy (sanlock-abi.h), so the
 // addon also builds without libsanlock-dev.
 //
@@ -16,7 +16,7 @@
 // matters: a release queued before an acquire of the same lease reaches the
 // daemon first), and "admin" for storage set-up and joins, so a 20-second
 // join never delays a lease call. (The exec helper's status pipe is read on
-// the event loop, lib/lockspace-sanlock.ts: a join never delays a start.) A
+// the event loop, lib/lockspaces/sanlock.ts: a join never delays a start.) A
 // worker exits after a second without work and is started again on demand.
 //
 // Results go back to JS through one thread-safe function per environment,
@@ -103,7 +103,7 @@ bool LibReady() {
   return g_lib_error.empty();
 }
 
-// Operation codes: lib/sanlock.ts has the same table.
+// Operation codes, exported by name (constants.sanlock.ops).
 enum Op {
   kAcquire = 1,        // s: ls, res, path; n: pid, offset, rxOffset, shared, lver -> text: inquire state; out: offset
   kRelease = 2,        // s: ls, res, path; n: pid, offset
@@ -303,6 +303,7 @@ class Worker {
  public:
   explicit Worker(SanlockState* owner) : owner_(owner) {}
   // Returns 0 or the errno of pthread_create. Takes ownership of r on success.
+  // 0, or -errno (common.h's convention).
   int Submit(Request* r);
   // Environment teardown: drop what has not started, wait for the thread to leave.
   void Shutdown();
@@ -334,11 +335,11 @@ class SanlockState {
       if (in_flight_++ == 0) tsfn_.Ref(env_);
     }
     double id = r->id;
-    int e = (admin ? admin_ : lease_).Submit(r);
-    if (e != 0) {
+    int rv = (admin ? admin_ : lease_).Submit(r);
+    if (rv < 0) {
       delete r;
       Finished();
-      return -e;
+      return rv;
     }
     return id;
   }
@@ -396,7 +397,7 @@ class SanlockState {
 
 int Worker::Submit(Request* r) {
   std::unique_lock<std::mutex> lock(mu_);
-  if (stopping_) return ECANCELED;
+  if (stopping_) return Fail(kSysNone, ECANCELED);
   if (!running_) {
     // Created with every signal blocked: process-directed signals (SIGINT,
     // SIGCHLD, ...) keep going to the threads that expect them.
@@ -411,7 +412,7 @@ int Worker::Submit(Request* r) {
     int e = pthread_create(&t, &attr, &Worker::Main, this);
     pthread_sigmask(SIG_SETMASK, &old, nullptr);
     pthread_attr_destroy(&attr);
-    if (e != 0) return e;
+    if (e != 0) return Fail(kSysPthreadCreate, e);
     running_ = true;
   }
   queue_.push_back(r);
@@ -462,11 +463,11 @@ Napi::Value SanlockLoad(const Napi::CallbackInfo& info) {
   return Napi::String::New(info.Env(), g_lib_error);
 }
 
-// sanlockInit(onDone(id, rv, text, Float64Array)) -> 0 | EALREADY.
+// sanlockInit(onDone(id, rv, text, Float64Array)) -> 0. Started already: 0.
 Napi::Value SanlockInit(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   AddonData* data = GetAddonData(env);
-  if (data->sanlock != nullptr) return Napi::Number::New(env, EALREADY);
+  if (data->sanlock != nullptr) return Result(env, 0);
   PinModule();
   SanlockState* state = new SanlockState(env, info[0].As<Napi::Function>());
   data->sanlock = state;
@@ -477,14 +478,14 @@ Napi::Value SanlockInit(const Napi::CallbackInfo& info) {
     data->sanlock = nullptr;
     delete state;
   });
-  return Napi::Number::New(env, 0);
+  return Result(env, 0);
 }
 
 // sanlockCall(op, strings (NUL-separated), numbers) -> id > 0 | -errno.
 Napi::Value SanlockCall(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   SanlockState* state = GetState(env);
-  if (state == nullptr) return Napi::Number::New(env, -ENOTCONN);
+  if (state == nullptr) return Result(env, Fail(kSysNone, ENOTCONN));
   Request* r = new Request();
   r->op = Int32Arg(info, 0);
   std::string joined = info[1].As<Napi::String>().Utf8Value();
@@ -511,7 +512,34 @@ Napi::Value SanlockStrerror(const Napi::CallbackInfo& info) {
 
 }  // namespace
 
-void InitSanlock(Napi::Env env, Napi::Object exports) {
+void InitSanlock(Napi::Env env, Napi::Object exports, Napi::Object constants) {
+  Napi::Object ops = Napi::Object::New(env);
+  ops["ACQUIRE"] = static_cast<int>(kAcquire);
+  ops["RELEASE"] = static_cast<int>(kRelease);
+  ops["INQUIRE"] = static_cast<int>(kInquire);
+  ops["WRITE_LOCKSPACE"] = static_cast<int>(kWriteLockspace);
+  ops["ADD_LOCKSPACE"] = static_cast<int>(kAddLockspace);
+  ops["REM_LOCKSPACE"] = static_cast<int>(kRemLockspace);
+  ops["INQ_LOCKSPACE"] = static_cast<int>(kInqLockspace);
+  ops["FORMAT_RINDEX"] = static_cast<int>(kFormatRindex);
+  ops["CREATE_RESOURCE"] = static_cast<int>(kCreateResource);
+  ops["LOOKUP"] = static_cast<int>(kLookup);
+  ops["READ_OWNERS"] = static_cast<int>(kReadOwners);
+  ops["RELEASE_ALL"] = static_cast<int>(kReleaseAll);
+  ops.Freeze();
+  // sanlock's own return codes (sanlock_rv.h), by name; the others it returns are -errno.
+  Napi::Object codes = Napi::Object::New(env);
+#define LOCKMGR_SANLK_CODE(name, value) codes[#name] = value;
+  LOCKMGR_SANLK_CODES(LOCKMGR_SANLK_CODE)
+#undef LOCKMGR_SANLK_CODE
+  codes.Freeze();
+  Napi::Object sanlock = Napi::Object::New(env);
+  sanlock["ops"] = ops;
+  sanlock["codes"] = codes;
+  sanlock["NAME_LEN"] = SANLK_NAME_LEN;
+  sanlock["PATH_LEN"] = SANLK_PATH_LEN;
+  sanlock.Freeze();
+  constants["sanlock"] = sanlock;
   exports["sanlockLoad"] = Napi::Function::New(env, SanlockLoad, "sanlockLoad");
   exports["sanlockInit"] = Napi::Function::New(env, SanlockInit, "sanlockInit");
   exports["sanlockCall"] = Napi::Function::New(env, SanlockCall, "sanlockCall");

@@ -132,26 +132,14 @@ struct CloneArgs {
   uint64_t tls;  // cppcheck-suppress unusedStructMember
 };
 
-// Where a spawn failed. lib/supervise.ts maps these to syscall names.
-enum Stage : int {
-  kStageNone = 0,
-  kStageClone3 = 1,
-  kStageClone = 2,
-  kStagePidfdOpen = 3,
-  kStageStack = 4,
-  kStageExec = 5,
-  kStageChdir = 6,
-  kStageDup = 7,
-  kStageSetsid = 8,
-  kStagePdeathsig = 9,
-  kStageCloseRange = 10,
-};
+// Where a spawn failed is a Syscall (common.h): the child records its own,
+// the parent's steps are kSysClone3, kSysClone, kSysPidfdOpen and kSysMmap.
 
-// Spawn flags from JS.
+// Spawn flags from JS (constants.spawn).
 constexpr int kFlagNewSession = 1;
 constexpr int kFlagForceFallback = 2;
 
-// How a watched process ended, as reported to JS.
+// How a watched process ended, as reported to JS (constants.exit).
 constexpr int kExitUnknown = 0;   // attached process: not our child, status unknowable
 constexpr int kExitCode = 1;      // value = exit code
 constexpr int kExitSignal = 2;    // value = signal number
@@ -340,8 +328,8 @@ LOCKMGR_CHILD_CODE int ChildMain(void* arg) {
     if (sig != SIGKILL && sig != SIGSTOP) sigaction(sig, &dfl, nullptr);
   }
 
-  if (p->new_session && setsid() < 0) ChildFail(p, kStageSetsid, errno);
-  if (p->pdeathsig != 0 && prctl(PR_SET_PDEATHSIG, p->pdeathsig) < 0) ChildFail(p, kStagePdeathsig, errno);
+  if (p->new_session && setsid() < 0) ChildFail(p, kSysSetsid, errno);
+  if (p->pdeathsig != 0 && prctl(PR_SET_PDEATHSIG, p->pdeathsig) < 0) ChildFail(p, kSysPrctl, errno);
 
   // A source that sits in 0..2 but belongs at another number would be clobbered
   // by an earlier dup2: move it above 2 first (F_DUPFD never replaces an open fd).
@@ -350,7 +338,7 @@ LOCKMGR_CHILD_CODE int ChildMain(void* arg) {
     int s = src[i];
     if (s >= 0 && s < 3 && s != i) {
       int moved = fcntl(s, F_DUPFD_CLOEXEC, 3);
-      if (moved < 0) ChildFail(p, kStageDup, errno);
+      if (moved < 0) ChildFail(p, kSysDup2, errno);
       for (int j = i; j < 3; j++) {
         if (src[j] == s) src[j] = moved;
       }
@@ -360,11 +348,11 @@ LOCKMGR_CHILD_CODE int ChildMain(void* arg) {
     if (src[i] == i) {
       // dup2 onto itself would keep FD_CLOEXEC; an inherited fd the parent closed
       // stays closed in the child.
-      if (fcntl(i, F_SETFD, 0) < 0 && errno != EBADF) ChildFail(p, kStageDup, errno);
+      if (fcntl(i, F_SETFD, 0) < 0 && errno != EBADF) ChildFail(p, kSysDup2, errno);
     } else if (src[i] < 0) {
       close(i);
     } else if (dup2(src[i], i) < 0) {
-      ChildFail(p, kStageDup, errno);
+      ChildFail(p, kSysDup2, errno);
     }
   }
 
@@ -377,15 +365,15 @@ LOCKMGR_CHILD_CODE int ChildMain(void* arg) {
     unsigned fd = static_cast<unsigned>(p->keep[k]);
     if (fd > lo) {
       int e = CloseRange(lo, fd - 1);
-      if (e != 0) ChildFail(p, kStageCloseRange, e);
+      if (e != 0) ChildFail(p, kSysCloseRange, e);
     }
-    if (fcntl(static_cast<int>(fd), F_SETFD, 0) < 0) ChildFail(p, kStageDup, errno);
+    if (fcntl(static_cast<int>(fd), F_SETFD, 0) < 0) ChildFail(p, kSysDup2, errno);
     lo = fd + 1;
   }
   int e = CloseRange(lo, ~0U);
-  if (e != 0) ChildFail(p, kStageCloseRange, e);
+  if (e != 0) ChildFail(p, kSysCloseRange, e);
 
-  if (p->cwd != nullptr && chdir(p->cwd) < 0) ChildFail(p, kStageChdir, errno);
+  if (p->cwd != nullptr && chdir(p->cwd) < 0) ChildFail(p, kSysChdir, errno);
 
   sigset_t none;
   sigemptyset(&none);
@@ -398,7 +386,7 @@ LOCKMGR_CHILD_CODE int ChildMain(void* arg) {
     syscall(SYS_kill, static_cast<pid_t>(syscall(SYS_getpid)), p->pdeathsig);
   }
 
-  ChildFail(p, kStageExec, ExecSearch(p));
+  ChildFail(p, kSysExecve, ExecSearch(p));
 }
 
 // Starts the child. Returns 0 with *pidfd and *pid set, or an errno with *stage.
@@ -432,7 +420,7 @@ int StartChild(ChildPlan* plan, bool force_fallback, void* stack, int* pidfd, pi
       g_clone3_missing.store(true, std::memory_order_relaxed);
     } else {
       result = static_cast<int>(-r);
-      *stage = kStageClone3;
+      *stage = kSysClone3;
       done = true;
     }
   }
@@ -448,14 +436,14 @@ int StartChild(ChildPlan* plan, bool force_fallback, void* stack, int* pidfd, pi
     pid_t child = clone(ChildMain, top, CLONE_VM | CLONE_VFORK, plan);
     if (child < 0) {
       result = errno;
-      *stage = kStageClone;
+      *stage = kSysClone;
     } else {
       int fd = static_cast<int>(syscall(SYS_pidfd_open, child, 0));
       if (fd < 0) {
         // Without a pidfd we cannot supervise it: kill it and reap it. The wait is
         // for a SIGKILLed child of ours, over in microseconds.
         result = errno;
-        *stage = kStagePidfdOpen;
+        *stage = kSysPidfdOpen;
         kill(child, SIGKILL);
         while (waitpid(child, nullptr, __WALL) < 0 && errno == EINTR) {
         }
@@ -746,11 +734,11 @@ void Teardown(napi_async_cleanup_hook_handle handle, void* arg) {
 
 uint32_t IdArg(const Napi::CallbackInfo& info, size_t i) { return Uint32Arg(info, i); }
 
-// initSpawn(onExit) -> 0 | errno. onExit(id, kind, value).
+// initSpawn(onExit) -> 0 | -errno. Started already: 0. onExit(id, kind, value).
 Napi::Value InitSpawnState(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   AddonData* data = GetAddonData(env);
-  if (data->spawn != nullptr) return Napi::Number::New(env, EALREADY);
+  if (data->spawn != nullptr) return Result(env, 0);
   SpawnState* s = new SpawnState(env, data);
   napi_value name;
   napi_create_string_utf8(env, "lockmgr:supervise", NAPI_AUTO_LENGTH, &name);
@@ -759,11 +747,11 @@ Napi::Value InitSpawnState(const Napi::CallbackInfo& info) {
       napi_add_async_cleanup_hook(env, Teardown, s, nullptr) != napi_ok) {
     if (s->context != nullptr) napi_async_destroy(env, s->context);
     delete s;
-    return Napi::Number::New(env, EINVAL);
+    return Result(env, Fail(kSysNapiInit, EINVAL));
   }
   s->on_exit = Napi::Persistent(info[0].As<Napi::Function>());
   data->spawn = s;
-  return Napi::Number::New(env, 0);
+  return Result(env, 0);
 }
 
 // A list from JS arrives as one string of NUL-terminated items (JS has checked
@@ -796,15 +784,15 @@ bool ReadInt32Array(napi_env env, napi_value v, int32_t** data, size_t* length) 
 }
 
 // spawn(paths, argv, envp, cwd | null, stdio Int32Array[3], keep Int32Array
-//       (ascending, >= 3), flags, pdeathsig, out Float64Array[3]) -> 0 | errno.
-// paths, argv and envp are lists as ReadList reads them. out = [id, pid, stage]:
-// stage says which step failed when an errno is returned. JS has validated
-// everything; fds are not ours to close.
+//       (ascending, >= 3), flags, pdeathsig, out Float64Array[2]) -> 0 | -errno.
+// paths, argv and envp are lists as ReadList reads them. out = [id, pid]. On
+// failure, failedSyscall() says which step failed (in the child or here). JS
+// has validated everything; fds are not ours to close.
 Napi::Value Spawn(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   SpawnState* s = GetState(env);
   Napi::Float64Array out = info[8].As<Napi::Float64Array>();
-  if (s == nullptr) return Napi::Number::New(env, ENOTCONN);
+  if (s == nullptr) return Result(env, Fail(kSysNone, ENOTCONN));
 
   std::string path_buf, argv_buf, env_buf, cwd;
   std::vector<char*> paths, argv, envp;
@@ -824,8 +812,7 @@ Napi::Value Spawn(const Napi::CallbackInfo& info) {
   }
   if (!ok || argv.size() < 2) {
     // Unreadable arguments: a terminating worker, or a bug in lib/. Spawn nothing.
-    out[2] = kStageNone;
-    return Napi::Number::New(env, ECANCELED);
+    return Result(env, Fail(kSysNone, ECANCELED));
   }
   bool has_cwd = cwd_type == napi_string;
   std::string sh = "/bin/sh";
@@ -839,10 +826,7 @@ Napi::Value Spawn(const Napi::CallbackInfo& info) {
   if (s->stack == nullptr) {
     size_t page = static_cast<size_t>(getpagesize());
     void* m = mmap(nullptr, kChildStackSize + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
-    if (m == MAP_FAILED) {
-      out[2] = kStageStack;
-      return Napi::Number::New(env, errno);
-    }
+    if (m == MAP_FAILED) return Result(env, Fail(kSysMmap, errno));
     mprotect(m, page, PROT_NONE);
     s->stack = static_cast<char*>(m) + page;
   }
@@ -861,12 +845,9 @@ Napi::Value Spawn(const Napi::CallbackInfo& info) {
 
   int pidfd = -1;
   pid_t pid = 0;
-  int stage = kStageNone;
+  int stage = kSysNone;
   int e = StartChild(&plan, (flags & kFlagForceFallback) != 0, s->stack, &pidfd, &pid, &stage);
-  if (e != 0) {
-    out[2] = stage;
-    return Napi::Number::New(env, e);
-  }
+  if (e != 0) return Result(env, Fail(static_cast<Syscall>(stage), e));
   uint32_t id = 0;
   if (plan.err != 0) {
     // The child has already called _exit(127) after recording why (the vfork
@@ -877,50 +858,47 @@ Napi::Value Spawn(const Napi::CallbackInfo& info) {
     while (waitid(static_cast<idtype_t>(P_PIDFD), static_cast<id_t>(pidfd), &si, WEXITED | __WALL) < 0 && errno == EINTR) {
     }
     close(pidfd);
-    out[2] = plan.stage;
-    return Napi::Number::New(env, plan.err);
+    return Result(env, Fail(static_cast<Syscall>(plan.stage), plan.err));
   }
   e = Watch(s, pidfd, true, &id);
   if (e != 0) {
     // Unwatchable, so unsupervisable: kill it, and let the reaper thread reap it.
     syscall(SYS_pidfd_send_signal, pidfd, SIGKILL, nullptr, 0);
     g_orphans->Adopt(pidfd);
-    out[2] = kStagePidfdOpen;
-    return Napi::Number::New(env, e);
+    return Result(env, Fail(kSysUvPollInit, e));
   }
   out[0] = id;
   out[1] = pid;
-  out[2] = kStageNone;
-  return Napi::Number::New(env, 0);
+  return Result(env, 0);
 }
 
-// attach(pid, out Float64Array[1]) -> 0 | errno; out[0] = id.
+// attach(pid, out Float64Array[1]) -> 0 | -errno; out[0] = id.
 Napi::Value Attach(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   SpawnState* s = GetState(env);
-  if (s == nullptr) return Napi::Number::New(env, ENOTCONN);
+  if (s == nullptr) return Result(env, Fail(kSysNone, ENOTCONN));
   int fd = static_cast<int>(syscall(SYS_pidfd_open, Int32Arg(info, 0), 0));
-  if (fd < 0) return Napi::Number::New(env, errno);
+  if (fd < 0) return Result(env, Fail(kSysPidfdOpen, errno));
   uint32_t id = 0;
   int e = Watch(s, fd, false, &id);
   if (e != 0) {
     close(fd);
-    return Napi::Number::New(env, e);
+    return Result(env, Fail(kSysUvPollInit, e));
   }
   info[1].As<Napi::Float64Array>()[0] = id;
-  return Napi::Number::New(env, 0);
+  return Result(env, 0);
 }
 
-// sendSignal(id, sig) -> 0 | errno. ESRCH once the exit has been seen: the
+// sendSignal(id, sig) -> 0 | -errno. ESRCH once the exit has been seen: the
 // pidfd is closed by then, and a pid alone is never used.
 Napi::Value SendSignal(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   SpawnState* s = GetState(env);
-  if (s == nullptr) return Napi::Number::New(env, ESRCH);
+  if (s == nullptr) return Result(env, Fail(kSysPidfdSendSignal, ESRCH));
   auto it = s->watchers.find(IdArg(info, 0));
-  if (it == s->watchers.end()) return Napi::Number::New(env, ESRCH);
+  if (it == s->watchers.end()) return Result(env, Fail(kSysPidfdSendSignal, ESRCH));
   long r = syscall(SYS_pidfd_send_signal, it->second->pidfd, Int32Arg(info, 1), nullptr, 0);
-  return Napi::Number::New(env, r < 0 ? errno : 0);
+  return Result(env, r < 0 ? Fail(kSysPidfdSendSignal, errno) : 0);
 }
 
 // setRef(id, ref): whether this watch keeps the loop alive.
@@ -941,10 +919,10 @@ Napi::Value SetRef(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-// makePipe(out Int32Array[2]) -> 0 | errno; out = [read end, write end], both CLOEXEC.
+// makePipe(out Int32Array[2]) -> 0 | -errno; out = [read end, write end], both CLOEXEC.
 Napi::Value MakePipe(const Napi::CallbackInfo& info) {
   int fds[2];
-  if (pipe2(fds, O_CLOEXEC) < 0) return Napi::Number::New(info.Env(), errno);
+  if (pipe2(fds, O_CLOEXEC) < 0) return Result(info.Env(), Fail(kSysPipe2, errno));
   Napi::Int32Array out = info[0].As<Napi::Int32Array>();
   out[0] = fds[0];
   out[1] = fds[1];
@@ -957,7 +935,7 @@ Napi::Value OpenDevNull(const Napi::CallbackInfo& info) {
   do {
     fd = open("/dev/null", O_RDWR | O_CLOEXEC | O_NOCTTY);
   } while (fd < 0 && errno == EINTR);
-  return Napi::Number::New(info.Env(), fd < 0 ? -errno : fd);
+  return Result(info.Env(), fd < 0 ? Fail(kSysOpen, errno) : fd);
 }
 
 // fdIsOpen(fd) -> boolean: lets JS refuse a closed keepFd before spawning.
@@ -982,7 +960,19 @@ Napi::Value SpawnInfo(const Napi::CallbackInfo& info) {
 
 }  // namespace
 
-void InitSpawn(Napi::Env env, Napi::Object exports) {
+void InitSpawn(Napi::Env env, Napi::Object exports, Napi::Object constants) {
+  Napi::Object exit = Napi::Object::New(env);
+  exit["UNKNOWN"] = kExitUnknown;
+  exit["CODE"] = kExitCode;
+  exit["SIGNAL"] = kExitSignal;
+  exit["ERROR"] = kExitError;
+  exit.Freeze();
+  constants["exit"] = exit;
+  Napi::Object spawn = Napi::Object::New(env);
+  spawn["NEW_SESSION"] = kFlagNewSession;
+  spawn["FORCE_FALLBACK"] = kFlagForceFallback;
+  spawn.Freeze();
+  constants["spawn"] = spawn;
   exports["initSpawn"] = Napi::Function::New(env, InitSpawnState, "initSpawn");
   exports["spawn"] = Napi::Function::New(env, Spawn, "spawn");
   exports["attach"] = Napi::Function::New(env, Attach, "attach");

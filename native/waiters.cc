@@ -60,8 +60,6 @@ constexpr int kCancelled = ECANCELED;
 constexpr int kTimedOut = ETIMEDOUT;
 // The wake-up signal already has a handler that is not ours.
 constexpr int kSignalTaken = EBUSY;
-// Added to timer_create's errno in Submit's result, to tell it from pthread_create's.
-constexpr int kTimerErrorBase = 1 << 16;
 
 }  // namespace
 }  // namespace lockmgr
@@ -184,8 +182,8 @@ class WaitPool {
     tsfn_.Unref(env_);
   }
 
-  // Returns the request id (> 0), -errno if no thread could be started, or
-  // -(kTimerErrorBase + errno) if a thread started but could not get its timer.
+  // Returns the request id (> 0), or -errno (pthread_create or timer_create:
+  // a thread that started without its timer).
   double Submit(int fd, short type, int64_t start, int64_t len, double timeout_ms) {
     Request* req = new Request();
     req->fd = fd;
@@ -213,10 +211,10 @@ class WaitPool {
     // Otherwise it gets a thread of its own, or fails now: queued behind waits
     // that may block for hours, it could starve.
     if (idle_ <= static_cast<int>(queue_.size())) {
-      int e = StartThread(lock);
-      if (e != 0) {
+      int rv = StartThread(lock);
+      if (rv < 0) {
         delete req;
-        return -e;
+        return rv;
       }
     }
     req->id = ++next_id_;
@@ -287,7 +285,7 @@ class WaitPool {
     int e = pthread_create(&t, &attr, &WaitPool::ThreadMain, &start);
     pthread_sigmask(SIG_SETMASK, &old, nullptr);
     pthread_attr_destroy(&attr);
-    if (e != 0) return e;
+    if (e != 0) return Fail(kSysPthreadCreate, e);
     live_++;
     start_cv_.wait(lock, [&start] { return start.reported; });
     if (start.timer_error != 0) {
@@ -295,7 +293,7 @@ class WaitPool {
       lock.unlock();
       pthread_join(t, nullptr);
       lock.lock();
-      return kTimerErrorBase + start.timer_error;
+      return Fail(kSysTimerCreate, start.timer_error);
     }
     threads_.push_back(t);
     return 0;
@@ -460,13 +458,15 @@ namespace {
 
 WaitPool* GetPool(Napi::Env env) { return GetAddonData(env)->waiters; }
 
-// initWaiters(onDone, wakeSignal) -> 0 | errno. onDone(Float64Array [id, errno, ...]).
+// initWaiters(onDone, wakeSignal) -> 0 | -errno (sigaction: EBUSY, the signal
+// has someone else's handler; EINVAL, not a real-time signal). Started already: 0.
+// onDone(Float64Array [id, errno, ...]).
 Napi::Value InitPool(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  if (GetPool(env) != nullptr) return Napi::Number::New(env, EALREADY);
+  if (GetPool(env) != nullptr) return Result(env, 0);
   int sig = info[1].As<Napi::Number>().Int32Value();
   int e = EnsureWakeSignal(sig);
-  if (e != 0) return Napi::Number::New(env, e);
+  if (e != 0) return Result(env, Fail(kSysSigaction, e));
   WaitPool* pool = new WaitPool(env);
   pool->Init(info[0].As<Napi::Function>());
   AddonData* data = GetAddonData(env);
@@ -485,7 +485,7 @@ Napi::Value InitPool(const Napi::CallbackInfo& info) {
 Napi::Value WaitLock(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   WaitPool* pool = GetPool(env);
-  if (pool == nullptr) return Napi::Number::New(env, -ENOTCONN);
+  if (pool == nullptr) return Result(env, Fail(kSysNone, ENOTCONN));
   int type = info[1].As<Napi::Number>().Int32Value();
   double id = pool->Submit(info[0].As<Napi::Number>().Int32Value(),
                            type == 1 ? F_WRLCK : F_RDLCK,

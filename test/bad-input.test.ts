@@ -23,7 +23,7 @@ import {
   type ResourceSpec,
   type SupervisedProcess,
 } from '../lib/index.js';
-import { locksOn } from '../lib/proc-locks.js';
+import { locksOn } from '../lib/os/proc-locks.js';
 import { distUrl, fdCount, isRoot, makeFile, runScript, syscallsOnPaths, tempDir, waitUntil } from './helpers.js';
 import { childrenOf } from './process-helpers.js';
 

@@ -5,7 +5,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterEach, describe, expect, it } from 'vitest';
 import { LockManager } from '../lib/index.js';
-import type { StatusEntry } from '../lib/cli.js';
+import type { StatusEntry } from '../lib/cli/main.js';
 import { lockFixture, makeFile, waitUntil } from './helpers.js';
 
 const fx = lockFixture();

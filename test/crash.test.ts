@@ -34,7 +34,7 @@ import type { Readable } from 'node:stream';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { LockManager, locksOn, openLockable, type LockManagerOptions, type LockspaceConfig } from '../lib/index.js';
-import { inodeIdentity, lockFileName } from '../lib/lockspace-indirect.js';
+import { inodeIdentity, lockFileName } from '../lib/lockspaces/indirect.js';
 import { procStat, within, zombieChildren } from './process-helpers.js';
 
 const ROUNDS = Number(process.env.LOCKMGR_CRASH_ROUNDS ?? 2);

@@ -14,7 +14,7 @@ import { chmodSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { openLockable } from '../lib/index.js';
-import { locksOn } from '../lib/proc-locks.js';
+import { locksOn } from '../lib/os/proc-locks.js';
 import { distUrl, fdCount, isRoot, makeFile, tempDir } from './helpers.js';
 
 const FIXTURE = fileURLToPath(new URL('./fixtures/exhaust.mjs', import.meta.url));

@@ -1,4 +1,4 @@
-// The indirect lockspace (lib/lockspace-indirect.ts): lock file names, hard
+// The indirect lockspace (lib/lockspaces/indirect.ts): lock file names, hard
 // links and symlinks, the create/lock/recheck/delete protocol under races, the
 // directory checks, named leases and block devices. Real processes throughout.
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
@@ -19,9 +19,9 @@ import {
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { AbortError, InvalidArgumentError, LockTimeoutError, ResourceAccessError } from '../lib/errors.js';
-import { openLockable } from '../lib/locks.js';
-import { GUARD_RANGE, LEASE_RANGE, type Lease, type TakeOptions } from '../lib/lockspace.js';
+import { AbortError, InvalidArgumentError, LockTimeoutError, ResourceAccessError } from '../lib/os/errors.js';
+import { openLockable } from '../lib/os/locks.js';
+import { GUARD_RANGE, LEASE_RANGE, type Lease, type TakeOptions } from '../lib/lockspaces/driver.js';
 import {
   blockDeviceIdentity,
   checkLockDir,
@@ -30,8 +30,8 @@ import {
   inodeIdentity,
   lockFileName,
   type IndirectLockspace,
-} from '../lib/lockspace-indirect.js';
-import { major, minor } from '../lib/proc-locks.js';
+} from '../lib/lockspaces/indirect.js';
+import { major, minor } from '../lib/os/proc-locks.js';
 import { Peer, fdCount, isRoot, makeFile, tempDir } from './helpers.js';
 
 const peerScript = fileURLToPath(new URL('./fixtures/indirect-peer.mjs', import.meta.url));

@@ -7,7 +7,7 @@ import { chmodSync, chownSync, existsSync, linkSync, lstatSync, mkdirSync, readd
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { InvalidArgumentError, LockManager, openLockable, ResourceAccessError, ResourceBusyError, type LockManagerOptions, type ResourceSpec } from '../lib/index.js';
-import { indirectLockspace } from '../lib/lockspace-indirect.js';
+import { indirectLockspace } from '../lib/lockspaces/indirect.js';
 import { distUrl, fdCount, isRoot, lockFixture, makeFile, managerHarness, opensUnderStrace, type Peer } from './helpers.js';
 
 const fx = lockFixture();

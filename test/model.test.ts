@@ -24,7 +24,7 @@ import {
   type ManagerState,
   type ResourceMode,
 } from '../lib/index.js';
-import { locksOn } from '../lib/proc-locks.js';
+import { locksOn } from '../lib/os/proc-locks.js';
 import { fdCount, makeFile, tempDir } from './helpers.js';
 import { childrenOf } from './process-helpers.js';
 

@@ -50,7 +50,7 @@ afterAll(() => tmp?.cleanup());
 
 it('the tarball ships dist, types, native sources and a prebuilt binary, and no build directory', () => {
   const files = run('tar', ['-tzf', tarball], tmp.dir).split('\n');
-  for (const f of ['package/dist/index.js', 'package/dist/index.d.ts', 'package/dist/cli.js', 'package/bin/lockmgr.js', 'package/binding.gyp', 'package/native/ofd.cc', 'package/prebuilds/linux-x64/lockmgr.node']) {
+  for (const f of ['package/dist/index.js', 'package/dist/index.d.ts', 'package/dist/cli/main.js', 'package/bin/lockmgr.js', 'package/binding.gyp', 'package/native/ofd.cc', 'package/prebuilds/linux-x64/lockmgr.node']) {
     expect(files).toContain(f);
   }
   expect(files.some((f) => f.startsWith('package/build/'))).toBe(false);

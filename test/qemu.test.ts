@@ -6,7 +6,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { LockManager, ResourceBusyError, qemuLockState } from '../lib/index.js';
-import type { StatusEntry } from '../lib/cli.js';
+import type { StatusEntry } from '../lib/cli/main.js';
 import { isRoot, tempDir, waitUntil } from './helpers.js';
 
 const haveQemu = ['qemu-img', 'qemu-io', 'qemu-nbd'].every((t) => spawnSync('sh', ['-c', `command -v ${t}`]).status === 0);

@@ -11,7 +11,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { AbortError, LockManager, LockTimeoutError, ResourceAccessError, ResourceBusyError, SpawnError, InvalidStateError, UnsupportedError } from '../lib/index.js';
-import { createDiskLease, initStorage, joinLockspace, leaveLockspace, lockspaceJoined, lockspaceState, sanlockLibraryError } from '../lib/sanlock.js';
+import { createDiskLease, initStorage, joinLockspace, leaveLockspace, lockspaceJoined, lockspaceState, sanlockLibraryError } from '../lib/lockspaces/sanlock-client.js';
 import { Peer, fdCount, isRoot, managerPeerScript, processExists, threadCount, waitUntil } from './helpers.js';
 
 function unavailable(): string | null {

@@ -21,65 +21,55 @@ import {
   LockManagerError,
   ResourceAccessError,
   ResourceBusyError,
-  ResourceExhaustedError,
   UnsupportedError,
-  systemError,
-} from './errors.js';
-import { native } from './native.js';
-import { describe } from './validate.js';
+  errnoName,
+  errnoOf,
+} from '../os/errors.js';
+import { PendingCalls, constants, native, nativeError, nativeState } from '../os/native.js';
+import { describe } from '../os/validate.js';
 
 export const LOCKSPACE_OFFSET = 0;
 export const RINDEX_OFFSET = 8 * 1024 * 1024;
 /** sanlock's limit for lockspace and resource names. */
-export const NAME_MAX = 48;
+export const NAME_MAX = constants.sanlock.NAME_LEN;
 
-/** sanlock's return codes that lockmgr maps (sanlock_rv.h, and -errno). */
-export const SANLOCK_CODES: Readonly<Record<number, string>> = {
-  [-2]: 'ENOENT',
-  [-3]: 'ESRCH',
-  [-11]: 'EAGAIN',
-  [-13]: 'EACCES',
-  [-16]: 'EBUSY',
-  [-17]: 'EEXIST',
-  [-22]: 'EINVAL',
-  [-28]: 'ENOSPC',
-  [-38]: 'ENOSYS',
-  [-110]: 'ETIMEDOUT',
-  [-111]: 'ECONNREFUSED',
-  [-115]: 'EINPROGRESS',
-  [-201]: 'SANLK_ERROR',
-  [-202]: 'SANLK_AIO_TIMEOUT',
-  [-203]: 'SANLK_WD_ERROR',
-  [-210]: 'SANLK_DBLOCK_READ',
-  [-211]: 'SANLK_DBLOCK_WRITE',
-  [-220]: 'SANLK_LEADER_READ',
-  [-221]: 'SANLK_LEADER_WRITE',
-  [-223]: 'SANLK_LEADER_MAGIC',
-  [-226]: 'SANLK_LEADER_LOCKSPACE',
-  [-227]: 'SANLK_LEADER_RESOURCE',
-  [-231]: 'SANLK_ADDLS_INVALID_HOSTID',
-  [-240]: 'SANLK_ACQUIRE_LVER',
-  [-241]: 'SANLK_ACQUIRE_LOCKSPACE',
-  [-243]: 'SANLK_ACQUIRE_IDLIVE',
-  [-244]: 'SANLK_ACQUIRE_OWNED',
-  [-245]: 'SANLK_ACQUIRE_OTHER',
-  [-262]: 'SANLK_HOSTID_BUSY',
-};
+/**
+ * sanlock's return codes by name: its own (sanlock_rv.h, from the addon) and
+ * the -errno ones lockmgr tells apart.
+ */
+export const RV = {
+  ...(constants.sanlock.codes as Readonly<Record<SanlkCode, number>>),
+  ENOENT: -errnoOf('ENOENT'),
+  ESRCH: -errnoOf('ESRCH'),
+  EIO: -errnoOf('EIO'),
+  EAGAIN: -errnoOf('EAGAIN'),
+  EACCES: -errnoOf('EACCES'),
+  EBUSY: -errnoOf('EBUSY'),
+  EEXIST: -errnoOf('EEXIST'),
+  EINVAL: -errnoOf('EINVAL'),
+  ENOSPC: -errnoOf('ENOSPC'),
+  ENOSYS: -errnoOf('ENOSYS'),
+  ENODATA: -errnoOf('ENODATA'),
+  ETIMEDOUT: -errnoOf('ETIMEDOUT'),
+  ECONNREFUSED: -errnoOf('ECONNREFUSED'),
+  EINPROGRESS: -errnoOf('EINPROGRESS'),
+} as const;
 
-const enum Op {
-  Acquire = 1,
-  Release = 2,
-  Inquire = 3,
-  WriteLockspace = 4,
-  AddLockspace = 5,
-  RemLockspace = 6,
-  InqLockspace = 7,
-  FormatRindex = 8,
-  CreateResource = 9,
-  Lookup = 10,
-  ReadOwners = 11,
-  ReleaseAll = 13,
+type SanlkCode =
+  | 'SANLK_ERROR' | 'SANLK_AIO_TIMEOUT' | 'SANLK_WD_ERROR' | 'SANLK_DBLOCK_READ' | 'SANLK_DBLOCK_WRITE' | 'SANLK_DBLOCK_LVER' | 'SANLK_DBLOCK_MBAL'
+  | 'SANLK_DBLOCK_CHECKSUM' | 'SANLK_LEADER_READ' | 'SANLK_LEADER_WRITE' | 'SANLK_LEADER_DIFF' | 'SANLK_LEADER_MAGIC' | 'SANLK_LEADER_VERSION'
+  | 'SANLK_LEADER_SECTORSIZE' | 'SANLK_LEADER_LOCKSPACE' | 'SANLK_LEADER_RESOURCE' | 'SANLK_LEADER_NUMHOSTS' | 'SANLK_LEADER_CHECKSUM'
+  | 'SANLK_ADDLS_INVALID_HOSTID' | 'SANLK_ACQUIRE_LVER' | 'SANLK_ACQUIRE_LOCKSPACE' | 'SANLK_ACQUIRE_IDDISK' | 'SANLK_ACQUIRE_IDLIVE'
+  | 'SANLK_ACQUIRE_OWNED' | 'SANLK_ACQUIRE_OTHER' | 'SANLK_ACQUIRE_SHRETRY' | 'SANLK_HOSTID_BUSY';
+
+const codeNames = new Map(Object.entries(constants.sanlock.codes).map(([name, rv]) => [rv, name]));
+
+/** The name of a sanlock return code: SANLK_... for its own, the errno's name for -errno. */
+export function codeName(rv: number): string {
+  return codeNames.get(rv) ?? (rv < 0 && rv > -4096 ? errnoName(-rv) : `SANLK_${-rv}`);
 }
+
+const Op = constants.sanlock.ops;
 
 interface Result {
   rv: number;
@@ -89,27 +79,13 @@ interface Result {
 
 interface Registry {
   ready: boolean;
-  calls: Map<number, (r: Result) => void>;
+  calls: PendingCalls<[Result]>;
 }
 
-const REGISTRY = Symbol.for('lockmgr.sanlock');
-
-function registry(): Registry {
-  const holder = native as unknown as Record<symbol, Registry | undefined>;
-  let r = holder[REGISTRY];
-  if (r === undefined) {
-    r = { ready: false, calls: new Map() };
-    Object.defineProperty(native, REGISTRY, { value: r });
-  }
-  return r;
-}
+const registry = (): Registry => nativeState('sanlock', () => ({ ready: false, calls: new PendingCalls<[Result]>() }));
 
 function deliver(id: number, rv: number, text: string, out: Float64Array): void {
-  const calls = registry().calls;
-  const done = calls.get(id);
-  if (done === undefined) return;
-  calls.delete(id);
-  done({ rv, text, out });
+  registry().calls.settle(id, { rv, text, out });
 }
 
 /** The client library's dlopen error, or null once it is loaded. */
@@ -131,27 +107,23 @@ export function requireLibrary(): void {
   }
 }
 
-function run(op: Op, strings: string[], numbers: number[]): Promise<Result> {
+function run(op: number, strings: string[], numbers: number[]): Promise<Result> {
   requireLibrary();
   const r = registry();
   if (!r.ready) {
-    const e = native.sanlockInit(deliver);
-    if (e !== 0 && e !== EALREADY) throw new InternalError(`sanlock worker set-up failed (${e})`);
+    const rv = native.sanlockInit(deliver);
+    if (rv < 0) throw nativeError(rv, 'cannot start the sanlock workers');
     r.ready = true;
   }
   const id = native.sanlockCall(op, strings.join('\0'), Float64Array.from(numbers));
-  if (id < 0) {
-    const cause = systemError(-id, 'pthread_create');
-    throw new ResourceExhaustedError(`cannot start a thread for sanlock calls: ${cause.message}`, { cause });
-  }
-  return new Promise((resolve) => r.calls.set(id, resolve));
+  // pthread_create: ResourceExhaustedError.
+  if (id < 0) throw nativeError(id, 'cannot start a thread for sanlock calls');
+  return new Promise((resolve) => r.calls.add(id, resolve));
 }
-
-const EALREADY = 114;
 
 /** sanlock's name and text for a return code. */
 export function describeCode(rv: number): string {
-  const name = SANLOCK_CODES[rv] ?? String(rv);
+  const name = codeName(rv);
   let text = '';
   try {
     text = native.sanlockStrerror(rv);
@@ -171,49 +143,55 @@ export interface SanlockCause extends Error {
 
 export function sanlockCause(rv: number, call: string): SanlockCause {
   const err = new Error(`${describeCode(rv)}, ${call}`) as SanlockCause;
-  err.code = SANLOCK_CODES[rv] ?? `SANLK_${-rv}`;
+  err.code = codeName(rv);
   err.errno = rv;
   err.syscall = call;
   return err;
 }
 
-const IO_CODES = new Set([-202, -210, -211, -212, -213, -214, -220, -221, -222, -223, -224, -225, -226, -227, -228, -229, -5]);
+const IO_CODES = new Set<number>([
+  RV.SANLK_AIO_TIMEOUT,
+  ...Object.entries(RV).filter(([name]) => name.startsWith('SANLK_DBLOCK_') || name.startsWith('SANLK_LEADER_')).map(([, rv]) => rv),
+  RV.EIO,
+]);
+const BUSY_CODES = new Set<number>([RV.SANLK_ACQUIRE_IDLIVE, RV.EAGAIN, RV.EEXIST, RV.SANLK_ACQUIRE_LVER, RV.SANLK_ACQUIRE_OWNED, RV.SANLK_ACQUIRE_OTHER, RV.SANLK_HOSTID_BUSY]);
 
 /**
  * The typed error for a sanlock return code (docs/sanlock.md has the table).
- * Busy codes (-243, -11, -17, -240) are left to the caller, who knows whom to
- * name; here they map to a plain ResourceBusyError.
+ * Busy codes (SANLK_ACQUIRE_IDLIVE, EAGAIN, EEXIST, SANLK_ACQUIRE_LVER) are
+ * left to the caller, who knows whom to name; here they map to a plain
+ * ResourceBusyError.
  */
 export function errorFor(rv: number, call: string, what: string): LockManagerError {
   const cause = sanlockCause(rv, call);
   const msg = `${what}: ${cause.message}`;
-  if (rv === -13) {
+  if (rv === RV.EACCES) {
     const sock = join(runDir(), 'sanlock.sock');
     return new ResourceAccessError(
       `${what}: permission denied by the sanlock daemon at ${sock}: its socket admits root and the members of the sanlock group (the daemon's -U/-G), and the daemon itself must be able to open the lease storage: ${cause.message}`,
       { cause },
     );
   }
-  if (rv === -2 || rv === -111) {
+  if (rv === RV.ENOENT || rv === RV.ECONNREFUSED) {
     const sock = join(runDir(), 'sanlock.sock');
-    if (!existsSync(sock) || rv !== -2) {
+    if (!existsSync(sock) || rv !== RV.ENOENT) {
       return new UnsupportedError(`${what}: no sanlock daemon answers at ${sock} (start it: sanlock daemon; a test daemon: SANLOCK_RUN_DIR, SANLOCK_PRIVILEGED=0, -w 0): ${cause.message}`, { cause });
     }
     return new ResourceAccessError(`${msg} (not found)`, { cause });
   }
-  if (rv === -38) return new UnsupportedError(`${what}: libsanlock_client.so.1 is not loaded: ${sanlockLibraryError() ?? ''}`, { cause });
-  if (rv === -203) {
+  if (rv === RV.ENOSYS) return new UnsupportedError(`${what}: libsanlock_client.so.1 is not loaded: ${sanlockLibraryError() ?? ''}`, { cause });
+  if (rv === RV.SANLK_WD_ERROR) {
     return new UnsupportedError(`${what}: the sanlock daemon has no watchdog (wdmd is not running, or /dev/watchdog is missing); run wdmd, or start sanlock with -w 0 and read docs/sanlock.md on what that leaves unprotected: ${cause.message}`, { cause });
   }
-  if (rv === -3) {
+  if (rv === RV.ESRCH) {
     return new InvalidStateError(`${what}: the process is not registered with this host's sanlock daemon (it has exited, or was not started through the sanlock lockspace): ${cause.message}`, { cause });
   }
-  if (rv === -28 || rv === -241) {
+  if (rv === RV.ENOSPC || rv === RV.SANLK_ACQUIRE_LOCKSPACE) {
     return new InvalidStateError(`${what}: this host has not joined the lockspace (joinLockspace(), or lockmgr sanlock join): ${cause.message}`, { cause });
   }
-  if (rv === -243 || rv === -11 || rv === -17 || rv === -240 || rv === -244 || rv === -245 || rv === -262) return new ResourceBusyError(msg, { cause });
-  if (rv === -22) return new InvalidArgumentError(msg, { cause });
-  if (rv === -110 || IO_CODES.has(rv)) return new ResourceAccessError(msg, { cause });
+  if (BUSY_CODES.has(rv)) return new ResourceBusyError(msg, { cause });
+  if (rv === RV.EINVAL) return new InvalidArgumentError(msg, { cause });
+  if (rv === RV.ETIMEDOUT || IO_CODES.has(rv)) return new ResourceAccessError(msg, { cause });
   return new InternalError(msg, { cause });
 }
 
@@ -283,8 +261,8 @@ export async function initStorage(options: InitOptions): Promise<void> {
   const path = checkStoragePath(options.path, 'path');
   const ioTimeout = checkInt(options.ioTimeout, 'ioTimeout', 1, 300, 10);
   const maxHosts = checkInt(options.maxHosts, 'maxHosts', 0, 2000, 0);
-  await check(run(Op.WriteLockspace, [name, path], [LOCKSPACE_OFFSET, maxHosts, ioTimeout]), 'sanlock_write_lockspace', `initStorage: writing lockspace ${name} on ${path}`);
-  await check(run(Op.FormatRindex, [name, path], [RINDEX_OFFSET]), 'sanlock_format_rindex', `initStorage: writing the lease index on ${path}`);
+  await check(run(Op.WRITE_LOCKSPACE, [name, path], [LOCKSPACE_OFFSET, maxHosts, ioTimeout]), 'sanlock_write_lockspace', `initStorage: writing lockspace ${name} on ${path}`);
+  await check(run(Op.FORMAT_RINDEX, [name, path], [RINDEX_OFFSET]), 'sanlock_format_rindex', `initStorage: writing the lease index on ${path}`);
 }
 
 export interface JoinOptions extends StorageOptions {
@@ -300,9 +278,9 @@ export async function joinLockspace(options: JoinOptions): Promise<{ wasJoined: 
   const path = checkStoragePath(options.path, 'path');
   const hostId = checkInt(options.hostId, 'hostId', 1, 2000, 0);
   const ioTimeout = checkInt(options.ioTimeout, 'ioTimeout', 0, 300, 0);
-  const r = await run(Op.AddLockspace, [name, path], [LOCKSPACE_OFFSET, hostId, ioTimeout]);
-  if (r.rv === -17) return { wasJoined: true };
-  if (r.rv === -262) {
+  const r = await run(Op.ADD_LOCKSPACE, [name, path], [LOCKSPACE_OFFSET, hostId, ioTimeout]);
+  if (r.rv === RV.EEXIST) return { wasJoined: true };
+  if (r.rv === RV.SANLK_HOSTID_BUSY) {
     throw new ResourceBusyError(`joinLockspace: host id ${hostId} of lockspace ${name} is in use by another host (${await hostName(path, hostId) ?? 'name unknown'}): ${sanlockCause(r.rv, 'sanlock_add_lockspace').message}`, { cause: sanlockCause(r.rv, 'sanlock_add_lockspace') });
   }
   if (r.rv < 0) throw errorFor(r.rv, 'sanlock_add_lockspace', `joinLockspace: lockspace ${name} as host ${hostId} on ${path}`);
@@ -314,8 +292,8 @@ export async function leaveLockspace(options: JoinOptions): Promise<{ wasJoined:
   const name = checkName(options?.lockspace, 'lockspace');
   const path = checkStoragePath(options.path, 'path');
   const hostId = checkInt(options.hostId, 'hostId', 1, 2000, 0);
-  const r = await run(Op.RemLockspace, [name, path], [LOCKSPACE_OFFSET, hostId]);
-  if (r.rv === -2) return { wasJoined: false };
+  const r = await run(Op.REM_LOCKSPACE, [name, path], [LOCKSPACE_OFFSET, hostId]);
+  if (r.rv === RV.ENOENT) return { wasJoined: false };
   if (r.rv < 0) throw errorFor(r.rv, 'sanlock_rem_lockspace', `leaveLockspace: ${name}`);
   return { wasJoined: true };
 }
@@ -342,11 +320,11 @@ async function inqLockspace(options: JoinOptions, settle: boolean): Promise<'joi
   const name = checkName(options?.lockspace, 'lockspace');
   const path = checkStoragePath(options.path, 'path');
   const hostId = checkInt(options.hostId, 'hostId', 1, 2000, 0);
-  const r = await run(Op.InqLockspace, [name, path], settle ? [LOCKSPACE_OFFSET, hostId, 1] : [LOCKSPACE_OFFSET, hostId]);
+  const r = await run(Op.INQ_LOCKSPACE, [name, path], settle ? [LOCKSPACE_OFFSET, hostId, 1] : [LOCKSPACE_OFFSET, hostId]);
   if (r.rv === 0) return 'joined';
-  if (r.rv === -115) return 'joining';
-  if (r.rv === -2) {
-    if (!existsSync(join(runDir(), 'sanlock.sock'))) throw errorFor(-111, 'sanlock_inq_lockspace', 'lockspaceJoined');
+  if (r.rv === RV.EINPROGRESS) return 'joining';
+  if (r.rv === RV.ENOENT) {
+    if (!existsSync(join(runDir(), 'sanlock.sock'))) throw errorFor(RV.ECONNREFUSED, 'sanlock_inq_lockspace', 'lockspaceJoined');
     return 'not-joined';
   }
   throw errorFor(r.rv, 'sanlock_inq_lockspace', `lockspaceJoined: ${name}`);
@@ -368,14 +346,14 @@ export async function createDiskLease(options: StorageOptions & { disk: string }
   const res = diskResourceName(disk);
   const found = await lookupLease(name, path, res);
   if (found !== null) return { offset: found, created: false };
-  const r = await check(run(Op.CreateResource, [name, path, res], [RINDEX_OFFSET]), 'sanlock_create_resource', `createDiskLease: ${disk} in lockspace ${name}`);
+  const r = await check(run(Op.CREATE_RESOURCE, [name, path, res], [RINDEX_OFFSET]), 'sanlock_create_resource', `createDiskLease: ${disk} in lockspace ${name}`);
   return { offset: r.out[0]!, created: true };
 }
 
 /** The offset of a resource lease in the index, or null. */
 export async function lookupLease(lockspace: string, path: string, resource: string): Promise<number | null> {
-  const r = await run(Op.Lookup, [lockspace, path, resource], [RINDEX_OFFSET]);
-  if (r.rv === -2 || r.rv === -61 /* ENODATA */) return null;
+  const r = await run(Op.LOOKUP, [lockspace, path, resource], [RINDEX_OFFSET]);
+  if (r.rv === RV.ENOENT || r.rv === RV.ENODATA) return null;
   if (r.rv < 0) throw errorFor(r.rv, 'sanlock_lookup_rindex', `looking up ${resource} in the lease index of ${path}`);
   return r.out[0]!;
 }
@@ -390,28 +368,21 @@ export interface LeaseAddress {
 
 /** Acquires for a registered pid. offset -1: look it up in the index. lver -1: any. Resolves rv, the offset and the pid's inquire state. */
 export function acquireFor(pid: number, lease: LeaseAddress, offset: number, shared: boolean, lver: number): Promise<Result> {
-  return run(Op.Acquire, [lease.lockspace, lease.resource, lease.path], [pid, offset, RINDEX_OFFSET, shared ? 1 : 0, lver]);
+  return run(Op.ACQUIRE, [lease.lockspace, lease.resource, lease.path], [pid, offset, RINDEX_OFFSET, shared ? 1 : 0, lver]);
 }
 
 export function releaseFor(pid: number, lease: LeaseAddress, offset: number): Promise<Result> {
-  return run(Op.Release, [lease.lockspace, lease.resource, lease.path], [pid, offset]);
-}
-
-/** sanlock_inquire for a registered pid: its leases as "lockspace:resource:path:offset:lver" strings. */
-export async function inquirePid(pid: number): Promise<string> {
-  const r = await run(Op.Inquire, [], [pid]);
-  if (r.rv < 0) throw errorFor(r.rv, 'sanlock_inquire', `inquire for pid ${pid}`);
-  return r.text;
+  return run(Op.RELEASE, [lease.lockspace, lease.resource, lease.path], [pid, offset]);
 }
 
 /** sanlock_inquire's raw result: rv -3 (ESRCH) once the daemon no longer knows the pid. */
 export function inquireRaw(pid: number): Promise<Result> {
-  return run(Op.Inquire, [], [pid]);
+  return run(Op.INQUIRE, [], [pid]);
 }
 
 /** Host ids (and generations) that own a resource lease, from the storage. */
 export async function leaseOwners(lease: LeaseAddress, offset: number): Promise<Array<{ hostId: number; generation: number }>> {
-  const r = await run(Op.ReadOwners, [lease.lockspace, lease.resource, lease.path], [offset]);
+  const r = await run(Op.READ_OWNERS, [lease.lockspace, lease.resource, lease.path], [offset]);
   if (r.rv < 0) return [];
   const owners: Array<{ hostId: number; generation: number }> = [];
   for (let i = 0; i + 1 < r.out.length; i += 2) owners.push({ hostId: r.out[i]!, generation: r.out[i + 1]! });
@@ -420,7 +391,7 @@ export async function leaseOwners(lease: LeaseAddress, offset: number): Promise<
 
 /** sanlock_release(-1, pid, SANLK_REL_ALL): every lease the pid still holds. */
 export function releaseAllFor(pid: number): Promise<Result> {
-  return run(Op.ReleaseAll, [], [pid]);
+  return run(Op.RELEASE_ALL, [], [pid]);
 }
 
 /**
@@ -455,7 +426,7 @@ export async function hostName(path: string, hostId: number): Promise<string | n
 
 /** The exec helper (native/sanlock-exec.c), built next to the addon. */
 export function execHelperPath(): string {
-  const root = fileURLToPath(new URL('..', import.meta.url));
+  const root = fileURLToPath(new URL('../..', import.meta.url));
   for (const p of [join(root, 'build', 'Release', 'lockmgr-sanlock-exec'), join(root, 'prebuilds', `${process.platform}-${process.arch}`, 'lockmgr-sanlock-exec')]) {
     if (existsSync(p)) return p;
   }

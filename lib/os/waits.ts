@@ -1,43 +1,22 @@
 // The JavaScript half of native/waiters.cc: starting a blocking wait, routing
 // each result back to its caller, and cancelling.
 //
-// The registry of pending waits hangs off the native module object itself, so
-// two copies of this JavaScript loaded into one environment (a CJS and an ESM
-// load, a reset module cache) share the one waiter pool of the one binary.
-import { InvalidArgumentError, ResourceExhaustedError, UnsupportedError, errnoOf, systemError } from './errors.js';
-import { native } from './native.js';
+// The registry of pending waits is per environment (nativeState): two copies of
+// this JavaScript in one environment share the one waiter pool of the binary.
+import { InvalidArgumentError, errnoOf } from './errors.js';
+import { PendingCalls, failedSyscall, native, nativeError, nativeState } from './native.js';
 import { describe } from './validate.js';
 
 interface Registry {
   ready: boolean;
-  waits: Map<number, (errno: number) => void>;
+  waits: PendingCalls<[errno: number]>;
 }
 
-const REGISTRY = Symbol.for('lockmgr.waits');
-const EBUSY = errnoOf('EBUSY');
-const EINVAL = errnoOf('EINVAL');
-const EALREADY = errnoOf('EALREADY');
-/** native.waitLock adds this to timer_create's errno (native/waiters.cc kTimerErrorBase). */
-const TIMER_ERROR_BASE = 1 << 16;
-
-function registry(): Registry {
-  const holder = native as unknown as Record<symbol, Registry | undefined>;
-  let r = holder[REGISTRY];
-  if (r === undefined) {
-    r = { ready: false, waits: new Map() };
-    Object.defineProperty(native, REGISTRY, { value: r });
-  }
-  return r;
-}
+const registry = (): Registry => nativeState('waits', () => ({ ready: false, waits: new PendingCalls<[errno: number]>() }));
 
 function deliver(batch: Float64Array): void {
   const { waits } = registry();
-  for (let i = 0; i < batch.length; i += 2) {
-    const done = waits.get(batch[i]!);
-    if (done === undefined) continue;
-    waits.delete(batch[i]!);
-    done(batch[i + 1]!);
-  }
+  for (let i = 0; i < batch.length; i += 2) waits.settle(batch[i]!, batch[i + 1]!);
 }
 
 /** LOCKMGR_WAKE_SIGNAL, or -1 for the default (SIGRTMIN+6). */
@@ -54,20 +33,20 @@ function wakeSignal(): number {
 function ensurePool(r: Registry): void {
   if (r.ready) return;
   const signal = wakeSignal();
-  const e = native.initWaiters(deliver, signal);
-  if (e === EBUSY) {
-    throw new UnsupportedError(
-      `the wake-up signal ${signal < 0 ? 'SIGRTMIN+6' : signal} already has a handler in this process (or another environment` +
-        ' uses another one), so blocking lock waits cannot be interrupted; set LOCKMGR_WAKE_SIGNAL to a free real-time signal number',
-      { cause: systemError(e, 'sigaction') },
-    );
+  const rv = native.initWaiters(deliver, signal);
+  if (rv < 0) {
+    // EBUSY: the signal has someone else's handler; EINVAL: not a real-time signal (ERRNO_CLASSES, sigaction).
+    const name = signal < 0 ? 'SIGRTMIN+6' : String(signal);
+    const why =
+      failedSyscall() === 'sigaction' && rv === -EBUSY
+        ? `the wake-up signal ${name} already has a handler in this process (or another environment uses another one), so blocking lock waits cannot be interrupted; set LOCKMGR_WAKE_SIGNAL to a free real-time signal number`
+        : `LOCKMGR_WAKE_SIGNAL must be a real-time signal number (SIGRTMIN..SIGRTMAX), got ${name}`;
+    throw nativeError(rv, why);
   }
-  if (e === EINVAL) {
-    throw new InvalidArgumentError(`LOCKMGR_WAKE_SIGNAL must be a real-time signal number (SIGRTMIN..SIGRTMAX), got ${signal}`);
-  }
-  if (e !== 0 && e !== EALREADY) throw new UnsupportedError('blocking lock waits are unavailable', { cause: systemError(e, 'sigaction') });
   r.ready = true;
 }
+
+const EBUSY = errnoOf('EBUSY');
 
 /**
  * Parks F_OFD_SETLKW on a waiter thread. `done` gets 0 (granted), ECANCELED,
@@ -77,12 +56,9 @@ export function startWait(fd: number, type: number, start: number, length: numbe
   const r = registry();
   ensurePool(r);
   const id = native.waitLock(fd, type, start, length, timeout ?? -1);
-  if (id < 0) {
-    const timer = -id >= TIMER_ERROR_BASE;
-    const cause = systemError(timer ? -id - TIMER_ERROR_BASE : -id, timer ? 'timer_create' : 'pthread_create');
-    throw new ResourceExhaustedError(`cannot start a thread to wait for a lock on '${path}': ${cause.message}`, { cause });
-  }
-  r.waits.set(id, done);
+  // pthread_create or timer_create failed (ResourceExhaustedError for EAGAIN).
+  if (id < 0) throw nativeError(id, `cannot start a thread to wait for a lock on '${path}'`);
+  r.waits.add(id, done);
   return id;
 }
 

@@ -18,8 +18,8 @@ import {
   LockTimeoutError,
   ResourceAccessError,
   systemError,
-} from './errors.js';
-import { deletableLockFile, openLockable, type ByteRange, type LockableFile, type LockMode } from './locks.js';
+} from '../os/errors.js';
+import { deletableLockFile, openLockable, type ByteRange, type LockableFile, type LockMode } from '../os/locks.js';
 import {
   canonicalBlockNode,
   openDiskFile,
@@ -30,9 +30,9 @@ import {
   PIN_RANGE,
   type ResourceMode,
   type TakeOptions,
-} from './lockspace.js';
-import { major, minor } from './proc-locks.js';
-import { checkOneOf, checkOptions, checkPath, describe } from './validate.js';
+} from './driver.js';
+import { major, minor } from '../os/proc-locks.js';
+import { checkOneOf, checkOptions, checkPath, describe } from '../os/validate.js';
 
 /** Where a lock file's name comes from. */
 export type LockFileSource = 'path' | 'inode' | 'wwid' | 'lvm' | 'serial';

@@ -9,7 +9,7 @@
 // VM with share-rw=off also refuses write (201). Our byte-0 lease is outside
 // this range and never disturbs QEMU.
 import { ResourceBusyError, type ProcessInfo } from './errors.js';
-import type { ResourceMode } from './lockspace.js';
+import type { ResourceMode } from '../lockspaces/driver.js';
 import { openLockable, type LockableFile } from './locks.js';
 import { describeProcess, locksOn, processesWithOpen, type ProcLock } from './proc-locks.js';
 

@@ -18,15 +18,15 @@
 import { EventEmitter } from 'node:events';
 import { normalize } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { AbortError, InvalidArgumentError, InvalidStateError, LockManagerError, LockTimeoutError, UnsupportedError, systemError, type ProcessInfo } from './errors.js';
-import { indirectLockspace, openLeaseResource } from './lockspace-indirect.js';
-import { checkSanlockConfig, sanlockLockspace } from './lockspace-sanlock.js';
-import { directLockspace, lockModeOf, LEASE_RANGE, type Lease, type LockspaceConfig, type Lockspace, type ResourceMode } from './lockspace.js';
-import { decodeToken, describeLockspace, encodeToken, sameLockspace, type TokenResource } from './migration-token.js';
-import { qemuProfile } from './qemu.js';
+import { AbortError, InvalidArgumentError, InvalidStateError, LockManagerError, LockTimeoutError, UnsupportedError, systemError, type ProcessInfo } from '../os/errors.js';
+import { indirectLockspace, openLeaseResource } from '../lockspaces/indirect.js';
+import { checkSanlockConfig, sanlockLockspace } from '../lockspaces/sanlock.js';
+import { directLockspace, lockModeOf, LEASE_RANGE, type Lease, type LockspaceConfig, type Lockspace, type ResourceMode } from '../lockspaces/driver.js';
+import { decodeToken, describeLockspace, encodeToken, sameLockspace, type TokenResource } from './token.js';
+import { qemuProfile } from '../os/qemu.js';
 import { acquireAll, releaseGuard, releaseOne, stillHeld, takeGuards, type AcquireOptions, type Resource } from './resources.js';
-import { attachProcess, spawnSupervised, type ExitStatus, type SpawnOptions, type SupervisedProcess } from './supervise.js';
-import { checkOneOf, checkOptions, checkPath, checkSignal, checkTimeout, describe } from './validate.js';
+import { attachProcess, spawnSupervised, type ExitStatus, type SpawnOptions, type SupervisedProcess } from '../os/supervise.js';
+import { checkOneOf, checkOptions, checkPath, checkSignal, checkTimeout, describe } from '../os/validate.js';
 
 export type ManagerState = 'new' | 'starting' | 'incoming' | 'running' | 'migrating' | 'migrated' | 'stopping' | 'stopped' | 'freed';
 export type LockLifetime = 'child' | 'supervisor';
@@ -280,7 +280,7 @@ function makeLockspace(value: unknown): Lockspace {
 }
 
 /** The lockmgr CLI shipped with this package (bin/lockmgr.js). */
-const CLI = fileURLToPath(new URL('../bin/lockmgr.js', import.meta.url));
+const CLI = fileURLToPath(new URL('../../bin/lockmgr.js', import.meta.url));
 
 export interface LockManagerEvents {
   state: [state: ManagerState, previous: ManagerState];

@@ -21,7 +21,7 @@ import {
   type LockHolder,
   type LockManagerError,
 } from './errors.js';
-import { native } from './native.js';
+import { constants, native } from './native.js';
 import { cancelWait, startWait, watchAbort } from './waits.js';
 import { checkOffset, checkOneOf, checkOptions, checkPath, checkSignal, checkTimeout, describe } from './validate.js';
 
@@ -68,12 +68,11 @@ export interface ResourceIdentity {
   readonly key: string;
 }
 
-const SHARED = 0;
-const EXCLUSIVE = 1;
-const UNLOCK = 2;
+const { SHARED, EXCLUSIVE, UNLOCK } = constants.lock;
 
-const EAGAIN = errnoOf('EAGAIN');
-const EACCES = errnoOf('EACCES');
+// setlk's answers for "a conflicting lock is held".
+const BUSY = -errnoOf('EAGAIN');
+const BUSY_OLD = -errnoOf('EACCES');
 const EBADF = errnoOf('EBADF');
 const EINVAL = errnoOf('EINVAL');
 const EEXIST = errnoOf('EEXIST');
@@ -186,10 +185,10 @@ export class LockableFile implements Disposable {
     this.#check('tryLock');
     const type = lockType(mode);
     parseRange(range);
-    const e = native.setlk(this.#fd, type, rangeStart, rangeLength);
-    if (e === 0) return true;
-    if (e === EAGAIN || e === EACCES) return false;
-    throw this.#lockError(e, mode, rangeStart, rangeLength);
+    const rv = native.setlk(this.#fd, type, rangeStart, rangeLength);
+    if (rv === 0) return true;
+    if (rv === BUSY || rv === BUSY_OLD) return false;
+    throw this.#lockError(-rv, mode, rangeStart, rangeLength);
   }
 
   /**
@@ -206,9 +205,9 @@ export class LockableFile implements Disposable {
     const timeout = checkTimeout(opts.timeout);
     const signal = checkSignal(opts.signal);
     if (signal?.aborted) throw abortError(signal);
-    const e = native.setlk(this.#fd, type, start, length);
-    if (e === 0) return;
-    if (e !== EAGAIN && e !== EACCES) throw this.#lockError(e, mode, start, length);
+    const rv = native.setlk(this.#fd, type, start, length);
+    if (rv === 0) return;
+    if (rv !== BUSY && rv !== BUSY_OLD) throw this.#lockError(-rv, mode, start, length);
     if (timeout === 0) throw this.#timeoutError(mode, start, length, 0);
     return this.#wait(type, mode, start, length, timeout, signal);
   }
@@ -217,8 +216,8 @@ export class LockableFile implements Disposable {
   unlock(range?: ByteRange): void {
     this.#check('unlock');
     parseRange(range);
-    const e = native.setlk(this.#fd, UNLOCK, rangeStart, rangeLength);
-    if (e !== 0) throw fromErrno('fcntl', e, this.path, `cannot unlock ${rangeText(rangeStart, rangeLength)} of '${this.path}'`);
+    const rv = native.setlk(this.#fd, UNLOCK, rangeStart, rangeLength);
+    if (rv !== 0) throw fromErrno('fcntl', -rv, this.path, `cannot unlock ${rangeText(rangeStart, rangeLength)} of '${this.path}'`);
   }
 
   /** The lock that would block `mode` on the range (F_OFD_GETLK), or null. Our own locks never conflict. */
@@ -284,8 +283,8 @@ export class LockableFile implements Disposable {
   }
 
   #conflict(type: number, start: number, length: number): LockConflict | null {
-    const e = native.getlk(this.#fd, type, start, length, conflictScratch);
-    if (e !== 0) throw this.#lockError(e, type === EXCLUSIVE ? 'exclusive' : 'shared', start, length);
+    const rv = native.getlk(this.#fd, type, start, length, conflictScratch);
+    if (rv !== 0) throw this.#lockError(-rv, type === EXCLUSIVE ? 'exclusive' : 'shared', start, length);
     if (conflictScratch[0] === UNLOCK) return null;
     return {
       mode: conflictScratch[0] === EXCLUSIVE ? 'exclusive' : 'shared',

@@ -17,13 +17,13 @@ import {
   UnsupportedError,
   type LockHolder,
   type ProcessInfo,
-} from './errors.js';
-import { openDiskFile } from './lockspace.js';
-import { indirectLockspace, type IndirectLockspace, type LockFileSource } from './lockspace-indirect.js';
-import { openLockable, type LockableFile } from './locks.js';
-import { LockManager, type ExitStatus, type LockLifetime, type ManagerParams, type ResourceMode } from './manager.js';
-import { describeProcess, locksOn, processesWithOpen, type ProcLock } from './proc-locks.js';
-import { qemuLockState, type QemuPermission } from './qemu.js';
+} from '../os/errors.js';
+import { openDiskFile } from '../lockspaces/driver.js';
+import { indirectLockspace, type IndirectLockspace, type LockFileSource } from '../lockspaces/indirect.js';
+import { openLockable, type LockableFile } from '../os/locks.js';
+import { LockManager, type ExitStatus, type LockLifetime, type ManagerParams, type ResourceMode } from '../manager/manager.js';
+import { describeProcess, locksOn, processesWithOpen, type ProcLock } from '../os/proc-locks.js';
+import { qemuLockState, type QemuPermission } from '../os/qemu.js';
 
 /** sysexits(3)-style exit codes for lockmgr's own failures; `run` otherwise exits with the command's status. */
 export const EXIT = {
@@ -114,7 +114,7 @@ export async function main(argv: readonly string[], out: Output = stdio): Promis
       case 'status':
         return status(rest, out);
       case 'sanlock':
-        return await (await import('./cli-sanlock.js')).sanlockCommand(rest, (t) => out.out(t));
+        return await (await import('./sanlock.js')).sanlockCommand(rest, (t) => out.out(t));
       case '--help':
       case '-h':
       case 'help':

@@ -17,9 +17,9 @@
 // its one lease file. The indirect one (lockspace-indirect.ts) uses files in a
 // shared directory.
 import { readFileSync, statSync } from 'node:fs';
-import { openLockable, type ByteRange, type LockableFile, type LockMode } from './locks.js';
-import { major, minor } from './proc-locks.js';
-import type { ExitStatus, SpawnOptions, SupervisedProcess } from './supervise.js';
+import { openLockable, type ByteRange, type LockableFile, type LockMode } from '../os/locks.js';
+import { major, minor } from '../os/proc-locks.js';
+import type { ExitStatus, SpawnOptions, SupervisedProcess } from '../os/supervise.js';
 
 export type ResourceMode = 'exclusive' | 'shared' | 'readonly';
 
@@ -35,7 +35,7 @@ export interface IndirectLockspaceConfig {
 
 export interface SanlockLockspaceConfig {
   kind: 'sanlock';
-  /** The sanlock lockspace's name, the same on every host (lib/sanlock.ts, docs/sanlock.md). */
+  /** The sanlock lockspace's name, the same on every host (lib/lockspaces/sanlock-client.ts, docs/sanlock.md). */
   lockspace: string;
   /** The shared device or file holding the lockspace and the lease index; the same storage on every host. */
   path: string;

@@ -16,9 +16,9 @@
 // kills the VM, not the supervisor.
 import { statSync, writeSync } from 'node:fs';
 import { Socket } from 'node:net';
-import { AbortError, InvalidArgumentError, LockTimeoutError, ResourceAccessError, ResourceBusyError, SpawnError, UnsupportedError, systemError } from './errors.js';
-import type { GateLimits, Lease, Lockspace, OwnedLease, ResourceMode, SanlockLockspaceConfig, TakeOptions } from './lockspace.js';
-import { native } from './native.js';
+import { AbortError, InvalidArgumentError, LockTimeoutError, ResourceAccessError, ResourceBusyError, SpawnError, UnsupportedError, systemError } from '../os/errors.js';
+import type { GateLimits, Lease, Lockspace, OwnedLease, ResourceMode, SanlockLockspaceConfig, TakeOptions } from './driver.js';
+import { native } from '../os/native.js';
 import {
   acquireFor,
   diskResourceName,
@@ -32,11 +32,12 @@ import {
   releaseAllFor,
   releaseFor,
   requireLibrary,
+  RV,
   sanlockCause,
   type LeaseAddress,
-} from './sanlock.js';
-import { spawnSupervised, type ExitStatus, type SpawnOptions, type SupervisedProcess } from './supervise.js';
-import { describe } from './validate.js';
+} from './sanlock-client.js';
+import { spawnSupervised, type ExitStatus, type SpawnOptions, type SupervisedProcess } from '../os/supervise.js';
+import { describe } from '../os/validate.js';
 
 /** How long the helper may take to register, and to exec. */
 const HELPER_TIMEOUT_MS = 10_000;
@@ -44,7 +45,7 @@ const HELPER_TIMEOUT_MS = 10_000;
 const RETRY_MIN_MS = 50;
 const RETRY_MAX_MS = 1000;
 
-const BUSY = new Set([-243, -11, -17]);
+const BUSY = new Set<number>([RV.SANLK_ACQUIRE_IDLIVE, RV.EAGAIN, RV.EEXIST]);
 /** How long exitFailure() waits for the daemon to drop an exited owner's leases. */
 const EXIT_RELEASE_MS = 5000;
 /** How often a fail-fast acquire retries EAGAIN, RETRY_MIN_MS apart. */
@@ -93,7 +94,7 @@ async function forgotten(pid: number, ms = EXIT_RELEASE_MS): Promise<boolean> {
   while (Date.now() < end) {
     const r = await within(inquireRaw(pid).catch(() => null), end - Date.now());
     if (r === 'late') return false;
-    if (r === null || r.rv === -3 || r.rv === -2 || r.rv === -111) return true;
+    if (r === null || r.rv === RV.ESRCH || r.rv === RV.ENOENT || r.rv === RV.ECONNREFUSED) return true;
     await sleep(10, undefined);
   }
   return false;
@@ -129,7 +130,7 @@ class StatusPipe {
     });
   }
 
-  /** The next line (without \n); '' at EOF; rv -110 (ETIMEDOUT) after ms, or -errno on a read error. */
+  /** The next line (without \n); '' at EOF; rv ETIMEDOUT after ms, or -errno on a read error. */
   async line(ms: number): Promise<{ rv: number; line: string }> {
     const end = Date.now() + ms;
     for (;;) {
@@ -142,10 +143,10 @@ class StatusPipe {
       if (this.#eof) {
         const line = this.#buf;
         this.#buf = '';
-        return { rv: this.#error !== null ? -((this.#error as NodeJS.ErrnoException).errno ?? 5) : 0, line };
+        return { rv: this.#error !== null ? ((this.#error as NodeJS.ErrnoException).errno ?? RV.EIO) : 0, line };
       }
       const left = end - Date.now();
-      if (left <= 0) return { rv: -110, line: '' };
+      if (left <= 0) return { rv: RV.ETIMEDOUT, line: '' };
       let t: NodeJS.Timeout | undefined;
       await new Promise<void>((resolve) => {
         this.#wake = resolve;
@@ -247,7 +248,7 @@ export class SanlockLockspace implements Lockspace {
       const p = releaseFor(pid, address, offset).then(
         (r) => {
           // -3: the process exited meanwhile, and the daemon released with it.
-          if (r.rv < 0 && r.rv !== -3) this.onWarning?.(errorFor(r.rv, 'sanlock_release', `${disk}: releasing its sanlock lease`));
+          if (r.rv < 0 && r.rv !== RV.ESRCH) this.onWarning?.(errorFor(r.rv, 'sanlock_release', `${disk}: releasing its sanlock lease`));
         },
         (err: unknown) => this.onWarning?.(err),
       );
@@ -278,17 +279,17 @@ export class SanlockLockspace implements Lockspace {
             }
             return;
           }
-          if (r.rv === -2 && offset < 0) {
+          if (r.rv === RV.ENOENT && offset < 0) {
             // The daemon looks leases up only in a lockspace it has joined.
             if (!(await lockspaceJoined({ lockspace: this.config.lockspace, path: this.config.path, hostId: this.config.hostId }))) {
-              throw errorFor(-241, 'sanlock_lookup_rindex', `${disk}: looking up its sanlock lease in lockspace ${address.lockspace}`);
+              throw errorFor(RV.SANLK_ACQUIRE_LOCKSPACE, 'sanlock_lookup_rindex', `${disk}: looking up its sanlock lease in lockspace ${address.lockspace}`);
             }
             throw new ResourceAccessError(
               `${disk} has no sanlock lease in lockspace ${address.lockspace} on ${address.path}: create it once with createDiskLease() or \`lockmgr sanlock add-disk\``,
               { cause: sanlockCause(r.rv, 'sanlock_lookup_rindex') },
             );
           }
-          if (r.rv === -240) {
+          if (r.rv === RV.SANLK_ACQUIRE_LVER) {
             throw new ResourceBusyError(
               `${disk}: its sanlock lease changed hands after the source's inquire() (lease version ${lver} expected): another host acquired it during the migration`,
               { resource: disk, cause: sanlockCause(r.rv, 'sanlock_acquire') },
@@ -297,7 +298,7 @@ export class SanlockLockspace implements Lockspace {
           if (!BUSY.has(r.rv)) throw errorFor(r.rv, 'sanlock_acquire', `${disk}: acquiring its sanlock lease for pid ${pid}`);
           // EAGAIN also means "in transition" (a holder's release or a paxos
           // round still on the storage): even a fail-fast acquire retries it briefly.
-          if (r.rv === -11 && !o.wait && transient++ < TRANSIENT_RETRIES) {
+          if (r.rv === RV.EAGAIN && !o.wait && transient++ < TRANSIENT_RETRIES) {
             await sleep(RETRY_MIN_MS, o.signal);
             continue;
           }
@@ -318,7 +319,7 @@ export class SanlockLockspace implements Lockspace {
         if (pid === null || pid !== this.#owner) return true;
         const r = await inquireRaw(pid);
         // ESRCH while the VM runs: it closed its registration (the daemon dropped every lease with it).
-        if (r.rv === -3) return pid !== this.#owner;
+        if (r.rv === RV.ESRCH) return pid !== this.#owner;
         if (r.rv < 0) throw errorFor(r.rv, 'sanlock_inquire', `${disk}: checking its sanlock lease for pid ${pid}`);
         return r.text.split(/\s+/).some((e) => e.replace(/^"/, '').startsWith(`${address.lockspace}:${address.resource}:`));
       },
@@ -328,7 +329,7 @@ export class SanlockLockspace implements Lockspace {
   /** The busy error for a lease someone else holds, naming the host(s) sanlock reports as owners. */
   async #busy(disk: string, address: LeaseAddress, offset: number, rv: number, shared: boolean): Promise<ResourceBusyError> {
     const cause = sanlockCause(rv, 'sanlock_acquire');
-    if (rv === -17) {
+    if (rv === RV.EEXIST) {
       return new ResourceBusyError(`${disk} is held by another process on this host (${this.config.hostId}) through sanlock lockspace ${address.lockspace}`, { resource: disk, cause });
     }
     const owners = offset < 0 ? [] : (await leaseOwners(address, offset)).filter((o) => o.hostId !== this.config.hostId);
@@ -407,7 +408,7 @@ export class SanlockLockspace implements Lockspace {
       const reg = await guarded(reader.line(HELPER_TIMEOUT_MS));
       if (!reg.line.startsWith('R ')) {
         const m = /^E (-?\d+) ?(.*)$/.exec(reg.line);
-        if (m !== null && Number(m[1]) === -2 && m[2]!.includes('.so')) throw new UnsupportedError(`sanlock: the exec helper cannot load the client library: ${m[2]}`);
+        if (m !== null && Number(m[1]) === RV.ENOENT && m[2]!.includes('.so')) throw new UnsupportedError(`sanlock: the exec helper cannot load the client library: ${m[2]}`);
         if (m !== null) throw errorFor(Number(m[1]), 'sanlock_register', `registering the supervised process with the sanlock daemon`);
         throw new UnsupportedError(`sanlock: the exec helper ${helper} ended before it registered (${reg.rv < 0 ? systemError(-reg.rv, 'read').message : 'EOF'})`);
       }
@@ -492,7 +493,7 @@ export class SanlockLockspace implements Lockspace {
       // The registration outlived the VM: a process that inherited its fd (a
       // child of the VM's) keeps it open, and with it the leases. Release them.
       const r = await within(releaseAllFor(pid).catch((err: unknown) => err as Error), EXIT_RELEASE_MS);
-      if (r === 'late' || r instanceof Error || (r.rv < 0 && r.rv !== -3)) {
+      if (r === 'late' || r instanceof Error || (r.rv < 0 && r.rv !== RV.ESRCH)) {
         const why = r === 'late' ? 'the daemon did not answer' : r instanceof Error ? r.message : errorFor(r.rv, 'sanlock_release', 'release').message;
         this.onWarning?.(
           new ResourceBusyError(

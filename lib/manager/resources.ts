@@ -2,18 +2,18 @@
 // acquire with rollback, release, the migration guard, and verification that
 // locks are still held.
 import { lstatSync } from 'node:fs';
-import { LockTimeoutError, ResourceBusyError, type LockHolder, type ProcessInfo } from './errors.js';
-import { GUARD_RANGE, LEASE_RANGE, lockModeOf, type Lease, type LeaseSlot, type ResourceMode } from './lockspace.js';
-import { openLockable } from './locks.js';
-import { commandLine, describeProcess, processesWithOpen } from './proc-locks.js';
-import { releaseQemuLocks, takeQemuLocks, type QemuProfile } from './qemu.js';
+import { LockTimeoutError, ResourceBusyError, type LockHolder, type ProcessInfo } from '../os/errors.js';
+import { GUARD_RANGE, LEASE_RANGE, lockModeOf, type Lease, type LeaseSlot, type ResourceMode } from '../lockspaces/driver.js';
+import { openLockable } from '../os/locks.js';
+import { commandLine, describeProcess, processesWithOpen } from '../os/proc-locks.js';
+import { releaseQemuLocks, takeQemuLocks, type QemuProfile } from '../os/qemu.js';
 
 export interface Resource {
   readonly path: string;
   readonly mode: ResourceMode;
   /** The lock files that carry the lease; lease.key is the resource's identity. */
   readonly lease: Lease;
-  /** Also take QEMU-style permission locks on the image (lib/qemu.ts). */
+  /** Also take QEMU-style permission locks on the image (lib/os/qemu.ts). */
   readonly qemu?: QemuProfile;
   held: boolean;
   /** A migration target holds the guard byte of every lease file. */

@@ -131,17 +131,29 @@ export class InternalError extends LockManagerError {
   override readonly code = 'ERR_INTERNAL';
 }
 
+/**
+ * A process could not be started: execve failed (`cause.syscall` 'execve',
+ * `cause.path` the command, `cause.code` ENOENT, EACCES, ...), or a step before it
+ * in the child did (chdir, dup2, setsid, prctl), or the kernel refused the clone.
+ * Reported before spawnSupervised() returns; no process is left behind.
+ */
+export class SpawnError extends LockManagerError {
+  override readonly code = 'ERR_SPAWN';
+  declare readonly cause: SystemError;
+}
+
 export type ErrorClass = new (message: string, options?: { cause?: unknown }) => LockManagerError;
 
-/** The system calls whose errors lockmgr maps. */
-export type Syscall = 'open' | 'fcntl';
-
 /**
- * Every errno open(2) and fcntl(2) can return on Linux, and the class it maps to.
- * An errno not listed is InternalError. EINTR never surfaces: it is retried.
- * docs/errors.md shows this table; a test keeps the two equal.
+ * Every errno each system call of the native seam can return on Linux, and the
+ * class it maps to; '*' is the class of any other errno of that call (else
+ * InternalError). EINTR never surfaces: it is retried. The syscall of a failed
+ * native call is the one native/ records (constants.syscalls). docs/errors.md
+ * shows this table; a test keeps the two equal.
  */
-export const ERRNO_CLASSES: Readonly<Record<Syscall, Readonly<Record<string, ErrorClass>>>> = {
+const EXHAUSTED = { EAGAIN: ResourceExhaustedError, ENOMEM: ResourceExhaustedError, EMFILE: ResourceExhaustedError, ENFILE: ResourceExhaustedError } as const;
+
+export const ERRNO_CLASSES = {
   open: {
     ENOENT: ResourceAccessError,
     ENOTDIR: ResourceAccessError,
@@ -186,7 +198,26 @@ export const ERRNO_CLASSES: Readonly<Record<Syscall, Readonly<Record<string, Err
     ENOMEM: ResourceExhaustedError,
     EFAULT: InternalError,
   },
-};
+  pthread_create: { EAGAIN: ResourceExhaustedError, EPERM: InternalError, EINVAL: InternalError },
+  timer_create: { EAGAIN: ResourceExhaustedError, ENOMEM: ResourceExhaustedError, EINVAL: InternalError },
+  sigaction: { EBUSY: UnsupportedError, EINVAL: InvalidArgumentError },
+  clone3: { ...EXHAUSTED, ENOSPC: ResourceExhaustedError, ENOSYS: UnsupportedError, '*': SpawnError },
+  clone: { ...EXHAUSTED, ENOSPC: ResourceExhaustedError, ENOSYS: UnsupportedError, '*': SpawnError },
+  mmap: { ...EXHAUSTED, '*': SpawnError },
+  pidfd_open: { ...EXHAUSTED, ESRCH: InvalidArgumentError, EINVAL: InvalidArgumentError, ENOSYS: UnsupportedError },
+  uv_poll_init: { ...EXHAUSTED },
+  pipe2: { ...EXHAUSTED },
+  execve: { '*': SpawnError },
+  chdir: { '*': SpawnError },
+  dup2: { '*': SpawnError },
+  setsid: { '*': SpawnError },
+  prctl: { '*': SpawnError },
+  close_range: { '*': SpawnError },
+  pidfd_send_signal: { EPERM: UnsupportedError, EINVAL: InvalidArgumentError },
+} as const satisfies Record<string, Readonly<Record<string, ErrorClass>>>;
+
+/** The system calls whose errors lockmgr maps. */
+export type Syscall = keyof typeof ERRNO_CLASSES;
 
 const errorMap = getSystemErrorMap();
 const errnoNumbers = osConstants.errno as Readonly<Record<string, number>>;
@@ -219,7 +250,7 @@ function errnoDescription(errno: number): string {
 
 let nativeStrerror: ((errno: number) => string) | undefined;
 
-/** @internal Set by lib/native.ts once the addon has loaded. */
+/** @internal Set by lib/os/native.ts once the addon has loaded. */
 export function setStrerror(fn: (errno: number) => string): void {
   nativeStrerror = fn;
 }
@@ -238,39 +269,30 @@ export function systemError(errno: number, syscall: string, path?: string): Syst
 
 // The tables by number, so that aliases (EAGAIN and EWOULDBLOCK, EOPNOTSUPP and
 // ENOTSUP, EDEADLK and EDEADLOCK) map alike.
-const classesByNumber = Object.fromEntries(
-  Object.entries(ERRNO_CLASSES).map(([syscall, table]) => [
-    syscall,
-    new Map(Object.entries(table).map(([name, Class]) => [errnoOf(name), Class])),
-  ]),
-) as Record<Syscall, Map<number, ErrorClass>>;
+const classesByNumber = new Map<string, { byErrno: Map<number, ErrorClass>; other: ErrorClass }>(
+  Object.entries(ERRNO_CLASSES).map(([syscall, table]) => {
+    const entries = Object.entries(table as Record<string, ErrorClass>);
+    return [
+      syscall,
+      { byErrno: new Map(entries.filter(([name]) => name !== '*').map(([name, Class]) => [errnoOf(name), Class])), other: (table as Record<string, ErrorClass>)['*'] ?? InternalError },
+    ];
+  }),
+);
 
-/** The class a system call's errno maps to. */
-export function classForErrno(syscall: Syscall, errno: number): ErrorClass {
-  return classesByNumber[syscall].get(errno) ?? InternalError;
+/** The class a system call's errno maps to (InternalError for a call or errno the table does not know). */
+export function classForErrno(syscall: string, errno: number): ErrorClass {
+  const t = classesByNumber.get(syscall);
+  return t?.byErrno.get(errno) ?? t?.other ?? InternalError;
 }
 
 /**
  * The typed error for a failed system call: `message` says what lockmgr was
- * doing, the cause is the system error. ENOSYS/EINVAL/... become UnsupportedError
- * and so on, per ERRNO_CLASSES.
+ * doing, the cause is the system error; its class comes from ERRNO_CLASSES.
+ * The one place an errno becomes a typed error.
  */
-export function fromErrno(syscall: Syscall, errno: number, path: string | undefined, message: string): LockManagerError {
-  const cause = systemError(errno, syscall, path);
+export function fromErrno(syscall: string, errno: number, path: string | undefined, message: string): LockManagerError {
+  const cause = systemError(errno, syscall === '' ? 'lockmgr' : syscall, path);
   const Class = classForErrno(syscall, errno);
   return new Class(`${message}: ${cause.message}`, { cause });
 }
 
-/**
- * A process could not be started: execve failed (`cause.syscall` 'execve',
- * `cause.path` the command, `cause.code` ENOENT, EACCES, ...), or a step before it
- * in the child did (chdir, dup2, setsid, prctl), or the kernel refused the clone.
- * Reported before spawnSupervised() returns; no process is left behind.
- */
-export class SpawnError extends LockManagerError {
-  override readonly code = 'ERR_SPAWN';
-  declare readonly cause: SystemError;
-  constructor(message: string, options: { cause: SystemError }) {
-    super(message, options);
-  }
-}

@@ -1,8 +1,8 @@
 // `lockmgr sanlock ...`: preparing shared storage for the sanlock lockspace
 // (docs/sanlock.md). Every step is a call into this host's sanlock daemon.
 import { parseArgs } from 'node:util';
-import { InvalidArgumentError } from './errors.js';
-import { createDiskLease, initStorage, joinLockspace, leaveLockspace, lockspaceState } from './sanlock.js';
+import { InvalidArgumentError } from '../os/errors.js';
+import { createDiskLease, initStorage, joinLockspace, leaveLockspace, lockspaceState } from '../lockspaces/sanlock-client.js';
 
 export const SANLOCK_HELP = `usage:
   lockmgr sanlock init     --lockspace NAME --path DEVICE [--io-timeout SECONDS] [--max-hosts N]

@@ -13,18 +13,8 @@
 import { Socket } from 'node:net';
 import { constants as osConstants } from 'node:os';
 import type { Readable, Writable } from 'node:stream';
-import {
-  InternalError,
-  InvalidArgumentError,
-  InvalidStateError,
-  ResourceExhaustedError,
-  SpawnError,
-  UnsupportedError,
-  errnoOf,
-  systemError,
-  type LockManagerError,
-} from './errors.js';
-import { native, type Native } from './native.js';
+import { InvalidArgumentError, InvalidStateError, errnoOf, type LockManagerError } from './errors.js';
+import { PendingCalls, constants, failedSyscall, native, nativeError, nativeState } from './native.js';
 import { checkOptions, checkPath, checkTimeout, describe } from './validate.js';
 
 export type StdioKind = 'inherit' | 'ignore' | 'pipe';
@@ -67,20 +57,6 @@ const MAX_TIMER_MS = 2 ** 31 - 1;
 const DEFAULT_PATH = '/bin:/usr/bin';
 
 const ESRCH = errnoOf('ESRCH');
-const EPERM = errnoOf('EPERM');
-const EINVAL = errnoOf('EINVAL');
-const ENOSYS = errnoOf('ENOSYS');
-const EXHAUSTED = new Set(['EAGAIN', 'ENOMEM', 'EMFILE', 'ENFILE'].map(errnoOf));
-
-// Exit kinds from native/spawn.cc.
-const EXIT_CODE = 1;
-const EXIT_SIGNAL = 2;
-
-// Spawn flags and failure stages, as native/spawn.cc numbers them.
-const FLAG_NEW_SESSION = 1;
-const FLAG_FORCE_FALLBACK = 2;
-const STAGE_SYSCALLS = ['', 'clone3', 'clone', 'pidfd_open', 'mmap', 'execve', 'chdir', 'dup2', 'setsid', 'prctl', 'close_range'];
-const PARENT_STAGES = new Set(['clone3', 'clone', 'pidfd_open', 'mmap']);
 
 const signalNumbers = osConstants.signals as Readonly<Record<string, number>>;
 const signalNames = new Map<number, NodeJS.Signals>();
@@ -108,36 +84,18 @@ function checkFdNumber(value: unknown, what: string, min: number): number {
   return value;
 }
 
-interface Registry {
-  /** Exit handlers of this environment's watched processes, by native id. */
-  readonly live: Map<number, (kind: number, value: number) => void>;
-}
-
-const REGISTRY = Symbol.for('lockmgr.supervise');
-
 /**
- * The exit dispatcher of this environment. Kept on the native exports object, so
- * two copies of this module that share one addon (the same build loaded through
- * two paths) share one dispatcher instead of the second silently getting none.
+ * The exit dispatcher of this environment (nativeState): two copies of this
+ * module that share one addon share one dispatcher instead of the second
+ * silently getting none.
  */
-function registry(): Registry {
-  const holder = native as Native & { [REGISTRY]?: Registry };
-  let reg = holder[REGISTRY];
-  if (reg !== undefined) return reg;
-  const live = new Map<number, (kind: number, value: number) => void>();
-  const e = native.initSpawn((id, kind, value) => {
-    const settle = live.get(id);
-    if (settle === undefined) return;
-    live.delete(id);
-    settle(kind, value);
+function registry(): PendingCalls<[kind: number, value: number]> {
+  return nativeState('supervise', () => {
+    const live = new PendingCalls<[kind: number, value: number]>();
+    const rv = native.initSpawn((id, kind, value) => live.settle(id, kind, value));
+    if (rv < 0) throw nativeError(rv, 'cannot start process supervision');
+    return live;
   });
-  if (e !== 0) {
-    const cause = systemError(e, 'napi_add_async_cleanup_hook');
-    throw new InternalError(`cannot start process supervision: ${cause.message}`, { cause });
-  }
-  reg = { live };
-  holder[REGISTRY] = reg;
-  return reg;
 }
 
 const constructing = Symbol('SupervisedProcess');
@@ -167,7 +125,7 @@ export class SupervisedProcess implements AsyncDisposable {
     this.#attached = attached;
     [this.stdin, this.stdout, this.stderr] = stdio;
     this.exited = new Promise<ExitStatus>((resolve) => {
-      registry().live.set(id, (kind, value) => {
+      registry().add(id, (kind, value) => {
         this.#status = this.#toStatus(kind, value);
         if (this.#killTimer !== null) clearTimeout(this.#killTimer);
         this.#killTimer = null;
@@ -189,14 +147,11 @@ export class SupervisedProcess implements AsyncDisposable {
   signal(signal: NodeJS.Signals | number = 'SIGTERM'): boolean {
     const number = signalNumber(signal, 'signal', 0);
     if (this.#status !== null) return false;
-    const e = native.sendSignal(this.#id, number);
-    if (e === 0) return true;
-    if (e === ESRCH) return false;
-    const cause = systemError(e, 'pidfd_send_signal');
-    const what = `cannot send ${signalNames.get(number) ?? number} to process ${this.pid}: ${cause.message}`;
-    if (e === EPERM) throw new UnsupportedError(what, { cause });
-    if (e === EINVAL) throw new InvalidArgumentError(what, { cause });
-    throw new InternalError(what, { cause });
+    const rv = native.sendSignal(this.#id, number);
+    if (rv === 0) return true;
+    if (rv === -ESRCH) return false;
+    // EPERM: UnsupportedError (we may not signal it); EINVAL: InvalidArgumentError.
+    throw nativeError(rv, `cannot send ${signalNames.get(number) ?? number} to process ${this.pid}`);
   }
 
   /**
@@ -260,8 +215,8 @@ export class SupervisedProcess implements AsyncDisposable {
     // child with waitpid(-1, __WALL)) leaves the status unknown too, but the
     // process is gone either way, so exited still resolves.
     if (this.#attached) return Object.freeze({ code: null, signal: null });
-    if (kind === EXIT_CODE) return Object.freeze({ code: value, signal: null });
-    if (kind === EXIT_SIGNAL) return Object.freeze({ code: null, signal: signalNames.get(value) ?? null });
+    if (kind === constants.exit.CODE) return Object.freeze({ code: value, signal: null });
+    if (kind === constants.exit.SIGNAL) return Object.freeze({ code: null, signal: signalNames.get(value) ?? null });
     return Object.freeze({ code: null, signal: null });
   }
 }
@@ -326,16 +281,11 @@ function forceFallback(): boolean {
   return v !== undefined && v !== '' && v !== '0';
 }
 
-function spawnFailure(errno: number, stage: number, command: string, cwd: string | undefined): LockManagerError {
-  const syscall = STAGE_SYSCALLS[stage] || 'spawn';
+/** The error of a failed native.spawn: the step that failed (in the child or in the parent) is the syscall; its class comes from ERRNO_CLASSES. */
+function spawnFailure(rv: number, command: string, cwd: string | undefined): LockManagerError {
+  const syscall = failedSyscall();
   const path = syscall === 'execve' ? command : syscall === 'chdir' ? cwd : undefined;
-  const cause = systemError(errno, syscall, path);
-  const message = `cannot spawn '${command}': ${cause.message}`;
-  if (PARENT_STAGES.has(syscall)) {
-    if (EXHAUSTED.has(errno)) return new ResourceExhaustedError(message, { cause });
-    if (errno === ENOSYS) return new UnsupportedError(message, { cause });
-  }
-  return new SpawnError(message, { cause });
+  return nativeError(rv, `cannot spawn '${command}'`, path);
 }
 
 /** A list as native.spawn takes it: every item NUL-terminated, in one string (items were checked to have no NUL). */
@@ -384,7 +334,7 @@ export function spawnSupervised(command: string, args?: readonly string[], optio
   if (opts.newSession !== undefined && typeof opts.newSession !== 'boolean') {
     throw new InvalidArgumentError(`newSession must be a boolean, got ${describe(opts.newSession)}`);
   }
-  const flags = (opts.newSession ? FLAG_NEW_SESSION : 0) | (forceFallback() ? FLAG_FORCE_FALLBACK : 0);
+  const flags = (opts.newSession ? constants.spawn.NEW_SESSION : 0) | (forceFallback() ? constants.spawn.FORCE_FALLBACK : 0);
   registry();
 
   // Everything is valid: now create the child's stdio. The child's ends (and
@@ -394,7 +344,7 @@ export function spawnSupervised(command: string, args?: readonly string[], optio
   const parentEnds: [number | null, number | null, number | null] = [null, null, null];
   const childEnds: number[] = [];
   let failure: LockManagerError | null = null;
-  const out = new Float64Array(3);
+  const out = new Float64Array(2);
   try {
     let devNull = -1;
     for (let i = 0; i < 3; i++) {
@@ -407,7 +357,7 @@ export function spawnSupervised(command: string, args?: readonly string[], optio
         if (devNull < 0) {
           devNull = native.openDevNull();
           if (devNull < 0) {
-            failure = pipeFailure(-devNull, 'open', command);
+            failure = nativeError(devNull, `cannot create stdio for '${command}'`, '/dev/null');
             break;
           }
           childEnds.push(devNull);
@@ -415,9 +365,9 @@ export function spawnSupervised(command: string, args?: readonly string[], optio
         sources[i] = devNull;
       } else {
         const pair = new Int32Array(2);
-        const e = native.makePipe(pair);
-        if (e !== 0) {
-          failure = pipeFailure(e, 'pipe2', command);
+        const rv = native.makePipe(pair);
+        if (rv < 0) {
+          failure = nativeError(rv, `cannot create stdio for '${command}'`);
           break;
         }
         // stdin: the child reads, we write. stdout/stderr: the other way round.
@@ -428,8 +378,8 @@ export function spawnSupervised(command: string, args?: readonly string[], optio
       }
     }
     if (failure === null) {
-      const e = native.spawn(nulList(candidates(command, path)), nulList(argv), nulList(envp), cwd ?? null, sources, keep, flags, pdeathsig, out);
-      if (e !== 0) failure = spawnFailure(e, out[2]!, command, cwd);
+      const rv = native.spawn(nulList(candidates(command, path)), nulList(argv), nulList(envp), cwd ?? null, sources, keep, flags, pdeathsig, out);
+      if (rv < 0) failure = spawnFailure(rv, command, cwd);
     }
   } finally {
     closeAll(childEnds);
@@ -441,12 +391,6 @@ export function spawnSupervised(command: string, args?: readonly string[], optio
     return fd === null ? null : new Socket({ fd, readable: i !== 0, writable: i === 0 });
   };
   return new SupervisedProcess(constructing, out[0]!, out[1]!, false, [stream(0), stream(1), stream(2)]);
-}
-
-function pipeFailure(errno: number, syscall: string, command: string): LockManagerError {
-  const cause = systemError(errno, syscall);
-  const message = `cannot create stdio for '${command}': ${cause.message}`;
-  return EXHAUSTED.has(errno) ? new ResourceExhaustedError(message, { cause }) : new InternalError(message, { cause });
 }
 
 /**
@@ -461,15 +405,9 @@ export function attachProcess(pid: number): SupervisedProcess {
   }
   registry();
   const out = new Float64Array(1);
-  const e = native.attach(pid, out);
-  if (e !== 0) {
-    const cause = systemError(e, 'pidfd_open');
-    const message = `cannot attach to process ${pid}: ${cause.message}`;
-    if (e === ESRCH || e === EINVAL) throw new InvalidArgumentError(message, { cause });
-    if (EXHAUSTED.has(e)) throw new ResourceExhaustedError(message, { cause });
-    if (e === ENOSYS) throw new UnsupportedError(message, { cause });
-    throw new InternalError(message, { cause });
-  }
+  const rv = native.attach(pid, out);
+  // pidfd_open ESRCH or EINVAL: InvalidArgumentError (no such process); out of fds: ResourceExhaustedError.
+  if (rv < 0) throw nativeError(rv, `cannot attach to process ${pid}`);
   return new SupervisedProcess(constructing, out[0]!, pid, true, [null, null, null]);
 }
 

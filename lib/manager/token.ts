@@ -11,9 +11,9 @@
 // those. It checks the manager name, the version, the digest and every field,
 // and refuses anything else with InvalidArgumentError.
 import { createHash } from 'node:crypto';
-import { InvalidArgumentError } from './errors.js';
-import type { LockspaceConfig, ResourceMode } from './lockspace.js';
-import { describe } from './validate.js';
+import { InvalidArgumentError } from '../os/errors.js';
+import type { LockspaceConfig, ResourceMode } from '../lockspaces/driver.js';
+import { describe } from '../os/validate.js';
 
 export const TOKEN_MANAGER = 'lockmgr';
 export const TOKEN_VERSION = 1;
