@@ -1,0 +1,113 @@
+// `lockmgr run`: holds leases around a command (docs/cli.md).
+import { readFileSync } from 'node:fs';
+import { constants as osConstants } from 'node:os';
+import { resolve } from 'node:path';
+import { LockManager, type ExitStatus, type LockLifetime, type ManagerParams, type ResourceMode } from '../manager/manager.js';
+import { EXIT, fail, parse, usage, type Output } from './args.js';
+
+const FORWARDED = ['SIGINT', 'SIGTERM', 'SIGHUP'] as const;
+
+export async function run(argv: readonly string[], out: Output): Promise<number> {
+  const dash = argv.indexOf('--');
+  if (dash < 0) throw usage("run needs '--' before the command");
+  const [command, ...args] = argv.slice(dash + 1);
+  if (command === undefined) throw usage("run needs a command after '--'");
+  const { values, positionals } = parse(argv.slice(0, dash), {
+    exclusive: { type: 'string', multiple: true },
+    shared: { type: 'string', multiple: true },
+    readonly: { type: 'string', multiple: true },
+    lockspace: { type: 'string' },
+    wait: { type: 'string' },
+    lifetime: { type: 'string' },
+    'qemu-compatible': { type: 'boolean' },
+    name: { type: 'string' },
+    uuid: { type: 'string' },
+    id: { type: 'string' },
+    uri: { type: 'string' },
+  });
+  if (positionals.length > 0) throw usage(`unexpected argument '${positionals[0]}' before '--'`);
+  let timeout: number | undefined;
+  if (values.wait !== undefined) {
+    const seconds = Number(values.wait);
+    if (values.wait.trim() === '' || !Number.isFinite(seconds) || seconds < 0) throw usage(`--wait needs a number of seconds >= 0, got '${values.wait}'`);
+    timeout = seconds * 1000;
+  }
+  const params: ManagerParams = {};
+  if (values.name !== undefined) params.name = values.name;
+  if (values.uuid !== undefined) params.uuid = values.uuid;
+  if (values.uri !== undefined) params.uri = values.uri;
+  if (values.id !== undefined) {
+    if (!/^\d+$/.test(values.id)) throw usage(`--id needs an integer >= 0, got '${values.id}'`);
+    params.id = Number(values.id);
+  }
+  const mgr = new LockManager({
+    params,
+    lockLifetime: values.lifetime as LockLifetime | undefined,
+    lockspace: values.lockspace === undefined ? undefined : { kind: 'indirect', dir: resolve(values.lockspace) },
+  });
+  let warned = false;
+  try {
+    const qemuCompatible = values['qemu-compatible'] === true;
+    for (const mode of ['exclusive', 'shared', 'readonly'] as const satisfies readonly ResourceMode[]) {
+      for (const path of values[mode] ?? []) mgr.registerResource({ type: 'disk', path, mode, qemuCompatible });
+    }
+    const exited = new Promise<ExitStatus>((resolve) => mgr.once('exit', resolve));
+    mgr.on('warning', (w) => {
+      warned = true;
+      out.err(`lockmgr: warning: ${w.message}\n`);
+    });
+    // Installed before start(): a signal that arrives while the leases are
+    // being acquired, or just as the command is spawned, must not kill lockmgr
+    // with its default action and leave a fresh child behind. It stops the
+    // run instead: free() aborts a waiting start and kills a spawned child.
+    let early: NodeJS.Signals | undefined;
+    const forward = (signal: NodeJS.Signals) => {
+      if (mgr.state === 'running' || mgr.state === 'stopping') {
+        // The terminal sends SIGINT (Ctrl-C) and SIGHUP to its whole foreground
+        // process group, the command included: forwarding would deliver twice.
+        if (signal !== 'SIGTERM' && inForegroundGroup()) return;
+        mgr.signal(signal);
+      } else if (mgr.state === 'new' || mgr.state === 'starting') {
+        early ??= signal;
+        void mgr.free();
+      }
+      // stopped or freed: the command has exited; its status stands.
+    };
+    for (const s of FORWARDED) process.on(s, forward);
+    const bySignal = (signal: NodeJS.Signals) => 128 + (osConstants.signals[signal] ?? 0);
+    try {
+      try {
+        await mgr.start(command, args, { stdio: 'inherit' }, timeout === undefined ? undefined : { timeout });
+      } catch (err) {
+        if (early !== undefined) return bySignal(early);
+        throw err;
+      }
+      const status = await exited;
+      if (early !== undefined) return bySignal(early);
+      const code = status.code ?? bySignal(status.signal!);
+      // A failure after the command ended (a release that failed) must not pass for success.
+      return warned && code === 0 ? EXIT.internal : code;
+    } finally {
+      await mgr.free();
+      for (const s of FORWARDED) process.off(s, forward);
+    }
+  } catch (err) {
+    return fail(err, out);
+  } finally {
+    await mgr.free();
+  }
+}
+
+/** Whether this process is in its controlling terminal's foreground process group (/proc/self/stat: pgrp, tpgid). */
+function inForegroundGroup(): boolean {
+  try {
+    const stat = readFileSync('/proc/self/stat', 'utf8');
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    const pgrp = Number(fields[2]);
+    const tpgid = Number(fields[5]);
+    return tpgid > 0 && tpgid === pgrp;
+  } catch {
+    return false;
+  }
+}
+
