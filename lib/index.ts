@@ -1,5 +1,6 @@
 // lockmgr: OFD byte-range locks, pidfd supervision and a libvirt-style lock
-// manager for Node.js on Linux.
+// manager for Node.js on Linux. Everything exported here is documented in
+// README.md and docs/; nothing else is public.
 export {
   openLockable,
   LockableFile,
@@ -22,7 +23,25 @@ export {
   type StdioKind,
   type StopOptions,
 } from './os/supervise.js';
-export * from './os/errors.js';
+export {
+  LockManagerError,
+  InvalidArgumentError,
+  ResourceAccessError,
+  ResourceBusyError,
+  LockTimeoutError,
+  AbortError,
+  AccessModeError,
+  UnsupportedError,
+  NoLocksAvailableError,
+  ResourceExhaustedError,
+  InvalidStateError,
+  InternalError,
+  SpawnError,
+  type LockHolder,
+  type ProcessInfo,
+  type ResourceBusyOptions,
+  type SystemError,
+} from './os/errors.js';
 export {
   LockManager,
   type DiskSpec,
@@ -35,7 +54,7 @@ export {
   type LockLifetime,
   type LockManagerEvents,
   type LockManagerOptions,
-  type LockspaceConfig,
+  type LockspaceOptions,
   type ManagerParams,
   type ManagerState,
   type ResourceMode,
@@ -44,7 +63,8 @@ export {
   type VerifyResult,
   type WaitOptions,
 } from './manager/manager.js';
-export type { DirectLockspaceConfig, IndirectLockspaceConfig } from './lockspaces/driver.js';
+export type { Capabilities, Capability } from './lockspaces/driver.js';
+export type { DirectLockspaceConfig, IndirectLockspaceConfig, SanlockLockspaceConfig } from './lockspaces/index.js';
 export { locksOn, parseProcLocks, processesWithOpen, type ProcLock, type ProcLockKind } from './os/proc-locks.js';
-export { QEMU_PERMISSIONS, qemuLockState, qemuProfile, type QemuLockState, type QemuPermission, type QemuProfile } from './os/qemu.js';
-export * as sanlock from './lockspaces/sanlock-client.js';
+export { QEMU_PERMISSIONS, qemuLockState, type QemuLockState, type QemuPermission } from './os/qemu.js';
+export * as sanlock from './lockspaces/sanlock-public.js';

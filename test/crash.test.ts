@@ -33,7 +33,7 @@ import { join } from 'node:path';
 import type { Readable } from 'node:stream';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { LockManager, locksOn, openLockable, type LockManagerOptions, type LockspaceConfig } from '../lib/index.js';
+import { LockManager, locksOn, openLockable, type LockManagerOptions, type LockspaceOptions as LockspaceConfig } from '../lib/index.js';
 import { inodeIdentity, lockFileName } from '../lib/lockspaces/indirect.js';
 import { procStat, within, zombieChildren } from './process-helpers.js';
 

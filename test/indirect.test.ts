@@ -21,10 +21,11 @@ import { fileURLToPath } from 'node:url';
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { AbortError, InvalidArgumentError, LockTimeoutError, ResourceAccessError } from '../lib/os/errors.js';
 import { openLockable } from '../lib/os/locks.js';
-import { GUARD_RANGE, LEASE_RANGE, type Lease, type TakeOptions } from '../lib/lockspaces/driver.js';
+import type { TakeOptions } from '../lib/lockspaces/driver.js';
+import { checkLockDir } from '../lib/lockspaces/lock-files.js';
+import { GUARD_RANGE, LEASE_RANGE, type OfdLease as Lease } from '../lib/lockspaces/ofd.js';
 import {
   blockDeviceIdentity,
-  checkLockDir,
   hostId,
   indirectLockspace,
   inodeIdentity,
@@ -67,7 +68,7 @@ let image: string;
 const leases: Lease[] = [];
 
 function open(path = image, mode: 'exclusive' | 'shared' | 'readonly' = 'exclusive'): Lease {
-  const lease = space.openDisk(path, mode);
+  const lease = space.open({ type: 'disk', path: path }, mode);
   leases.push(lease);
   return lease;
 }
@@ -241,7 +242,7 @@ describe('one lock per file, whatever the path (separate processes)', () => {
     const spec = { path: tmp.dir, lockspace: 'vmspace', key: 'disk-1' };
     const h = await peer.call<number>('openLease', dir, spec, 'exclusive');
     expect(await peer.call('takeAll', h, 'exclusive', LEASE_RANGE, { wait: false })).toBe(true);
-    const lease = space.openLeaseResource(spec, 'exclusive');
+    const lease = space.open({ type: 'lease', ...spec }, 'exclusive');
     leases.push(lease);
     expect(lease.kind).toBe('lease');
     expect(lease.image).toBeNull();
@@ -341,7 +342,7 @@ describe('the directory checks', () => {
     const moved = join(tmp.dir, 'moved');
     execFileSync('mv', [dir, moved]);
     mkdirSync(dir, { mode: 0o700 });
-    expect(() => space.openDisk(image, 'exclusive')).toThrow(/was replaced by another directory/);
+    expect(() => space.open({ type: 'disk', path: image }, 'exclusive')).toThrow(/was replaced by another directory/);
   });
 
   it('a symlink planted at a lock file\'s name is refused and its target left alone', async () => {
@@ -352,7 +353,7 @@ describe('the directory checks', () => {
     symlinkSync(dangling, names.files[1]!.path);
     let err: unknown;
     try {
-      space.openDisk(image, 'exclusive');
+      space.open({ type: 'disk', path: image }, 'exclusive');
     } catch (e) {
       err = e;
     }
@@ -365,7 +366,7 @@ describe('the directory checks', () => {
     expect(probe.getConflict('exclusive')).toBeNull();
     // The second slot's dangling link: its target must not have been created either.
     execFileSync('rm', [names.files[0]!.path]);
-    expect(() => space.openDisk(image, 'exclusive')).toThrow(/is a symbolic link/);
+    expect(() => space.open({ type: 'disk', path: image }, 'exclusive')).toThrow(/is a symbolic link/);
     expect(existsSync(dangling)).toBe(false);
     expect(readdirSync(dir)).toEqual([names.files[1]!.name]); // the first slot's file was closed and deleted again
   });
@@ -374,42 +375,42 @@ describe('the directory checks', () => {
     const names = space.describeDisk(image);
     const other = makeFile(tmp.dir, 'other', '');
     linkSync(other, names.files[0]!.path);
-    expect(() => space.openDisk(image, 'exclusive')).toThrow(/has 2 hard links/);
+    expect(() => space.open({ type: 'disk', path: image }, 'exclusive')).toThrow(/has 2 hard links/);
   });
 
   it('a named lease refuses a <path>/<lockspace> that is a symlink, and an unsafe <path>', () => {
     const elsewhere = join(tmp.dir, 'elsewhere');
     mkdirSync(elsewhere, { mode: 0o700 });
     symlinkSync(elsewhere, join(tmp.dir, 'space'));
-    expect(() => space.openLeaseResource({ path: tmp.dir, lockspace: 'space', key: 'k' }, 'exclusive')).toThrow(
+    expect(() => space.open({ type: 'lease', path: tmp.dir, lockspace: 'space', key: 'k' }, 'exclusive')).toThrow(
       /lease directory .* is a symbolic link and was refused/,
     );
     expect(readdirSync(elsewhere)).toEqual([]);
     symlinkSync(tmp.dir, join(tmp.dir, 'base-link'));
-    expect(() => space.openLeaseResource({ path: join(tmp.dir, 'base-link'), lockspace: 'x', key: 'k' }, 'exclusive')).toThrow(
+    expect(() => space.open({ type: 'lease', path: join(tmp.dir, 'base-link'), lockspace: 'x', key: 'k' }, 'exclusive')).toThrow(
       /lease path .* is a symbolic link/,
     );
     chmodSync(elsewhere, 0o777);
-    expect(() => space.openLeaseResource({ path: elsewhere, lockspace: 'x', key: 'k' }, 'exclusive')).toThrow(/not sticky/);
+    expect(() => space.open({ type: 'lease', path: elsewhere, lockspace: 'x', key: 'k' }, 'exclusive')).toThrow(/not sticky/);
   });
 
   it('refuses bad lease lockspace names and keys, naming which', () => {
     for (const bad of ['', '/', '..', '.', 'a/b', 'a\0b', 'x'.repeat(256), 7]) {
-      expect(() => space.openLeaseResource({ path: tmp.dir, lockspace: bad as string, key: 'k' }, 'exclusive')).toThrow(
+      expect(() => space.open({ type: 'lease', path: tmp.dir, lockspace: bad as string, key: 'k' }, 'exclusive')).toThrow(
         /^lease lockspace /,
       );
-      expect(() => space.openLeaseResource({ path: tmp.dir, lockspace: 'ls', key: bad as string }, 'exclusive')).toThrow(/^lease key /);
+      expect(() => space.open({ type: 'lease', path: tmp.dir, lockspace: 'ls', key: bad as string }, 'exclusive')).toThrow(/^lease key /);
     }
     try {
-      space.openLeaseResource({ path: tmp.dir, lockspace: 'ls', key: '..' }, 'exclusive');
+      space.open({ type: 'lease', path: tmp.dir, lockspace: 'ls', key: '..' }, 'exclusive');
     } catch (err) {
       expect(err).toBeInstanceOf(InvalidArgumentError);
     }
-    expect(() => space.openLeaseResource({ path: 'rel', lockspace: 'ls', key: 'k' }, 'exclusive')).toThrow(/lease path must be absolute/);
-    expect(() => space.openLeaseResource({ path: tmp.dir, lockspace: 'ls', key: 'k', extra: 1 } as never, 'exclusive')).toThrow(
+    expect(() => space.open({ type: 'lease', path: 'rel', lockspace: 'ls', key: 'k' }, 'exclusive')).toThrow(/lease path must be absolute/);
+    expect(() => space.open({ type: 'lease', path: tmp.dir, lockspace: 'ls', key: 'k', extra: 1 } as never, 'exclusive')).toThrow(
       /unknown option 'extra'/,
     );
-    expect(() => space.openLeaseResource({ path: tmp.dir, lockspace: 'ls', key: 'k' }, 'bogus' as never)).toThrow(InvalidArgumentError);
+    expect(() => space.open({ type: 'lease', path: tmp.dir, lockspace: 'ls', key: 'k' }, 'bogus' as never)).toThrow(InvalidArgumentError);
     expect(existsSync(join(tmp.dir, 'ls'))).toBe(false);
   });
 });
@@ -569,21 +570,21 @@ describe('leaks', () => {
       expect(await peer.call('takeAll', h, 'exclusive', LEASE_RANGE, { wait: false })).toBe(true);
       const spec = { path: tmp.dir, lockspace: 'ls', key: 'k' };
       const cycle = async (): Promise<void> => {
-        const a = space.openDisk(image, 'exclusive');
+        const a = space.open({ type: 'disk', path: image }, 'exclusive');
         expect(await takeAll(a, 'exclusive')).toBe(true);
         expect(await a.slots[0]!.take('exclusive', GUARD_RANGE, FAST)).toBe(true);
         releaseAll(a);
         a.slots[0]!.release(GUARD_RANGE);
         expect(await takeAll(a, 'shared', { wait: true, timeout: 1000 })).toBe(true);
         a.close();
-        const b = space.openDisk(other, 'shared');
+        const b = space.open({ type: 'disk', path: other }, 'shared');
         expect(await takeAll(b, 'shared')).toBe(false);
         await expect(b.slots[0]!.take('shared', LEASE_RANGE, { wait: true, timeout: 0 })).rejects.toBeInstanceOf(LockTimeoutError);
         b.close();
-        const l = space.openLeaseResource(spec, 'shared');
+        const l = space.open({ type: 'lease', ...spec }, 'shared');
         expect(await takeAll(l, 'shared')).toBe(true);
         l.close();
-        expect(() => space.openDisk(join(tmp.dir, 'missing.img'), 'exclusive')).toThrow(ResourceAccessError);
+        expect(() => space.open({ type: 'disk', path: join(tmp.dir, 'missing.img') }, 'exclusive')).toThrow(ResourceAccessError);
       };
       await cycle(); // warm up: lazy loads, caches
       const before = fdCount();

@@ -3,6 +3,7 @@
 import { EXIT, fail, stdio, type Output } from './args.js';
 import { run } from './run.js';
 import { status } from './status.js';
+import { LOCKSPACE_TOOLS } from '../lockspaces/index.js';
 
 export { EXIT, exitCodeFor, type Output } from './args.js';
 export type { StatusEntry } from './status.js';
@@ -11,17 +12,19 @@ const VERSION = '0.1.0';
 
 export const HELP = `usage:
   lockmgr run [--exclusive PATH]... [--shared PATH]... [--readonly PATH]...
-              [--lockspace DIR] [--wait SECONDS] [--lifetime child|supervisor] [--qemu-compatible]
+              [--lockspace SPEC] [--wait SECONDS] [--lifetime child|supervisor] [--qemu-compatible]
               [--name NAME] [--uuid UUID] [--id ID] [--uri URI] -- COMMAND [ARG...]
-  lockmgr status [--json] [--lockspace DIR] PATH...
-  lockmgr sanlock init|join|leave|joined|add-disk ...   (lockmgr sanlock --help)
-  lockmgr --help | --version
+  lockmgr status [--json] [--lockspace SPEC] PATH...
+${LOCKSPACE_TOOLS.map((t) => `  ${t.usage}\n`).join('')}  lockmgr --help | --version
 
 run     Acquires every resource (all or nothing, in one canonical order), runs
         COMMAND holding the leases, forwards SIGTERM, SIGINT and SIGHUP to it
         (SIGINT and SIGHUP only when they did not come from the terminal),
         releases the leases after it has been reaped, and exits with its exit
         status (128 + the signal number if a signal killed it).
+        --lockspace SPEC     where the leases live: 'direct' (default: on the
+                             images), a directory of lock files (indirect), or
+                             sanlock:NAME:PATH:HOSTID (docs/lockspaces.md)
         --wait SECONDS       wait for busy resources (default: fail at once)
         --lifetime child     the command keeps its leases if lockmgr dies (default)
         --lifetime supervisor the command is killed if lockmgr dies
@@ -50,9 +53,7 @@ export async function main(argv: readonly string[], out: Output = stdio): Promis
       case 'run':
         return await run(rest, out);
       case 'status':
-        return status(rest, out);
-      case 'sanlock':
-        return await (await import('./sanlock.js')).sanlockCommand(rest, (t) => out.out(t));
+        return await status(rest, out);
       case '--help':
       case '-h':
       case 'help':
@@ -61,9 +62,13 @@ export async function main(argv: readonly string[], out: Output = stdio): Promis
       case '--version':
         out.out(`lockmgr ${VERSION}\n`);
         return EXIT.ok;
-      default:
+      default: {
+        // A lockspace's own set-up commands (`lockmgr sanlock ...`): lib/lockspaces/index.ts.
+        const tool = LOCKSPACE_TOOLS.find((t) => t.name === command);
+        if (tool !== undefined) return await tool.run(rest, (t) => out.out(t));
         out.err(`lockmgr: ${command === undefined ? 'a command is needed' : `unknown command '${command}'`}\n\n${HELP}`);
         return EXIT.usage;
+      }
     }
   } catch (err) {
     return fail(err, out);

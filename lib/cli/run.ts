@@ -1,7 +1,7 @@
 // `lockmgr run`: holds leases around a command (docs/cli.md).
 import { readFileSync } from 'node:fs';
 import { constants as osConstants } from 'node:os';
-import { resolve } from 'node:path';
+import { parseLockspaceSpec } from '../lockspaces/index.js';
 import { LockManager, type ExitStatus, type LockLifetime, type ManagerParams, type ResourceMode } from '../manager/manager.js';
 import { EXIT, fail, parse, usage, type Output } from './args.js';
 
@@ -43,7 +43,7 @@ export async function run(argv: readonly string[], out: Output): Promise<number>
   const mgr = new LockManager({
     params,
     lockLifetime: values.lifetime as LockLifetime | undefined,
-    lockspace: values.lockspace === undefined ? undefined : { kind: 'indirect', dir: resolve(values.lockspace) },
+    lockspace: values.lockspace === undefined ? undefined : parseLockspaceSpec(values.lockspace, process.cwd()),
   });
   let warned = false;
   try {

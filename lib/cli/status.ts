@@ -1,24 +1,26 @@
 // `lockmgr status`: who holds what on each PATH (docs/cli.md).
-import { resolve } from 'node:path';
+import type { ByteStatus, LeaseStatus, LockspaceDriver } from '../lockspaces/driver.js';
+import { openLockspace, parseLockspaceSpec } from '../lockspaces/index.js';
 import type { LockHolder, LockManagerError, ProcessInfo } from '../os/errors.js';
-import { openDiskFile } from '../lockspaces/driver.js';
-import { indirectLockspace, type IndirectLockspace, type LockFileSource } from '../lockspaces/indirect.js';
-import { openLockable, type LockableFile } from '../os/locks.js';
+import { openDiskFile } from '../os/disks.js';
+import type { LockableFile } from '../os/locks.js';
 import { describeProcess, locksOn, processesWithOpen, type ProcLock } from '../os/proc-locks.js';
 import { qemuLockState, type QemuPermission } from '../os/qemu.js';
 import { EXIT, parse, usage, type Output } from './args.js';
 
 type ByteState = 'free' | 'exclusive' | 'shared';
 
-/** The --json schema, one entry per PATH (docs/cli.md). */
+/** The --json schema, one entry per PATH (docs/cli.md). Version 1: fields are only ever added. */
 export interface StatusEntry {
   path: string;
   kind?: 'file' | 'block-device';
   identity?: string;
   lease?: { byte: 0; state: ByteState; holder: LockHolder | null };
   migrationGuard?: { byte: 1; state: ByteState };
-  /** With --lockspace DIR: the lock files that carry this disk's lease there (docs/lockspaces.md). */
-  lockFiles?: Array<{ path: string; source: LockFileSource; identity: string; exists: boolean; lease: { byte: 0; state: ByteState; holder: LockHolder | null }; migrationGuard: { byte: 1; state: ByteState } }>;
+  /** With --lockspace SPEC: where this disk's lease lives in that lockspace, and who holds it (docs/lockspaces.md). */
+  lockspace?: LeaseStatus;
+  /** With --lockspace DIR (an indirect lockspace): its lock files, as before `lockspace` existed. */
+  lockFiles?: Array<{ path: string; source: string; identity: string; exists: boolean; lease: { byte: 0; state: ByteState; holder: LockHolder | null }; migrationGuard: { byte: 1; state: ByteState } }>;
   qemu?: { held: QemuPermission[]; unshared: QemuPermission[] };
   locks?: Array<Omit<ProcLock, 'ino'> & { ino: string }>;
   openBy?: ProcessInfo[];
@@ -30,26 +32,25 @@ function byteState(file: LockableFile, start: number): { state: ByteState; holde
   return { state: holder === null ? 'free' : holder.mode, holder };
 }
 
-/** The lock files of `path` in an indirect lockspace, read without creating any. */
-function lockFilesOf(space: IndirectLockspace, path: string): NonNullable<StatusEntry['lockFiles']> {
-  return space.describeDisk(path).files.map((f) => {
-    let file: LockableFile;
-    try {
-      file = openLockable(f.path, { access: 'read' });
-    } catch {
-      // Not there: nobody holds it (a lock file exists while someone uses it).
-      return { path: f.path, source: f.source, identity: f.identity, exists: false, lease: { byte: 0, state: 'free', holder: null }, migrationGuard: { byte: 1, state: 'free' } };
-    }
-    try {
-      return { path: f.path, source: f.source, identity: f.identity, exists: true, lease: { byte: 0, ...byteState(file, 0) }, migrationGuard: { byte: 1, state: byteState(file, 1).state } };
-    } finally {
-      file.close();
-    }
-  });
+const plain = (b: ByteStatus): ByteState => (b.state === 'held' ? 'exclusive' : b.state);
+
+/** The lock files of an OFD lockspace's answer, in the shape `lockFiles` always had. */
+function lockFilesOf(status: LeaseStatus): StatusEntry['lockFiles'] {
+  if (status.locations.some((l) => l.guard === null || l.detail?.source === undefined)) return undefined;
+  return status.locations.map((l) => ({
+    path: l.path,
+    source: String(l.detail!.source),
+    identity: String(l.detail!.identity),
+    exists: l.exists,
+    lease: { byte: 0, state: plain(l.lease), holder: l.lease.holder },
+    migrationGuard: { byte: 1, state: plain(l.guard!) },
+  }));
 }
 
-function inspect(path: string, space: IndirectLockspace | undefined): StatusEntry {
+async function inspect(path: string, space: LockspaceDriver | undefined): Promise<StatusEntry> {
+  // A block device through the kernel's own device node, as every lockspace locks it.
   const file = openDiskFile(path, 'read');
+  const lockspace = space === undefined ? undefined : await space.inspect({ type: 'disk', path });
   try {
     const byte = (start: number) => byteState(file, start);
     const lease = byte(0);
@@ -62,7 +63,7 @@ function inspect(path: string, space: IndirectLockspace | undefined): StatusEntr
       identity: file.identity.key,
       lease: { byte: 0, ...lease },
       migrationGuard: { byte: 1, state: byte(1).state },
-      ...(space === undefined ? {} : { lockFiles: lockFilesOf(space, path) }),
+      ...(lockspace === undefined ? {} : { lockspace, ...(lockFilesOf(lockspace) ? { lockFiles: lockFilesOf(lockspace) } : {}) }),
       qemu: { held: qemu.held, unshared: qemu.unshared },
       locks: [...locksOn(file.path), ...(file.path === path ? [] : locksOn(path))].map((l) => ({ ...l, ino: String(l.ino) })),
       openBy: processesWithOpen(path, { excludeSelf: true }),
@@ -72,45 +73,52 @@ function inspect(path: string, space: IndirectLockspace | undefined): StatusEntr
   }
 }
 
-export function status(argv: readonly string[], out: Output): number {
+export async function status(argv: readonly string[], out: Output): Promise<number> {
   const { values, positionals } = parse(argv, { json: { type: 'boolean' }, lockspace: { type: 'string' } });
   if (positionals.length === 0) throw usage('status needs at least one PATH');
-  const space = values.lockspace === undefined ? undefined : indirectLockspace({ kind: 'indirect', dir: resolve(values.lockspace) });
+  const space = values.lockspace === undefined ? undefined : openLockspace(parseLockspaceSpec(values.lockspace, process.cwd()));
   let code: number = EXIT.ok;
-  const entries: StatusEntry[] = positionals.map((path) => {
+  const entries: StatusEntry[] = [];
+  for (const path of positionals) {
     try {
-      return inspect(path, space);
+      entries.push(await inspect(path, space));
     } catch (err) {
       // Whatever the reason (missing, a FIFO, no permission), the PATH could not be inspected.
       code = EXIT.noResource;
       const e = err as LockManagerError;
-      return { path, error: { code: e.code ?? 'ERR_INTERNAL', message: e.message } };
+      entries.push({ path, error: { code: e.code ?? 'ERR_INTERNAL', message: e.message } });
     }
-  });
+  }
   if (values.json) out.out(`${JSON.stringify({ version: 1, entries }, null, 2)}\n`);
   else out.out(entries.map(table).join('\n'));
   return code;
 }
 
+const heldText = (b: ByteStatus | { state: string; host?: string }): string =>
+  b.state === 'free' ? 'free' : `held ${b.state === 'held' ? '' : b.state}${'host' in b && b.host !== undefined ? ` by ${b.host}` : ''}`.replace('held  by', 'held by').trimEnd();
+
 function table(e: StatusEntry): string {
-  if (e.error) return `${e.path}\n  error               ${e.error.message}\n`;
+  if (e.error) return `${e.path}\n  error  ${e.error.message}\n`;
+  const indent = (lines: string[]): string => lines.join(`\n${' '.repeat(width + 2)}`);
   const rows: Array<[string, string]> = [
     ['kind', `${e.kind} (${e.identity})`],
-    // With --lockspace the lease is in the lock files below; the image's own bytes are the direct lockspace's.
-    [e.lockFiles ? 'image byte 0 (direct)' : 'lease (byte 0)', e.lease!.state === 'free' ? 'free' : `held ${e.lease!.state}`],
-    [e.lockFiles ? 'image byte 1 (direct)' : 'migration guard', e.migrationGuard!.state === 'free' ? 'free' : `held ${e.migrationGuard!.state}`],
-    ...(e.lockFiles ?? []).map((f): [string, string] => [
-      `lock file (${f.source})`,
-      `${f.path}: ${f.exists ? `lease ${f.lease.state === 'free' ? 'free' : `held ${f.lease.state}`}, guard ${f.migrationGuard.state === 'free' ? 'free' : `held ${f.migrationGuard.state}`}` : 'absent (free)'}`,
+    // With --lockspace the lease is where that lockspace keeps it (below); the image's own bytes are the direct lockspace's.
+    [e.lockspace ? 'image byte 0 (direct)' : 'lease (byte 0)', heldText(e.lease!)],
+    [e.lockspace ? 'image byte 1 (direct)' : 'migration guard', heldText(e.migrationGuard!)],
+    ...(e.lockspace?.locations ?? []).map((l): [string, string] => [
+      l.what,
+      `${l.path}: ${l.exists ? `lease ${heldText(l.lease)}${l.guard === null ? '' : `, guard ${heldText(l.guard)}`}` : 'absent (free)'}`,
     ]),
     ['QEMU holds', e.qemu!.held.join(', ') || '-'],
     ['QEMU does not share', e.qemu!.unshared.join(', ') || '-'],
-    ['open by', e.openBy!.map(describeProcess).join('\n                      ') || '-'],
-    [
-      'locks',
-      e.locks!.map((l) => `${l.kind} ${l.type} ${l.start}-${l.end ?? 'EOF'}${l.pid > 0 ? ` pid ${l.pid}` : ''}${l.blocked ? ' (waiting)' : ''}`).join('\n                      ') ||
-        '-',
-    ],
+    ['open by', '\0open'],
+    ['locks', '\0locks'],
   ];
-  return `${e.path}\n${rows.map(([k, v]) => `  ${k.padEnd(20)}${v}`).join('\n')}\n`;
+  const width = Math.max(...rows.map(([k]) => k.length)) + 1;
+  const value = (v: string): string => {
+    if (v === '\0open') return indent(e.openBy!.map(describeProcess)) || '-';
+    if (v === '\0locks') return indent(e.locks!.map((l) => `${l.kind} ${l.type} ${l.start}-${l.end ?? 'EOF'}${l.pid > 0 ? ` pid ${l.pid}` : ''}${l.blocked ? ' (waiting)' : ''}`)) || '-';
+    return v;
+  };
+  return `${e.path}\n${rows.map(([k, v]) => `  ${k.padEnd(width)}${value(v)}`).join('\n')}\n`;
 }

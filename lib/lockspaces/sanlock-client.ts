@@ -220,13 +220,25 @@ function checkInt(value: unknown, what: string, min: number, max: number, fallba
 }
 
 /**
- * The sanlock resource name of a disk: 'lockmgr-' and the first 40 hex digits
- * of the SHA-256 of its path. The path is the disk's identity across hosts, so
+ * The sanlock resource name of a disk: 'lm-' and the first 40 hex digits of
+ * the SHA-256 of its path. The path is the disk's identity across hosts, so
  * every host must name a shared disk by the same path (/dev/disk/by-id/...,
  * /dev/mapper/..., an NFS path), as libvirt's sanlock plugin requires too.
+ * Names on shared storage are a wire format: this is version 1 of it
+ * (docs/sanlock.md, "Names"); changing it needs a new prefix.
  */
 export function diskResourceName(path: string): string {
   return `lm-${createHash('sha256').update(path).digest('hex').slice(0, 40)}`;
+}
+
+/**
+ * The sanlock resource name of a named lease (libvirt's <lease>): 'lml-' and
+ * the first 40 hex digits of the SHA-256 of its file's path,
+ * <path>/<lockspace>/<key>, the same name every OFD lockspace gives its lock
+ * file. Version 1 of the format, like diskResourceName.
+ */
+export function leaseResourceName(file: string): string {
+  return `lml-${createHash('sha256').update(file).digest('hex').slice(0, 40)}`;
 }
 
 // ---- storage helpers ------------------------------------------------------
@@ -340,13 +352,26 @@ export async function lockspaceJoined(options: JoinOptions): Promise<boolean> {
  * host that has joined). Exists already: returns its offset.
  */
 export async function createDiskLease(options: StorageOptions & { disk: string }): Promise<{ offset: number; created: boolean }> {
+  const disk = checkStoragePath(options?.disk, 'disk');
+  return createResource(options, diskResourceName(disk), `createDiskLease: ${disk}`);
+}
+
+/**
+ * Creates the lease of a named lease (libvirt's <lease>) in the lease index,
+ * by its file's path `<path>/<lockspace>/<key>` (the name every lockspace
+ * gives it). Exists already: returns its offset.
+ */
+export async function createNamedLease(options: StorageOptions & { lease: string }): Promise<{ offset: number; created: boolean }> {
+  const lease = checkStoragePath(options?.lease, 'lease');
+  return createResource(options, leaseResourceName(lease), `createNamedLease: ${lease}`);
+}
+
+async function createResource(options: StorageOptions, res: string, what: string): Promise<{ offset: number; created: boolean }> {
   const name = checkName(options?.lockspace, 'lockspace');
   const path = checkStoragePath(options.path, 'path');
-  const disk = checkStoragePath(options.disk, 'disk');
-  const res = diskResourceName(disk);
   const found = await lookupLease(name, path, res);
   if (found !== null) return { offset: found, created: false };
-  const r = await check(run(Op.CREATE_RESOURCE, [name, path, res], [RINDEX_OFFSET]), 'sanlock_create_resource', `createDiskLease: ${disk} in lockspace ${name}`);
+  const r = await check(run(Op.CREATE_RESOURCE, [name, path, res], [RINDEX_OFFSET]), 'sanlock_create_resource', `${what} in lockspace ${name}`);
   return { offset: r.out[0]!, created: true };
 }
 

@@ -14,14 +14,21 @@
 // live exactly as long as the VM, whatever happens to the supervisor (as
 // lockLifetime 'child' does with OFD locks), and a lease lost on the storage
 // kills the VM, not the supervisor.
-import { statSync, writeSync } from 'node:fs';
+import { writeSync } from 'node:fs';
 import { Socket } from 'node:net';
 import { AbortError, InvalidArgumentError, LockTimeoutError, ResourceAccessError, ResourceBusyError, SpawnError, UnsupportedError, systemError } from '../os/errors.js';
-import type { GateLimits, Lease, Lockspace, OwnedLease, ResourceMode, SanlockLockspaceConfig, TakeOptions } from './driver.js';
-import { native } from '../os/native.js';
+import type { LockableFile } from '../os/locks.js';
+import { native, nativeError } from '../os/native.js';
+import { checkOptions } from '../os/validate.js';
+import { byKey, checkMode, deadlineOf, rolledBack } from './common.js';
+import type { Capabilities, Lease, LeaseStatus, LockspaceConfig, LockspaceDriver, ResourceMode, ResourceName, StartLimits, StartPlan, TakeOptions } from './driver.js';
+import { leaseFilePath } from './named-lease.js';
+import { openDiskFile } from './ofd.js';
 import {
   acquireFor,
   diskResourceName,
+  leaseResourceName,
+  lookupLease,
   errorFor,
   execHelperPath,
   hostName,
@@ -164,18 +171,23 @@ class StatusPipe {
 
 function pipe(): [number, number] {
   const out = new Int32Array(2);
-  const e = native.makePipe(out);
-  if (e !== 0) throw errorForPipe(e);
+  const rv = native.makePipe(out);
+  if (rv < 0) throw nativeError(rv, "sanlock: cannot make the exec helper's pipes");
   return [out[0]!, out[1]!];
 }
 
-function errorForPipe(e: number): Error {
-  const cause = systemError(e, 'pipe2');
-  return new UnsupportedError(`sanlock: cannot make the exec helper's pipes: ${cause.message}`, { cause });
+export interface SanlockLockspaceConfig {
+  kind: 'sanlock';
+  /** The sanlock lockspace's name, the same on every host (docs/sanlock.md). */
+  lockspace: string;
+  /** The shared device or file holding the lockspace and the lease index; the same storage on every host. */
+  path: string;
+  /** This host's id in the lockspace, as joined (for lease-loss diagnosis and messages). */
+  hostId: number;
 }
 
-export function checkSanlockConfig(value: Record<string, unknown>): SanlockLockspaceConfig {
-  const { lockspace, path, hostId } = value;
+export function checkSanlockConfig(config: unknown): SanlockLockspaceConfig {
+  const { lockspace, path, hostId } = checkOptions<Record<string, unknown>>(config, ['kind', 'lockspace', 'path', 'hostId'], 'lockspace');
   if (typeof lockspace !== 'string' || lockspace === '' || Buffer.byteLength(lockspace) > 48 || /[\0:\s]/.test(lockspace)) {
     throw new InvalidArgumentError(`lockspace.lockspace must be a sanlock lockspace name (1 to 48 bytes, no ':' or white space), got ${describe(lockspace)}`);
   }
@@ -188,9 +200,50 @@ export function checkSanlockConfig(value: Record<string, unknown>): SanlockLocks
   return { kind: 'sanlock', lockspace, path, hostId };
 }
 
-export class SanlockLockspace implements Lockspace {
+/** One sanlock lease, and the image (QEMU's locks, identity) of a disk. */
+interface OwnedLease {
+  take(o: TakeOptions): Promise<void>;
+  release(): void;
+  stillHeld(): Promise<boolean>;
+}
+
+class SanlockLease implements Lease {
+  constructor(
+    readonly key: string,
+    readonly path: string,
+    readonly kind: Lease['kind'],
+    readonly mode: ResourceMode,
+    readonly image: LockableFile | null,
+    readonly locations: readonly string[],
+    readonly owned: OwnedLease,
+  ) {}
+
+  get fds(): number[] {
+    // QEMU's locks on the image go with the VM, as in every lockspace.
+    return this.image === null || this.image.closed ? [] : [this.image.fd];
+  }
+
+  close(): void {
+    this.image?.close();
+  }
+}
+
+export class SanlockLockspace implements LockspaceDriver {
+  readonly kind = 'sanlock';
   readonly config: SanlockLockspaceConfig;
-  onWarning?: (err: unknown) => void;
+  readonly capabilities: Capabilities = Object.freeze({
+    // Leases belong to a process that registered with the daemon before it ran.
+    attach: false,
+    // A sanlock lease has no second byte; a migration target acquires with the source's lease versions instead (migrationState).
+    handoverGuard: false,
+    // A lease the daemon cannot renew on the storage is lost, and the daemon kills its holder.
+    losable: true,
+    // Taken for the registered process's pid: the VM's own, whenever taken.
+    hotplugHeldByChild: true,
+    migrationState: true,
+    multiHost: true,
+  });
+  onWarning: (err: unknown) => void = () => undefined;
   /** The registered process the leases are acquired for; null when there is none (yet, or any more). */
   #owner: number | null = null;
   /** The owner that has just exited, until exitFailure() has seen the daemon let go of it. */
@@ -204,32 +257,89 @@ export class SanlockLockspace implements Lockspace {
   /** Releases queued and not yet answered. */
   readonly #releases = new Set<Promise<void>>();
 
-  constructor(config: SanlockLockspaceConfig) {
+  constructor(config: unknown) {
+    this.config = Object.freeze(checkSanlockConfig(config));
     requireLibrary();
-    this.config = config;
   }
 
-  openDisk(path: string, mode: ResourceMode): Lease {
-    let kind: 'file' | 'block-device';
+  /**
+   * A disk's lease is the sanlock resource named after its path (the same path
+   * on every host); a named lease's is named after <path>/<lockspace>/<key>.
+   * Both live in this lockspace's lease index (created once, from any host:
+   * `lockmgr sanlock add-disk` / `add-lease`). A disk is also opened, for
+   * reading, like in every lockspace: for QEMU's locks and its identity.
+   */
+  open(name: ResourceName, mode: ResourceMode): SanlockLease {
+    checkMode(mode);
+    const resource = name.type === 'lease' ? leaseResourceName(leaseFilePath(name)) : diskResourceName(name.path);
+    const address: LeaseAddress = { lockspace: this.config.lockspace, resource, path: this.config.path };
+    const image = name.type === 'disk' ? openDiskFile(name.path, 'read') : null;
+    const path = name.type === 'lease' ? leaseFilePath(name) : name.path;
+    const kind = image?.kind ?? 'lease';
+    const where = `sanlock ${address.lockspace}:${address.resource}`;
+    return new SanlockLease(`sanlock:${address.lockspace}:${address.resource}`, path, kind, mode, image, [where], this.#owned(path, address, mode));
+  }
+
+  async acquire(leases: readonly Lease[], options: TakeOptions): Promise<void> {
+    const deadline = deadlineOf(options.timeout);
+    const taken: SanlockLease[] = [];
     try {
-      const st = statSync(path);
-      if (st.isBlockDevice()) kind = 'block-device';
-      else if (st.isFile()) kind = 'file';
-      else throw new InvalidArgumentError(`${path} is neither a regular file nor a block device`);
+      for (const lease of [...(leases as readonly SanlockLease[])].sort((a, b) => byKey(a.key, b.key))) {
+        await lease.owned.take({ wait: options.wait, timeout: deadline === undefined ? undefined : Math.max(0, deadline - Date.now()), signal: options.signal });
+        taken.push(lease);
+      }
     } catch (err) {
-      if (err instanceof InvalidArgumentError) throw err;
-      const e = err as NodeJS.ErrnoException;
-      throw new ResourceAccessError(`cannot open ${path}: ${e.message}`, { cause: err });
+      for (const l of taken.reverse()) l.owned.release();
+      throw rolledBack(err, taken);
     }
-    const address: LeaseAddress = { lockspace: this.config.lockspace, resource: diskResourceName(path), path: this.config.path };
+  }
+
+  release(lease: Lease): void {
+    (lease as SanlockLease).owned.release();
+  }
+
+  /** No handover guard here (capabilities.handoverGuard): the manager never asks for one. */
+  async guard(): Promise<void> {}
+
+  releaseGuard(): void {}
+
+  verify(lease: Lease): Promise<boolean> {
+    return (lease as SanlockLease).owned.stillHeld();
+  }
+
+  sameAs(config: LockspaceConfig): boolean {
+    // A sanlock lockspace is one by its name across hosts; its storage path and host id are per host.
+    return config.kind === 'sanlock' && (config as Partial<SanlockLockspaceConfig>).lockspace === this.config.lockspace;
+  }
+
+  describe(): string {
+    return `sanlock (lockspace ${this.config.lockspace})`;
+  }
+
+  cliSpec(): string {
+    return `sanlock:${this.config.lockspace}:${this.config.path}:${this.config.hostId}`;
+  }
+
+  async inspect(name: ResourceName): Promise<LeaseStatus> {
+    const resource = name.type === 'lease' ? leaseResourceName(leaseFilePath(name)) : diskResourceName(name.path);
+    const address: LeaseAddress = { lockspace: this.config.lockspace, resource, path: this.config.path };
+    const path = `${address.lockspace}:${address.resource} on ${address.path}`;
+    const offset = await lookupLease(address.lockspace, address.path, resource);
+    if (offset === null) return { lockspace: this.describe(), locations: [{ what: 'sanlock lease', path, exists: false, lease: { state: 'free', holder: null }, guard: null }] };
+    const owners = await leaseOwners(address, offset);
+    const hosts = await Promise.all(owners.map(async (o) => `host ${o.hostId}${await hostName(address.path, o.hostId).then((n) => (n === null ? '' : ` (${n})`))}`));
     return {
-      key: `sanlock:${address.lockspace}:${address.resource}`,
-      path,
-      kind,
-      slots: [],
-      image: null,
-      close: () => undefined,
-      owned: this.#owned(path, address, mode),
+      lockspace: this.describe(),
+      locations: [
+        {
+          what: 'sanlock lease',
+          path,
+          exists: true,
+          lease: { state: owners.length === 0 ? 'free' : owners.length > 1 ? 'shared' : 'held', holder: null, ...(hosts.length > 0 ? { host: hosts.join(', ') } : {}) },
+          guard: null,
+          detail: { offset, owners },
+        },
+      ],
     };
   }
 
@@ -256,7 +366,7 @@ export class SanlockLockspace implements Lockspace {
       this.#releases.add(tracked);
     };
     return {
-      take: async (_mode: ResourceMode, o: TakeOptions) => {
+      take: async (o: TakeOptions) => {
         const pid = this.#owner;
         if (pid === null) throw new UnsupportedError(`${disk}: a sanlock lease is taken for the supervised process, and there is none`);
         const deadline = o.timeout === undefined ? undefined : Date.now() + o.timeout;
@@ -343,12 +453,25 @@ export class SanlockLockspace implements Lockspace {
     return new ResourceBusyError(`${disk} is held ${by} in sanlock lockspace ${address.lockspace}${shared ? ' (this acquire: shared)' : ''}`, { resource: disk, cause });
   }
 
-  async spawnGated(
+  /**
+   * Spawns the command through the exec helper with the VM's own pid: the
+   * helper registers and waits; plan.take() acquires every lease for that pid
+   * (sanlock_acquire(-1, pid)); only then does the helper exec the command.
+   */
+  async start(plan: StartPlan): Promise<SupervisedProcess> {
+    if (plan.attach !== undefined) {
+      throw new UnsupportedError(`lockspace ${this.describe()} cannot attach to a running process (capability 'attach'): its leases belong to a process that registered with the lock service before it started`);
+    }
+    const keepFds = [...(plan.spawnOptions.keepFds ?? []), ...plan.leases.flatMap((l) => l.fds)];
+    return this.#spawnGated(plan.command!, plan.args, { ...plan.spawnOptions, keepFds }, (_pid, signal) => plan.take(signal), plan.limits);
+  }
+
+  async #spawnGated(
     command: string,
     args: readonly string[],
     options: SpawnOptions,
     beforeExec: (pid: number, signal: AbortSignal) => Promise<void>,
-    limits: GateLimits = {},
+    limits: StartLimits = {},
   ): Promise<SupervisedProcess> {
     const helper = execHelperPath();
     const status = pipe();
@@ -464,7 +587,7 @@ export class SanlockLockspace implements Lockspace {
   }
 
   /** The lease state of the leases held now: a lease released since (hot-unplugged) is not in it. */
-  migrationState(): string | undefined {
+  exportState(): string | undefined {
     if (this.#state === undefined) return undefined;
     const now = this.#state
       .split(/\s+/)
@@ -473,7 +596,7 @@ export class SanlockLockspace implements Lockspace {
   }
 
   /** The source's "ls:res:path:offset:lver" entries: the target acquires each with its lver, so it fails if anyone took the lease in between. */
-  setMigrationState(state: string | undefined): void {
+  importState(state: string | undefined): void {
     this.#incoming.clear();
     if (state === undefined) return;
     for (const entry of state.split(/\s+/)) {
@@ -510,6 +633,6 @@ export class SanlockLockspace implements Lockspace {
   }
 }
 
-export function sanlockLockspace(config: SanlockLockspaceConfig): SanlockLockspace {
+export function sanlockLockspace(config: unknown): SanlockLockspace {
   return new SanlockLockspace(config);
 }

@@ -1,311 +1,194 @@
-// A manager's set of resources: identity, canonical order, all-or-nothing
-// acquire with rollback, release, the migration guard, and verification that
-// locks are still held.
-import { lstatSync } from 'node:fs';
-import { LockTimeoutError, ResourceBusyError, type LockHolder, type ProcessInfo } from '../os/errors.js';
-import { GUARD_RANGE, LEASE_RANGE, lockModeOf, type Lease, type LeaseSlot, type ResourceMode } from '../lockspaces/driver.js';
+// A manager's resources: each registered or hot-plugged resource with its
+// lease in the manager's lockspace, and what is done to the set the same way
+// in every lockspace: one entry per file whatever path reached it, the
+// all-or-nothing acquire (the lockspace's, then QEMU's locks on the image),
+// release, the migration guard and verification.
+import { InvalidArgumentError } from '../os/errors.js';
 import { openLockable } from '../os/locks.js';
-import { commandLine, describeProcess, processesWithOpen } from '../os/proc-locks.js';
-import { releaseQemuLocks, takeQemuLocks, type QemuProfile } from '../os/qemu.js';
+import { QEMU_PROFILES, releaseQemuLocks, takeQemuLocks, type QemuProfile } from '../os/qemu.js';
+import { withRollback } from '../lockspaces/common.js';
+import type { Capabilities, Lease, LockspaceDriver, ResourceMode, TakeOptions } from '../lockspaces/driver.js';
+import type { TokenResource } from './token.js';
+import type { CheckedSpec } from './validation.js';
+import { requireMode } from './validation.js';
 
 export interface Resource {
   readonly path: string;
   readonly mode: ResourceMode;
-  /** The lock files that carry the lease; lease.key is the resource's identity. */
+  /** Its lease in the manager's lockspace. */
   readonly lease: Lease;
-  /** Also take QEMU-style permission locks on the image (lib/os/qemu.ts). */
-  readonly qemu?: QemuProfile;
+  /** QEMU-style permission locks to take on the image too (lib/os/qemu.ts). */
+  readonly qemu: QemuProfile | undefined;
+  /** How it was registered, for inquire(). */
+  readonly spec: TokenResource;
   held: boolean;
-  /** A migration target holds the guard byte of every lease file. */
+  /** A migration target holds its guard. */
   guarded: boolean;
+  /** Taken by acquireResource() while running. */
+  hotplugged: boolean;
 }
 
-export interface AcquireOptions {
-  timeout?: number;
-  signal?: AbortSignal;
-  /** Wait for busy resources (default: when timeout or signal is given). False: fail fast. */
-  wait?: boolean;
+/**
+ * The QEMU permissions that stand for a resource mode: exclusive is a writer
+ * that shares neither writing nor resizing (a VM with share-rw=off); shared and
+ * readonly are a reader that refuses resizing (as qemu-nbd does).
+ */
+export function qemuProfile(mode: ResourceMode): QemuProfile {
+  return mode === 'exclusive' ? QEMU_PROFILES.exclusiveWriter : QEMU_PROFILES.reader;
+}
+
+/**
+ * A resource's identity within a manager: the image file itself (so two paths
+ * of one file, hard links included, are one resource in every lockspace), or
+ * the lease's key for a named lease.
+ */
+const identityOf = (lease: Lease): string => lease.image?.identity.key ?? lease.key;
+
+const byKey = (a: Resource, b: Resource): number => (a.lease.key < b.lease.key ? -1 : a.lease.key > b.lease.key ? 1 : 0);
+
+export class ResourceSet {
+  readonly #space: LockspaceDriver;
+  /** By identity: one entry per file, whatever path reached it. */
+  readonly #byIdentity = new Map<string, Resource>();
+
+  constructor(space: LockspaceDriver) {
+    this.#space = space;
+  }
+
+  get capabilities(): Capabilities {
+    return this.#space.capabilities;
+  }
+
+  values(): Resource[] {
+    return [...this.#byIdentity.values()];
+  }
+
+  get size(): number {
+    return this.#byIdentity.size;
+  }
+
   /**
-   * Refuse a resource whose migration guard someone holds (default true): a
-   * fresh acquirer (start, hotplug) must not take a disk that is being handed
-   * over. False for the handover itself: the target taking the leases, and the
-   * source taking them back after a cancelled migration.
+   * Opens (or finds) the resource of a spec: InvalidArgumentError if it is
+   * registered already in another mode or QEMU-compatibility.
    */
-  checkGuard?: boolean;
-}
-
-const byKey = (a: string, b: string): number => (a < b ? -1 : a > b ? 1 : 0);
-
-/** Canonical order: by identity key, the same in every process, so two managers never deadlock. */
-export function canonicalOrder<T extends { lease: Lease }>(resources: Iterable<T>): T[] {
-  return [...resources].sort((a, b) => byKey(a.lease.key, b.lease.key));
-}
-
-type Step = { r: Resource; slot: LeaseSlot };
-
-/**
- * The lease files of all `resources`, in the one global lock order (by slot
- * key: a file's identity, or a lock file's path), the same in every process,
- * so two managers never deadlock, even when two resources share a lock file
- * (hard links in an indirect lockspace).
- */
-function lockOrder(resources: readonly Resource[]): Step[] {
-  return resources.flatMap((r) => r.lease.slots.map((slot) => ({ r, slot }))).sort((a, b) => byKey(a.slot.key, b.slot.key));
-}
-
-/** Whether to wait, and until when: waiting by default when a timeout or signal is given. */
-function waitPlan(options: AcquireOptions): { wait: boolean; deadline: number | undefined } {
-  return {
-    wait: options.wait ?? (options.timeout !== undefined || options.signal !== undefined),
-    deadline: options.timeout === undefined ? undefined : Date.now() + options.timeout,
-  };
-}
-
-/** `err`, saying which of `touched` (all but the one that failed) were released again. */
-function rolledBack(err: unknown, touched: Iterable<Resource>): unknown {
-  const failed = err instanceof ResourceBusyError ? err.resource : null;
-  return withRollback(err, [...new Set(touched)].filter((r) => r.path !== failed).map((r) => r.path));
-}
-
-const heldAs = (mode: 'exclusive' | 'shared'): string => (mode === 'exclusive' ? 'exclusively' : 'shared');
-
-/**
- * Whether a migration target holds the guard of this lease file in a way that
- * excludes an acquirer of `mode`: F_OFD_GETLK, which places no lock. A target
- * guards an exclusive disk with a write lock (it excludes everyone) and a
- * shared or readonly one with a read lock (it excludes only exclusive
- * acquirers: shared ones are compatible with both the source and the target).
- */
-function guardHeld(slot: LeaseSlot, mode: ResourceMode): boolean {
-  try {
-    return !slot.file.closed && slot.file.getConflict(lockModeOf(mode), GUARD_RANGE) !== null;
-  } catch {
-    return false;
-  }
-}
-
-function who(path: string): { candidates: ProcessInfo[]; text: string } {
-  const candidates = processesWithOpen(path, { excludeSelf: true });
-  const text =
-    candidates.length > 0
-      ? `${candidates.length === 1 ? 'pid' : 'one of pids'} ${candidates.map(describeProcess).join(', ')} (OFD locks record no pid: these have it open)`
-      : 'another open file description in this process';
-  return { candidates, text };
-}
-
-const MIGRATING = 'a migration is in progress: a migration target holds its handover guard (byte 1)';
-
-/**
- * The busy error for a resource someone else holds: the conflicting lock, and
- * who has the lease file open, from F_OFD_GETLK and /proc.
- */
-export function busyError(r: Resource, slot: LeaseSlot = r.lease.slots[0]!): ResourceBusyError {
-  let holder: LockHolder | null = null;
-  try {
-    holder = slot.file.getConflict(lockModeOf(r.mode), LEASE_RANGE);
-  } catch {
-    holder = null;
-  }
-  let candidates: ProcessInfo[];
-  let by: string;
-  if (holder !== null && holder.pid > 0) {
-    candidates = [{ pid: holder.pid, command: commandLine(holder.pid) }];
-    by = `pid ${describeProcess(candidates[0]!)}`;
-  } else {
-    ({ candidates, text: by } = who(slot.path));
-  }
-  const how = holder === null ? 'held' : `held ${heldAs(holder.mode)}`;
-  const where = slot.path === r.path ? '' : ` (its lock file ${slot.path})`;
-  const migrating = guardHeld(slot, r.mode);
-  // What a multi-resource acquire released again is added by withRollback().
-  return new ResourceBusyError(`${r.path}${where} is ${how} by ${by}${migrating ? `; ${MIGRATING}` : ''}`, {
-    holder,
-    resource: r.path,
-    candidates,
-    migrationInProgress: migrating,
-  });
-}
-
-/** A fresh acquirer found the guard held in its way: the resource is being handed over. */
-function migrationBusy(r: Resource, slot: LeaseSlot): ResourceBusyError {
-  const { candidates, text } = who(slot.path);
-  return new ResourceBusyError(`${r.path} cannot be acquired: ${MIGRATING}, held by ${text}`, {
-    resource: r.path,
-    candidates,
-    migrationInProgress: true,
-  });
-}
-
-/** The same busy or timeout error, saying which leases were released again. */
-function withRollback(err: unknown, back: string[]): unknown {
-  if (back.length === 0) return err;
-  const suffix = `; released again: ${back.join(', ')}`;
-  if (err instanceof ResourceBusyError) {
-    return new ResourceBusyError(`${err.message}${suffix}`, {
-      holder: err.holder,
-      resource: err.resource ?? undefined,
-      candidates: err.candidates,
-      rolledBack: back,
-      migrationInProgress: err.migrationInProgress,
-      cause: err.cause,
-    });
-  }
-  if (err instanceof LockTimeoutError) {
-    return new LockTimeoutError(`${err.message}${suffix}`, { timeout: err.timeout, holder: err.holder, cause: err });
-  }
-  return err;
-}
-
-const remaining = (deadline: number | undefined): number | undefined => (deadline === undefined ? undefined : Math.max(0, deadline - Date.now()));
-
-/** Takes one slot's lease byte, or throws a complete busy or timeout error. */
-async function takeSlot(r: Resource, slot: LeaseSlot, wait: boolean, deadline: number | undefined, signal: AbortSignal | undefined): Promise<void> {
-  let ok: boolean;
-  try {
-    ok = await slot.take(lockModeOf(r.mode), LEASE_RANGE, { wait, timeout: remaining(deadline), signal });
-  } catch (err) {
-    if (!(err instanceof LockTimeoutError)) throw err;
-    // Name who is in the way, as a busy error does.
-    const candidates = processesWithOpen(slot.path, { excludeSelf: true });
-    const by = candidates.length > 0 ? `; it is open in ${candidates.map(describeProcess).join(', ')}` : '';
-    const migrating = guardHeld(slot, r.mode) ? `; ${MIGRATING}` : '';
-    throw new LockTimeoutError(`${err.message}${by}${migrating}`, { timeout: err.timeout, holder: err.holder, cause: err });
-  }
-  if (!ok) throw busyError(r, slot);
-}
-
-/** Once all of a resource's lease files are locked: the guard test, then QEMU's locks. Throws having taken nothing more. */
-function completeOne(r: Resource, checkGuard: boolean): void {
-  // Lease first, guard second: a target holds the guard before the source
-  // lets go of the lease, so whoever gets the lease after the source finds
-  // the guard held. Testing the guard first would leave a window between the
-  // test and the lease.
-  if (checkGuard) {
-    for (const slot of r.lease.slots) if (guardHeld(slot, r.mode)) throw migrationBusy(r, slot);
-  }
-  if (r.qemu !== undefined && r.lease.image !== null) takeQemuLocks(r.lease.image, r.path, r.qemu);
-}
-
-/**
- * Takes every resource's lease, or none: on the first failure everything
- * taken is released in reverse order and the error says which resources were
- * released again. The lease files are locked in lockOrder(). Without timeout or signal
- * it never waits (fail fast). QEMU conflicts always fail fast: QEMU's locks are
- * not waited for.
- */
-export async function acquireAll(resources: Iterable<Resource>, options: AcquireOptions = {}): Promise<void> {
-  const { wait, deadline } = waitPlan(options);
-  const checkGuard = options.checkGuard ?? true;
-  const todo = canonicalOrder(resources).filter((r) => !r.held);
-  const left = new Map(todo.map((r) => [r, r.lease.slots.length]));
-  const taken: Step[] = [];
-  const complete: Resource[] = [];
-  const owned: Resource[] = [];
-  try {
-    // Leases that are no OFD lock (sanlock) belong to a process: taken whole, in canonical order.
-    for (const r of todo) {
-      if (r.lease.owned === undefined) continue;
-      await r.lease.owned.take(r.mode, { wait, timeout: remaining(deadline), signal: options.signal });
-      owned.push(r);
-    }
-    for (const step of lockOrder(todo)) {
-      await takeSlot(step.r, step.slot, wait, deadline, options.signal);
-      taken.push(step);
-      const n = left.get(step.r)! - 1;
-      left.set(step.r, n);
-      if (n === 0) {
-        completeOne(step.r, checkGuard);
-        complete.push(step.r);
+  open(spec: CheckedSpec, hotplug: boolean): Resource {
+    const mode = requireMode(spec.mode);
+    const qemuCompatible = spec.qemuCompatible === true;
+    const lease = this.#space.open(spec.type === 'lease' ? { type: 'lease', lockspace: spec.lockspace, key: spec.key, path: spec.path } : { type: 'disk', path: spec.path }, mode);
+    const existing = this.#byIdentity.get(identityOf(lease));
+    if (existing !== undefined) {
+      lease.close();
+      const same = existing.path === lease.path ? `'${lease.path}'` : `'${lease.path}' (the same ${lease.kind === 'lease' ? 'lease' : 'file'} as '${existing.path}')`;
+      if (existing.mode !== mode) {
+        throw new InvalidArgumentError(`${same} is already ${existing.held ? 'held' : 'registered'} ${existing.mode}, not ${mode}; release it first`);
       }
+      if ((existing.qemu !== undefined) !== qemuCompatible) {
+        throw new InvalidArgumentError(`${same} is already ${existing.held ? 'held' : 'registered'} ${existing.qemu ? 'with' : 'without'} QEMU-compatible locks`);
+      }
+      return existing;
     }
-  } catch (err) {
-    for (const r of [...complete].reverse()) if (r.qemu !== undefined && r.lease.image !== null) releaseQemuLocks(r.lease.image, r.qemu);
-    for (const t of taken.reverse()) t.slot.release(LEASE_RANGE);
-    for (const r of owned.reverse()) r.lease.owned!.release();
-    throw rolledBack(err, [...owned, ...taken.map((t) => t.r)]);
+    const token: TokenResource =
+      spec.type === 'lease' ? { type: 'lease', lockspace: spec.lockspace, key: spec.key, path: spec.path, mode } : { type: 'disk', path: lease.path, mode, qemuCompatible };
+    const r: Resource = { path: lease.path, mode, lease, held: false, guarded: false, hotplugged: hotplug, spec: token, qemu: qemuCompatible ? qemuProfile(mode) : undefined };
+    this.#byIdentity.set(identityOf(lease), r);
+    return r;
   }
-  for (const r of todo) r.held = true;
-}
 
-/**
- * Releases one lease. The lease stays open: the resource stays registered.
- * keepFiles: a child shares these open file descriptions and the same ones
- * may be locked again (a migration source that may take its leases back), so
- * an indirect lock file must not be deleted and recreated under it.
- */
-export function releaseOne(r: Resource, options: { keepFiles?: boolean } = {}): void {
-  if (r.held) {
+  /** The resource a reference names (by its spec, its path, or the file's identity), or undefined. */
+  find(spec: CheckedSpec): Resource | undefined {
+    if (spec.type === 'lease') {
+      return this.values().find((r) => r.spec.type === 'lease' && r.spec.path === spec.path && r.spec.lockspace === spec.lockspace && r.spec.key === spec.key);
+    }
+    const byPath = this.values().find((r) => r.path === spec.path);
+    if (byPath !== undefined) return byPath;
+    try {
+      // Another path to a registered file: the same identity (a block device's is its device number, whatever the node).
+      const probe = openLockable(spec.path, { access: 'read' });
+      const key = probe.identity.key;
+      probe.close();
+      return this.#byIdentity.get(key);
+    } catch {
+      return undefined;
+    }
+  }
+
+  /** Releases, closes and forgets one resource. */
+  forget(r: Resource): void {
+    this.release(r);
+    r.lease.close();
+    const key = identityOf(r.lease);
+    if (this.#byIdentity.get(key) === r) this.#byIdentity.delete(key);
+  }
+
+  /** Closes every lease and forgets them all. */
+  clear(): void {
+    for (const r of this.#byIdentity.values()) r.lease.close();
+    this.#byIdentity.clear();
+  }
+
+  /**
+   * Takes every resource's lease, or none: the lockspace's all-or-nothing
+   * acquire in the global order, then QEMU's locks on each image (never
+   * waited for: QEMU does not wait for ours either). On a failure everything
+   * taken is released and the error says which resources were released
+   * again. Without timeout or signal it never waits (fail fast).
+   */
+  async acquire(resources: Iterable<Resource>, options: TakeOptions & { checkGuard?: boolean }): Promise<void> {
+    const todo = [...resources].filter((r) => !r.held).sort(byKey);
+    await this.#space.acquire(
+      todo.map((r) => r.lease),
+      { ...options, checkGuard: (options.checkGuard ?? true) && this.#space.capabilities.handoverGuard },
+    );
+    const withQemu: Resource[] = [];
+    try {
+      for (const r of todo) {
+        if (r.qemu === undefined || r.lease.image === null) continue;
+        takeQemuLocks(r.lease.image, r.path, r.qemu);
+        withQemu.push(r);
+      }
+    } catch (err) {
+      for (const r of withQemu.reverse()) releaseQemuLocks(r.lease.image!, r.qemu!);
+      for (const r of [...todo].reverse()) this.#space.release(r.lease);
+      const failed = (err as { resource?: string | null }).resource ?? null;
+      throw withRollback(err, todo.map((r) => r.path).filter((p) => p !== failed));
+    }
+    for (const r of todo) r.held = true;
+  }
+
+  /**
+   * Releases one lease; the resource stays registered. keepFiles: a child
+   * shares these open file descriptions and the same ones may be locked again
+   * (a migration source that may take its leases back).
+   */
+  release(r: Resource, options: { keepFiles?: boolean } = {}): void {
+    if (!r.held) return;
     r.held = false;
     if (r.qemu !== undefined && r.lease.image !== null && !r.lease.image.closed) releaseQemuLocks(r.lease.image, r.qemu);
-    for (const slot of [...r.lease.slots].reverse()) slot.release(LEASE_RANGE, { keep: options.keepFiles === true });
-    r.lease.owned?.release();
+    this.#space.release(r.lease, options);
   }
-}
 
-/**
- * A migration target's guard: locks byte 1 of every lease file, in the same
- * global order as acquireAll(), all or none: a write lock for an exclusive
- * resource, a read lock for a shared or readonly one (two targets of one
- * shared disk, two VMs on one base image migrating at once, are compatible).
- * A conflicting guard is another migration of the same disk.
- */
-export async function takeGuards(resources: Iterable<Resource>, options: AcquireOptions = {}): Promise<void> {
-  const { wait, deadline } = waitPlan(options);
-  const todo = canonicalOrder(resources).filter((r) => !r.guarded);
-  const taken: Step[] = [];
-  try {
-    for (const step of lockOrder(todo)) {
-      const { r, slot } = step;
-      if (!(await slot.take(lockModeOf(r.mode), GUARD_RANGE, { wait, timeout: remaining(deadline), signal: options.signal }))) {
-        const { candidates, text } = who(slot.path);
-        throw new ResourceBusyError(`${r.path}: another migration of it is in progress: its handover guard (byte 1) is held by ${text}`, {
-          resource: r.path,
-          candidates,
-          migrationInProgress: true,
-        });
-      }
-      taken.push(step);
-    }
-  } catch (err) {
-    for (const t of taken.reverse()) t.slot.release(GUARD_RANGE);
-    throw rolledBack(err, taken.map((t) => t.r));
+  /** A migration target's guard on every resource, all or none (a lockspace without handover guards has nothing to take). */
+  async guard(options: TakeOptions): Promise<void> {
+    if (!this.#space.capabilities.handoverGuard) return;
+    const todo = this.values().filter((r) => !r.guarded).sort(byKey);
+    await this.#space.guard(todo.map((r) => r.lease), options);
+    for (const r of todo) r.guarded = true;
   }
-  for (const r of todo) r.guarded = true;
-}
 
-export function releaseGuard(r: Resource): void {
-  if (!r.guarded) return;
-  r.guarded = false;
-  for (const slot of [...r.lease.slots].reverse()) slot.release(GUARD_RANGE);
-}
-
-/**
- * Whether the lease is still ours: from a second open file description of the
- * same inode (through /proc/self/fd, so a renamed or replaced image path cannot
- * mislead it), F_OFD_GETLK must see a lock that conflicts with ours. It cannot
- * tell our lock from another holder's of the same kind; see docs/contract.md.
- * A lock file in a shared directory must also still be the one its name points
- * at: a deleted or replaced lock file lets the next acquirer in.
- */
-export function stillHeld(r: Resource): boolean {
-  for (const slot of r.lease.slots) {
-    const probe = openLockable(`/proc/self/fd/${slot.file.fd}`, { access: 'read' });
-    try {
-      const conflict = probe.getConflict(r.mode === 'exclusive' ? 'shared' : 'exclusive', LEASE_RANGE);
-      if (conflict === null || (r.mode === 'exclusive' && conflict.mode !== 'exclusive')) return false;
-    } finally {
-      probe.close();
-    }
-    if (slot.file !== r.lease.image && !namesInode(slot)) return false;
+  releaseGuard(r: Resource): void {
+    if (!r.guarded) return;
+    r.guarded = false;
+    this.#space.releaseGuard(r.lease);
   }
-  return true;
-}
 
-function namesInode(slot: LeaseSlot): boolean {
-  try {
-    const st = lstatSync(slot.path, { bigint: true });
-    return st.dev === slot.file.identity.dev && st.ino === slot.file.identity.ino;
-  } catch {
-    return false;
+  /** The held resources whose lease the lockspace says is no longer held. */
+  async lost(): Promise<Resource[]> {
+    const held = this.values().filter((r) => r.held);
+    const ok = await Promise.all(held.map((r) => this.#space.verify(r.lease)));
+    return held.filter((r, i) => !ok[i] && r.held);
+  }
+
+  leases(): Lease[] {
+    return this.values().map((r) => r.lease);
   }
 }

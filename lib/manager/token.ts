@@ -13,6 +13,7 @@
 import { createHash } from 'node:crypto';
 import { InvalidArgumentError } from '../os/errors.js';
 import type { LockspaceConfig, ResourceMode } from '../lockspaces/driver.js';
+import { LOCKSPACE_KINDS } from '../lockspaces/index.js';
 import { describe } from '../os/validate.js';
 
 export const TOKEN_MANAGER = 'lockmgr';
@@ -76,12 +77,12 @@ export function decodeToken(token: unknown): TokenState {
   if (b.manager !== TOKEN_MANAGER || b.version !== TOKEN_VERSION) throw bad('its state does not match its header');
   onlyKeys(b, ['manager', 'version', 'lockspace', 'params', 'resources', 'leaseState'], 'its state');
   const lockspace = b.lockspace as LockspaceConfig;
-  if (lockspace === null || typeof lockspace !== 'object' || (lockspace.kind !== 'direct' && lockspace.kind !== 'indirect' && lockspace.kind !== 'sanlock')) throw bad('it names no known lockspace');
-  if (lockspace.kind === 'sanlock' && typeof lockspace.lockspace !== 'string') throw bad('its sanlock lockspace has no name');
+  if (lockspace === null || typeof lockspace !== 'object' || Array.isArray(lockspace) || !(LOCKSPACE_KINDS as readonly string[]).includes(lockspace.kind)) throw bad('it names no known lockspace');
+  // The lockspace's own options are compared by the target's lockspace (sameAs): here only their shape.
+  for (const [k, v] of Object.entries(lockspace)) {
+    if (typeof v !== 'string' && typeof v !== 'number') throw bad(`its lockspace has a malformed option '${k.slice(0, 40)}'`);
+  }
   if (b.leaseState !== undefined && typeof b.leaseState !== 'string') throw bad('its lease state is not a string');
-  if (lockspace.kind === 'indirect' && typeof lockspace.dir !== 'string') throw bad('its indirect lockspace has no dir');
-  const lockspaceKeys = { direct: ['kind'], indirect: ['kind', 'dir'], sanlock: ['kind', 'lockspace', 'path', 'hostId'] }[lockspace.kind];
-  onlyKeys(lockspace as unknown as Record<string, unknown>, lockspaceKeys, 'its lockspace');
   const params = b.params as TokenParams;
   if (params === null || typeof params !== 'object' || Array.isArray(params)) throw bad('its params are not an object');
   if (!Array.isArray(b.resources)) throw bad('its resources are not a list');
@@ -98,14 +99,3 @@ export function decodeToken(token: unknown): TokenState {
   return { lockspace, params, resources: b.resources as TokenResource[], leaseState: b.leaseState as string | undefined };
 }
 
-/** The same lockspace: the target must lock the very files the source locks. */
-export function sameLockspace(a: LockspaceConfig, b: LockspaceConfig): boolean {
-  // A sanlock lockspace is one by its name across hosts; its storage path and host id are per host.
-  if (a.kind === 'sanlock') return b.kind === 'sanlock' && a.lockspace === b.lockspace;
-  return a.kind === b.kind && (a.kind !== 'indirect' || a.dir === (b as typeof a).dir);
-}
-
-export function describeLockspace(c: LockspaceConfig): string {
-  if (c.kind === 'sanlock') return `sanlock (lockspace ${c.lockspace})`;
-  return c.kind === 'indirect' ? `indirect (dir ${c.dir})` : 'direct';
-}

@@ -4,12 +4,11 @@
 // it holds permission i, byte 200+i while it refuses to share permission i. It
 // finds conflicts by probing with a write-lock F_OFD_GETLK: to hold permission
 // i nobody may be refusing it (200+i), to refuse it nobody may hold it (100+i).
-// Measured here with Debian's QEMU 7.2 (design.md section 6): qemu-io holds
+// Measured here with Debian's QEMU 7.2: qemu-io holds
 // 100-101 read-write and 100 read-only; qemu-nbd also refuses resize (203); a
 // VM with share-rw=off also refuses write (201). Our byte-0 lease is outside
 // this range and never disturbs QEMU.
 import { ResourceBusyError, type ProcessInfo } from './errors.js';
-import type { ResourceMode } from '../lockspaces/driver.js';
 import { openLockable, type LockableFile } from './locks.js';
 import { describeProcess, locksOn, processesWithOpen, type ProcLock } from './proc-locks.js';
 
@@ -58,16 +57,11 @@ export interface QemuProfile {
   unshare: readonly QemuPermission[];
 }
 
-/**
- * The QEMU permissions that stand for a resource mode: exclusive is a writer
- * that shares neither writing nor resizing (a VM with share-rw=off); shared and
- * readonly are a reader that refuses resizing (as qemu-nbd does).
- */
-export function qemuProfile(mode: ResourceMode): QemuProfile {
-  return mode === 'exclusive'
-    ? { hold: ['consistent-read', 'write'], unshare: ['write', 'resize'] }
-    : { hold: ['consistent-read'], unshare: ['resize'] };
-}
+/** The profiles lockmgr takes: a writer that shares neither writing nor resizing (a VM with share-rw=off), and a reader that refuses resizing (as qemu-nbd does). */
+export const QEMU_PROFILES = {
+  exclusiveWriter: { hold: ['consistent-read', 'write'], unshare: ['write', 'resize'] },
+  reader: { hold: ['consistent-read'], unshare: ['resize'] },
+} as const satisfies Record<string, QemuProfile>;
 
 /** The first QEMU permission in the way of `profile`, tested as QEMU tests it, or null. */
 export function qemuConflict(file: LockableFile, profile: QemuProfile): { permission: QemuPermission; reason: 'held' | 'unshared' } | null {

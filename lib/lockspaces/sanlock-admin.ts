@@ -2,7 +2,7 @@
 // (docs/sanlock.md). Every step is a call into this host's sanlock daemon.
 import { parseArgs } from 'node:util';
 import { InvalidArgumentError } from '../os/errors.js';
-import { createDiskLease, initStorage, joinLockspace, leaveLockspace, lockspaceState } from '../lockspaces/sanlock-client.js';
+import { createDiskLease, createNamedLease, initStorage, joinLockspace, leaveLockspace, lockspaceState } from './sanlock-client.js';
 
 export const SANLOCK_HELP = `usage:
   lockmgr sanlock init     --lockspace NAME --path DEVICE [--io-timeout SECONDS] [--max-hosts N]
@@ -10,6 +10,7 @@ export const SANLOCK_HELP = `usage:
   lockmgr sanlock leave    --lockspace NAME --path DEVICE --host-id N
   lockmgr sanlock joined   --lockspace NAME --path DEVICE --host-id N
   lockmgr sanlock add-disk --lockspace NAME --path DEVICE DISK...
+  lockmgr sanlock add-lease --lockspace NAME --path DEVICE LEASE...
 
 init      writes a new lockspace (offset 0) and an empty lease index (8 MiB) on
           DEVICE, destroying any leases there: once, before any host joins
@@ -19,6 +20,8 @@ joined    exit 0 if joined, 1 if not (also while a join is in progress:
           it then prints 'joining')
 add-disk  creates the lease of each DISK (by its path, which must be the same
           on every host); existing leases are kept
+add-lease creates each named lease (libvirt's <lease>), given as its file's
+          path PATH/LOCKSPACE/KEY (the lease { path, lockspace, key } of the API)
 `;
 
 function int(value: string | undefined, what: string): number | undefined {
@@ -39,7 +42,7 @@ export async function sanlockCommand(args: readonly string[], out: (text: string
     parsed = parseArgs({
       args: rest,
       options: { lockspace: { type: 'string' }, path: { type: 'string' }, 'host-id': { type: 'string' }, 'io-timeout': { type: 'string' }, 'max-hosts': { type: 'string' } },
-      allowPositionals: action === 'add-disk',
+      allowPositionals: action === 'add-disk' || action === 'add-lease',
       strict: true,
     });
   } catch (err) {
@@ -75,6 +78,13 @@ export async function sanlockCommand(args: readonly string[], out: (text: string
       for (const disk of parsed.positionals) {
         const r = await createDiskLease({ ...base, disk });
         out(`${disk}: lease ${r.created ? 'created' : 'exists'} at offset ${r.offset}\n`);
+      }
+      return 0;
+    case 'add-lease':
+      if (parsed.positionals.length === 0) throw new InvalidArgumentError('add-lease needs at least one LEASE (see lockmgr sanlock --help)');
+      for (const lease of parsed.positionals) {
+        const r = await createNamedLease({ ...base, lease });
+        out(`${lease}: lease ${r.created ? 'created' : 'exists'} at offset ${r.offset}\n`);
       }
       return 0;
     default:

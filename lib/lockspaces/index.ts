@@ -1,0 +1,60 @@
+// The lockspaces by name: the one place that knows them all. Everything above
+// (the manager, the CLI) asks for a lockspace by its configuration and then
+// only ever talks to the driver contract (driver.ts).
+import { resolve } from 'node:path';
+import { InvalidArgumentError } from '../os/errors.js';
+import { checkOneOf, checkOptions, describe } from '../os/validate.js';
+import { directLockspace, type DirectLockspaceConfig } from './direct.js';
+import type { LockspaceDriver } from './driver.js';
+import { indirectLockspace, type IndirectLockspaceConfig } from './indirect.js';
+import { SANLOCK_HELP, sanlockCommand } from './sanlock-admin.js';
+import { sanlockLockspace, type SanlockLockspaceConfig } from './sanlock.js';
+
+export type { DirectLockspaceConfig, IndirectLockspaceConfig, SanlockLockspaceConfig };
+/** Where a manager's leases live (docs/lockspaces.md). */
+export type LockspaceOptions = DirectLockspaceConfig | IndirectLockspaceConfig | SanlockLockspaceConfig;
+
+const LOCKSPACES = {
+  direct: directLockspace,
+  indirect: indirectLockspace,
+  sanlock: sanlockLockspace,
+} as const satisfies Record<string, (config: unknown) => LockspaceDriver>;
+
+export const LOCKSPACE_KINDS = Object.keys(LOCKSPACES) as Array<keyof typeof LOCKSPACES>;
+
+/** The lockspace a configuration names (default: direct). InvalidArgumentError for a bad one; UnsupportedError where it cannot work here. */
+export function openLockspace(config: unknown): LockspaceDriver {
+  if (config === undefined) return directLockspace({ kind: 'direct' });
+  const kind = checkOptions<{ kind?: unknown }>(config, ['kind', 'dir', 'lockspace', 'path', 'hostId'], 'lockspace').kind;
+  return LOCKSPACES[kind === undefined ? 'direct' : checkOneOf(kind, LOCKSPACE_KINDS, 'lockspace.kind')](config);
+}
+
+/**
+ * A lockspace as `lockmgr run|status --lockspace SPEC` names it, the inverse
+ * of LockspaceDriver.cliSpec(): `direct`; `sanlock:NAME:PATH:HOSTID`; or a
+ * directory (an indirect lockspace), relative to `cwd`. `flag` names the
+ * option in errors, in the user's own words.
+ */
+export function parseLockspaceSpec(spec: string, cwd: string, flag = '--lockspace'): LockspaceOptions {
+  if (spec === 'direct') return { kind: 'direct' };
+  if (spec.startsWith('sanlock:')) {
+    const m = /^sanlock:([^:]+):([^:]+):(\d+)$/.exec(spec);
+    if (m === null) throw new InvalidArgumentError(`${flag} sanlock:NAME:PATH:HOSTID (the lockspace's name, its shared storage and this host's id), got ${describe(spec)}`);
+    return { kind: 'sanlock', lockspace: m[1]!, path: m[2]!, hostId: Number(m[3]) };
+  }
+  if (spec === '') throw new InvalidArgumentError(`${flag} needs 'direct', a directory, or sanlock:NAME:PATH:HOSTID`);
+  return { kind: 'indirect', dir: resolve(cwd, spec) };
+}
+
+/** Commands a lockspace adds to the CLI for setting up its storage (`lockmgr <name> ...`). */
+export interface LockspaceTool {
+  name: string;
+  /** One line of `lockmgr --help`. */
+  usage: string;
+  help: string;
+  run(args: readonly string[], out: (text: string) => void): Promise<number>;
+}
+
+export const LOCKSPACE_TOOLS: readonly LockspaceTool[] = [
+  { name: 'sanlock', usage: 'lockmgr sanlock init|join|leave|joined|add-disk|add-lease ...   (lockmgr sanlock --help)', help: SANLOCK_HELP, run: sanlockCommand },
+];

@@ -1,0 +1,105 @@
+// The LockManager's public types (docs/contract.md).
+import type { ResourceMode } from '../lockspaces/driver.js';
+import type { LockspaceOptions } from '../lockspaces/index.js';
+import type { LockManagerError } from '../os/errors.js';
+import type { ExitStatus } from '../os/supervise.js';
+import type { ManagerState } from './states.js';
+
+export type { ResourceMode, LockspaceOptions, ManagerState };
+
+export type LockLifetime = 'child' | 'supervisor';
+export type LockFailureAction = 'poweroff' | 'pause' | 'ignore';
+
+export interface ManagerParams {
+  /** The domain's id: an integer >= 0. */
+  id?: number;
+  /** The domain's UUID in RFC 4122 text form. */
+  uuid?: string;
+  name?: string;
+  uri?: string;
+}
+
+export interface LockManagerOptions {
+  params?: ManagerParams;
+  /** Where the leases live (default: direct, on the images themselves): docs/lockspaces.md. */
+  lockspace?: LockspaceOptions;
+  /** 'child' (default): the child outlives a dead supervisor and keeps its locks. 'supervisor': the child is SIGKILLed when the supervisor dies. */
+  lockLifetime?: LockLifetime;
+  /** What a lost lock does to the child. Default 'poweroff'. */
+  onLockFailure?: LockFailureAction;
+  /** Supervise this running process instead of spawning one (RFC NEW_ATTACH). */
+  attach?: number;
+  /** migrate: this manager is a migration target: start() takes the handover guard, completeMigrateIn() the leases. */
+  flags?: { migrate?: boolean };
+  /** Run verify() every this many milliseconds while running. */
+  verifyInterval?: number;
+}
+
+export interface DiskSpec {
+  type: 'disk';
+  path: string;
+  mode: ResourceMode;
+  /**
+   * Also take QEMU-style permission locks (bytes 100+ of the image), so that
+   * qemu-img and qemu-io refuse to write (exclusive) or resize the image while
+   * it is held, and a QEMU process using the image makes the acquire fail.
+   */
+  qemuCompatible?: boolean;
+}
+
+/** libvirt's lease: the file `<path>/<lockspace>/<key>`, in any lockspace. */
+export interface LeaseSpec {
+  type: 'lease';
+  /** The lockspace's name: a directory under path. */
+  lockspace: string;
+  key: string;
+  /** The directory that holds the lockspaces. */
+  path: string;
+  mode: ResourceMode;
+}
+
+export type ResourceSpec = DiskSpec | LeaseSpec;
+
+export type ResourceRef = Pick<DiskSpec, 'type' | 'path'> | Omit<LeaseSpec, 'mode'>;
+
+export interface WaitOptions {
+  timeout?: number;
+  signal?: AbortSignal;
+}
+
+export interface MigrateInOptions extends WaitOptions {
+  /** Give up the incoming migration: drop the guard, stop the incoming child (graceMs, then SIGKILL), end 'stopped'. */
+  cancel?: boolean;
+  graceMs?: number;
+}
+
+export interface MigrateOutOptions extends WaitOptions {
+  /** The migration failed: keep the leases, or take them back, and return to 'running'. */
+  cancel?: boolean;
+}
+
+/** LockManager.fromInquire()'s options: a target's own configuration. */
+export interface FromInquireOptions extends Omit<LockManagerOptions, 'flags' | 'attach'> {
+  /** The target's resources, from its own configuration; the token must name exactly these. */
+  resources: ResourceSpec[];
+}
+
+export interface LockFailure {
+  /** The resource whose lock was found lost. */
+  resource: string;
+  reason: string;
+  action: LockFailureAction;
+}
+
+export interface VerifyResult {
+  /** Paths of the resources whose locks were found lost. */
+  lost: string[];
+}
+
+export interface LockManagerEvents {
+  state: [state: ManagerState, previous: ManagerState];
+  exit: [status: ExitStatus];
+  'lock-failure': [failure: LockFailure];
+  warning: [warning: LockManagerError];
+}
+
