@@ -193,7 +193,7 @@ describe('lockmgr run', () => {
     mgr.registerResource({ type: 'disk', path: fx.path, mode: 'exclusive' });
     mgr.registerResource({ type: 'disk', path: shared, mode: 'shared' });
     const argv = mgr.supervisorArgs();
-    expect(argv).toEqual(['run', '--exclusive', fx.path, '--shared', shared, '--lifetime', 'supervisor', '--name', 'vm1', '--id', '3', '--']);
+    expect(argv).toEqual(['run', '--lockspace', 'direct', '--exclusive', fx.path, '--shared', shared, '--lifetime', 'supervisor', '--name', 'vm1', '--id', '3', '--']);
     await mgr.free();
     const r = spawnSync(process.execPath, [mgr.supervisorPath(), ...argv, process.execPath, BIN, 'status', '--json', fx.path, shared], { encoding: 'utf8' });
     expect(r.status).toBe(0);

@@ -573,7 +573,7 @@ describe('running: hotplug, exit, shutdown, free', () => {
   it('supervisorArgs() refuses what the CLI cannot express, and carries every parameter', async () => {
     const m = manager({ params: { name: 'vm1', uri: 'qemu:///system' } });
     m.registerResource({ type: 'disk', path: fx.path, mode: 'exclusive', qemuCompatible: true });
-    expect(m.supervisorArgs()).toEqual(['run', '--exclusive', fx.path, '--qemu-compatible', '--lifetime', 'child', '--name', 'vm1', '--uri', 'qemu:///system', '--']);
+    expect(m.supervisorArgs()).toEqual(['run', '--lockspace', 'direct', '--exclusive', fx.path, '--qemu-compatible', '--lifetime', 'child', '--name', 'vm1', '--uri', 'qemu:///system', '--']);
     m.registerResource({ type: 'disk', path: makeFile(fx.tmp.dir, 'b.img'), mode: 'shared' });
     expect(() => m.supervisorArgs()).toThrow(/only some of these are QEMU-compatible/);
     const attached = manager({ attach: process.pid });

@@ -3,7 +3,7 @@
 import { EXIT, fail, stdio, type Output } from './args.js';
 import { run } from './run.js';
 import { status } from './status.js';
-import { LOCKSPACE_TOOLS } from '../lockspaces/index.js';
+import { LOCKSPACE_SPEC_HELP, LOCKSPACE_TOOLS } from '../lockspaces/index.js';
 
 export { EXIT, exitCodeFor, type Output } from './args.js';
 export type { StatusEntry } from './status.js';
@@ -22,9 +22,7 @@ run     Acquires every resource (all or nothing, in one canonical order), runs
         (SIGINT and SIGHUP only when they did not come from the terminal),
         releases the leases after it has been reaped, and exits with its exit
         status (128 + the signal number if a signal killed it).
-        --lockspace SPEC     where the leases live: 'direct' (default: on the
-                             images), a directory of lock files (indirect), or
-                             sanlock:NAME:PATH:HOSTID (docs/lockspaces.md)
+        --lockspace SPEC     where the leases live: ${LOCKSPACE_SPEC_HELP}
         --wait SECONDS       wait for busy resources (default: fail at once)
         --lifetime child     the command keeps its leases if lockmgr dies (default)
         --lifetime supervisor the command is killed if lockmgr dies
@@ -63,7 +61,7 @@ export async function main(argv: readonly string[], out: Output = stdio): Promis
         out.out(`lockmgr ${VERSION}\n`);
         return EXIT.ok;
       default: {
-        // A lockspace's own set-up commands (`lockmgr sanlock ...`): lib/lockspaces/index.ts.
+        // A lockspace's own set-up commands: lib/lockspaces/index.ts.
         const tool = LOCKSPACE_TOOLS.find((t) => t.name === command);
         if (tool !== undefined) return await tool.run(rest, (t) => out.out(t));
         out.err(`lockmgr: ${command === undefined ? 'a command is needed' : `unknown command '${command}'`}\n\n${HELP}`);

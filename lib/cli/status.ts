@@ -10,6 +10,13 @@ import { EXIT, parse, usage, type Output } from './args.js';
 
 type ByteState = 'free' | 'exclusive' | 'shared';
 
+/**
+ * The --json schema's version. Within a version fields are only ever added;
+ * removing or changing one needs the next version (docs/architecture.md,
+ * "Formats that outlive a process").
+ */
+export const STATUS_JSON_VERSION = 1;
+
 /** The --json schema, one entry per PATH (docs/cli.md). Version 1: fields are only ever added. */
 export interface StatusEntry {
   path: string;
@@ -19,7 +26,7 @@ export interface StatusEntry {
   migrationGuard?: { byte: 1; state: ByteState };
   /** With --lockspace SPEC: where this disk's lease lives in that lockspace, and who holds it (docs/lockspaces.md). */
   lockspace?: LeaseStatus;
-  /** With --lockspace DIR (an indirect lockspace): its lock files, as before `lockspace` existed. */
+  /** With --lockspace SPEC where the lease is lock files: the same, in the shape this field had before `lockspace` existed. */
   lockFiles?: Array<{ path: string; source: string; identity: string; exists: boolean; lease: { byte: 0; state: ByteState; holder: LockHolder | null }; migrationGuard: { byte: 1; state: ByteState } }>;
   qemu?: { held: QemuPermission[]; unshared: QemuPermission[] };
   locks?: Array<Omit<ProcLock, 'ino'> & { ino: string }>;
@@ -89,7 +96,7 @@ export async function status(argv: readonly string[], out: Output): Promise<numb
       entries.push({ path, error: { code: e.code ?? 'ERR_INTERNAL', message: e.message } });
     }
   }
-  if (values.json) out.out(`${JSON.stringify({ version: 1, entries }, null, 2)}\n`);
+  if (values.json) out.out(`${JSON.stringify({ version: STATUS_JSON_VERSION, entries }, null, 2)}\n`);
   else out.out(entries.map(table).join('\n'));
   return code;
 }
@@ -102,9 +109,9 @@ function table(e: StatusEntry): string {
   const indent = (lines: string[]): string => lines.join(`\n${' '.repeat(width + 2)}`);
   const rows: Array<[string, string]> = [
     ['kind', `${e.kind} (${e.identity})`],
-    // With --lockspace the lease is where that lockspace keeps it (below); the image's own bytes are the direct lockspace's.
-    [e.lockspace ? 'image byte 0 (direct)' : 'lease (byte 0)', heldText(e.lease!)],
-    [e.lockspace ? 'image byte 1 (direct)' : 'migration guard', heldText(e.migrationGuard!)],
+    // With --lockspace the lease is where that lockspace keeps it (below); the image's own bytes are still shown.
+    [e.lockspace ? 'image byte 0' : 'lease (byte 0)', heldText(e.lease!)],
+    [e.lockspace ? 'image byte 1' : 'migration guard', heldText(e.migrationGuard!)],
     ...(e.lockspace?.locations ?? []).map((l): [string, string] => [
       l.what,
       `${l.path}: ${l.exists ? `lease ${heldText(l.lease)}${l.guard === null ? '' : `, guard ${heldText(l.guard)}`}` : 'absent (free)'}`,

@@ -46,6 +46,12 @@ export function parseLockspaceSpec(spec: string, cwd: string, flag = '--lockspac
   return { kind: 'indirect', dir: resolve(cwd, spec) };
 }
 
+/** How --lockspace SPEC is written, for the CLI's help (continuation lines indented to its column). */
+export const LOCKSPACE_SPEC_HELP = `'direct' (the default: on the
+                             images themselves), a directory of lock files
+                             (indirect), or sanlock:NAME:PATH:HOSTID
+                             (docs/lockspaces.md)`;
+
 /** Commands a lockspace adds to the CLI for setting up its storage (`lockmgr <name> ...`). */
 export interface LockspaceTool {
   name: string;

@@ -21,6 +21,15 @@ export interface IndirectLockspaceConfig {
   dir: string;
 }
 
+/**
+ * The version of the lock-file naming scheme: which names a disk's lease
+ * takes in the directory (see diskNames). Lock files are shared by every host
+ * and every release of lockmgr (and virtlockd) on the same storage: changing
+ * the scheme needs a new version and a test that the previous version and the
+ * new one still exclude each other in both directions (docs/architecture.md).
+ */
+export const LOCK_FILE_NAMES_VERSION = 1;
+
 /** Where a lock file's name comes from. */
 export type LockFileSource = 'path' | 'inode' | 'wwid' | 'lvm' | 'serial';
 

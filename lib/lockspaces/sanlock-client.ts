@@ -227,6 +227,8 @@ function checkInt(value: unknown, what: string, min: number, max: number, fallba
  * Names on shared storage are a wire format: this is version 1 of it
  * (docs/sanlock.md, "Names"); changing it needs a new prefix.
  */
+export const SANLOCK_NAMES_VERSION = 1;
+
 export function diskResourceName(path: string): string {
   return `lm-${createHash('sha256').update(path).digest('hex').slice(0, 40)}`;
 }

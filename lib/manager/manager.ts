@@ -269,7 +269,7 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
    * definition): they are registered, and the token must list exactly the same
    * ones in the same modes. A path that only the token names is never opened.
    * InvalidArgumentError for a truncated, altered or foreign token, one from
-   * another lockspace than options.lockspace (default: direct), or one whose
+   * another lockspace than options.lockspace (default: the images themselves), or one whose
    * resources differ from options.resources; nothing is left open.
    */
   static fromInquire(token: string, options: FromInquireOptions): LockManager {
@@ -402,7 +402,7 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
       if (this.#sm.state === 'migrated') return;
       this.#stopVerify();
       // The child shares these open file descriptions: a take-back must lock
-      // the same ones, so an indirect lock file is pinned, not deleted.
+      // the same ones, so a lock file is pinned, not deleted.
       this.#releaseAll({ keepFiles: true });
       // 'migrated' means released: a lock service called from a native thread must have answered.
       await this.#space.settled();

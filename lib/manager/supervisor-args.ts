@@ -31,7 +31,7 @@ export function supervisorArgs(c: SupervisorConfig): string[] {
     throw new InvalidStateError('supervisorArgs(): lockmgr run applies --qemu-compatible to every resource, and only some of these are QEMU-compatible');
   }
   const argv = ['run'];
-  if (c.lockspace !== 'direct') argv.push('--lockspace', c.lockspace);
+  argv.push('--lockspace', c.lockspace);
   for (const r of c.resources) argv.push(`--${r.mode}`, r.path);
   if (qemu > 0) argv.push('--qemu-compatible');
   argv.push('--lifetime', c.lifetime);

@@ -34,7 +34,7 @@ export interface TokenState {
   lockspace: LockspaceConfig;
   params: TokenParams;
   resources: TokenResource[];
-  /** The lock service's own state, where it has one: sanlock's inquire string (lease versions the target acquires with). */
+  /** The lockspace's own state, where it has one (capability migrationState): the lease versions the target acquires with. */
   leaseState?: string;
 }
 

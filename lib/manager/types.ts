@@ -21,7 +21,7 @@ export interface ManagerParams {
 
 export interface LockManagerOptions {
   params?: ManagerParams;
-  /** Where the leases live (default: direct, on the images themselves): docs/lockspaces.md. */
+  /** Where the leases live (default: on the images themselves): docs/lockspaces.md. */
   lockspace?: LockspaceOptions;
   /** 'child' (default): the child outlives a dead supervisor and keeps its locks. 'supervisor': the child is SIGKILLed when the supervisor dies. */
   lockLifetime?: LockLifetime;
