@@ -4,7 +4,9 @@
 
 #include <napi.h>
 
+#include <initializer_list>
 #include <unordered_set>
+#include <utility>
 
 namespace lockmgr {
 
@@ -75,6 +77,21 @@ int Fail(Syscall where, int err);
 
 // A result as JS receives it.
 inline Napi::Value Result(Napi::Env env, double rv) { return Napi::Number::New(env, rv); }
+
+using NativeFunction = Napi::Value (*)(const Napi::CallbackInfo&);
+
+// Adds functions to the exports, each under its own name.
+inline void Export(Napi::Env env, Napi::Object exports, std::initializer_list<std::pair<const char*, NativeFunction>> functions) {
+  for (const auto& [name, fn] : functions) exports[name] = Napi::Function::New(env, fn, name);
+}
+
+// A frozen object of named numbers: constants JS reads instead of retyping.
+inline Napi::Object Constants(Napi::Env env, std::initializer_list<std::pair<const char*, double>> values) {
+  Napi::Object o = Napi::Object::New(env);
+  for (const auto& [name, value] : values) o[name] = value;
+  o.Freeze();
+  return o;
+}
 
 // Each native part adds its functions (and its constants) to the addon's exports.
 void InitOfd(Napi::Env env, Napi::Object exports, Napi::Object constants);

@@ -182,12 +182,7 @@ Napi::Value StrError(const Napi::CallbackInfo& info) {
 }  // namespace
 
 void InitOfd(Napi::Env env, Napi::Object exports, Napi::Object constants) {
-  Napi::Object lock = Napi::Object::New(env);
-  lock["SHARED"] = kShared;
-  lock["EXCLUSIVE"] = kExclusive;
-  lock["UNLOCK"] = kUnlock;
-  lock.Freeze();
-  constants["lock"] = lock;
+  constants["lock"] = Constants(env, {{"SHARED", kShared}, {"EXCLUSIVE", kExclusive}, {"UNLOCK", kUnlock}});
   // Registered before the waiter pool's hook, so it runs after it (hooks run in
   // reverse order): no waiter thread uses these fds any more when they close.
   AddonData* data = GetAddonData(env);
@@ -195,14 +190,9 @@ void InitOfd(Napi::Env env, Napi::Object exports, Napi::Object constants) {
     for (int fd : data->lock_fds) close(fd);
     data->lock_fds.clear();
   });
-  exports["openPath"] = Napi::Function::New(env, OpenPath, "openPath");
-  exports["reopenFd"] = Napi::Function::New(env, ReopenFd, "reopenFd");
-  exports["createFile"] = Napi::Function::New(env, CreateFile, "createFile");
-  exports["setlk"] = Napi::Function::New(env, SetLk, "setlk");
-  exports["getlk"] = Napi::Function::New(env, GetLk, "getlk");
-  exports["closeFd"] = Napi::Function::New(env, CloseFd, "closeFd");
-  exports["retireFd"] = Napi::Function::New(env, RetireFd, "retireFd");
-  exports["strerror"] = Napi::Function::New(env, StrError, "strerror");
+  Export(env, exports,
+         {{"openPath", OpenPath}, {"reopenFd", ReopenFd}, {"createFile", CreateFile}, {"setlk", SetLk}, {"getlk", GetLk}, {"closeFd", CloseFd},
+          {"retireFd", RetireFd}, {"strerror", StrError}});
 }
 
 }  // namespace lockmgr

@@ -513,26 +513,22 @@ Napi::Value SanlockStrerror(const Napi::CallbackInfo& info) {
 }  // namespace
 
 void InitSanlock(Napi::Env env, Napi::Object exports, Napi::Object constants) {
-  Napi::Object ops = Napi::Object::New(env);
-  ops["ACQUIRE"] = static_cast<int>(kAcquire);
-  ops["RELEASE"] = static_cast<int>(kRelease);
-  ops["INQUIRE"] = static_cast<int>(kInquire);
-  ops["WRITE_LOCKSPACE"] = static_cast<int>(kWriteLockspace);
-  ops["ADD_LOCKSPACE"] = static_cast<int>(kAddLockspace);
-  ops["REM_LOCKSPACE"] = static_cast<int>(kRemLockspace);
-  ops["INQ_LOCKSPACE"] = static_cast<int>(kInqLockspace);
-  ops["FORMAT_RINDEX"] = static_cast<int>(kFormatRindex);
-  ops["CREATE_RESOURCE"] = static_cast<int>(kCreateResource);
-  ops["LOOKUP"] = static_cast<int>(kLookup);
-  ops["READ_OWNERS"] = static_cast<int>(kReadOwners);
-  ops["RELEASE_ALL"] = static_cast<int>(kReleaseAll);
-  ops.Freeze();
+  Napi::Object ops = Constants(env, {{"ACQUIRE", kAcquire},
+                                     {"RELEASE", kRelease},
+                                     {"INQUIRE", kInquire},
+                                     {"WRITE_LOCKSPACE", kWriteLockspace},
+                                     {"ADD_LOCKSPACE", kAddLockspace},
+                                     {"REM_LOCKSPACE", kRemLockspace},
+                                     {"INQ_LOCKSPACE", kInqLockspace},
+                                     {"FORMAT_RINDEX", kFormatRindex},
+                                     {"CREATE_RESOURCE", kCreateResource},
+                                     {"LOOKUP", kLookup},
+                                     {"READ_OWNERS", kReadOwners},
+                                     {"RELEASE_ALL", kReleaseAll}});
   // sanlock's own return codes (sanlock_rv.h), by name; the others it returns are -errno.
-  Napi::Object codes = Napi::Object::New(env);
-#define LOCKMGR_SANLK_CODE(name, value) codes[#name] = value;
-  LOCKMGR_SANLK_CODES(LOCKMGR_SANLK_CODE)
+#define LOCKMGR_SANLK_CODE(name, value) {#name, value},
+  Napi::Object codes = Constants(env, {LOCKMGR_SANLK_CODES(LOCKMGR_SANLK_CODE)});
 #undef LOCKMGR_SANLK_CODE
-  codes.Freeze();
   Napi::Object sanlock = Napi::Object::New(env);
   sanlock["ops"] = ops;
   sanlock["codes"] = codes;
@@ -540,10 +536,7 @@ void InitSanlock(Napi::Env env, Napi::Object exports, Napi::Object constants) {
   sanlock["PATH_LEN"] = SANLK_PATH_LEN;
   sanlock.Freeze();
   constants["sanlock"] = sanlock;
-  exports["sanlockLoad"] = Napi::Function::New(env, SanlockLoad, "sanlockLoad");
-  exports["sanlockInit"] = Napi::Function::New(env, SanlockInit, "sanlockInit");
-  exports["sanlockCall"] = Napi::Function::New(env, SanlockCall, "sanlockCall");
-  exports["sanlockStrerror"] = Napi::Function::New(env, SanlockStrerror, "sanlockStrerror");
+  Export(env, exports, {{"sanlockLoad", SanlockLoad}, {"sanlockInit", SanlockInit}, {"sanlockCall", SanlockCall}, {"sanlockStrerror", SanlockStrerror}});
 }
 
 }  // namespace lockmgr

@@ -961,27 +961,11 @@ Napi::Value SpawnInfo(const Napi::CallbackInfo& info) {
 }  // namespace
 
 void InitSpawn(Napi::Env env, Napi::Object exports, Napi::Object constants) {
-  Napi::Object exit = Napi::Object::New(env);
-  exit["UNKNOWN"] = kExitUnknown;
-  exit["CODE"] = kExitCode;
-  exit["SIGNAL"] = kExitSignal;
-  exit["ERROR"] = kExitError;
-  exit.Freeze();
-  constants["exit"] = exit;
-  Napi::Object spawn = Napi::Object::New(env);
-  spawn["NEW_SESSION"] = kFlagNewSession;
-  spawn["FORCE_FALLBACK"] = kFlagForceFallback;
-  spawn.Freeze();
-  constants["spawn"] = spawn;
-  exports["initSpawn"] = Napi::Function::New(env, InitSpawnState, "initSpawn");
-  exports["spawn"] = Napi::Function::New(env, Spawn, "spawn");
-  exports["attach"] = Napi::Function::New(env, Attach, "attach");
-  exports["sendSignal"] = Napi::Function::New(env, SendSignal, "sendSignal");
-  exports["setRef"] = Napi::Function::New(env, SetRef, "setRef");
-  exports["makePipe"] = Napi::Function::New(env, MakePipe, "makePipe");
-  exports["openDevNull"] = Napi::Function::New(env, OpenDevNull, "openDevNull");
-  exports["fdIsOpen"] = Napi::Function::New(env, FdIsOpen, "fdIsOpen");
-  exports["spawnInfo"] = Napi::Function::New(env, SpawnInfo, "spawnInfo");
+  constants["exit"] = Constants(env, {{"UNKNOWN", kExitUnknown}, {"CODE", kExitCode}, {"SIGNAL", kExitSignal}, {"ERROR", kExitError}});
+  constants["spawn"] = Constants(env, {{"NEW_SESSION", kFlagNewSession}, {"FORCE_FALLBACK", kFlagForceFallback}});
+  Export(env, exports,
+         {{"initSpawn", InitSpawnState}, {"spawn", Spawn}, {"attach", Attach}, {"sendSignal", SendSignal}, {"setRef", SetRef},
+          {"makePipe", MakePipe}, {"openDevNull", OpenDevNull}, {"fdIsOpen", FdIsOpen}, {"spawnInfo", SpawnInfo}});
 }
 
 }  // namespace lockmgr

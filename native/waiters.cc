@@ -510,10 +510,7 @@ Napi::Value WaiterThreads(const Napi::CallbackInfo& info) {
 }  // namespace
 
 void InitWaiters(Napi::Env env, Napi::Object exports) {
-  exports["initWaiters"] = Napi::Function::New(env, InitPool, "initWaiters");
-  exports["waitLock"] = Napi::Function::New(env, WaitLock, "waitLock");
-  exports["cancelWait"] = Napi::Function::New(env, CancelWait, "cancelWait");
-  exports["waiterThreads"] = Napi::Function::New(env, WaiterThreads, "waiterThreads");
+  Export(env, exports, {{"initWaiters", InitPool}, {"waitLock", WaitLock}, {"cancelWait", CancelWait}, {"waiterThreads", WaiterThreads}});
 }
 
 }  // namespace lockmgr

@@ -74,19 +74,15 @@ export async function sanlockCommand(args: readonly string[], out: (text: string
       return state === 'joined' ? 0 : 1;
     }
     case 'add-disk':
-      if (parsed.positionals.length === 0) throw new InvalidArgumentError('add-disk needs at least one DISK (see lockmgr sanlock --help)');
-      for (const disk of parsed.positionals) {
-        const r = await createDiskLease({ ...base, disk });
-        out(`${disk}: lease ${r.created ? 'created' : 'exists'} at offset ${r.offset}\n`);
+    case 'add-lease': {
+      const what = action === 'add-disk' ? 'DISK' : 'LEASE';
+      if (parsed.positionals.length === 0) throw new InvalidArgumentError(`${action} needs at least one ${what} (see lockmgr sanlock --help)`);
+      for (const name of parsed.positionals) {
+        const r = action === 'add-disk' ? await createDiskLease({ ...base, disk: name }) : await createNamedLease({ ...base, lease: name });
+        out(`${name}: lease ${r.created ? 'created' : 'exists'} at offset ${r.offset}\n`);
       }
       return 0;
-    case 'add-lease':
-      if (parsed.positionals.length === 0) throw new InvalidArgumentError('add-lease needs at least one LEASE (see lockmgr sanlock --help)');
-      for (const lease of parsed.positionals) {
-        const r = await createNamedLease({ ...base, lease });
-        out(`${lease}: lease ${r.created ? 'created' : 'exists'} at offset ${r.offset}\n`);
-      }
-      return 0;
+    }
     default:
       throw new InvalidArgumentError(`unknown sanlock action '${action}' (see lockmgr sanlock --help)`);
   }
