@@ -12,8 +12,7 @@
 import { createHash } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { open } from 'node:fs/promises';
-import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { dirname, join } from 'node:path';
 import {
   InternalError,
   InvalidArgumentError,
@@ -25,7 +24,7 @@ import {
   errnoName,
   errnoOf,
 } from '../os/errors.js';
-import { PendingCalls, constants, native, nativeError, nativeState } from '../os/native.js';
+import { PendingCalls, addonPath, buildFromSourceHint, constants, native, nativeError, nativeState } from '../os/native.js';
 import { describe } from '../os/validate.js';
 
 export const LOCKSPACE_OFFSET = 0;
@@ -451,11 +450,13 @@ export async function hostName(path: string, hostId: number): Promise<string | n
   }
 }
 
-/** The exec helper (native/sanlock-exec.c), built next to the addon. */
+/**
+ * The exec helper (native/sanlock-exec.c): next to the addon that was loaded,
+ * in build/Release for a build from source, in prebuilds/linux-x64/ for the
+ * prebuilt binaries (scripts/prebuild.mjs puts it there).
+ */
 export function execHelperPath(): string {
-  const root = fileURLToPath(new URL('../..', import.meta.url));
-  for (const p of [join(root, 'build', 'Release', 'lockmgr-sanlock-exec'), join(root, 'prebuilds', `${process.platform}-${process.arch}`, 'lockmgr-sanlock-exec')]) {
-    if (existsSync(p)) return p;
-  }
-  throw new UnsupportedError(`sanlock: the helper lockmgr-sanlock-exec is not built (expected in ${join(root, 'build', 'Release')}); rebuild with \`npm rebuild lockmgr --build-from-source\``);
+  const path = join(dirname(addonPath), 'lockmgr-sanlock-exec');
+  if (existsSync(path)) return path;
+  throw new UnsupportedError(`sanlock: the helper lockmgr-sanlock-exec is missing next to the addon (${addonPath}); ${buildFromSourceHint}`);
 }

@@ -1,5 +1,6 @@
-// Loads the addon: a prebuilt binary from prebuilds/ or a local build from
-// build/Release, whichever node-gyp-build finds. Every native call is typed here;
+// Loads the addon: a local build from build/Release or the prebuilt binary
+// shipped in prebuilds/linux-x64/, whichever node-gyp-build finds (it prefers
+// build/Release; PREBUILDS_ONLY=1 skips it). Every native call is typed here;
 // the addon itself knows nothing of modes, identities or error classes.
 import { createRequire } from 'node:module';
 import { dirname, resolve } from 'node:path';
@@ -89,25 +90,34 @@ export interface Native {
 
 const packageRoot = resolve(dirname(fileURLToPath(import.meta.url)), '../..');
 
-function load(): Native {
+/** How to build the addon where no prebuilt binary fits (the package has no install script). */
+export const buildFromSourceHint =
+  `build it from source: \`cd ${packageRoot} && npm run build:addon\`` +
+  " (needs python3, make, a C++17 compiler and Node's headers; offline, set npm_config_nodedir)";
+
+function load(): { addon: Native; path: string } {
   if (process.platform !== 'linux') {
     throw new UnsupportedError(`lockmgr runs on Linux only, not on ${process.platform}`);
   }
   const require = createRequire(import.meta.url);
   try {
-    const nodeGypBuild = require('node-gyp-build') as (dir: string) => unknown;
-    return nodeGypBuild(packageRoot) as Native;
+    const nodeGypBuild = require('node-gyp-build') as { resolve(dir: string): string };
+    const path = nodeGypBuild.resolve(packageRoot);
+    return { addon: require(path) as Native, path };
   } catch (cause) {
     throw new UnsupportedError(
-      `lockmgr: the native addon could not be loaded for Node ${process.version} on ${process.arch}` +
-        ` (${(cause as Error).message}). Rebuild it with \`npm rebuild lockmgr --build-from-source\`` +
-        ' (needs python3, make and a C++17 compiler), or install a release that ships a prebuilt binary for this platform.',
+      `lockmgr: the native addon could not be loaded for Node ${process.version} on ${process.platform}-${process.arch}` +
+        ` (${(cause as Error).message.replace(/\s+/g, ' ').trim()}). The package ships a prebuilt binary for linux-x64 with glibc >= 2.28;` +
+        ` elsewhere, ${buildFromSourceHint}.`,
       { cause },
     );
   }
 }
 
-export const native: Native = load();
+const loaded = load();
+/** The file the addon was loaded from; the sanlock exec helper sits next to it. */
+export const addonPath: string = loaded.path;
+export const native: Native = loaded.addon;
 setStrerror(native.strerror);
 
 export const constants: NativeConstants = native.constants;
