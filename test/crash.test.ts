@@ -46,7 +46,7 @@
 //   LOCKMGR_CRASH_ONLY      only the deterministic steps whose name contains it
 //   LOCKMGR_CRASH_PARALLEL  trials at once (default 3)
 import { execFileSync, fork, type ChildProcess } from 'node:child_process';
-import { mkdirSync, mkdtempSync, readdirSync, readFileSync, realpathSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, realpathSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { basename, join } from 'node:path';
 import type { Readable, Writable } from 'node:stream';
@@ -507,15 +507,33 @@ function tagged(tag: string): Proc[] {
   return out;
 }
 
-/** Every process running our child binary, zombies included (their comm stays). */
-function childBinaryProcesses(): number[] {
+/**
+ * The children of this run's trials (the child binary's processes a victim
+ * spawned or the observer found), by pid and start time: at the end none may
+ * be left, alive or zombie. Only ours: another run of the suite (another
+ * checkout on this machine) has its own crash-child processes at the same time.
+ */
+const ourChildren = new Map<string, Proc>();
+
+function track(p: Proc): void {
+  ourChildren.set(`${p.pid}:${p.start}`, p);
+}
+
+/** The same process still exists, alive or zombie. */
+function stillThere(p: Proc): boolean {
+  return startTime(p.pid) === p.start;
+}
+
+/** Live processes running this run's copy of the child binary (a zombie has no exe link any more: those are tracked). */
+function runningOurBinary(): number[] {
   const out: number[] = [];
+  const exe = realpathSync(childBinary);
   for (const name of readdirSync('/proc')) {
     if (!/^\d+$/.test(name)) continue;
     try {
-      if (readFileSync(`/proc/${name}/comm`, 'utf8').trim() === 'crash-child') out.push(Number(name));
+      if (readlinkSync(`/proc/${name}/exe`) === exe) out.push(Number(name));
     } catch {
-      // gone
+      // gone, or a kernel thread
     }
   }
   return out;
@@ -998,6 +1016,7 @@ async function observe(t: Trial, plan: Plan, records: Rec[]): Promise<Outcome> {
   // exiting has lost its environment with its memory, not yet its files).
   const found = new Map<number, Proc>();
   for (const p of [...tagged(t.tag), ...openers(trialFiles(t))]) found.set(p.pid, p);
+  for (const p of found.values()) track(p);
   const live = [...found.values()].filter(isAlive);
   if (live.length > 1) violations.push(`${live.length} live processes of the trial: ${live.map((c) => c.pid).join(', ')}`);
   const child = live[0];
@@ -1007,6 +1026,17 @@ async function observe(t: Trial, plan: Plan, records: Rec[]): Promise<Outcome> {
   violations.push(...(plan.free?.(t) ?? []));
   // Under 'child' lifetime the child it reported spawning outlives it (unless it was sent SIGTERM).
   const spawned = records.filter((r) => typeof r.spawned === 'number').map((r) => r.spawned as number);
+  for (const pid of spawned) {
+    // Still the child binary (a zombie keeps its comm): a pid reused meanwhile is not ours.
+    const start = startTime(pid);
+    let comm = '';
+    try {
+      comm = readFileSync(`/proc/${pid}/comm`, 'utf8').trim();
+    } catch {
+      // gone
+    }
+    if (start !== null && comm === 'crash-child') track({ pid, start });
+  }
   if (t.lifetime === 'child' && plan.survives !== false && t.variant === 'ignore-term') {
     for (const pid of spawned) if (!live.some((c) => c.pid === pid)) violations.push(`'child' lifetime: child ${pid} died with its supervisor`);
   }
@@ -1278,19 +1308,20 @@ afterAll(() => {
   if (binDir !== '') rmSync(binDir, { recursive: true, force: true });
 });
 
-/** Orphaned children are init's to reap (it does so every second or two here): in the end none may be left, alive or zombie. */
+/** Orphaned children are init's to reap (it does so every second or two here): in the end none of ours may be left, alive or zombie. */
 async function leftBehind(): Promise<string[]> {
+  const lingering = (): number[] => [...new Set([...[...ourChildren.values()].filter(stillThere).map((p) => p.pid), ...runningOurBinary()])];
   await within(
     (async () => {
-      while (childBinaryProcesses().length > 0) await new Promise((r) => setTimeout(r, 50));
+      while (lingering().length > 0) await new Promise((r) => setTimeout(r, 50));
     })(),
     GUARD_MS,
     'init to reap the orphaned children',
   ).catch(() => undefined);
   const out: string[] = [];
-  const lingering = childBinaryProcesses();
+  const left = lingering();
   const zombies = zombieChildren(process.pid);
-  if (lingering.length > 0) out.push(`children left behind (alive or zombie): ${lingering.join(', ')}`);
+  if (left.length > 0) out.push(`children left behind (alive or zombie): ${left.join(', ')}`);
   if (zombies.length > 0) out.push(`zombie children of the test process: ${zombies.join(', ')}`);
   return out;
 }
