@@ -31,10 +31,11 @@
 //   LOCKMGR_CRASH_RANDOM    seeded trials per script, lifetime and lockspace
 //                           (default 9)
 //   LOCKMGR_CRASH_SEED      the seed of the seeded trials (0..2^32-1; default a
-//                           fresh one, printed). Each trial draws its own seed
-//                           from it; a trial's seed chooses its script's
+//                           fresh one, printed). Each trial's seed is drawn
+//                           from it (one for the two lifetimes of a script and
+//                           lockspace); a trial's seed chooses its script's
 //                           variant, the lock order of its files and its kill
-//                           step.
+//                           step (one per lifetime).
 //   LOCKMGR_CRASH_REPLAY    runs only the listed seeded trials, comma-separated,
 //                           each "<script>:<lifetime>:<space>:<seed>:<step>"
 //                           (e.g. source:child:indirect:123456:57): the trial
@@ -1146,12 +1147,25 @@ interface Calibration {
   labels: string[];
 }
 
-/** What a trial's seed chooses, in this order: its script's params, its files' lock order, then (given the step count) its kill step. */
+/**
+ * What a trial's seed chooses, in this order: its script's params, its files'
+ * lock order, then (given the step count) a kill step for each lifetime. The
+ * steps do not depend on the lifetime: one seed serves both, with one uncut
+ * run.
+ */
 function drawn(spec: SeededSpec): { params: ScriptParams; order: LockOrder; step: (n: number) => number } {
   const rand = prng(spec.seed);
   const params = SCRIPTS[spec.script]!.choose(rand);
   const order = chooseOrder(spec.space, rand);
-  return { params, order, step: (n) => spec.step ?? 1 + below(rand, n) };
+  return {
+    params,
+    order,
+    step: (n) => {
+      const child = 1 + below(rand, n);
+      const supervisor = 1 + below(rand, n);
+      return spec.step ?? (spec.lifetime === 'child' ? child : supervisor);
+    },
+  };
 }
 
 function replayOf(spec: SeededSpec, step: number): string {
@@ -1176,14 +1190,14 @@ async function calibrate(script: string, lifetime: Lifetime, space: Space, param
   }
 }
 
-/** Calibrations, one per script, lifetime, lockspace, params and lock order, each run once. */
+/** Calibrations, one per script, lockspace, params and lock order (either lifetime runs the same steps), each run once. */
 const calibrations = new Map<string, Promise<Calibration>>();
 function calibrationFor(spec: SeededSpec): Promise<Calibration> {
   const { params, order } = drawn(spec);
-  const key = JSON.stringify([spec.script, spec.lifetime, spec.space, params, order]);
+  const key = JSON.stringify([spec.script, spec.space, params, order]);
   let c = calibrations.get(key);
   if (c === undefined) {
-    c = calibrate(spec.script, spec.lifetime, spec.space, params, order);
+    c = calibrate(spec.script, 'child', spec.space, params, order);
     calibrations.set(key, c);
   }
   return c;
@@ -1362,7 +1376,15 @@ describe('crash matrix: SIGKILL of the supervisor at every step', () => {
       }
       if (ONLY === undefined) {
         const rand = prng(SEED);
-        for (const script of Object.keys(SCRIPTS)) for (const space of spaces) for (const lifetime of lifetimes) for (let i = 0; i < RANDOM; i++) specs.push({ script, lifetime, space, seed: subSeed(rand), step: null });
+        for (const script of Object.keys(SCRIPTS)) {
+          for (const space of spaces) {
+            for (let i = 0; i < RANDOM; i++) {
+              // One seed for both lifetimes: one uncut run, a kill step each.
+              const seed = subSeed(rand);
+              for (const lifetime of lifetimes) specs.push({ script, lifetime, space, seed, step: null });
+            }
+          }
+        }
       }
     }
     console.log(`crash matrix: ${specs.length} seeded trials from LOCKMGR_CRASH_SEED=${SEED}${REPLAY ? ` (LOCKMGR_CRASH_REPLAY=${REPLAY})` : ''}`);
