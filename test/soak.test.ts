@@ -8,12 +8,13 @@
 //
 // Environment: LOCKMGR_SOAK_OPS (operations per worker), LOCKMGR_SOAK_WORKERS
 // (default 8), LOCKMGR_SOAK_SEED (0..2^32-1; default a fresh one). The seed
-// chooses every worker's seed (test/seeded.ts), and so each worker's sequence
-// of operations, modes, files, timeouts and abort points; a failure prints it,
-// and LOCKMGR_SOAK_SEED=<seed> runs the same operations again. How the
-// processes interleave is the kernel's scheduling: a replay reruns the same
-// work, not the same interleaving (the checker judges the log of whichever
-// interleaving happened).
+// chooses every worker's seed (test/seeded.ts), and so what each worker's nth
+// operation aims at: file, mode, kind, timeout, abort point. A failure prints
+// it, and LOCKMGR_SOAK_SEED=<seed> runs the same draws again. How the
+// processes interleave is the kernel's scheduling, and with it what each
+// operation gets (busy, timed out) and so whether the next one on that file
+// acquires or releases: a replay reruns the same draws, not the same
+// interleaving (the checker judges the log of whichever happened).
 import { execFile } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
@@ -30,7 +31,7 @@ const WORKERS = Number(process.env.LOCKMGR_SOAK_WORKERS ?? 8);
 const RESOURCES = 3;
 const SEED = seedFrom('LOCKMGR_SOAK_SEED');
 /** The assertion messages: how to run the same operations again. */
-const REPLAY = `soak seed ${SEED} (LOCKMGR_SOAK_SEED=${SEED} reruns the same operations)`;
+const REPLAY = `soak seed ${SEED} (LOCKMGR_SOAK_SEED=${SEED} reruns the same draws; not the same interleaving)`;
 const worker = fileURLToPath(new URL('./fixtures/soak-worker.mjs', import.meta.url));
 
 interface Counts {
