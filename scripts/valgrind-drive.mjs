@@ -24,7 +24,7 @@ import { Worker } from 'node:worker_threads';
 
 const dist = new URL('../dist/', import.meta.url);
 const { openLockable, spawnSupervised, attachProcess } = await import(new URL('index.js', dist).href);
-const { native } = await import(new URL('native.js', dist).href);
+const { native } = await import(new URL('os/native.js', dist).href);
 
 const dir = mkdtempSync(join(tmpdir(), 'lockmgr-valgrind-'));
 const file = join(dir, 'disk.img');
