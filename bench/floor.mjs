@@ -1,8 +1,10 @@
 // An experiment, not a suite (node bench/floor.mjs [--quick]): how much of a
 // handoff's cost on these machines is the resuming of a large process, with
 // none of its code. bench/c/handoff.c waits with F_OFD_SETLKW and then reads
-// one word in each of TOUCH distinct pages before it stamps; the rows give
-// the p50 handoff for TOUCH = 0 .. 4096 pages, in the same rounds as ours
+// one word in each of TOUCH distinct pages before it stamps, pages adjacent
+// or 2 MiB apart (each with a page table of its own, as a large process's
+// working set is spread); the rows give the p50 handoff for TOUCH = 0 .. 4096
+// pages, in the same rounds as ours
 // (lockSync, which is the same F_OFD_SETLKW on a Node thread, and await
 // lock()). Where ours falls on that curve is how many cold pages a Node
 // process's resume amounts to here.
@@ -32,10 +34,13 @@ const { path, cleanup } = scratchFile();
 const n = quick ? 300 : 2000;
 const rounds = quick ? 3 : 5;
 const touches = [0, 64, 256, 1024, 4096];
-const rows = new Map([...touches.map((t) => [`C F_OFD_SETLKW, then ${t} pages read`, []]), ['ours: lockSync()', []], ['ours: await lock()', []], ['C model: waiter thread + eventfd + epoll_wait', []]]);
+const layouts = ['adjacent', 'scatter'];
+const name = (t, layout) => `C F_OFD_SETLKW, then ${t} pages read${t === 0 ? '' : layout === 'scatter' ? ', 2 MiB apart' : ', adjacent'}`;
+const cases = touches.flatMap((t) => (t === 0 ? [[t, 'adjacent']] : layouts.map((l) => [t, l])));
+const rows = new Map([...cases.map(([t, l]) => [name(t, l), []]), ['ours: lockSync()', []], ['ours: await lock()', []], ['C model: waiter thread + eventfd + epoll_wait', []]]);
 try {
   for (let r = 0; r < rounds; r++) {
-    for (const t of touches) rows.get(`C F_OFD_SETLKW, then ${t} pages read`).push(await p50([bin], path, n, ['direct', String(t)]));
+    for (const [t, l] of cases) rows.get(name(t, l)).push(await p50([bin], path, n, ['direct', String(t), ...(l === 'scatter' ? ['scatter'] : [])]));
     rows.get('ours: lockSync()').push(await p50([process.execPath, handoff, 'child'], path, n, ['sync']));
     rows.get('ours: await lock()').push(await p50([process.execPath, handoff, 'child'], path, n, []));
     rows.get('C model: waiter thread + eventfd + epoll_wait').push(await p50([bin], path, n, ['relay']));
