@@ -153,6 +153,28 @@ function abortError(signal: AbortSignal): AbortError {
 
 const constructing = Symbol('LockableFile');
 
+/** What an omitted options argument reads as: shared, so the common call allocates nothing for it. */
+const NO_OPTIONS: Readonly<Record<string, undefined>> = Object.freeze({});
+
+/**
+ * A file's identity. The key string is made when first read: most held locks
+ * never need it, and each would otherwise carry ~40 B of string.
+ */
+class Identity implements ResourceIdentity {
+  readonly dev: bigint;
+  readonly ino: bigint;
+  #key: string | undefined = undefined;
+  constructor(dev: bigint, ino: bigint, block: boolean) {
+    this.dev = dev;
+    this.ino = ino;
+    // The block-device form has ino 0; the prefix is in the key.
+    if (block) this.#key = `b:${dev}`;
+  }
+  get key(): string {
+    return (this.#key ??= `f:${this.dev}:${this.ino}`);
+  }
+}
+
 /** An open file or block device that can be locked. Create it with openLockable(). */
 export class LockableFile implements Disposable {
   readonly path: string;
@@ -211,7 +233,7 @@ export class LockableFile implements Disposable {
       parseRange(range);
       const start = rangeStart;
       const length = rangeLength;
-      const opts = checkOptions<LockOptions>(options, ['timeout', 'signal'], 'lock options');
+      const opts: LockOptions = options === undefined ? NO_OPTIONS : checkOptions<LockOptions>(options, ['timeout', 'signal'], 'lock options');
       const timeout = checkTimeout(opts.timeout);
       const signal = checkSignal(opts.signal);
       if (signal?.aborted) throw abortError(signal);
@@ -239,7 +261,7 @@ export class LockableFile implements Disposable {
     parseRange(range);
     const start = rangeStart;
     const length = rangeLength;
-    const opts = checkOptions<LockSyncOptions>(options, ['timeout'], 'lockSync options');
+    const opts: LockSyncOptions = options === undefined ? NO_OPTIONS : checkOptions<LockSyncOptions>(options, ['timeout'], 'lockSync options');
     const timeout = checkTimeout(opts.timeout);
     let rv: number;
     if (timeout === undefined) {
@@ -485,7 +507,7 @@ function typeError(path: string, type: number): LockManagerError {
  */
 export function openLockable(path: string, options?: OpenOptions): LockableFile {
   checkPath(path);
-  const opts = checkOptions<OpenOptions>(options, ['access', 'create'], 'openLockable options');
+  const opts: OpenOptions = options === undefined ? NO_OPTIONS : checkOptions<OpenOptions>(options, ['access', 'create'], 'openLockable options');
   const access = opts.access === undefined ? 'readwrite' : checkOneOf(opts.access, ['read', 'readwrite'] as const, 'access');
   if (opts.create !== undefined && typeof opts.create !== 'boolean') {
     throw new InvalidArgumentError(`create must be a boolean, got ${describe(opts.create)}`);
@@ -495,7 +517,7 @@ export function openLockable(path: string, options?: OpenOptions): LockableFile 
     throw new InvalidArgumentError("create needs access 'readwrite': a lock file that may be created must be writable");
   }
   const writable = access === 'readwrite';
-  const how = `for ${writable ? 'reading and writing' : 'reading'}`;
+  const how = (): string => `for ${writable ? 'reading and writing' : 'reading'}`;
   let opath = -1;
   for (let attempt = 0; opath < 0; attempt++) {
     if (create) {
@@ -517,7 +539,7 @@ export function openLockable(path: string, options?: OpenOptions): LockableFile 
     if (opath === -ENOENT && create && attempt < MAX_CREATE_ATTEMPTS) continue;
     if (opath < 0) {
       if (failedSyscall() !== 'open') throw fromErrno('open', -opath, path, `cannot stat '${path}'`);
-      throw fromErrno('open', -opath, path, create ? `cannot create or open lock file '${path}'` : `cannot open '${path}' ${how}`);
+      throw fromErrno('open', -opath, path, create ? `cannot create or open lock file '${path}'` : `cannot open '${path}' ${how()}`);
     }
   }
   const type = facts[MODE]! & S_IFMT;
@@ -541,17 +563,14 @@ export function openLockable(path: string, options?: OpenOptions): LockableFile 
   }
   // Opens the checked inode through /proc/self/fd and closes opath.
   const fd = native.reopenFd(opath, writable);
-  if (fd < 0) throw fromErrno('open', -fd, path, `cannot open '${path}' ${how}`);
+  if (fd < 0) throw fromErrno('open', -fd, path, `cannot open '${path}' ${how()}`);
   return adopt(fd, path, access, false);
 }
 
 /** The LockableFile for an fd whose facts are in facts/ids. */
 function adopt(fd: number, path: string, access: Access, created: boolean): LockableFile {
   if ((facts[MODE]! & S_IFMT) === S_IFBLK) {
-    const rdev = ids[RDEV]!;
-    return new LockableFile(constructing, fd, path, 'block-device', { dev: rdev, ino: 0n, key: `b:${rdev}` }, access, created);
+    return new LockableFile(constructing, fd, path, 'block-device', new Identity(ids[RDEV]!, 0n, true), access, created);
   }
-  const dev = ids[DEV]!;
-  const ino = ids[INO]!;
-  return new LockableFile(constructing, fd, path, 'file', { dev, ino, key: `f:${dev}:${ino}` }, access, created);
+  return new LockableFile(constructing, fd, path, 'file', new Identity(ids[DEV]!, ids[INO]!, false), access, created);
 }
