@@ -77,7 +77,8 @@ ubsan_options="print_stacktrace=1:halt_on_error=1:exitcode=87:log_path=$root/$ou
 
 suites=(test/locks.test.ts test/wait.test.ts test/worker.test.ts test/signal.test.ts test/supervise.test.ts
   test/leaks.test.ts test/errors.test.ts test/manager.test.ts test/migration.test.ts test/indirect.test.ts
-  test/lockspace.test.ts test/blockdev.test.ts test/cli.test.ts test/sanlock.test.ts test/exhaustion.test.ts)
+  test/lockspace.test.ts test/blockdev.test.ts test/cli.test.ts test/sanlock.test.ts test/exhaustion.test.ts
+  test/integration/lock-sync.test.ts)
 if [ $# -gt 0 ]; then suites=("$@"); fi
 
 sanitized() { env "${san_env[@]}" ASAN_OPTIONS="$asan_options" UBSAN_OPTIONS="$ubsan_options" "$@"; }

@@ -3,9 +3,10 @@
 // instead of the whole vitest suite (Node under valgrind is 20-50x slower).
 //
 // Covered, per native function (native/*.cc):
-//   openPath reopenFd createFile (plain, create, existing lock file, failing)
+//   openPath statFd reopenFd createFile (plain, create, existing lock file, failing)
 //   setlk getlk closeFd retireFd strerror
 //   initWaiters waitLock (grant, timeout, abort, close while waiting, batches)
+//   lockSync (free, blocked without a deadline, with one: the per-thread timer)
 //   cancelWait waiterThreads (and the idle exit of waiter threads)
 //   initSpawn spawn (exec, exit codes, failing exec, ENOEXEC -> /bin/sh, pipes,
 //   /dev/null, keepFds, cwd, newSession, parentDeathSignal, the fallback)
@@ -129,6 +130,25 @@ await sleep(30);
 c.close();
 await rejects(pending, 'InvalidStateError', 'retireFd close while waiting');
 await held.exited;
+// lockSync: free (no timer), blocked until the holder exits (no deadline), and
+// with a deadline (the per-thread timer; under valgrind the grant comes first).
+b.lockSync('exclusive', { start: 500, length: 1 });
+check(true, 'lockSync free');
+b.unlock({ start: 500, length: 1 });
+held = await holder([WHOLE], 200);
+b.lockSync('shared');
+check(true, 'lockSync waited, no deadline');
+b.unlock();
+await held.exited;
+held = await holder([WHOLE], 200);
+try {
+  b.lockSync('shared', undefined, { timeout: 30 });
+  check(underValgrind, 'lockSync timeout (granted under valgrind)');
+} catch (e) {
+  check(e.name === 'LockTimeoutError', 'lockSync timeout (LockTimeoutError)');
+}
+await held.exited;
+b.unlock();
 // The idle waiter threads exit after a second (detached self-exit path).
 for (let i = 0; i < 100 && native.waiterThreads() > 0; i++) await sleep(100);
 check(native.waiterThreads() === 0, 'waiter threads idle exit');
