@@ -186,9 +186,11 @@ describe.skipIf(why !== null)('sanlock lockspace', () => {
     expect(heldOn(2)).toEqual([]);
 
     await m.shutdown({ graceMs: 2000 });
-    expect(heldOn(1)).toEqual([]);
+    // Once shutdown() resolves, host 2 takes the disk at once (a fail-fast start), whatever the
+    // daemon of host 1 still lists while it finishes forgetting the lease (REM).
     const vm2 = await p.call<number>('start', 'sleep', ['1000']);
     expect(heldOn(2).some((l) => l.endsWith(` p ${vm2}`))).toBe(true);
+    await waitUntil(() => heldOn(1).length === 0, 10_000, "host 1's daemon to forget the released lease");
     await cleanupManagers();
   });
 
@@ -440,8 +442,9 @@ describe.skipIf(why !== null)('sanlock lockspace', () => {
     const bg = Number(readFileSync(pidFile, 'utf8'));
     try {
       expect(alive(bg)).toBe(true);
-      expect(heldOn(1)).toEqual([]);
       expect(warnings).toEqual([]);
+      // The daemon may still list the lease while it finishes forgetting it (REM); host 2 taking it below proves it free.
+      await waitUntil(() => heldOn(1).length === 0, 10_000, "host 1's daemon to forget the released lease");
       const p = await host2();
       await p.call('create', { lockspace: host(2) });
       await p.call('register', { type: 'disk', path: disk, mode: 'exclusive' });

@@ -254,6 +254,8 @@ export class SanlockLockspace implements LockspaceDriver {
   #incoming = new Map<string, number>();
   /** The resource names of the leases held now (take()n and not released). */
   readonly #held = new Set<string>();
+  /** Where each held lease is on the storage, for checking that an exited owner's leases were written free. */
+  readonly #heldAt = new Map<string, { address: LeaseAddress; offset: number }>();
   /** Releases queued and not yet answered. */
   readonly #releases = new Set<Promise<void>>();
 
@@ -351,6 +353,7 @@ export class SanlockLockspace implements LockspaceDriver {
       const pid = heldBy;
       heldBy = null;
       this.#held.delete(address.resource);
+      this.#heldAt.delete(address.resource);
       // The owner has exited: its connection closed and the daemon released
       // the lease already. (A release by pid now could reach a stranger that
       // reused the number.)
@@ -379,6 +382,7 @@ export class SanlockLockspace implements LockspaceDriver {
           if (r.rv === 0) {
             heldBy = pid;
             this.#held.add(address.resource);
+            this.#heldAt.set(address.resource, { address, offset });
             this.#incoming.delete(address.resource);
             if (r.text !== '') this.#state = r.text;
             // Aborted (free(), the caller's signal, a hung-daemon gate) while
@@ -607,6 +611,29 @@ export class SanlockLockspace implements LockspaceDriver {
     }
   }
 
+  /**
+   * Waits until the storage shows none of the leases the exited owner held as
+   * this host's: the daemon forgets a dead process at once but writes its
+   * leases free a moment later (its status says REM meanwhile), and 'exit'
+   * promises that other hosts can take them. Bounded (EXIT_RELEASE_MS); a
+   * lease still owned then is a warning.
+   */
+  async #writtenFree(): Promise<void> {
+    const leases = [...this.#heldAt.values()].filter((l) => l.offset >= 0);
+    const end = Date.now() + EXIT_RELEASE_MS;
+    for (const { address, offset } of leases) {
+      for (;;) {
+        const owners = await within(leaseOwners(address, offset).catch(() => []), end - Date.now());
+        if (owners !== 'late' && !owners.some((o) => o.hostId === this.config.hostId)) break;
+        if (owners === 'late' || Date.now() >= end) {
+          this.onWarning(new ResourceBusyError(`sanlock: the lease ${address.resource} of an exited process is still this host's on ${address.path} after ${EXIT_RELEASE_MS} ms; other hosts may not take it yet`, { resource: address.resource }));
+          return;
+        }
+        await sleep(10, undefined);
+      }
+    }
+  }
+
   /** sanlock SIGKILLs a registered process whose lease it cannot renew; if the lockspace is gone from this host, that is what happened. */
   async exitFailure(status: ExitStatus): Promise<string | null> {
     // 'exit' means the leases are free for other hosts: wait for the daemon.
@@ -626,6 +653,7 @@ export class SanlockLockspace implements LockspaceDriver {
         );
       }
     }
+    if (pid !== null) await this.#writtenFree();
     if (status.signal !== 'SIGKILL') return null;
     const joined = await lockspaceJoinedSettled({ lockspace: this.config.lockspace, path: this.config.path, hostId: this.config.hostId }).catch(() => false);
     if (joined) return null;
