@@ -75,9 +75,9 @@ san_env=(LOCKMGR_PREBUILD="$root/$out" LD_PRELOAD="$asan_rt:$ubsan_rt${LD_PRELOA
 asan_options="detect_leaks=0:halt_on_error=1:abort_on_error=0:exitcode=86:handle_segv=0:handle_sigbus=0:handle_sigfpe=0:handle_abort=0:allow_user_segv_handler=1:detect_stack_use_after_return=0:check_initialization_order=1:strict_init_order=1:detect_odr_violation=0:log_path=$root/$out/logs/asan"
 ubsan_options="print_stacktrace=1:halt_on_error=1:exitcode=87:log_path=$root/$out/logs/ubsan"
 
-suites=(test/locks.test.ts test/wait.test.ts test/worker.test.ts test/signal.test.ts test/supervise.test.ts
-  test/leaks.test.ts test/errors.test.ts test/manager.test.ts test/migration.test.ts test/indirect.test.ts
-  test/lockspace.test.ts test/blockdev.test.ts test/cli.test.ts test/sanlock.test.ts test/exhaustion.test.ts
+suites=(test/integration/locks.test.ts test/integration/wait.test.ts test/integration/worker.test.ts test/integration/signal.test.ts test/integration/supervise.test.ts
+  test/integration/leaks.test.ts test/unit/errors.test.ts test/integration/manager.test.ts test/integration/migration.test.ts test/integration/indirect.test.ts
+  test/integration/lockspace.test.ts test/integration/blockdev.test.ts test/system/cli.test.ts test/system/sanlock.test.ts test/integration/exhaustion.test.ts
   test/integration/lock-sync.test.ts)
 if [ $# -gt 0 ]; then suites=("$@"); fi
 

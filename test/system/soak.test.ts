@@ -3,12 +3,12 @@
 // lock-with-timeout / abort operations on 3 shared files, exclusive and
 // shared, through openLockable() and LockManager hotplug. Every grant and
 // release goes to one O_APPEND log (test/fixtures/soak-worker.mjs); the
-// checker (test/soak-log.ts) replays it: never two exclusive holders, never
+// checker (test/harness/soak-log.ts) replays it: never two exclusive holders, never
 // exclusive with shared, no grant lost, no record lost.
 //
 // Environment: LOCKMGR_SOAK_OPS (operations per worker), LOCKMGR_SOAK_WORKERS
 // (default 8), LOCKMGR_SOAK_SEED (0..2^32-1; default a fresh one). The seed
-// chooses every worker's seed (test/seeded.ts), and so what each worker's nth
+// chooses every worker's seed (test/harness/seeded.ts), and so what each worker's nth
 // operation aims at: file, mode, kind, timeout, abort point. A failure prints
 // it, and LOCKMGR_SOAK_SEED=<seed> runs the same draws again. How the
 // processes interleave is the kernel's scheduling, and with it what each
@@ -20,9 +20,9 @@ import { readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { makeFile, tempDir } from './helpers.js';
-import { prng, seedFrom, subSeed } from './seeded.js';
-import { checkSoakLog } from './soak-log.js';
+import { makeFile, tempDir } from '../helpers.js';
+import { prng, seedFrom, subSeed } from '../harness/seeded.js';
+import { checkSoakLog } from '../harness/soak-log.js';
 import { join } from 'node:path';
 
 const run = promisify(execFile);
@@ -32,7 +32,7 @@ const RESOURCES = 3;
 const SEED = seedFrom('LOCKMGR_SOAK_SEED');
 /** The assertion messages: how to run the same operations again. */
 const REPLAY = `soak seed ${SEED} (LOCKMGR_SOAK_SEED=${SEED} reruns the same draws; not the same interleaving)`;
-const worker = fileURLToPath(new URL('./fixtures/soak-worker.mjs', import.meta.url));
+const worker = fileURLToPath(new URL('../fixtures/soak-worker.mjs', import.meta.url));
 
 interface Counts {
   ops: number;

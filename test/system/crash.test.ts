@@ -53,10 +53,10 @@ import { basename, join } from 'node:path';
 import type { Readable, Writable } from 'node:stream';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { LockManager, locksOn, openLockable, type LockManagerOptions, type LockspaceOptions as LockspaceConfig } from '../lib/index.js';
-import { inodeIdentity, lockFileName } from '../lib/lockspaces/indirect.js';
-import { procStat, within, zombieChildren } from './process-helpers.js';
-import { below, prng, seedFrom, subSeed } from './seeded.js';
+import { LockManager, locksOn, openLockable, type LockManagerOptions, type LockspaceOptions as LockspaceConfig } from '../../lib/index.js';
+import { inodeIdentity, lockFileName } from '../../lib/lockspaces/indirect.js';
+import { procStat, within, zombieChildren } from '../harness/process-helpers.js';
+import { below, prng, seedFrom, subSeed } from '../harness/seeded.js';
 
 const ROUNDS = Number(process.env.LOCKMGR_CRASH_ROUNDS ?? 2);
 const RANDOM = Number(process.env.LOCKMGR_CRASH_RANDOM ?? 9);
@@ -67,7 +67,7 @@ const SEED = seedFrom('LOCKMGR_CRASH_SEED');
 const REPLAY = process.env.LOCKMGR_CRASH_REPLAY;
 /** Hang guards only: no pass condition depends on them. */
 const GUARD_MS = 30_000;
-const peerScript = fileURLToPath(new URL('./fixtures/crash-peer.mjs', import.meta.url));
+const peerScript = fileURLToPath(new URL('../fixtures/crash-peer.mjs', import.meta.url));
 const TARGET_URI = 'qemu+ssh://target.example/system';
 const SOURCE_URI = 'qemu+ssh://source.example/system';
 
@@ -1315,7 +1315,7 @@ async function pool<T>(jobs: Array<() => Promise<T>>, width: number): Promise<T[
 /** Compiles test/fixtures/NAME.c into an executable in `dir`. */
 function compileBinary(name: string, dir: string): string {
   const out = join(dir, name);
-  execFileSync('cc', ['-O2', '-o', out, fileURLToPath(new URL(`./fixtures/${name}.c`, import.meta.url))]);
+  execFileSync('cc', ['-O2', '-o', out, fileURLToPath(new URL(`../fixtures/${name}.c`, import.meta.url))]);
   return out;
 }
 

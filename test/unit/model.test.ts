@@ -28,11 +28,11 @@ import {
   type LockableFile,
   type ManagerState,
   type ResourceMode,
-} from '../lib/index.js';
-import { locksOn } from '../lib/os/proc-locks.js';
-import { fdCount, makeFile, tempDir } from './helpers.js';
-import { childrenOf } from './process-helpers.js';
-import { seedFrom } from './seeded.js';
+} from '../../lib/index.js';
+import { locksOn } from '../../lib/os/proc-locks.js';
+import { fdCount, makeFile, tempDir } from '../helpers.js';
+import { childrenOf } from '../harness/process-helpers.js';
+import { seedFrom } from '../harness/seeded.js';
 
 type LockMode = 'exclusive' | 'shared';
 type ErrorName = 'InvalidArgumentError' | 'InvalidStateError' | 'ResourceBusyError' | 'SpawnError';
@@ -543,7 +543,7 @@ describe('LockManager against its reference model (fast-check)', () => {
       // The failing sequence prints as 'cmd,cmd,... /*replayPath="..."*/': fc.commands needs that back to rebuild it.
       const failingReplayPath = details.counterexample === null ? undefined : /replayPath="([^"]*)"/.exec(fc.stringify(details.counterexample))?.[1];
       const replay = [`LOCKMGR_FC_SEED=${seed}`, details.counterexamplePath === null ? '' : `LOCKMGR_FC_PATH=${details.counterexamplePath}`, failingReplayPath === undefined ? '' : `LOCKMGR_FC_REPLAY_PATH=${failingReplayPath}`].filter((x) => x !== '').join(' ');
-      expect.fail(`${fc.defaultReportMessage(details) ?? 'the property failed'}\nreplay: ${replay} npx vitest run test/model.test.ts`);
+      expect.fail(`${fc.defaultReportMessage(details) ?? 'the property failed'}\nreplay: ${replay} npx vitest run test/unit/model.test.ts`);
     }
     console.log(`model.test: ${sequences} sequences, ${calls} calls, all as the model says:\n${[...tally].sort().map(([k, n]) => `  ${k}: ${n}`).join('\n')}`);
     // A replay (LOCKMGR_FC_PATH) runs the one sequence at that path.

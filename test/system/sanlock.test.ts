@@ -10,9 +10,9 @@ import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { AbortError, LockManager, LockTimeoutError, ResourceAccessError, ResourceBusyError, SpawnError, InvalidStateError, UnsupportedError } from '../lib/index.js';
-import { createDiskLease, initStorage, joinLockspace, leaveLockspace, lockspaceJoined, lockspaceState, sanlockLibraryError } from '../lib/lockspaces/sanlock-client.js';
-import { Peer, fdCount, isRoot, managerPeerScript, processExists, threadCount, waitUntil } from './helpers.js';
+import { AbortError, LockManager, LockTimeoutError, ResourceAccessError, ResourceBusyError, SpawnError, InvalidStateError, UnsupportedError } from '../../lib/index.js';
+import { createDiskLease, initStorage, joinLockspace, leaveLockspace, lockspaceJoined, lockspaceState, sanlockLibraryError } from '../../lib/lockspaces/sanlock-client.js';
+import { Peer, fdCount, isRoot, managerPeerScript, processExists, threadCount, waitUntil } from '../helpers.js';
 
 function unavailable(): string | null {
   if (!isRoot) return 'not root (loop devices and the sanlock daemon need root)';
@@ -24,7 +24,7 @@ function unavailable(): string | null {
 }
 
 const why = unavailable();
-if (why !== null) console.warn(`test/sanlock.test.ts skipped: ${why}`);
+if (why !== null) console.warn(`test/system/sanlock.test.ts skipped: ${why}`);
 
 const LS = 'lmtest';
 const root = mkdtempSync(join(tmpdir(), 'lockmgr-sanlock-'));
@@ -94,7 +94,7 @@ async function cleanupManagers(): Promise<void> {
 }
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-const bin = join(import.meta.dirname, '..', 'bin', 'lockmgr.js');
+const bin = join(import.meta.dirname, '..', '..', 'bin', 'lockmgr.js');
 
 /** Host 1's daemon stopped (SIGSTOP) until resume(): a daemon that hangs. Short pauses only: at io_timeout 1 the lockspace is lost after about 8 s. */
 function stopDaemon1(): { resume: () => void; stopped: () => boolean } {
@@ -353,13 +353,13 @@ describe.skipIf(why !== null)('sanlock lockspace', () => {
   });
 
   it('CLI: lockmgr sanlock joined and add-disk', () => {
-    const cli = (...args: string[]) => spawnSync(process.execPath, [join(import.meta.dirname, '..', 'bin', 'lockmgr.js'), 'sanlock', ...args], { encoding: 'utf8', env: { ...process.env, SANLOCK_RUN_DIR: runDir(1) } });
+    const cli = (...args: string[]) => spawnSync(process.execPath, [join(import.meta.dirname, '..', '..', 'bin', 'lockmgr.js'), 'sanlock', ...args], { encoding: 'utf8', env: { ...process.env, SANLOCK_RUN_DIR: runDir(1) } });
     expect(cli('joined', '--lockspace', LS, '--path', loop, '--host-id', '1').status).toBe(0);
     expect(cli('joined', '--lockspace', LS, '--path', loop, '--host-id', '7').status).toBe(1);
     const add = cli('add-disk', '--lockspace', LS, '--path', loop, disk);
     expect(add.status).toBe(0);
     expect(add.stdout).toMatch(/lease exists at offset \d+/);
-    const none = spawnSync(process.execPath, [join(import.meta.dirname, '..', 'bin', 'lockmgr.js'), 'sanlock', 'joined', '--lockspace', LS, '--path', loop, '--host-id', '1'], { encoding: 'utf8', env: { ...process.env, SANLOCK_RUN_DIR: join(root, 'nowhere') } });
+    const none = spawnSync(process.execPath, [join(import.meta.dirname, '..', '..', 'bin', 'lockmgr.js'), 'sanlock', 'joined', '--lockspace', LS, '--path', loop, '--host-id', '1'], { encoding: 'utf8', env: { ...process.env, SANLOCK_RUN_DIR: join(root, 'nowhere') } });
     expect(none.status).toBe(69);
     expect(none.stderr).toMatch(/no sanlock daemon answers/);
   });
