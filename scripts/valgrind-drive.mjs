@@ -46,20 +46,44 @@ async function holder(ranges, ms) {
     console.log('held');
     setTimeout(() => process.exit(0), ${ms});`;
   const child = cpSpawn(process.execPath, ['--input-type=module', '-e', src], { stdio: ['ignore', 'pipe', 'inherit'], env: holderEnv });
-  const line = await Promise.race([once(child.stdout, 'data').then(([d]) => String(d)), once(child, 'exit').then(([code]) => `exit ${code}`)]);
+  const line = await until('holder: its first line or its exit', Promise.race([once(child.stdout, 'data').then(([d]) => String(d)), once(child, 'exit').then(([code]) => `exit ${code}`)]));
   if (line.trim() !== 'held') throw new Error(`valgrind-drive: holder failed: ${line}`);
-  return { exited: once(child, 'exit') };  // wrapped: an async function would await a bare promise
+  return { exited: until('holder exit', once(child, 'exit')) };  // wrapped: an async function would await a bare promise
 }
 const WHOLE = { start: 0, length: 0 };
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+let lastCheck = 'none';
 function check(cond, what) {
   if (!cond) throw new Error(`valgrind-drive: ${what}`);
   ran[what] = (ran[what] ?? 0) + 1;
+  lastCheck = what;
   if (process.env.VALGRIND_DRIVE_TRACE) process.stderr.write(`ok: ${what}\n`);
 }
+// What the driver is waiting for right now. A promise that nobody settles, with
+// nothing left to keep the event loop alive, ends Node with exit code 13
+// ("unsettled top-level await") and not a word on stderr: the exit handler
+// below says which wait it was and what passed last, and removes the temp dir.
+const waiting = new Set();
+async function until(what, promise) {
+  waiting.add(what);
+  try {
+    return await promise;
+  } finally {
+    waiting.delete(what);
+  }
+}
+let finished = false;
+process.on('exit', (exitCode) => {
+  if (finished) return;
+  rmSync(dir, { recursive: true, force: true });
+  // For an unsettled top-level await the event says 0 and exitCode says 13.
+  const code = exitCode || process.exitCode || 0;
+  const why = code === 13 ? ' (Node: the event loop ran empty while the top-level await was unsettled)' : '';
+  process.stderr.write(`valgrind-drive: exit ${code}${why} before the end; waiting for: ${[...waiting].join(', ') || 'nothing'}; last check passed: ${lastCheck}\n`);
+});
 async function rejects(p, name, what) {
   try {
-    await p;
+    await until(what, p);
     if (underValgrind) return check(true, `${what} (granted under valgrind)`);
   } catch (e) {
     check(e.name === name, `${what} (${e.name})`);
@@ -113,7 +137,7 @@ for (let i = 0; i < 16; i++) {
   many.push(f.lock('exclusive', { start: i, length: 1 }, { timeout: 60_000 }));
 }
 check(native.waiterThreads() > 0, 'waiterThreads busy');
-await Promise.all(many);
+await until('the batch of 16 waits', Promise.all(many));
 check(true, 'waitLock granted batch');
 await held.exited;
 for (const f of files) f.close();
@@ -147,7 +171,7 @@ try {
 }
 if (pidfds) {
 async function exits(child) {
-  return child.exited;
+  return until(`exit of pid ${child.pid}`, child.exited);
 }
 check((await exits(spawnSupervised('true', [], { stdio: 'ignore' }))).code === 0, 'spawn true');
 check((await exits(spawnSupervised('sh', ['-c', 'exit 3'], { stdio: 'ignore' }))).code === 3, 'spawn exit code');
@@ -158,7 +182,7 @@ check((await exits(spawnSupervised('sh', ['-c', 'exit 3'], { stdio: 'ignore' }))
   p.stdout.on('data', (d) => chunks.push(d));
   p.stderr.resume();
   await exits(p);
-  await once(p.stdout, 'close');
+  await until('makePipe: stdout close', once(p.stdout, 'close'));
   check(Buffer.concat(chunks).toString() === 'in\nout\n', 'makePipe stdio pipe');
 }
 {
@@ -205,10 +229,10 @@ check((await exits(spawnSupervised('sh', ['-c', 'exit 3'], { stdio: 'ignore' }))
 {
   // attach: pidfd_open on a process that is not our child; its exit is seen, never reaped by us.
   const other = cpSpawn('sleep', ['30'], { stdio: 'ignore' });
-  await once(other, 'spawn');
+  await until('attach: the other child spawned', once(other, 'spawn'));
   const p = attachProcess(other.pid);
   check(p.signal('SIGTERM'), 'attach sendSignal');
-  const [st] = await Promise.all([p.exited, once(other, 'exit')]);
+  const [st] = await until('attach: exits seen', Promise.all([p.exited, once(other, 'exit')]));
   check(st.code === null, 'attach exit seen');
 }
 }
@@ -234,9 +258,9 @@ const workerSource = (mode) => `
 for (const mode of ['terminate', 'exit', 'terminate']) {
   held = await holder([{ start: 60, length: 1 }], 1500);
   const w = new Worker(workerSource(mode), { eval: true, workerData: { file, pidfds } });
-  await once(w, 'message');
-  if (mode === 'terminate') await w.terminate();
-  else await once(w, 'exit');
+  await until(`worker ${mode}: ready`, once(w, 'message'));
+  if (mode === 'terminate') await until('worker terminate', w.terminate());
+  else await until('worker exit', once(w, 'exit'));
   check(true, `worker ${mode}`);
   await held.exited;
 }
@@ -247,4 +271,5 @@ check(native.spawnInfo()[1] === 0, 'orphans reaped');
 a.close();
 b.close();
 rmSync(dir, { recursive: true, force: true });
+finished = true;
 console.log(JSON.stringify({ ok: true, pidfds, ran }));
