@@ -181,8 +181,13 @@ check((await exits(spawnSupervised('sh', ['-c', 'exit 3'], { stdio: 'ignore' }))
   const chunks = [];
   p.stdout.on('data', (d) => chunks.push(d));
   p.stderr.resume();
+  // Listening for 'close' before the exit is seen: the child's end of the pipe
+  // closes before its exit is reported (in about a quarter of runs here, the
+  // pipe's 'close' is emitted first), and a listener added after the event
+  // waits for ever. That ended this driver with exit 13 in CI.
+  const closed = until('makePipe: stdout close', once(p.stdout, 'close'));
   await exits(p);
-  await until('makePipe: stdout close', once(p.stdout, 'close'));
+  await closed;
   check(Buffer.concat(chunks).toString() === 'in\nout\n', 'makePipe stdio pipe');
 }
 {
