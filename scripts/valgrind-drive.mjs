@@ -23,6 +23,7 @@ import { Worker } from 'node:worker_threads';
 const dist = new URL('../dist/', import.meta.url);
 const { openLockable, spawnSupervised, attachProcess } = await import(new URL('index.js', dist).href);
 const { native } = await import(new URL('native.js', dist).href);
+const { locksOn } = await import(new URL('proc-locks.js', dist).href);
 
 const dir = mkdtempSync(join(tmpdir(), 'lockmgr-valgrind-'));
 const file = join(dir, 'disk.img');
@@ -32,23 +33,50 @@ const ran = {};
 // syscall holding its global lock, with every signal masked. A waiter blocked
 // on a lock held in this process would freeze the process for good, and no
 // timer signal can interrupt it. So contended waits here block on locks held
-// by another process (`holder`, not traced) that lets go after a while; under
-// valgrind a timeout or abort then ends in a grant instead, and either
-// outcome is accepted there: semantics are the tests' job, memory is ours.
+// by another process (`holder`, not traced). Natively (and under ASan) the
+// holder keeps its locks until the driver releases it, so no outcome here
+// depends on how fast the machine is. Under valgrind the frozen driver could
+// not release it: there the holder lets go after a while by itself, a
+// timeout or abort then ends in a grant instead, and either outcome is
+// accepted: semantics are the tests' job, memory is ours.
 const underValgrind = (process.env.LD_PRELOAD ?? '').includes('vgpreload');
 // The holder runs natively (valgrind's own preloads stripped), or with the
 // sanitizer runtimes the sanitized addon it loads needs.
 const holderEnv = { ...process.env, LD_PRELOAD: (process.env.LD_PRELOAD ?? '').split(':').filter((p) => p && !p.includes('vgpreload')).join(':') };
+// holder(ranges, ms): another process holds exclusive locks on `ranges` of the
+// file until release() (which resolves once it has exited); under valgrind it
+// also lets go by itself after `ms`.
 async function holder(ranges, ms) {
   const src = `const { openLockable } = await import(${JSON.stringify(new URL('index.js', dist).href)});
     const f = openLockable(${JSON.stringify(file)});
     for (const r of ${JSON.stringify(ranges)}) if (!f.tryLock('exclusive', r)) process.exit(3);
+    process.stdin.on('end', () => process.exit(0)).resume();
     console.log('held');
-    setTimeout(() => process.exit(0), ${ms});`;
-  const child = cpSpawn(process.execPath, ['--input-type=module', '-e', src], { stdio: ['ignore', 'pipe', 'inherit'], env: holderEnv });
-  const line = await until('holder: its first line or its exit', Promise.race([once(child.stdout, 'data').then(([d]) => String(d)), once(child, 'exit').then(([code]) => `exit ${code}`)]));
+    ${underValgrind ? `setTimeout(() => process.exit(0), ${ms});` : ''}`;
+  const child = cpSpawn(process.execPath, ['--input-type=module', '-e', src], { stdio: ['pipe', 'pipe', 'inherit'], env: holderEnv });
+  child.stdin.on('error', () => {});  // EPIPE: released after it let go by itself (valgrind)
+  // Listening for its exit from the start: an event has no memory for late listeners.
+  const exited = until('holder exit', once(child, 'exit'));
+  const line = await until('holder: its first line or its exit', Promise.race([once(child.stdout, 'data').then(([d]) => String(d)), exited.then(([code]) => `exit ${code}`)]));
   if (line.trim() !== 'held') throw new Error(`valgrind-drive: holder failed: ${line}`);
-  return { exited: until('holder exit', once(child, 'exit')) };  // wrapped: an async function would await a bare promise
+  return {
+    exited,
+    release() {
+      child.stdin.end();
+      return exited;
+    },
+  };
+}
+// Resolves once the kernel lists a waiter blocked on `path` (/proc/locks "->").
+async function blockedOn(path) {
+  while (!locksOn(path).some((l) => l.blocked)) await sleep(10);
+}
+// Polls `cond` until it holds: for what has no event to wait for. No time
+// limit: how long it takes is no failure (asan.sh and valgrind.sh stop a hang).
+async function eventually(what, cond) {
+  await until(what, (async () => {
+    while (!cond()) await sleep(100);
+  })());
 }
 const WHOLE = { start: 0, length: 0 };
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -81,6 +109,8 @@ process.on('exit', (exitCode) => {
   const why = code === 13 ? ' (Node: the event loop ran empty while the top-level await was unsettled)' : '';
   process.stderr.write(`valgrind-drive: exit ${code}${why} before the end; waiting for: ${[...waiting].join(', ') || 'nothing'}; last check passed: ${lastCheck}\n`);
 });
+// A hang stopped by asan.sh's time limit (SIGTERM): the exit handler says where.
+process.on('SIGTERM', () => process.exit(143));
 async function rejects(p, name, what) {
   try {
     await until(what, p);
@@ -118,40 +148,45 @@ check(native.strerror(37).length > 0 && native.strerror(116).length > 0, 'strerr
 // --- waiters.cc -------------------------------------------------------------
 let held = await holder([WHOLE], 400);
 await rejects(b.lock('exclusive', undefined, { timeout: 30 }), 'LockTimeoutError', 'waitLock timeout');
-await held.exited;
+await held.release();
 b.unlock();  // granted under valgrind
 held = await holder([WHOLE], 400);
 const ac = new AbortController();
 const aborted = b.lock('shared', undefined, { signal: ac.signal });
 setTimeout(() => ac.abort(), 20);
 await rejects(aborted, 'AbortError', 'cancelWait abort');
-await held.exited;
+await held.release();
 b.unlock();
 // A batch: many waiters on distinct bytes, all granted when the holder goes.
+// Their timeout is there to run the armed-deadline path to a grant, not to
+// bound anything: an hour.
 held = await holder(Array.from({ length: 16 }, (_, i) => ({ start: i, length: 1 })), 300);
 const many = [];
 const files = [];
 for (let i = 0; i < 16; i++) {
   const f = openLockable(file);
   files.push(f);
-  many.push(f.lock('exclusive', { start: i, length: 1 }, { timeout: 60_000 }));
+  many.push(f.lock('exclusive', { start: i, length: 1 }, { timeout: 3_600_000 }));
 }
 check(native.waiterThreads() > 0, 'waiterThreads busy');
+const released = held.release();
 await until('the batch of 16 waits', Promise.all(many));
 check(true, 'waitLock granted batch');
-await held.exited;
+await released;
 for (const f of files) f.close();
-// close() while a wait is pending: retireFd, then closeFd once the waiter reported.
+// close() while a wait is pending: retireFd, then closeFd once the waiter
+// reported. Natively close() comes once the waiter is blocked inside fcntl.
 held = await holder([WHOLE], 300);
 const c = openLockable(file);
 const pending = c.lock('exclusive');
-await sleep(30);
+if (underValgrind) await sleep(30);
+else await until('the waiter blocked in /proc/locks', blockedOn(file));
 c.close();
 await rejects(pending, 'InvalidStateError', 'retireFd close while waiting');
-await held.exited;
+await held.release();
 // The idle waiter threads exit after a second (detached self-exit path).
-for (let i = 0; i < 100 && native.waiterThreads() > 0; i++) await sleep(100);
-check(native.waiterThreads() === 0, 'waiter threads idle exit');
+await eventually('the idle waiter threads to exit', () => native.waiterThreads() === 0);
+check(true, 'waiter threads idle exit');
 
 // --- spawn.cc ---------------------------------------------------------------
 // Valgrind 3.19 (Debian 12) answers pidfd_open with ENOSYS (and clone3 too):
@@ -253,26 +288,35 @@ const workerSource = (mode) => `
     f.tryLock('shared', { start: 50, length: 1 });
     const g = m.openLockable(workerData.file);
     g.lock('exclusive', { start: 60, length: 1 }).catch(() => {});   // blocks: the holder has byte 60
+    let orphan = 0;
     if (workerData.pidfds) {
-      m.spawnSupervised('sleep', ['0.3'], { stdio: 'ignore' });       // still running at teardown: the orphan reaper's
+      orphan = m.spawnSupervised('sleep', ['600'], { stdio: 'ignore' }).pid;  // running at teardown: the orphan reaper's
       await m.spawnSupervised('true', [], { stdio: 'ignore' }).exited;
     }
-    parentPort.postMessage('ready');
+    parentPort.postMessage({ orphan });
     ${mode === 'exit' ? "setTimeout(() => process.exit(0), 50);" : 'setInterval(() => {}, 1000);'}
   });`;
 for (const mode of ['terminate', 'exit', 'terminate']) {
   held = await holder([{ start: 60, length: 1 }], 1500);
   const w = new Worker(workerSource(mode), { eval: true, workerData: { file, pidfds } });
-  await until(`worker ${mode}: ready`, once(w, 'message'));
+  const ended = until('worker exit', once(w, 'exit'));
+  const [{ orphan }] = await until(`worker ${mode}: ready`, once(w, 'message'));
   if (mode === 'terminate') await until('worker terminate', w.terminate());
-  else await until('worker exit', once(w, 'exit'));
+  await ended;
   check(true, `worker ${mode}`);
-  await held.exited;
+  if (orphan !== 0) {
+    // Its child outlived it: adopted by the orphan reaper, which must reap it
+    // once it ends. Killing it by pid is safe: unreaped, the pid is still its.
+    check(native.spawnInfo()[1] > 0, 'orphan adopted');
+    process.kill(orphan, 'SIGKILL');
+    await eventually('the orphan reaper to reap', () => native.spawnInfo()[1] === 0);
+    check(true, 'orphans reaped');
+  }
+  await held.release();
 }
 // The worker's files were closed by its cleanup hook: nothing of theirs is left.
 check(a.getConflict('exclusive', { start: 50, length: 1 }) === null, 'worker cleanup closed its files');
-for (let i = 0; i < 100 && native.spawnInfo()[1] > 0; i++) await sleep(100);
-check(native.spawnInfo()[1] === 0, 'orphans reaped');
+check(native.spawnInfo()[1] === 0, 'no orphans left');
 a.close();
 b.close();
 rmSync(dir, { recursive: true, force: true });
