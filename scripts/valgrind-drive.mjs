@@ -15,7 +15,7 @@
 // Prints one JSON line of what ran; exits non-zero if anything behaved wrongly.
 import { spawn as cpSpawn } from 'node:child_process';
 import { once } from 'node:events';
-import { mkdtempSync, rmSync, writeFileSync, chmodSync } from 'node:fs';
+import { mkdtempSync, realpathSync, rmSync, writeFileSync, chmodSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Worker } from 'node:worker_threads';
@@ -25,7 +25,9 @@ const { openLockable, spawnSupervised, attachProcess } = await import(new URL('i
 const { native } = await import(new URL('native.js', dist).href);
 const { locksOn } = await import(new URL('proc-locks.js', dist).href);
 
-const dir = mkdtempSync(join(tmpdir(), 'lockmgr-valgrind-'));
+// Its real path: a child's cwd is compared with what its `pwd` prints, which is
+// the physical path (TMPDIR may go through a symlink).
+const dir = realpathSync(mkdtempSync(join(tmpdir(), 'lockmgr-valgrind-')));
 const file = join(dir, 'disk.img');
 writeFileSync(file, Buffer.alloc(4096));
 const ran = {};
