@@ -13,6 +13,7 @@ import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import {
   AbortError,
+  attachProcess,
   InvalidArgumentError,
   InvalidStateError,
   LockManager,
@@ -21,11 +22,12 @@ import {
   ResourceBusyError,
   SpawnError,
   UnsupportedError,
+  type SupervisedProcess,
   type LockManagerOptions,
   type ResourceMode,
   type ResourceSpec,
 } from '../../lib/index.js';
-import { fdCount, processExists, waitUntil } from '../helpers.js';
+import { fdCount, waitUntil } from '../helpers.js';
 import type { Backend, Host, PoolResource } from './backends.js';
 import { LocalSide, RemoteSide, type Side } from './sides.js';
 
@@ -63,8 +65,13 @@ class Rig {
   readonly b: Backend;
   readonly #locals: LockManager[] = [];
   readonly #remotes: RemoteSide[] = [];
-  /** VMs started through a side: one whose supervisor a test killed lives on (lockLifetime 'child'). */
-  readonly #vms: number[] = [];
+  /**
+   * VMs started through a side, watched through a pidfd: one whose supervisor
+   * a test killed lives on (lockLifetime 'child'). Never a bare pid: on this
+   * busy machine a pid is reused within minutes, and a stale one may be
+   * anybody's process.
+   */
+  readonly #vms: SupervisedProcess[] = [];
 
   constructor(b: Backend) {
     this.b = b;
@@ -76,7 +83,10 @@ class Rig {
         if (r.peer.child.exitCode === null && r.peer.child.signalCode === null) await r.call('free').catch(() => undefined);
         await r.peer.kill();
       }
-      for (const vm of this.#vms.splice(0)) if (processExists(vm)) process.kill(vm, 'SIGKILL');
+      for (const vm of this.#vms.splice(0)) {
+        vm.signal('SIGKILL');
+        await vm.exited;
+      }
       await b.settle();
     }, 60_000);
   }
@@ -119,7 +129,7 @@ class Rig {
   async run(s: Side, wait?: { timeout?: number }): Promise<number> {
     // IPC turns a trailing undefined into null, which start() refuses.
     const vm = await (wait === undefined ? s.call<number>('start', 'sleep', ['1000']) : s.call<number>('start', 'sleep', ['1000'], {}, wait));
-    this.#vms.push(vm);
+    this.#vms.push(attachProcess(vm).unref());
     return vm;
   }
 
@@ -565,7 +575,7 @@ export function conformance(backend: Backend): void {
 
     describe('migration from host A to host B', () => {
       /** A source on host A holding disk 0 exclusively, and its target on host B, started: 'incoming'. */
-      async function handover(): Promise<{ src: LockManager; tgt: Side; tgtVm: number; srcVm: number }> {
+      async function handover(): Promise<{ src: LockManager; tgt: Side; tgtVm: number }> {
         const src = t.a();
         src.registerResource(t.disk(0).spec('exclusive'));
         await src.start('sleep', ['1000']);
@@ -574,7 +584,7 @@ export function conformance(backend: Backend): void {
         const tgtVm = await t.run(tgt);
         expect(await tgt.call('state')).toBe('incoming');
         if (caps.handoverGuard) expect(backend.observeGuard(t.disk(0))).toBe('exclusive');
-        return { src, tgt, tgtVm, srcVm: src.getChild().pid };
+        return { src, tgt, tgtVm };
       }
 
       it('success: the target waits for the source to let go, then holds the lease; the source can no longer take it back', async () => {
@@ -680,9 +690,9 @@ export function conformance(backend: Backend): void {
       });
 
       it('the source VM exits mid-migration: its leases go with it, the source ends stopped, the target acquires', async () => {
-        const { src, tgt, srcVm } = await handover();
+        const { src, tgt } = await handover();
         const exited = new Promise((r) => src.once('exit', r));
-        process.kill(srcVm, 'SIGKILL');
+        src.signal('SIGKILL');
         await exited;
         expect(src.state).toBe('stopped');
         await tgt.call('completeMigrateIn', SOURCE, { timeout: 60_000 });
