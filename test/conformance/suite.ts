@@ -91,10 +91,6 @@ class Rig {
     }, 60_000);
   }
 
-  get caps() {
-    return this.b.capabilities;
-  }
-
   disk(i: number): PoolResource {
     return this.b.disks[i]!;
   }
