@@ -55,6 +55,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { LockManager, locksOn, openLockable, type LockManagerOptions, type LockspaceOptions as LockspaceConfig } from '../../lib/index.js';
 import { inodeIdentity, lockFileName } from '../../lib/lockspaces/indirect.js';
 import { GUARD_MS, Victim, type Rec } from '../harness/crash-victim.js';
+import { lockAt } from '../helpers.js';
 import { procStat, within, zombieChildren } from '../harness/process-helpers.js';
 import { below, prng, seedFrom, subSeed } from '../harness/seeded.js';
 
@@ -308,21 +309,6 @@ function arrange(dir: string, space: Space, order: LockOrder, tag: string): stri
 }
 
 // ---------------------------------------------------------------- what the observer sees
-
-/** The lock a third party finds on one byte of `file`: its mode, or 'free' (also when the file does not exist). */
-function lockAt(file: string, byte: number): Mode | 'free' {
-  let f;
-  try {
-    f = openLockable(file, { access: 'read' });
-  } catch {
-    return 'free';
-  }
-  try {
-    return f.getConflict('exclusive', { start: byte, length: 1 })?.mode ?? 'free';
-  } finally {
-    f.close();
-  }
-}
 
 /** Whether process `pid` has an fd on the inode that `file`'s name points at now. */
 function hasFdOn(pid: number, file: string): boolean {
