@@ -48,6 +48,13 @@ export interface Capabilities {
   readonly migrationState: boolean;
   /** Leases exclude across hosts that share the lockspace's storage, not only within one running kernel. */
   readonly multiHost: boolean;
+  /**
+   * A readonly lease and a shared (writing) one exclude each other: a reader
+   * of a base image or install medium must see no writer at all. Readers
+   * still share with readers, shared writers with shared writers. Without it,
+   * readonly and shared are compatible, as in lockmgr before issue 14.
+   */
+  readonly readersExcludeWriters: boolean;
 }
 
 export type Capability = keyof Capabilities;

@@ -10,6 +10,14 @@
 //   byte 2  a pin (indirect lock files only): read-locked by a migration
 //           source that released its lease but may take it back, so that the
 //           file its child shares is not deleted and recreated meanwhile.
+//   byte 3  read-locked by every shared lease, byte 4 by every readonly one,
+//           after byte 0: a readonly and a shared lease exclude each other.
+//           Read locks cannot say "readers with readers, writers with
+//           writers, never the two", so each takes its own byte, then checks
+//           the other's (F_OFD_GETLK), as QEMU does its permission bytes: of
+//           two racers at least the later sees the earlier; both may fail,
+//           never both pass. virtlockd and lockmgr before issue 14 take only
+//           byte 0, and see no difference between the two.
 // QEMU's own image locks live at bytes 100 and up (lib/os/qemu.ts) and are
 // taken on the image itself (Lease.image), whatever the lockspace.
 //
@@ -30,6 +38,15 @@ import type { Capabilities, Lease, LeaseStatus, LockspaceConfig, LockspaceDriver
 export const LEASE_RANGE: Readonly<ByteRange> = Object.freeze({ start: 0, length: 1 });
 export const GUARD_RANGE: Readonly<ByteRange> = Object.freeze({ start: 1, length: 1 });
 export const PIN_RANGE: Readonly<ByteRange> = Object.freeze({ start: 2, length: 1 });
+export const SHARED_CLASS_RANGE: Readonly<ByteRange> = Object.freeze({ start: 3, length: 1 });
+export const READONLY_CLASS_RANGE: Readonly<ByteRange> = Object.freeze({ start: 4, length: 1 });
+
+/** The class byte a mode takes, and the one it must find free; null for exclusive (byte 0 says it all). */
+function classOf(mode: ResourceMode): { mine: Readonly<ByteRange>; theirs: Readonly<ByteRange>; theirMode: ResourceMode } | null {
+  if (mode === 'shared') return { mine: SHARED_CLASS_RANGE, theirs: READONLY_CLASS_RANGE, theirMode: 'readonly' };
+  if (mode === 'readonly') return { mine: READONLY_CLASS_RANGE, theirs: SHARED_CLASS_RANGE, theirMode: 'shared' };
+  return null;
+}
 
 /** The lock that stands for a resource mode. libvirt leaves readonly disks unlocked; we take a read lock, so a reader and an exclusive writer exclude each other. */
 export function lockModeOf(mode: ResourceMode): LockMode {
@@ -213,6 +230,60 @@ async function takeSlot(lease: OfdLease, slot: LeaseSlot, wait: boolean, deadlin
     throw new LockTimeoutError(`${err.message}${by}${migrating}`, { timeout: err.timeout, holder: err.holder, cause: err });
   }
   if (!ok) throw busyError(lease, slot);
+  await takeClass(lease, slot, wait, deadline, signal);
+}
+
+/**
+ * After byte 0: the mode's class byte, then the other class's must be free
+ * (take, then check). Waiting, it blocks on the other class's byte with a
+ * write lock that it drops at once, then tries again. On failure byte 0 is
+ * released again.
+ */
+async function takeClass(lease: OfdLease, slot: LeaseSlot, wait: boolean, deadline: number | undefined, signal: AbortSignal | undefined): Promise<void> {
+  const cls = classOf(lease.mode);
+  if (cls === null) return;
+  try {
+    for (;;) {
+      // Only a waiter (below) ever write-locks a class byte, for a moment: a failed take is that other class.
+      if (await slot.take('shared', cls.mine, { wait: false })) {
+        if (slot.file.getConflict('exclusive', cls.theirs) === null) return;
+        slot.release(cls.mine);
+      }
+      if (!wait) throw classBusy(lease, slot, cls.theirMode);
+      try {
+        await slot.file.lock('exclusive', cls.theirs, { timeout: remaining(deadline), signal });
+      } catch (err) {
+        if (!(err instanceof LockTimeoutError)) throw err;
+        const { text } = who(slot.path);
+        throw new LockTimeoutError(`${lease.path}: still held ${cls.theirMode} (readonly and shared leases exclude each other) after the timeout; it is open in ${text}`, {
+          timeout: err.timeout,
+          holder: err.holder,
+          cause: err,
+        });
+      }
+      slot.file.unlock(cls.theirs);
+    }
+  } catch (err) {
+    slot.release(LEASE_RANGE);
+    throw err;
+  }
+}
+
+/** Releases one slot's lease: the class byte first, since an indirect slot deletes its file only when its last byte goes. */
+function releaseSlot(lease: Lease, slot: LeaseSlot, keep = false): void {
+  const cls = classOf(lease.mode);
+  if (cls !== null) slot.release(cls.mine);
+  slot.release(LEASE_RANGE, { keep });
+}
+
+function classBusy(lease: OfdLease, slot: LeaseSlot, theirMode: ResourceMode): ResourceBusyError {
+  const { candidates, text } = who(slot.path);
+  const where = slot.path === lease.path ? '' : ` (its lock file ${slot.path})`;
+  return new ResourceBusyError(`${lease.path}${where} is held ${theirMode} by ${text}: a ${lease.mode} lease and a ${theirMode} one exclude each other`, {
+    holder: slot.file.getConflict('exclusive', classOf(lease.mode)!.theirs),
+    resource: lease.path,
+    candidates,
+  });
 }
 
 function namesInode(slot: LeaseSlot): boolean {
@@ -236,6 +307,7 @@ export const OFD_CAPABILITIES = {
   handoverGuard: true,
   hotplugHeldByChild: false,
   migrationState: false,
+  readersExcludeWriters: true,
 } as const satisfies Partial<Capabilities>;
 
 /**
@@ -291,13 +363,13 @@ export abstract class OfdLockspace implements LockspaceDriver {
         }
       }
     } catch (err) {
-      for (const t of [...taken].reverse()) t.slot.release(LEASE_RANGE);
+      for (const t of [...taken].reverse()) releaseSlot(t.lease, t.slot);
       throw rolledBack(err, taken.map((t) => t.lease));
     }
   }
 
   release(lease: Lease, options: { keepFiles?: boolean } = {}): void {
-    for (const slot of [...(lease as OfdLease).slots].reverse()) slot.release(LEASE_RANGE, { keep: options.keepFiles === true });
+    for (const slot of [...(lease as OfdLease).slots].reverse()) releaseSlot(lease, slot, options.keepFiles === true);
   }
 
   /**

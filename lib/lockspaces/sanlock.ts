@@ -242,6 +242,9 @@ export class SanlockLockspace implements LockspaceDriver {
     hotplugHeldByChild: true,
     migrationState: true,
     multiHost: true,
+    // Not yet: a sanlock lease has only two modes (shared, exclusive); the
+    // three-class rule needs a second resource per disk (docs/lockspaces.md).
+    readersExcludeWriters: false,
   });
   onWarning: (err: unknown) => void = () => undefined;
   /** The registered process the leases are acquired for; null when there is none (yet, or any more). */

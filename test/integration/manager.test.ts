@@ -333,7 +333,8 @@ describe('the conflict matrix of two managers in two processes', () => {
   const modes = ['exclusive', 'shared', 'readonly'] as const;
   for (const held of modes) {
     for (const wanted of modes) {
-      const conflicts = held === 'exclusive' || wanted === 'exclusive';
+      // A reader and a shared writer exclude each other too (issue 14): readers share with readers, shared writers with shared writers.
+      const conflicts = held === 'exclusive' || wanted === 'exclusive' || held !== wanted;
       it(`${held} held, ${wanted} wanted: ${conflicts ? 'busy' : 'both run'}`, async () => {
         const p = await managerPeer();
         await p.call('create', {});
