@@ -25,7 +25,7 @@
 // given the lease fds, so the leases are its own too and outlive a killed
 // supervisor (lockLifetime 'child'), and any running process can be attached.
 import { lstatSync } from 'node:fs';
-import { LockTimeoutError, ResourceBusyError, type LockHolder, type ProcessInfo } from '../os/errors.js';
+import { AbortError, LockTimeoutError, ResourceBusyError, type LockHolder, type ProcessInfo } from '../os/errors.js';
 import { openLockable, type ByteRange, type LockableFile, type LockMode } from '../os/locks.js';
 import { commandLine, describeProcess, processesWithOpen } from '../os/proc-locks.js';
 import { canonicalBlockNode, openDiskFile } from '../os/disks.js';
@@ -217,7 +217,7 @@ function migrationBusy(lease: OfdLease, slot: LeaseSlot): ResourceBusyError {
 }
 
 /** Takes one slot's lease byte, or throws a complete busy or timeout error. */
-async function takeSlot(lease: OfdLease, slot: LeaseSlot, wait: boolean, deadline: number | undefined, signal: AbortSignal | undefined): Promise<void> {
+async function takeSlot(lease: OfdLease, slot: LeaseSlot, wait: boolean, deadline: number | undefined, signal: AbortSignal | undefined, timeout?: number): Promise<void> {
   let ok: boolean;
   try {
     ok = await slot.take(lockModeOf(lease.mode), LEASE_RANGE, { wait, timeout: remaining(deadline), signal });
@@ -230,43 +230,63 @@ async function takeSlot(lease: OfdLease, slot: LeaseSlot, wait: boolean, deadlin
     throw new LockTimeoutError(`${err.message}${by}${migrating}`, { timeout: err.timeout, holder: err.holder, cause: err });
   }
   if (!ok) throw busyError(lease, slot);
-  await takeClass(lease, slot, wait, deadline, signal);
+  await takeClass(lease, slot, wait, deadline, signal, timeout);
 }
+
+/** How often a waiting class check looks again, at most (it starts at 10 ms and doubles). */
+const CLASS_POLL_MAX_MS = 250;
 
 /**
  * After byte 0: the mode's class byte, then the other class's must be free
- * (take, then check). Waiting, it blocks on the other class's byte with a
- * write lock that it drops at once, then tries again. On failure byte 0 is
- * released again.
+ * (take, then check). Waiting, it looks again with F_OFD_GETLK on a timer:
+ * a shared or readonly lease file may be open read-only (a base image on a
+ * read-only filesystem), and a read-only descriptor cannot block for the
+ * write lock that would wait for the other class to leave. On failure byte 0
+ * is released again.
  */
-async function takeClass(lease: OfdLease, slot: LeaseSlot, wait: boolean, deadline: number | undefined, signal: AbortSignal | undefined): Promise<void> {
+async function takeClass(lease: OfdLease, slot: LeaseSlot, wait: boolean, deadline: number | undefined, signal: AbortSignal | undefined, timeout = 0): Promise<void> {
   const cls = classOf(lease.mode);
   if (cls === null) return;
+  let pause = 10;
   try {
     for (;;) {
-      // Only a waiter (below) ever write-locks a class byte, for a moment: a failed take is that other class.
+      // Nobody write-locks a class byte: a read lock on one fails only under a whole-file deleter, which take() waits out.
       if (await slot.take('shared', cls.mine, { wait: false })) {
         if (slot.file.getConflict('exclusive', cls.theirs) === null) return;
         slot.release(cls.mine);
       }
       if (!wait) throw classBusy(lease, slot, cls.theirMode);
-      try {
-        await slot.file.lock('exclusive', cls.theirs, { timeout: remaining(deadline), signal });
-      } catch (err) {
-        if (!(err instanceof LockTimeoutError)) throw err;
+      const left = remaining(deadline);
+      if (left !== undefined && left <= 0) {
         const { text } = who(slot.path);
-        throw new LockTimeoutError(`${lease.path}: still held ${cls.theirMode} (readonly and shared leases exclude each other) after the timeout; it is open in ${text}`, {
-          timeout: err.timeout,
-          holder: err.holder,
-          cause: err,
+        throw new LockTimeoutError(`${lease.path}: still held ${cls.theirMode} when the timeout ran out (readonly and shared leases exclude each other); it is open in ${text}`, {
+          timeout,
+          holder: slot.file.getConflict('exclusive', cls.theirs),
         });
       }
-      slot.file.unlock(cls.theirs);
+      await pauseFor(Math.min(pause, left ?? pause), signal);
+      pause = Math.min(pause * 2, CLASS_POLL_MAX_MS);
     }
   } catch (err) {
     slot.release(LEASE_RANGE);
     throw err;
   }
+}
+
+/** A timer pause that an abort ends early, with AbortError. */
+function pauseFor(ms: number, signal: AbortSignal | undefined): Promise<void> {
+  return new Promise((resolve, reject) => {
+    if (signal?.aborted) return reject(new AbortError('the wait was aborted', { cause: signal.reason }));
+    const onAbort = () => {
+      clearTimeout(timer);
+      reject(new AbortError('the wait was aborted', { cause: signal!.reason }));
+    };
+    const timer = setTimeout(() => {
+      signal?.removeEventListener('abort', onAbort);
+      resolve();
+    }, ms);
+    signal?.addEventListener('abort', onAbort, { once: true });
+  });
 }
 
 /** Releases one slot's lease: the class byte first, since an indirect slot deletes its file only when its last byte goes. */
@@ -354,7 +374,7 @@ export abstract class OfdLockspace implements LockspaceDriver {
     const taken: Step[] = [];
     try {
       for (const step of lockOrder(todo)) {
-        await takeSlot(step.lease, step.slot, options.wait, deadline, options.signal);
+        await takeSlot(step.lease, step.slot, options.wait, deadline, options.signal, options.timeout);
         taken.push(step);
         const n = left.get(step.lease)! - 1;
         left.set(step.lease, n);
