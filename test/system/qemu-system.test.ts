@@ -379,6 +379,38 @@ describe.skipIf(!haveQemu)('a real QEMU supervised by lockmgr on its own image',
   );
 
   it(
+    'qcow2: under exclusive and shared even qemu-img info and qemu-io -r are refused (qcow2 openers refuse to share write); under readonly they read; -U reads always',
+    async () => {
+      track();
+      const qcow = join(tmp.dir, 'vm2.qcow2');
+      expect((await tool('qemu-img', ['create', '-f', 'qcow2', qcow, '16M'])).code).toBe(0);
+      for (const mode of ['exclusive', 'shared', 'readonly'] as const) {
+        const m = new LockManager();
+        managers.push(m);
+        m.registerResource({ type: 'disk', path: qcow, mode, qemuCompatible: true });
+        await m.start('sleep', ['1000']);
+        const info = await tool('qemu-img', ['info', qcow]);
+        const read = await tool('qemu-io', ['-r', '-f', 'qcow2', '-c', 'read 0 512', qcow]);
+        if (mode === 'readonly') {
+          expect(info.code).toBe(0);
+          expect(read.code).toBe(0);
+        } else {
+          for (const r of [info, read]) {
+            expect(r.code, mode).not.toBe(0);
+            expect(r.out).toContain('Failed to get shared "write" lock');
+          }
+        }
+        expect((await tool('qemu-img', ['info', '-U', qcow])).code).toBe(0);
+        await m.free();
+      }
+      expect(locksOn(qcow)).toEqual([]);
+      await waitUntil(() => childrenOf().filter((p) => !childrenBefore.includes(p)).length === 0, 10_000, 'children to be reaped');
+      expect(openFds().filter((fd) => !fdsBefore.includes(fd))).toEqual([]);
+    },
+    TEST_MS,
+  );
+
+  it(
     'a QEMU that opens the image by path itself, under a QEMU-compatible lease, is refused by our locks (the use docs/cli.md warns against)',
     async () => {
       track();
