@@ -1,5 +1,5 @@
 // The lock-manager contract (docs/contract.md): every row there names a test here.
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { chmodSync, existsSync, linkSync, readFileSync, readdirSync, readlinkSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
@@ -388,6 +388,29 @@ describe('readonly against shared (issue 14): readers exclude shared writers, ta
       expect(probe.getConflict('exclusive', { start: 4, length: 1 })).not.toBeNull();
     } finally {
       probe.close();
+    }
+  });
+
+  it('a peer that takes only byte 0 cannot be told apart: a POSIX read lock there (virtlockd\'s <shareable/> disk) lets a readonly lease in', async () => {
+    // As virtlockd does: classic POSIX F_SETLK, a read lock on byte 0, held by another process.
+    const holder = spawn('python3', ['-c', `import fcntl,sys\nf=open(${JSON.stringify(fx.path)},'rb')\nfcntl.lockf(f,fcntl.LOCK_SH|fcntl.LOCK_NB,1,0)\nprint('held',flush=True)\nsys.stdin.read()`], { stdio: ['pipe', 'pipe', 'inherit'] });
+    try {
+      await new Promise<void>((resolve, reject) => {
+        holder.once('exit', (code) => reject(new Error(`python3 exited with ${code}`)));
+        holder.stdout!.once('data', () => resolve());
+      });
+      const r = manager();
+      r.registerResource({ type: 'disk', path: fx.path, mode: 'readonly' });
+      await r.start('sleep', ['1000']);
+      expect(r.state).toBe('running');
+      await r.free();
+      const x = manager();
+      x.registerResource({ type: 'disk', path: fx.path, mode: 'exclusive' });
+      await expect(x.start('sleep', ['1000'])).rejects.toBeInstanceOf(ResourceBusyError);
+    } finally {
+      const gone = new Promise((resolve) => holder.once('exit', resolve));
+      holder.stdin!.end();
+      await gone;
     }
   });
 
