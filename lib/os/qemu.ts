@@ -139,6 +139,9 @@ export function qemuDiskArgs(fd: number, options: QemuDiskOptions): string[] {
   if (mode !== 'exclusive' && mode !== 'shared' && mode !== 'readonly') throw new InvalidArgumentError(`qemuDiskArgs() mode must be 'exclusive', 'shared' or 'readonly', got ${String(mode)}`);
   const format = options.format ?? 'raw';
   const device = options.device === undefined ? 'virtio-blk-pci' : options.device;
+  // A comma would smuggle options into QEMU's key=value lists.
+  if (typeof format !== 'string' || !/^[A-Za-z0-9_-]+$/.test(format)) throw new InvalidArgumentError(`qemuDiskArgs() format must be a QEMU driver name, got ${String(format)}`);
+  if (device !== null && (typeof device !== 'string' || !/^[A-Za-z0-9_.-]+$/.test(device))) throw new InvalidArgumentError(`qemuDiskArgs() device must be a QEMU device type or null, got ${String(device)}`);
   const ro = mode === 'readonly' ? ',read-only=on' : '';
   const args = [
     '-add-fd',
