@@ -111,10 +111,12 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
    * number, also named in its environment (LOCKMGR_QEMU_FD: the first;
    * LOCKMGR_QEMU_FDS: all, space-separated). QEMU must open the image through
    * it (qemuDiskArgs()): its own open of the path would meet our locks and
-   * fail with 'Failed to get "write" lock' (docs/cli.md).
+   * fail with 'Failed to get "write" lock' (docs/cli.md). access: read-write
+   * for exclusive and shared, unless the image cannot be opened so (then QEMU
+   * cannot write it either); read-only for readonly.
    */
-  get qemuDescriptors(): Array<{ path: string; mode: ResourceMode; fd: number }> {
-    return this.#resources.values().flatMap((r) => (r.qemuImage === undefined ? [] : [{ path: r.path, mode: r.mode, fd: r.qemuImage.fd }]));
+  get qemuDescriptors(): Array<{ path: string; mode: ResourceMode; fd: number; access: 'read' | 'readwrite' }> {
+    return this.#resources.values().flatMap((r) => (r.qemuImage === undefined ? [] : [{ path: r.path, mode: r.mode, fd: r.qemuImage.fd, access: r.qemuImage.access }]));
   }
 
   /** Sets a domain parameter before start. Keys: 'id' | 'uuid' | 'name' | 'uri'. */

@@ -3,7 +3,7 @@
 // in every lockspace: one entry per file whatever path reached it, the
 // all-or-nothing acquire (the lockspace's, then QEMU's locks on the image),
 // release, the migration guard and verification.
-import { InvalidArgumentError } from '../os/errors.js';
+import { InvalidArgumentError, ResourceAccessError } from '../os/errors.js';
 import { openLockable, type LockableFile } from '../os/locks.js';
 import { QEMU_PROFILES, releaseQemuLocks, takeQemuLocks, type QemuProfile } from '../os/qemu.js';
 import { withRollback } from '../lockspaces/common.js';
@@ -50,7 +50,16 @@ export function qemuProfile(mode: ResourceMode): QemuProfile {
  * /proc/self/fd: the same inode, whatever happened to the path since).
  */
 function openQemuImage(image: LockableFile, mode: ResourceMode): LockableFile {
-  return openLockable(`/proc/self/fd/${image.fd}`, { access: mode === 'readonly' ? 'read' : 'readwrite' });
+  const path = `/proc/self/fd/${image.fd}`;
+  if (mode === 'readonly') return openLockable(path, { access: 'read' });
+  try {
+    return openLockable(path, { access: 'readwrite' });
+  } catch (err) {
+    // An image nobody may write (immutable, a read-only mount): QEMU could not
+    // write it either, and QEMU's locks are read locks, which read access carries.
+    if (err instanceof ResourceAccessError) return openLockable(path, { access: 'read' });
+    throw err;
+  }
 }
 
 /**
