@@ -72,8 +72,9 @@ export interface Lease {
   readonly kind: 'file' | 'block-device' | 'lease';
   readonly mode: ResourceMode;
   /**
-   * The image, open for QEMU's own locks and for the file's identity (hard
-   * links and symlinks are one resource); null for a named lease.
+   * The image, open for the file's identity (hard links and symlinks are one
+   * resource); the manager reopens it through /proc/self/fd for QEMU's own
+   * locks. null for a named lease.
    */
   readonly image: LockableFile | null;
   /** Descriptors the supervised process inherits so that the lease is its own too (OFD locks belong to the open file description). */

@@ -19,7 +19,8 @@
 //           never both pass. virtlockd and lockmgr before issue 14 take only
 //           byte 0, and see no difference between the two.
 // QEMU's own image locks live at bytes 100 and up (lib/os/qemu.ts) and are
-// taken on the image itself (Lease.image), whatever the lockspace.
+// taken on the image itself, whatever the lockspace, through a descriptor the
+// manager opens for them (lib/manager/resources.ts), never the lease's.
 //
 // An OFD lock belongs to the open file description: the supervised process is
 // given the lease fds, so the leases are its own too and outlive a killed
