@@ -219,7 +219,7 @@ class SanlockLease implements Lease {
   ) {}
 
   get fds(): number[] {
-    // QEMU's locks on the image go with the VM, as in every lockspace.
+    // The VM keeps the image open for as long as it holds the lease.
     return this.image === null || this.image.closed ? [] : [this.image.fd];
   }
 
@@ -278,7 +278,7 @@ export class SanlockLockspace implements LockspaceDriver {
    * on every host); a named lease's is named after <path>/<lockspace>/<key>.
    * Both live in this lockspace's lease index (created once, from any host:
    * `lockmgr sanlock add-disk` / `add-lease`). A disk is also opened, for
-   * reading, like in every lockspace: for QEMU's locks and its identity.
+   * reading, like in every lockspace: for its identity.
    */
   open(name: ResourceName, mode: ResourceMode): SanlockLease {
     checkMode(mode);
