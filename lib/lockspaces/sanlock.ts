@@ -219,7 +219,8 @@ class SanlockLease implements Lease {
   ) {}
 
   get fds(): number[] {
-    // The VM keeps the image open for as long as it holds the lease.
+    // A read-only descriptor of the VM's own image; QEMU's locks no longer
+    // live on it (the manager has its own descriptor for them), but no harm.
     return this.image === null || this.image.closed ? [] : [this.image.fd];
   }
 
