@@ -188,8 +188,6 @@ describe.skipIf(!haveQemu)('a real QEMU supervised by lockmgr on its own image',
     }
   });
 
-  const newFds = (): string => openFds().filter((fd) => !fdsBefore.includes(fd)).join(', ') || 'none';
-
   /** Nothing of the test is left: no lock on the image, no child, no zombie, no fd. */
   async function expectAllFree(): Promise<void> {
     expect(locksOn(image)).toEqual([]);
@@ -201,7 +199,7 @@ describe.skipIf(!haveQemu)('a real QEMU supervised by lockmgr on its own image',
     await waitUntil(() => childrenOf().filter((p) => !childrenBefore.includes(p)).length === 0, 10_000, 'children to be reaped');
     expect(zombieChildren()).toEqual([]);
     // A freed manager's pidfd closes a moment after free() resolves (its poll handle closes on the loop), as leaks.test.ts waits too.
-    await waitUntil(() => openFds().filter((fd) => !fdsBefore.includes(fd)).length === 0, 10_000, `fds to close: ${newFds()}`);
+    await waitUntil(() => openFds().filter((fd) => !fdsBefore.includes(fd)).length === 0, 10_000, "the test's fds to close");
   }
 
   /** The VM under test: started by `lockmgr run` (sh -c expands $LOCKMGR_QEMU_FD) or by a LockManager. */
@@ -409,7 +407,7 @@ describe.skipIf(!haveQemu)('a real QEMU supervised by lockmgr on its own image',
       expect(locksOn(qcow)).toEqual([]);
       await waitUntil(() => childrenOf().filter((p) => !childrenBefore.includes(p)).length === 0, 10_000, 'children to be reaped');
       // A freed manager's pidfd closes a moment after free() resolves (its poll handle closes on the loop), as leaks.test.ts waits too.
-    await waitUntil(() => openFds().filter((fd) => !fdsBefore.includes(fd)).length === 0, 10_000, `fds to close: ${newFds()}`);
+      await waitUntil(() => openFds().filter((fd) => !fdsBefore.includes(fd)).length === 0, 10_000, "the test's fds to close");
     },
     TEST_MS,
   );
