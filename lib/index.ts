@@ -67,5 +67,5 @@ export {
 export type { Capabilities, Capability } from './lockspaces/driver.js';
 export type { DirectLockspaceConfig, IndirectLockspaceConfig, SanlockLockspaceConfig } from './lockspaces/index.js';
 export { locksOn, parseProcLocks, processesWithOpen, type ProcLock, type ProcLockKind } from './os/proc-locks.js';
-export { QEMU_PERMISSIONS, qemuLockState, type QemuLockState, type QemuPermission } from './os/qemu.js';
+export { QEMU_PERMISSIONS, qemuDiskArgs, qemuLockState, type QemuDiskOptions, type QemuLockState, type QemuPermission } from './os/qemu.js';
 export * as sanlock from './lockspaces/sanlock-public.js';

@@ -27,7 +27,10 @@ run     Acquires every resource (all or nothing, in one canonical order), runs
         --lifetime child     the command keeps its leases if lockmgr dies (default)
         --lifetime supervisor the command is killed if lockmgr dies
         --qemu-compatible    also take QEMU's permission locks, so qemu-img and
-                             qemu-io refuse to write or resize the images
+                             qemu-io refuse to write or resize the images;
+                             a QEMU run as COMMAND must open each image through
+                             the descriptor in $LOCKMGR_QEMU_FD(S): -add-fd
+                             fd=N,set=N -blockdev driver=file,filename=/dev/fdset/N
 status  For each PATH: the lease (byte 0), the migration guard (byte 1), QEMU's
         permission locks (bytes 100-299), the locks in /proc/locks, and the
         processes that have the file open. --json prints one JSON document.

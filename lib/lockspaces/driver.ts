@@ -48,6 +48,13 @@ export interface Capabilities {
   readonly migrationState: boolean;
   /** Leases exclude across hosts that share the lockspace's storage, not only within one running kernel. */
   readonly multiHost: boolean;
+  /**
+   * A readonly lease and a shared (writing) one exclude each other: a reader
+   * of a base image or install medium must see no writer at all. Readers
+   * still share with readers, shared writers with shared writers. Without it,
+   * readonly and shared are compatible, as in lockmgr before issue 14.
+   */
+  readonly readersExcludeWriters: boolean;
 }
 
 export type Capability = keyof Capabilities;
@@ -65,8 +72,9 @@ export interface Lease {
   readonly kind: 'file' | 'block-device' | 'lease';
   readonly mode: ResourceMode;
   /**
-   * The image, open for QEMU's own locks and for the file's identity (hard
-   * links and symlinks are one resource); null for a named lease.
+   * The image, open for the file's identity (hard links and symlinks are one
+   * resource); the manager reopens it through /proc/self/fd for QEMU's own
+   * locks. null for a named lease.
    */
   readonly image: LockableFile | null;
   /** Descriptors the supervised process inherits so that the lease is its own too (OFD locks belong to the open file description). */

@@ -176,8 +176,8 @@ export class IndirectLockspace extends OfdLockspace {
   protected openLease(name: ResourceName, mode: ResourceMode): OfdLease {
     if (name.type === 'lease') return openNamedLease(name, mode);
     checkPath(name.path);
-    // QEMU-style locks on the image need only read access: the image may be
-    // on a read-only filesystem or not writable by us at all.
+    // The image is opened for its identity only, so read access will do: it
+    // may be on a read-only filesystem or not writable by us at all.
     const image = openDiskFile(name.path, 'read');
     const slots: LockFileSlot[] = [];
     try {

@@ -10,14 +10,23 @@
 //   byte 2  a pin (indirect lock files only): read-locked by a migration
 //           source that released its lease but may take it back, so that the
 //           file its child shares is not deleted and recreated meanwhile.
+//   byte 3  read-locked by every shared lease, byte 4 by every readonly one,
+//           after byte 0: a readonly and a shared lease exclude each other.
+//           Read locks cannot say "readers with readers, writers with
+//           writers, never the two", so each takes its own byte, then checks
+//           the other's (F_OFD_GETLK), as QEMU does its permission bytes: of
+//           two racers at least the later sees the earlier; both may fail,
+//           never both pass. virtlockd and lockmgr before issue 14 take only
+//           byte 0, and see no difference between the two.
 // QEMU's own image locks live at bytes 100 and up (lib/os/qemu.ts) and are
-// taken on the image itself (Lease.image), whatever the lockspace.
+// taken on the image itself, whatever the lockspace, through a descriptor the
+// manager opens for them (lib/manager/resources.ts), never the lease's.
 //
 // An OFD lock belongs to the open file description: the supervised process is
 // given the lease fds, so the leases are its own too and outlive a killed
 // supervisor (lockLifetime 'child'), and any running process can be attached.
 import { lstatSync } from 'node:fs';
-import { LockTimeoutError, ResourceBusyError, type LockHolder, type ProcessInfo } from '../os/errors.js';
+import { AbortError, LockTimeoutError, ResourceBusyError, type LockHolder, type ProcessInfo } from '../os/errors.js';
 import { openLockable, type ByteRange, type LockableFile, type LockMode } from '../os/locks.js';
 import { commandLine, describeProcess, processesWithOpen } from '../os/proc-locks.js';
 import { canonicalBlockNode, openDiskFile } from '../os/disks.js';
@@ -30,6 +39,15 @@ import type { Capabilities, Lease, LeaseStatus, LockspaceConfig, LockspaceDriver
 export const LEASE_RANGE: Readonly<ByteRange> = Object.freeze({ start: 0, length: 1 });
 export const GUARD_RANGE: Readonly<ByteRange> = Object.freeze({ start: 1, length: 1 });
 export const PIN_RANGE: Readonly<ByteRange> = Object.freeze({ start: 2, length: 1 });
+export const SHARED_CLASS_RANGE: Readonly<ByteRange> = Object.freeze({ start: 3, length: 1 });
+export const READONLY_CLASS_RANGE: Readonly<ByteRange> = Object.freeze({ start: 4, length: 1 });
+
+/** The class byte a mode takes, and the one it must find free; null for exclusive (byte 0 says it all). */
+function classOf(mode: ResourceMode): { mine: Readonly<ByteRange>; theirs: Readonly<ByteRange>; theirMode: ResourceMode } | null {
+  if (mode === 'shared') return { mine: SHARED_CLASS_RANGE, theirs: READONLY_CLASS_RANGE, theirMode: 'readonly' };
+  if (mode === 'readonly') return { mine: READONLY_CLASS_RANGE, theirs: SHARED_CLASS_RANGE, theirMode: 'shared' };
+  return null;
+}
 
 /** The lock that stands for a resource mode. libvirt leaves readonly disks unlocked; we take a read lock, so a reader and an exclusive writer exclude each other. */
 export function lockModeOf(mode: ResourceMode): LockMode {
@@ -200,7 +218,7 @@ function migrationBusy(lease: OfdLease, slot: LeaseSlot): ResourceBusyError {
 }
 
 /** Takes one slot's lease byte, or throws a complete busy or timeout error. */
-async function takeSlot(lease: OfdLease, slot: LeaseSlot, wait: boolean, deadline: number | undefined, signal: AbortSignal | undefined): Promise<void> {
+async function takeSlot(lease: OfdLease, slot: LeaseSlot, wait: boolean, deadline: number | undefined, signal: AbortSignal | undefined, timeout?: number): Promise<void> {
   let ok: boolean;
   try {
     ok = await slot.take(lockModeOf(lease.mode), LEASE_RANGE, { wait, timeout: remaining(deadline), signal });
@@ -213,6 +231,80 @@ async function takeSlot(lease: OfdLease, slot: LeaseSlot, wait: boolean, deadlin
     throw new LockTimeoutError(`${err.message}${by}${migrating}`, { timeout: err.timeout, holder: err.holder, cause: err });
   }
   if (!ok) throw busyError(lease, slot);
+  await takeClass(lease, slot, wait, deadline, signal, timeout);
+}
+
+/** How often a waiting class check looks again, at most (it starts at 10 ms and doubles). */
+const CLASS_POLL_MAX_MS = 250;
+
+/**
+ * After byte 0: the mode's class byte, then the other class's must be free
+ * (take, then check). Waiting, it looks again with F_OFD_GETLK on a timer:
+ * a shared or readonly lease file may be open read-only (a base image on a
+ * read-only filesystem), and a read-only descriptor cannot block for the
+ * write lock that would wait for the other class to leave. On failure byte 0
+ * is released again.
+ */
+async function takeClass(lease: OfdLease, slot: LeaseSlot, wait: boolean, deadline: number | undefined, signal: AbortSignal | undefined, timeout = 0): Promise<void> {
+  const cls = classOf(lease.mode);
+  if (cls === null) return;
+  let pause = 10;
+  try {
+    for (;;) {
+      // Nobody write-locks a class byte: a read lock on one fails only under a whole-file deleter, which take() waits out.
+      if (await slot.take('shared', cls.mine, { wait: false })) {
+        if (slot.file.getConflict('exclusive', cls.theirs) === null) return;
+        slot.release(cls.mine);
+      }
+      if (!wait) throw classBusy(lease, slot, cls.theirMode);
+      const left = remaining(deadline);
+      if (left !== undefined && left <= 0) {
+        const { text } = who(slot.path);
+        throw new LockTimeoutError(`${lease.path}: still held ${cls.theirMode} when the timeout ran out (readonly and shared leases exclude each other); it is open in ${text}`, {
+          timeout,
+          holder: slot.file.getConflict('exclusive', cls.theirs),
+        });
+      }
+      await pauseFor(Math.min(pause, left ?? pause), signal);
+      pause = Math.min(pause * 2, CLASS_POLL_MAX_MS);
+    }
+  } catch (err) {
+    slot.release(LEASE_RANGE);
+    throw err;
+  }
+}
+
+/** A timer pause that an abort ends early, with AbortError. */
+function pauseFor(ms: number, signal: AbortSignal | undefined): Promise<void> {
+  return new Promise((resolve, reject) => {
+    if (signal?.aborted) return reject(new AbortError('the wait was aborted', { cause: signal.reason }));
+    const onAbort = () => {
+      clearTimeout(timer);
+      reject(new AbortError('the wait was aborted', { cause: signal!.reason }));
+    };
+    const timer = setTimeout(() => {
+      signal?.removeEventListener('abort', onAbort);
+      resolve();
+    }, ms);
+    signal?.addEventListener('abort', onAbort, { once: true });
+  });
+}
+
+/** Releases one slot's lease: the class byte first, since an indirect slot deletes its file only when its last byte goes. */
+function releaseSlot(lease: Lease, slot: LeaseSlot, keep = false): void {
+  const cls = classOf(lease.mode);
+  if (cls !== null) slot.release(cls.mine);
+  slot.release(LEASE_RANGE, { keep });
+}
+
+function classBusy(lease: OfdLease, slot: LeaseSlot, theirMode: ResourceMode): ResourceBusyError {
+  const { candidates, text } = who(slot.path);
+  const where = slot.path === lease.path ? '' : ` (its lock file ${slot.path})`;
+  return new ResourceBusyError(`${lease.path}${where} is held ${theirMode} by ${text}: a ${lease.mode} lease and a ${theirMode} one exclude each other`, {
+    holder: slot.file.getConflict('exclusive', classOf(lease.mode)!.theirs),
+    resource: lease.path,
+    candidates,
+  });
 }
 
 function namesInode(slot: LeaseSlot): boolean {
@@ -236,6 +328,7 @@ export const OFD_CAPABILITIES = {
   handoverGuard: true,
   hotplugHeldByChild: false,
   migrationState: false,
+  readersExcludeWriters: true,
 } as const satisfies Partial<Capabilities>;
 
 /**
@@ -282,7 +375,7 @@ export abstract class OfdLockspace implements LockspaceDriver {
     const taken: Step[] = [];
     try {
       for (const step of lockOrder(todo)) {
-        await takeSlot(step.lease, step.slot, options.wait, deadline, options.signal);
+        await takeSlot(step.lease, step.slot, options.wait, deadline, options.signal, options.timeout);
         taken.push(step);
         const n = left.get(step.lease)! - 1;
         left.set(step.lease, n);
@@ -291,13 +384,13 @@ export abstract class OfdLockspace implements LockspaceDriver {
         }
       }
     } catch (err) {
-      for (const t of [...taken].reverse()) t.slot.release(LEASE_RANGE);
+      for (const t of [...taken].reverse()) releaseSlot(t.lease, t.slot);
       throw rolledBack(err, taken.map((t) => t.lease));
     }
   }
 
   release(lease: Lease, options: { keepFiles?: boolean } = {}): void {
-    for (const slot of [...(lease as OfdLease).slots].reverse()) slot.release(LEASE_RANGE, { keep: options.keepFiles === true });
+    for (const slot of [...(lease as OfdLease).slots].reverse()) releaseSlot(lease, slot, options.keepFiles === true);
   }
 
   /**

@@ -219,7 +219,8 @@ class SanlockLease implements Lease {
   ) {}
 
   get fds(): number[] {
-    // QEMU's locks on the image go with the VM, as in every lockspace.
+    // A read-only descriptor of the VM's own image; QEMU's locks no longer
+    // live on it (the manager has its own descriptor for them), but no harm.
     return this.image === null || this.image.closed ? [] : [this.image.fd];
   }
 
@@ -242,6 +243,9 @@ export class SanlockLockspace implements LockspaceDriver {
     hotplugHeldByChild: true,
     migrationState: true,
     multiHost: true,
+    // Not yet: a sanlock lease has only two modes (shared, exclusive); the
+    // three-class rule needs a second resource per disk (docs/lockspaces.md).
+    readersExcludeWriters: false,
   });
   onWarning: (err: unknown) => void = () => undefined;
   /** The registered process the leases are acquired for; null when there is none (yet, or any more). */
@@ -275,7 +279,7 @@ export class SanlockLockspace implements LockspaceDriver {
    * on every host); a named lease's is named after <path>/<lockspace>/<key>.
    * Both live in this lockspace's lease index (created once, from any host:
    * `lockmgr sanlock add-disk` / `add-lease`). A disk is also opened, for
-   * reading, like in every lockspace: for QEMU's locks and its identity.
+   * reading, like in every lockspace: for its identity.
    */
   open(name: ResourceName, mode: ResourceMode): SanlockLease {
     checkMode(mode);

@@ -105,6 +105,20 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
     return this.#resources.values().map((r) => ({ path: r.path, mode: r.mode, held: r.held, identity: r.lease.key, lockFiles: [...r.lease.locations] }));
   }
 
+  /**
+   * The descriptors a QEMU started by this manager opens its QEMU-compatible
+   * disks through, in registration order: the child inherits each at this
+   * number, also named in its environment (LOCKMGR_QEMU_FD: the first;
+   * LOCKMGR_QEMU_FDS: all, space-separated). QEMU must open the image through
+   * it (qemuDiskArgs()): its own open of the path would meet our locks and
+   * fail with 'Failed to get "write" lock' (docs/cli.md). access: read-write
+   * for exclusive and shared, unless the image cannot be opened so (then QEMU
+   * cannot write it either); read-only for readonly.
+   */
+  get qemuDescriptors(): Array<{ path: string; mode: ResourceMode; fd: number; access: 'read' | 'readwrite' }> {
+    return this.#resources.values().flatMap((r) => (r.qemuImage === undefined ? [] : [{ path: r.path, mode: r.mode, fd: r.qemuImage.fd, access: r.qemuImage.access }]));
+  }
+
   /** Sets a domain parameter before start. Keys: 'id' | 'uuid' | 'name' | 'uri'. */
   setParameter<K extends keyof ManagerParams>(key: K, value: NonNullable<ManagerParams[K]>): void {
     this.#sm.require('setParameter');
@@ -162,7 +176,7 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
       child = await this.#space.start({
         command,
         args,
-        spawnOptions,
+        spawnOptions: command === undefined ? spawnOptions : this.#withQemuDescriptors(spawnOptions),
         attach: this.#attach,
         leases: this.#resources.leases(),
         limits: { signal, timeout, deadline },
@@ -611,6 +625,16 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
       return { ...options, parentDeathSignal: 'SIGKILL' };
     }
     return options;
+  }
+
+  /** The spawn options plus the QEMU descriptors: kept open in the child, and named in its environment. */
+  #withQemuDescriptors(options: SpawnOptions): SpawnOptions {
+    const fds = this.qemuDescriptors.map((d) => d.fd);
+    // Malformed env or keepFds: left for spawnSupervised() to reject, in its words.
+    if (fds.length === 0 || (options.env !== undefined && (typeof options.env !== 'object' || options.env === null))) return options;
+    if (options.keepFds !== undefined && !Array.isArray(options.keepFds)) return options;
+    const env = { ...(options.env ?? process.env), LOCKMGR_QEMU_FD: String(fds[0]), LOCKMGR_QEMU_FDS: fds.join(' ') };
+    return { ...options, env, keepFds: [...(options.keepFds ?? []), ...fds] };
   }
 
   #startVerify(): void {

@@ -3,8 +3,8 @@
 // in every lockspace: one entry per file whatever path reached it, the
 // all-or-nothing acquire (the lockspace's, then QEMU's locks on the image),
 // release, the migration guard and verification.
-import { InvalidArgumentError } from '../os/errors.js';
-import { openLockable } from '../os/locks.js';
+import { InvalidArgumentError, ResourceAccessError } from '../os/errors.js';
+import { openLockable, type LockableFile } from '../os/locks.js';
 import { QEMU_PROFILES, releaseQemuLocks, takeQemuLocks, type QemuProfile } from '../os/qemu.js';
 import { withRollback } from '../lockspaces/common.js';
 import type { Capabilities, Lease, LockspaceDriver, ResourceMode, TakeOptions } from '../lockspaces/driver.js';
@@ -19,6 +19,13 @@ export interface Resource {
   readonly lease: Lease;
   /** QEMU-style permission locks to take on the image too (lib/os/qemu.ts). */
   readonly qemu: QemuProfile | undefined;
+  /**
+   * With qemu: the image's own open file description that carries those
+   * locks, given to the child for QEMU to open through -add-fd (its locks
+   * then merge with ours instead of conflicting). Read-write unless readonly:
+   * QEMU uses only a descriptor of the access mode it asks for.
+   */
+  readonly qemuImage: LockableFile | undefined;
   /** How it was registered, for inquire(). */
   readonly spec: TokenResource;
   held: boolean;
@@ -30,11 +37,29 @@ export interface Resource {
 
 /**
  * The QEMU permissions that stand for a resource mode: exclusive is a writer
- * that shares neither writing nor resizing (a VM with share-rw=off); shared and
- * readonly are a reader that refuses resizing (as qemu-nbd does).
+ * that shares neither writing nor resizing (a VM with share-rw=off); shared a
+ * writer that shares writing (share-rw=on); readonly a reader that lets nobody
+ * write (readonly=on): what QEMU's own devices of that kind hold.
  */
 export function qemuProfile(mode: ResourceMode): QemuProfile {
-  return mode === 'exclusive' ? QEMU_PROFILES.exclusiveWriter : QEMU_PROFILES.reader;
+  return mode === 'exclusive' ? QEMU_PROFILES.exclusiveWriter : mode === 'shared' ? QEMU_PROFILES.sharedWriter : QEMU_PROFILES.reader;
+}
+
+/**
+ * A second open file description of the image `lease` opened (through
+ * /proc/self/fd: the same inode, whatever happened to the path since).
+ */
+function openQemuImage(image: LockableFile, mode: ResourceMode): LockableFile {
+  const path = `/proc/self/fd/${image.fd}`;
+  if (mode === 'readonly') return openLockable(path, { access: 'read' });
+  try {
+    return openLockable(path, { access: 'readwrite' });
+  } catch (err) {
+    // An image nobody may write (immutable, a read-only mount): QEMU could not
+    // write it either, and QEMU's locks are read locks, which read access carries.
+    if (err instanceof ResourceAccessError) return openLockable(path, { access: 'read' });
+    throw err;
+  }
 }
 
 /**
@@ -89,7 +114,24 @@ export class ResourceSet {
     }
     const token: TokenResource =
       spec.type === 'lease' ? { type: 'lease', lockspace: spec.lockspace, key: spec.key, path: spec.path, mode } : { type: 'disk', path: lease.path, mode, qemuCompatible };
-    const r: Resource = { path: lease.path, mode, lease, held: false, guarded: false, hotplugged: hotplug, spec: token, qemu: qemuCompatible ? qemuProfile(mode) : undefined };
+    let qemuImage: LockableFile | undefined;
+    try {
+      if (qemuCompatible && lease.image !== null) qemuImage = openQemuImage(lease.image, mode);
+    } catch (err) {
+      lease.close();
+      throw err;
+    }
+    const r: Resource = {
+      path: lease.path,
+      mode,
+      lease,
+      held: false,
+      guarded: false,
+      hotplugged: hotplug,
+      spec: token,
+      qemu: qemuImage === undefined ? undefined : qemuProfile(mode),
+      qemuImage,
+    };
     this.#byIdentity.set(identityOf(lease), r);
     return r;
   }
@@ -116,13 +158,17 @@ export class ResourceSet {
   forget(r: Resource): void {
     this.release(r);
     r.lease.close();
+    r.qemuImage?.close();
     const key = identityOf(r.lease);
     if (this.#byIdentity.get(key) === r) this.#byIdentity.delete(key);
   }
 
   /** Closes every lease and forgets them all. */
   clear(): void {
-    for (const r of this.#byIdentity.values()) r.lease.close();
+    for (const r of this.#byIdentity.values()) {
+      r.lease.close();
+      r.qemuImage?.close();
+    }
     this.#byIdentity.clear();
   }
 
@@ -142,12 +188,12 @@ export class ResourceSet {
     const withQemu: Resource[] = [];
     try {
       for (const r of todo) {
-        if (r.qemu === undefined || r.lease.image === null) continue;
-        takeQemuLocks(r.lease.image, r.path, r.qemu);
+        if (r.qemu === undefined || r.qemuImage === undefined) continue;
+        takeQemuLocks(r.qemuImage, r.path, r.qemu);
         withQemu.push(r);
       }
     } catch (err) {
-      for (const r of withQemu.reverse()) releaseQemuLocks(r.lease.image!, r.qemu!);
+      for (const r of withQemu.reverse()) releaseQemuLocks(r.qemuImage!, r.qemu!);
       for (const r of [...todo].reverse()) this.#space.release(r.lease);
       const failed = (err as { resource?: string | null }).resource ?? null;
       throw withRollback(err, todo.map((r) => r.path).filter((p) => p !== failed));
@@ -163,7 +209,7 @@ export class ResourceSet {
   release(r: Resource, options: { keepFiles?: boolean } = {}): void {
     if (!r.held) return;
     r.held = false;
-    if (r.qemu !== undefined && r.lease.image !== null && !r.lease.image.closed) releaseQemuLocks(r.lease.image, r.qemu);
+    if (r.qemu !== undefined && r.qemuImage !== undefined && !r.qemuImage.closed) releaseQemuLocks(r.qemuImage, r.qemu);
     this.#space.release(r.lease, options);
   }
 

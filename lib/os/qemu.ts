@@ -8,7 +8,7 @@
 // 100-101 read-write and 100 read-only; qemu-nbd also refuses resize (203); a
 // VM with share-rw=off also refuses write (201). Our byte-0 lease is outside
 // this range and never disturbs QEMU.
-import { ResourceBusyError, type ProcessInfo } from './errors.js';
+import { InvalidArgumentError, ResourceBusyError, type ProcessInfo } from './errors.js';
 import { openLockable, type LockableFile } from './locks.js';
 import { describeProcess, locksOn, processesWithOpen, type ProcLock } from './proc-locks.js';
 
@@ -57,10 +57,17 @@ export interface QemuProfile {
   unshare: readonly QemuPermission[];
 }
 
-/** The profiles lockmgr takes: a writer that shares neither writing nor resizing (a VM with share-rw=off), and a reader that refuses resizing (as qemu-nbd does). */
+/**
+ * The profiles lockmgr takes, one per resource mode: a writer that shares
+ * neither writing nor resizing (a VM with share-rw=off); a writer that shares
+ * writing but not resizing (a VM with share-rw=on holds 100-101); a reader
+ * that lets nobody write or resize (a VM with readonly=on refuses write, 201,
+ * unless share-rw=on). Measured with Debian's QEMU 7.2 (docs/cli.md).
+ */
 export const QEMU_PROFILES = {
   exclusiveWriter: { hold: ['consistent-read', 'write'], unshare: ['write', 'resize'] },
-  reader: { hold: ['consistent-read'], unshare: ['resize'] },
+  sharedWriter: { hold: ['consistent-read', 'write'], unshare: ['resize'] },
+  reader: { hold: ['consistent-read'], unshare: ['write', 'resize'] },
 } as const satisfies Record<string, QemuProfile>;
 
 /** The first QEMU permission in the way of `profile`, tested as QEMU tests it, or null. */
@@ -105,4 +112,45 @@ export function takeQemuLocks(file: LockableFile, path: string, profile: QemuPro
 export function releaseQemuLocks(file: LockableFile, profile: QemuProfile): void {
   for (const p of profile.hold) file.unlock(byteOf(QEMU_PERM_BASE, p));
   for (const p of profile.unshare) file.unlock(byteOf(QEMU_SHARED_BASE, p));
+}
+
+export interface QemuDiskOptions {
+  /** The block node's name (node-name and the device's drive=); the file node is `${id}-file`. */
+  id: string;
+  /** The lease's mode: exclusive (share-rw=off), shared (share-rw=on), readonly (read-only=on). */
+  mode: 'exclusive' | 'shared' | 'readonly';
+  /** The format driver on top of the file node. Default 'raw'. */
+  format?: string;
+  /** The guest device, or null for none. Default 'virtio-blk-pci' (a drive without a device takes only byte 100). */
+  device?: string | null;
+}
+
+/**
+ * QEMU's arguments that open a disk through the inherited descriptor `fd`
+ * (LockManager.qemuDescriptors): -add-fd into fd set `fd`, a file node on
+ * /dev/fdset/N, the format node, the device. QEMU dups the descriptor, so its
+ * locks land on our open file description and merge with ours. -drive cannot
+ * do it: it opens read-only first, and finds no read-only descriptor in the set.
+ */
+export function qemuDiskArgs(fd: number, options: QemuDiskOptions): string[] {
+  if (!Number.isInteger(fd) || fd < 3) throw new InvalidArgumentError(`qemuDiskArgs() needs an inherited descriptor >= 3, got ${String(fd)}`);
+  const { id, mode } = options;
+  if (typeof id !== 'string' || !/^[A-Za-z][A-Za-z0-9_.-]*$/.test(id)) throw new InvalidArgumentError(`qemuDiskArgs() id must be a QEMU node name (a letter, then letters, digits, '-', '_', '.'), got ${String(id)}`);
+  if (mode !== 'exclusive' && mode !== 'shared' && mode !== 'readonly') throw new InvalidArgumentError(`qemuDiskArgs() mode must be 'exclusive', 'shared' or 'readonly', got ${String(mode)}`);
+  const format = options.format ?? 'raw';
+  const device = options.device === undefined ? 'virtio-blk-pci' : options.device;
+  // A comma would smuggle options into QEMU's key=value lists.
+  if (typeof format !== 'string' || !/^[A-Za-z0-9_-]+$/.test(format)) throw new InvalidArgumentError(`qemuDiskArgs() format must be a QEMU driver name, got ${String(format)}`);
+  if (device !== null && (typeof device !== 'string' || !/^[A-Za-z0-9_.-]+$/.test(device))) throw new InvalidArgumentError(`qemuDiskArgs() device must be a QEMU device type or null, got ${String(device)}`);
+  const ro = mode === 'readonly' ? ',read-only=on' : '';
+  const args = [
+    '-add-fd',
+    `fd=${fd},set=${fd}`,
+    '-blockdev',
+    `driver=file,filename=/dev/fdset/${fd},node-name=${id}-file${ro}`,
+    '-blockdev',
+    `driver=${format},file=${id}-file,node-name=${id}${ro}`,
+  ];
+  if (device !== null) args.push('-device', `${device},drive=${id}${mode === 'shared' ? ',share-rw=on' : ''}`);
+  return args;
 }

@@ -185,7 +185,8 @@ export function conformance(backend: Backend): void {
       for (const [first, second] of [['A', 'B'], ['B', 'A']] as const) {
         for (const held of MODES) {
           for (const wanted of MODES) {
-            const both = held !== 'exclusive' && wanted !== 'exclusive';
+            // readonly and shared exclude each other where the lockspace declares it (capability readersExcludeWriters).
+            const both = held !== 'exclusive' && wanted !== 'exclusive' && (held === wanted || !caps.readersExcludeWriters);
             it(`host ${first} holds ${held}, host ${second} wants ${wanted}: ${both ? 'both run' : 'busy, nothing spawned'}`, async () => {
               const d = t.disk(0);
               const h = await t.holder(first, [d.spec(held)]);
@@ -536,12 +537,21 @@ export function conformance(backend: Backend): void {
         expect(await backend.observe(t.lease)).toBe('exclusive');
       });
 
-      it('shared leases coexist across hosts', async () => {
+      it(`shared leases coexist across hosts; a readonly one ${caps.readersExcludeWriters ? 'is refused beside them (capability readersExcludeWriters)' : 'coexists with them too'}`, async () => {
         await t.holder('B', [t.lease.spec('shared')]);
         const m = t.a();
-        m.registerResource(t.lease.spec('readonly'));
+        m.registerResource(t.lease.spec('shared'));
         await m.start('sleep', ['1000']);
         expect(await backend.observe(t.lease)).toBe('shared');
+        const r = t.a();
+        r.registerResource(t.lease.spec('readonly'));
+        if (caps.readersExcludeWriters) {
+          await expect(r.start('sleep', ['1000'])).rejects.toMatchObject({ name: 'ResourceBusyError' });
+          expect(r.state).toBe('new');
+        } else {
+          await r.start('sleep', ['1000']);
+          expect(r.state).toBe('running');
+        }
       });
     });
 

@@ -1,5 +1,5 @@
 // The lock-manager contract (docs/contract.md): every row there names a test here.
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { chmodSync, existsSync, linkSync, readFileSync, readdirSync, readlinkSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
@@ -7,11 +7,13 @@ import {
   InvalidArgumentError,
   InvalidStateError,
   LockManager,
+  LockTimeoutError,
   ResourceAccessError,
   ResourceBusyError,
   type LockManagerOptions,
   type ManagerState,
 } from '../../lib/index.js';
+import { prng, seedFrom } from '../harness/seeded.js';
 import { compileShim, distUrl, fdCount, isRoot, lockFixture, makeFile, managerHarness, preload, runScript, waitUntil } from '../helpers.js';
 
 const fx = lockFixture();
@@ -333,7 +335,8 @@ describe('the conflict matrix of two managers in two processes', () => {
   const modes = ['exclusive', 'shared', 'readonly'] as const;
   for (const held of modes) {
     for (const wanted of modes) {
-      const conflicts = held === 'exclusive' || wanted === 'exclusive';
+      // A reader and a shared writer exclude each other too (issue 14): readers share with readers, shared writers with shared writers.
+      const conflicts = held === 'exclusive' || wanted === 'exclusive' || held !== wanted;
       it(`${held} held, ${wanted} wanted: ${conflicts ? 'busy' : 'both run'}`, async () => {
         const p = await managerPeer();
         await p.call('create', {});
@@ -347,6 +350,93 @@ describe('the conflict matrix of two managers in two processes', () => {
       });
     }
   }
+});
+
+describe('readonly against shared (issue 14): readers exclude shared writers, take-then-check', () => {
+  it('a waiting readonly start gets in once the shared holder lets go, and not before', async () => {
+    const p = await managerPeer();
+    await p.call('create', {});
+    await p.call('register', { type: 'disk', path: fx.path, mode: 'shared' });
+    await p.call('start', 'sleep', ['1000']);
+    const m = manager();
+    m.registerResource({ type: 'disk', path: fx.path, mode: 'readonly' });
+    const started = m.start('sleep', ['1000'], {}, { timeout: 60_000 });
+    // The holder runs on: nothing can have let the reader in yet.
+    expect(await p.call('state')).toBe('running');
+    expect(m.state).toBe('starting');
+    await p.call('free');
+    await started;
+    expect(m.state).toBe('running');
+    expect(observe()).toBe('shared');
+  });
+
+  it('a readonly start that waits for a shared holder times out with LockTimeoutError naming the conflict; nothing held', async () => {
+    const p = await managerPeer();
+    await p.call('create', {});
+    await p.call('register', { type: 'disk', path: fx.path, mode: 'readonly' });
+    await p.call('start', 'sleep', ['1000']);
+    const m = manager();
+    m.registerResource({ type: 'disk', path: fx.path, mode: 'shared' });
+    const err = (await m.start('sleep', ['1000'], {}, { timeout: 200 }).catch((e: unknown) => e)) as Error;
+    expect(err).toBeInstanceOf(LockTimeoutError);
+    expect(err.message).toContain('readonly and shared leases exclude each other');
+    expect(m.state).toBe('new');
+    // Only the reader's locks remain: byte 0 read, byte 4 read; our byte 3 is gone.
+    const probe = fx.open(fx.path, 'read');
+    try {
+      expect(probe.getConflict('exclusive', { start: 3, length: 1 })).toBeNull();
+      expect(probe.getConflict('exclusive', { start: 4, length: 1 })).not.toBeNull();
+    } finally {
+      probe.close();
+    }
+  });
+
+  it('a peer that takes only byte 0 cannot be told apart: a POSIX read lock there (virtlockd\'s <shareable/> disk) lets a readonly lease in', async () => {
+    // As virtlockd does: classic POSIX F_SETLK, a read lock on byte 0, held by another process.
+    const holder = spawn('python3', ['-c', `import fcntl,sys\nf=open(${JSON.stringify(fx.path)},'rb')\nfcntl.lockf(f,fcntl.LOCK_SH|fcntl.LOCK_NB,1,0)\nprint('held',flush=True)\nsys.stdin.read()`], { stdio: ['pipe', 'pipe', 'inherit'] });
+    try {
+      await new Promise<void>((resolve, reject) => {
+        holder.once('exit', (code) => reject(new Error(`python3 exited with ${code}`)));
+        holder.stdout!.once('data', () => resolve());
+      });
+      const r = manager();
+      r.registerResource({ type: 'disk', path: fx.path, mode: 'readonly' });
+      await r.start('sleep', ['1000']);
+      expect(r.state).toBe('running');
+      await r.free();
+      const x = manager();
+      x.registerResource({ type: 'disk', path: fx.path, mode: 'exclusive' });
+      await expect(x.start('sleep', ['1000'])).rejects.toBeInstanceOf(ResourceBusyError);
+    } finally {
+      const gone = new Promise((resolve) => holder.once('exit', resolve));
+      holder.stdin!.end();
+      await gone;
+    }
+  });
+
+  it('a shared and a readonly start racing from two processes never both run (seeded; replay with LOCKMGR_RACE_SEED)', async () => {
+    const seed = seedFrom('LOCKMGR_RACE_SEED');
+    const random = prng(seed);
+    const p = await managerPeer();
+    let single = 0;
+    for (let round = 0; round < 20; round++) {
+      const peerMode = random() < 0.5 ? 'shared' : 'readonly';
+      const mine = peerMode === 'shared' ? 'readonly' : 'shared';
+      await p.call('create', {});
+      await p.call('register', { type: 'disk', path: fx.path, mode: peerMode });
+      const m = manager();
+      m.registerResource({ type: 'disk', path: fx.path, mode: mine });
+      const [theirs, ours] = await Promise.allSettled([p.call('start', 'sleep', ['1000']), m.start('sleep', ['1000'])]);
+      const ran = [theirs.status === 'fulfilled', ours.status === 'fulfilled'];
+      expect(ran, `seed ${seed}, round ${round}: ${peerMode} in the peer, ${mine} here`).not.toEqual([true, true]);
+      for (const r of [theirs, ours]) if (r.status === 'rejected') expect((r.reason as Error).name, `seed ${seed}, round ${round}`).toBe('ResourceBusyError');
+      if (ran.includes(true)) single++;
+      await p.call('free');
+      await m.free();
+    }
+    // Both may fail when they interleave exactly; that every round did would mean the rule refuses everything.
+    expect(single, `seed ${seed}`).toBeGreaterThan(0);
+  });
 });
 
 describe('lock lifetime: the supervised process never runs without its locks', () => {

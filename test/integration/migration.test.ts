@@ -206,11 +206,12 @@ describe('the handover, source and target in separate processes', () => {
     const src = await source('shared');
     const tgt = await target(src);
     expect(observe(GUARD)).toBe('shared');
-    // Another VM sharing the disk (a base image) starts, and may even migrate at the same time.
+    // Another VM sharing the disk (a cluster filesystem's disk) starts, and may even migrate at the same time.
+    // (A readonly one would be refused: readers and shared writers exclude each other.)
     const other = manager();
-    other.registerResource({ type: 'disk', path: fx.path, mode: 'readonly' });
+    other.registerResource({ type: 'disk', path: fx.path, mode: 'shared' });
     await other.start('sleep', ['1000']);
-    const otherTarget = LockManager.fromInquire(await other.prepareMigrate(TARGET), { resources: [{ type: 'disk', path: fx.path, mode: 'readonly' }] });
+    const otherTarget = LockManager.fromInquire(await other.prepareMigrate(TARGET), { resources: [{ type: 'disk', path: fx.path, mode: 'shared' }] });
     managers.push(otherTarget);
     await otherTarget.start('sleep', ['1000']);
     expect(otherTarget.state).toBe('incoming');

@@ -122,12 +122,23 @@ describe.skipIf(!haveQemu).each(targets)('QEMU interop on $name', ({ block }) =>
     expect(m.state).toBe('running');
   });
 
-  it('a qemu-compatible shared lease is a QEMU reader: QEMU may write, but not resize', async () => {
+  it('a qemu-compatible shared lease is a QEMU writer that shares writing: QEMU may write, but not resize', async () => {
     await hold('shared', true);
+    expect(qemuLockState(image)).toMatchObject({ held: ['consistent-read', 'write'], unshared: ['resize'] });
     expect(qemu('qemu-io', '-f', 'raw', '-c', 'write 0 512', image).code).toBe(0);
     const resize = qemu('qemu-img', 'resize', '-f', 'raw', image, '8M');
     expect(resize.code).not.toBe(0);
     expect(resize.out).toContain('lock');
+  });
+
+  it('a qemu-compatible readonly lease lets QEMU read and refuses every QEMU writer (issue 14)', async () => {
+    await hold('readonly', true);
+    expect(qemuLockState(image)).toMatchObject({ held: ['consistent-read'], unshared: ['write', 'resize'] });
+    const write = qemu('qemu-io', '-f', 'raw', '-c', 'write 0 512', image);
+    expect(write.code).not.toBe(0);
+    expect(write.out).toContain('Failed to get "write" lock');
+    expect(qemu('qemu-io', '-r', '-f', 'raw', '-c', 'read 0 512', image).code).toBe(0);
+    expect(qemu('qemu-img', 'info', '-f', 'raw', image).code).toBe(0);
   });
 
   it('releasing the lease releases the QEMU locks too', async () => {

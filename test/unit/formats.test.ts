@@ -6,7 +6,7 @@
 import { describe, expect, it } from 'vitest';
 import { inodeIdentity, LOCK_FILE_NAMES_VERSION, lockFileName } from '../../lib/lockspaces/indirect.js';
 import { leaseFilePath } from '../../lib/lockspaces/named-lease.js';
-import { GUARD_RANGE, LEASE_RANGE, PIN_RANGE } from '../../lib/lockspaces/ofd.js';
+import { GUARD_RANGE, LEASE_RANGE, PIN_RANGE, READONLY_CLASS_RANGE, SHARED_CLASS_RANGE } from '../../lib/lockspaces/ofd.js';
 import { diskResourceName, leaseResourceName, SANLOCK_NAMES_VERSION } from '../../lib/lockspaces/sanlock-client.js';
 import { STATUS_JSON_VERSION } from '../../lib/cli/status.js';
 import { decodeToken, encodeToken, TOKEN_VERSION } from '../../lib/manager/token.js';
@@ -31,11 +31,15 @@ describe('formats that outlive a process', () => {
     expect(leaseResourceName('/x').length).toBeLessThanOrEqual(48);
   });
 
-  it('the lease file bytes: 0 the lease, 1 the handover guard, 2 the pin; QEMU\'s at 100+i and 200+i', () => {
-    expect([LEASE_RANGE, GUARD_RANGE, PIN_RANGE]).toEqual([
+  it('the lease file bytes: 0 the lease, 1 the handover guard, 2 the pin, 3 and 4 the shared and readonly classes; QEMU\'s at 100+i and 200+i', () => {
+    // Bytes 3 and 4 (issue 14) only add exclusions: byte 0 is unchanged, so a
+    // release without them and virtlockd still exclude everything they did.
+    expect([LEASE_RANGE, GUARD_RANGE, PIN_RANGE, SHARED_CLASS_RANGE, READONLY_CLASS_RANGE]).toEqual([
       { start: 0, length: 1 },
       { start: 1, length: 1 },
       { start: 2, length: 1 },
+      { start: 3, length: 1 },
+      { start: 4, length: 1 },
     ]);
     expect([QEMU_PERM_BASE, QEMU_SHARED_BASE]).toEqual([100, 200]);
     expect(QEMU_PERMISSIONS).toEqual(['consistent-read', 'write', 'write-unchanged', 'resize', 'graph-mod']);
