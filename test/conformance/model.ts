@@ -43,19 +43,23 @@ interface Model {
   resources: Map<number, ResourceMode>;
   /** The target named by prepareMigrate(). */
   targetUri: string | null;
+  /** Whether readonly excludes shared writers in this lockspace (capability readersExcludeWriters). */
+  readersExcludeWriters: boolean;
   /** The lease the other holder has on each file. */
   external: Map<number, LockMode>;
 }
 
 const lockModeOf = (mode: ResourceMode): LockMode => (mode === 'exclusive' ? 'exclusive' : 'shared');
-const conflicts = (a: LockMode, b: LockMode): boolean => a === 'exclusive' || b === 'exclusive';
+/** Whether two leases exclude each other (docs/contract.md, the mode matrix). */
+const conflicts = (m: Model, a: ResourceMode, b: ResourceMode): boolean =>
+  a === 'exclusive' || b === 'exclusive' || (m.readersExcludeWriters && ((a === 'readonly' && b === 'shared') || (a === 'shared' && b === 'readonly')));
 /** The states in which the manager holds its leases. */
 const holds = (m: Model): boolean => m.state === 'running' || m.state === 'migrating';
 const withChild = (m: Model): boolean => m.state === 'running' || m.state === 'migrating' || m.state === 'migrated';
 /** Whether the other holder's lock on `i` is in the way of a lease in `mode`. */
 const busy = (m: Model, i: number, mode: ResourceMode): boolean => {
   const e = m.external.get(i);
-  return e !== undefined && conflicts(e, lockModeOf(mode));
+  return e !== undefined && conflicts(m, e, mode);
 };
 
 // ---------------------------------------------------------------------------
@@ -381,7 +385,7 @@ class ExternalLock extends Command {
   }
   #blocked(m: Model): boolean {
     const mine = m.resources.get(this.i);
-    return holds(m) && mine !== undefined && conflicts(lockModeOf(mine), this.mode);
+    return holds(m) && mine !== undefined && conflicts(m, mine, this.mode);
   }
   expect(m: Model): Outcome {
     return { ok: !this.#blocked(m) };
@@ -520,7 +524,7 @@ export function modelConformance(b: Backend, runs: number): void {
       const details = await fc.check(
         fc.asyncProperty(fc.commands(commands, { maxCommands: 40, size: 'large', replayPath }), async (cmds) => {
           const real: Real = { mgr: new LockManager({ lockspace: b.lockspace('A') }), b, paths, external: paths.map(() => null) };
-          const model: Model = { state: 'new', resources: new Map(), targetUri: null, external: new Map() };
+          const model: Model = { state: 'new', resources: new Map(), targetUri: null, readersExcludeWriters: b.capabilities.readersExcludeWriters, external: new Map() };
           try {
             await fc.asyncModelRun(() => ({ model, real }), cmds);
             sequences++;
