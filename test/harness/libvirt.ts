@@ -71,8 +71,10 @@ export interface Run {
   out: string;
 }
 
+const alive = (child: ChildProcess | undefined): child is ChildProcess => child !== undefined && child.exitCode === null && child.signalCode === null;
+
 async function stopProcess(child: ChildProcess | undefined, what: string): Promise<void> {
-  if (child === undefined || child.exitCode !== null || child.signalCode !== null) return;
+  if (!alive(child)) return;
   const gone = new Promise((r) => child.once('exit', r));
   child.kill('SIGTERM');
   const ended = await Promise.race([gone.then(() => true), new Promise((r) => setTimeout(() => r(false), 10_000))]);
@@ -221,12 +223,22 @@ export class LibvirtHost {
     return this.virsh('create', file, ...flags);
   }
 
-  /** Destroys every running domain and undefines every defined one. */
+  /** Whether libvirtd runs (and so virsh can be asked). */
+  get running(): boolean {
+    return alive(this.holder) && alive(this.libvirtd);
+  }
+
+  /** Destroys every running domain and undefines every defined one; a no-op without libvirtd. */
   async clearDomains(): Promise<void> {
-    const running = await this.virsh('list', '--name');
-    for (const name of running.out.split('\n').filter(Boolean)) await this.virsh('destroy', name);
-    const defined = await this.virsh('list', '--all', '--name');
-    for (const name of defined.out.split('\n').filter(Boolean)) await this.virsh('undefine', name);
+    if (!this.running) return;
+    for (const [list, action] of [[['list', '--name'], 'destroy'], [['list', '--all', '--name'], 'undefine']] as const) {
+      const r = await this.virsh(...list);
+      if (r.code !== 0) throw new Error(`virsh ${list.join(' ')} failed: ${r.out}`);
+      for (const name of r.out.split('\n').filter(Boolean)) {
+        const done = await this.virsh(action, name);
+        if (done.code !== 0) throw new Error(`virsh ${action} ${name} failed: ${done.out}`);
+      }
+    }
   }
 
   /** Stops libvirtd, then virtlockd, each by its pid (domains must be gone first: QEMU outlives libvirtd). */
@@ -237,8 +249,11 @@ export class LibvirtHost {
 
   /** Everything: domains, daemons, the namespace (its mounts go with it), the test dir. */
   async close(): Promise<void> {
-    if (this.libvirtd !== undefined && this.libvirtd.exitCode === null) await this.clearDomains();
-    await this.stopDaemons();
+    try {
+      await this.clearDomains();
+    } finally {
+      await this.stopDaemons();
+    }
     await stopProcess(this.holder, 'the namespace holder');
     rmSync(this.root, { recursive: true, force: true });
   }

@@ -9,7 +9,7 @@
 // observed here.
 import { execFile } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, statSync, symlinkSync, truncateSync, writeFileSync } from 'node:fs';
+import { existsSync, linkSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, statSync, symlinkSync, truncateSync, unlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
@@ -17,7 +17,7 @@ import { LockManager, ResourceBusyError, type DirectLockspaceConfig, type Indire
 
 type LockspaceConfig = DirectLockspaceConfig | IndirectLockspaceConfig;
 import { domainXml, LibvirtHost, libvirtUnavailable, type Run } from '../harness/libvirt.js';
-import { procState, zombieChildren } from '../harness/process-helpers.js';
+import { openFds, procState, zombieChildren } from '../harness/process-helpers.js';
 
 const why = libvirtUnavailable();
 if (why !== null) console.warn(`skipping the libvirt interop tests: ${why}`);
@@ -77,7 +77,10 @@ describe.skipIf(why !== null)('against real libvirt and virtlockd', () => {
   let n = 0;
   const domain = (): string => `${prefix}${++n}`;
 
+  let fdsBefore: number[];
+
   beforeAll(async () => {
+    fdsBefore = openFds();
     root = mkdtempSync('/tmp/lockmgr-libvirt-');
     lockDir = join(root, 'lockd-files');
     mkdirSync(lockDir, { mode: 0o700 });
@@ -248,6 +251,22 @@ describe.skipIf(why !== null)('against real libvirt and virtlockd', () => {
       console.log(`libvirt: a domain through a link lockmgr never saw, lockmgr --qemu-compatible holding: ${r.out}`);
     });
 
+    it('a hard link: the domain on one link and lockmgr given the other do not meet in the directory (virtlockd takes no inode file)', async () => {
+      const hard = join(root, 'images', 'vm1-hard.img');
+      linkSync(image, hard);
+      try {
+        await created({ path: hard });
+        const m = await hold(image, 'exclusive', indirect());
+        expect(m.state).toBe('running');
+        await m.free();
+        // QEMU's own locks are on the inode, whatever its name.
+        await refused(image, 'exclusive', indirect(), true);
+      } finally {
+        await host.clearDomains();
+        unlinkSync(hard);
+      }
+    });
+
     it('every lock file is gone once both sides let go', async () => {
       await created({ path: link });
       // Given the realpath, lockmgr's names (realpath, inode) are not virtlockd's (the link): both run.
@@ -319,5 +338,6 @@ describe.skipIf(why !== null)('against real libvirt and virtlockd', () => {
     expect(existsSync('/run/libvirt')).toBe(runLibvirtBefore);
     expect(treeHash('/etc/libvirt')).toBe(etcBefore);
     expect(existsSync(root)).toBe(false);
+    expect(openFds()).toEqual(fdsBefore);
   });
 });
