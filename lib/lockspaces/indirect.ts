@@ -27,11 +27,15 @@ export interface IndirectLockspaceConfig {
  * and every release of lockmgr (and virtlockd) on the same storage: changing
  * the scheme needs a new version and a test that the previous version and the
  * new one still exclude each other in both directions (docs/architecture.md).
+ * 1: a regular file's realpath and inode names. 2: also the path as given,
+ * when it differs from the realpath (virtlockd hashes the path as written in
+ * the domain XML, symlinks and all); a superset of 1, so the two exclude each
+ * other through the realpath and inode files.
  */
-export const LOCK_FILE_NAMES_VERSION = 1;
+export const LOCK_FILE_NAMES_VERSION = 2;
 
-/** Where a lock file's name comes from. */
-export type LockFileSource = 'path' | 'inode' | 'wwid' | 'lvm' | 'serial';
+/** Where a lock file's name comes from: `given` is the path exactly as the caller wrote it, when that is not the realpath. */
+export type LockFileSource = 'path' | 'given' | 'inode' | 'wwid' | 'lvm' | 'serial';
 
 /** One lock file of a lease, as `describeDisk()` and `Lease` users see it. */
 export interface LockFileName {
@@ -39,7 +43,7 @@ export interface LockFileName {
   readonly name: string;
   /** The lock file's full path. */
   readonly path: string;
-  /** The string that was hashed: a canonical path (virtlockd's name), `inode:...`, `wwid:...`, `lvm:...` or `serial:...`. */
+  /** The string that was hashed: a canonical path or the path as given (virtlockd's names), `inode:...`, `wwid:...`, `lvm:...` or `serial:...`. */
   readonly identity: string;
   readonly source: LockFileSource;
 }
@@ -138,7 +142,12 @@ function diskNames(dir: string, path: string, image: LockableFile): DiskLockName
     if (st.dev !== image.identity.dev || st.ino !== image.identity.ino) {
       throw new ResourceAccessError(`'${path}' changed while its lease was being opened (it now resolves to '${real}', another file); try again`);
     }
-    const files = [file(real, 'path'), file(inodeIdentity(image.identity.dev, image.identity.ino), 'inode')];
+    // Every name a peer could know the disk by: virtlockd hashes whichever
+    // spelling its domain XML has, byte for byte (a symlink, '//', '/./'
+    // included). The path we were given opened this very inode (image).
+    const files = [file(real, 'path')];
+    if (path !== real) files.push(file(path, 'given'));
+    files.push(file(inodeIdentity(image.identity.dev, image.identity.ino), 'inode'));
     return { key: files[0]!.name, kind: 'file', files };
   }
   const id = blockDeviceIdentity(image.identity.dev);

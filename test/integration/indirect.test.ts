@@ -19,7 +19,7 @@ import {
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { AbortError, InvalidArgumentError, LockTimeoutError, ResourceAccessError } from '../../lib/os/errors.js';
+import { AbortError, InvalidArgumentError, LockTimeoutError, ResourceAccessError, ResourceBusyError } from '../../lib/os/errors.js';
 import { openLockable } from '../../lib/os/locks.js';
 import type { TakeOptions } from '../../lib/lockspaces/driver.js';
 import { checkLockDir } from '../../lib/lockspaces/lock-files.js';
@@ -29,6 +29,7 @@ import {
   hostId,
   indirectLockspace,
   inodeIdentity,
+  LOCK_FILE_NAMES_VERSION,
   lockFileName,
   type IndirectLockspace,
 } from '../../lib/lockspaces/indirect.js';
@@ -87,19 +88,23 @@ afterEach(() => {
 });
 
 describe('lock file names', () => {
-  it('a regular file: virtlockd\'s sha256(realpath) first, then the inode name; Lease.key is the path name', () => {
+  it('a regular file: virtlockd\'s sha256(realpath), sha256(the path as given) when it differs, then the inode name; Lease.key is the realpath name', () => {
     const link = join(tmp.dir, 'link.img');
     symlinkSync(image, link);
     const names = space.describeDisk(link);
     const st = statSync(image, { bigint: true });
     expect(names.kind).toBe('file');
-    expect(names.files.map((f) => f.source)).toEqual(['path', 'inode']);
+    expect(names.files.map((f) => f.source)).toEqual(['path', 'given', 'inode']);
     expect(names.files[0]!.identity).toBe(image);
     expect(names.files[0]!.name).toBe(sha256sum(image));
     expect(names.files[0]!.path).toBe(join(dir, sha256sum(image)));
-    expect(names.files[1]!.identity).toBe(`inode:${hostId()}:${st.dev}:${st.ino}`);
-    expect(names.files[1]!.name).toBe(sha256sum(inodeIdentity(st.dev, st.ino)));
+    expect(names.files[1]!.identity).toBe(link);
+    expect(names.files[1]!.name).toBe(sha256sum(link));
+    expect(names.files[2]!.identity).toBe(`inode:${hostId()}:${st.dev}:${st.ino}`);
+    expect(names.files[2]!.name).toBe(sha256sum(inodeIdentity(st.dev, st.ino)));
     expect(names.key).toBe(sha256sum(image));
+    // The realpath itself has no third name.
+    expect(space.describeDisk(image).files.map((f) => f.source)).toEqual(['path', 'inode']);
     expect(readdirSync(dir)).toEqual([]); // describing creates nothing
 
     const lease = open(link);
@@ -109,6 +114,15 @@ describe('lock file names', () => {
     expect(lease.slots.map((s) => s.path)).toEqual(names.files.map((f) => f.path));
     expect(lease.image?.access).toBe('read');
     expect(lease.image?.path).toBe(link);
+  });
+
+  it('the path as given is hashed byte for byte, as virtlockd hashes the domain XML\'s spelling (\'//\' and \'/./\' included)', () => {
+    const link = join(tmp.dir, 'link.img');
+    symlinkSync(image, link);
+    for (const spelling of [`${tmp.dir}//link.img`, `${tmp.dir}/./link.img`, `${tmp.dir}/./${image.slice(tmp.dir.length + 1)}`]) {
+      const given = space.describeDisk(spelling).files.filter((f) => f.source === 'given');
+      expect(given).toEqual([{ name: sha256sum(spelling), path: join(dir, sha256sum(spelling)), identity: spelling, source: 'given' }]);
+    }
   });
 
   it('the host id is the kernel boot id (device and inode numbers mean something within one running kernel)', () => {
@@ -150,12 +164,13 @@ describe('one lock per file, whatever the path (separate processes)', () => {
     const viaHard = open(hard);
     expect(viaSym.key).toBe(sha256sum(image)); // realpath: the same path name
     expect(viaHard.key).toBe(sha256sum(hard)); // a different path name...
-    expect(viaHard.slots[1]!.path).toBe(viaSym.slots[1]!.path); // ...but the same inode name
+    expect(viaHard.slots.at(-1)!.path).toBe(viaSym.slots.at(-1)!.path); // ...but the same inode name
     expect(await takeAll(viaSym, 'exclusive')).toBe(false);
     expect(await takeAll(viaHard, 'exclusive')).toBe(false);
     expect(await takeAll(viaHard, 'shared')).toBe(false);
-    // The hard link's own path file was taken and given back: only the peer's two files remain.
-    expect(readdirSync(dir).sort()).toEqual([...viaSym.slots.map((s) => s.path.slice(dir.length + 1))].sort());
+    // The hard link's own path file was taken and given back: the peer's two files remain, and the symlink's
+    // given-path file (created at open, never locked: its realpath file came first and was busy) until viaSym closes.
+    expect(readdirSync(dir).sort()).toEqual(space.describeDisk(sym).files.map((f) => f.name).sort());
 
     await peer.call('release', h, LEASE_RANGE);
     expect(await takeAll(viaHard, 'exclusive')).toBe(true);
@@ -178,6 +193,48 @@ describe('one lock per file, whatever the path (separate processes)', () => {
     expect(await takeAll(writer, 'exclusive')).toBe(false); // the peer still reads, through its hard link
     await peer.call('close', h);
     expect(await takeAll(writer, 'exclusive')).toBe(true);
+  });
+
+  it('mixed versions: names version 1 (realpath, inode) and version 2 (also the path as given) exclude each other both ways on one directory', async () => {
+    expect(LOCK_FILE_NAMES_VERSION).toBe(2);
+    const link = join(tmp.dir, 'by-name.img');
+    symlinkSync(image, link);
+    // Version 1's names, rebuilt from its pinned vectors (test/unit/formats.test.ts): sha256 of the realpath, then of the inode identity.
+    const st = statSync(image, { bigint: true });
+    const v1 = [join(dir, lockFileName(realpathSync(link))), join(dir, lockFileName(inodeIdentity(st.dev, st.ino)))];
+    const v2 = space.describeDisk(link).files.map((f) => f.path);
+    expect(v2).toEqual([v1[0], join(dir, sha256sum(link)), v1[1]]);
+
+    // An old release holds: the new one is refused in every mode, and rolls back the name it took alone (the path as given).
+    const old = await peer.call<number>('openSlots', v1);
+    expect(await peer.call('takeAll', old, 'exclusive', LEASE_RANGE, { wait: false })).toBe(true);
+    for (const mode of ['exclusive', 'shared'] as const) {
+      const lease = open(link, mode === 'exclusive' ? 'exclusive' : 'shared');
+      await expect(space.acquire([lease], { wait: false })).rejects.toBeInstanceOf(ResourceBusyError);
+      lease.close();
+    }
+    expect(readdirSync(dir).sort()).toEqual(v1.map((p) => p.slice(dir.length + 1)).sort());
+    await peer.call('release', old, LEASE_RANGE);
+
+    // The new one holds: the old one is refused exclusive and shared, and takes it once the new one lets go.
+    const lease = open(link);
+    await space.acquire([lease], { wait: false });
+    expect(await peer.call('takeAll', old, 'exclusive', LEASE_RANGE, { wait: false })).toBe(false);
+    expect(await peer.call('takeAll', old, 'shared', LEASE_RANGE, { wait: false })).toBe(false);
+    space.release(lease);
+    expect(await peer.call('takeAll', old, 'exclusive', LEASE_RANGE, { wait: false })).toBe(true);
+    await peer.call('release', old, LEASE_RANGE);
+
+    // Shared holders of both versions share.
+    const reader = open(link, 'shared');
+    await space.acquire([reader], { wait: false });
+    expect(await peer.call('takeAll', old, 'shared', LEASE_RANGE, { wait: false })).toBe(true);
+    expect(readdirSync(dir)).toHaveLength(3);
+    space.release(reader);
+    await peer.call('close', old);
+    reader.close();
+    lease.close();
+    expect(readdirSync(dir)).toEqual([]);
   });
 
   it('a waiting take times out or aborts while the peer holds it, and gets it once the peer lets go', async () => {

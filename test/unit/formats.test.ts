@@ -13,9 +13,13 @@ import { decodeToken, encodeToken, TOKEN_VERSION } from '../../lib/manager/token
 import { QEMU_PERM_BASE, QEMU_PERMISSIONS, QEMU_SHARED_BASE } from '../../lib/os/qemu.js';
 
 describe('formats that outlive a process', () => {
-  it('lock-file names, version 1: sha256 of the canonical path (virtlockd\'s name) and of the inode identity', () => {
-    expect(LOCK_FILE_NAMES_VERSION).toBe(1);
+  it('lock-file names, version 2: sha256 of the canonical path and of the path as given (virtlockd\'s names), and of the inode identity', () => {
+    // Version 1 took the canonical path and the inode names; version 2 adds the
+    // path as given when it differs (test/integration/indirect.test.ts, "mixed versions").
+    expect(LOCK_FILE_NAMES_VERSION).toBe(2);
     expect(lockFileName('/var/lib/libvirt/images/vm1.img')).toBe('cacb1d80d0c2e8f7d85cf952355b4d1ee04029c48279d034b485725afc5c61d6');
+    // A symlink's spelling, hashed as written (what virtlockd does with the domain XML's path).
+    expect(lockFileName('/var/lib/libvirt/images/by-name/vm1.img')).toBe('77107f3bd59cda9641c730ab6ee354f7badf61bf2b8c78d6140f179cf11de062');
     const boot = '0b7c2a55-1234-4abc-8def-0123456789ab';
     expect(inodeIdentity(2049n, 1311n, boot)).toBe(`inode:${boot}:2049:1311`);
     expect(lockFileName(inodeIdentity(2049n, 1311n, boot))).toBe('2ca007fa9caaefb3de218a28debd49c6852e171f0893d96f063b7b91c1c22101');
