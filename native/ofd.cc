@@ -312,6 +312,8 @@ Napi::Value StrError(const Napi::CallbackInfo& info) {
 
 }  // namespace
 
+void TrackLockFd(Napi::Env env, int fd) { Track(GetAddonData(env), fd); }
+
 void InitOfd(Napi::Env env, Napi::Object exports, Napi::Object constants) {
   constants["lock"] = Constants(env, {{"SHARED", kShared}, {"EXCLUSIVE", kExclusive}, {"UNLOCK", kUnlock}});
   // Where openPath/statFd put each fact, and the file-type bits lib/ decides on.

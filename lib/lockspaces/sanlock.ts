@@ -234,6 +234,7 @@ export class SanlockLockspace implements LockspaceDriver {
   readonly capabilities: Capabilities = Object.freeze({
     // Leases belong to a process that registered with the daemon before it ran.
     attach: false,
+    adopt: false,
     // A sanlock lease has no second byte; a migration target acquires with the source's lease versions instead (migrationState).
     handoverGuard: false,
     // A lease the daemon cannot renew on the storage is lost, and the daemon kills its holder.
@@ -310,6 +311,10 @@ export class SanlockLockspace implements LockspaceDriver {
   async guard(): Promise<void> {}
 
   releaseGuard(): void {}
+
+  async adopt(): Promise<Lease> {
+    throw new UnsupportedError(`lockspace ${this.describe()} cannot adopt a running process's leases (it lacks the capability 'adopt'; docs/lockspaces.md)`);
+  }
 
   verify(lease: Lease): Promise<boolean> {
     return (lease as SanlockLease).owned.stillHeld();

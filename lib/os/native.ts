@@ -114,6 +114,14 @@ export interface Native {
   attach(pid: number, out: Float64Array): number;
   /** pidfd_send_signal; -ESRCH once the exit has been seen. */
   sendSignal(id: number, signal: number): number;
+  /**
+   * pidfd_getfd(2) of the watched process's fd `fd`, through its watch's
+   * pidfd: a new fd of ours (FD_CLOEXEC, tracked as lockable) for the same open
+   * file description, so the same OFD locks. -ESRCH once the exit has been seen.
+   */
+  getFd(id: number, fd: number): number;
+  /** Stops watching an attached process (no exit is reported; its pidfd is closed). -EINVAL for our own child, -ESRCH when not watched. */
+  unwatch(id: number): number;
   setRef(id: number, ref: boolean): void;
   /** pipe2(O_CLOEXEC) into out = [read, write]. */
   makePipe(out: Int32Array): number;
@@ -211,6 +219,11 @@ export class PendingCalls<A extends unknown[]> {
     this.#calls.delete(id);
     done(...args);
     return true;
+  }
+
+  /** Drops call `id` without completing it. */
+  forget(id: number): void {
+    this.#calls.delete(id);
   }
 
   get size(): number {
