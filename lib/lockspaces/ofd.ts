@@ -19,7 +19,7 @@
 import { lstatSync, readFileSync } from 'node:fs';
 import { InvalidArgumentError, InvalidStateError, LockTimeoutError, ResourceBusyError, type LockHolder, type ProcessInfo } from '../os/errors.js';
 import { lockableFromFd, openLockable, type ByteRange, type LockableFile, type LockMode } from '../os/locks.js';
-import { commandLine, describeProcess, fdinfoLocks, fdsOf, processesWithOpen, type ProcLock } from '../os/proc-locks.js';
+import { commandLine, describeProcess, fdinfoLocks, fdsOf, processesSharing, processesWithOpen, type ProcLock } from '../os/proc-locks.js';
 import { canonicalBlockNode, openDiskFile } from '../os/disks.js';
 
 export { canonicalBlockNode, openDiskFile };
@@ -264,6 +264,15 @@ function adoptDescription(holder: SupervisedProcess, like: LockableFile, mode: R
           ? `it holds it ${lock === 'exclusive' ? 'shared' : 'exclusively'}, not ${mode}`
           : `none of its ${open.length} descriptor(s) of it holds byte 0`;
     throw new InvalidArgumentError(`process ${holder.pid} does not hold a ${mode} lease on ${what}: ${why}`);
+  }
+  // Its supervisor still alive, or another adopter: two managers of one VM would each release the other's lease.
+  const sharing = processesSharing(holder.pid, match.fd, target);
+  if (sharing.length > 0) {
+    throw new ResourceBusyError(
+      `the ${mode} lease of process ${holder.pid} on ${what} is held through the same open file description by ${sharing.map(describeProcess).join(', ')} too: ` +
+        'another manager (its supervisor, or an earlier adopt()) still manages it; adopt a process only once that one is gone',
+      { resource, candidates: sharing },
+    );
   }
   const file = lockableFromFd(holder.takeFd(match.fd), where, match.access === 'readwrite' ? 'readwrite' : 'read');
   let ours: ProcLock[] = [];

@@ -10,7 +10,8 @@ import { fileURLToPath } from 'node:url';
 import type { Capability } from '../lockspaces/driver.js';
 import { openLockspace } from '../lockspaces/index.js';
 import type { LockspaceDriver } from '../lockspaces/driver.js';
-import { AbortError, InvalidArgumentError, InvalidStateError, LockManagerError, LockTimeoutError, UnsupportedError, type ProcessInfo } from '../os/errors.js';
+import { AbortError, InvalidArgumentError, InvalidStateError, LockManagerError, LockTimeoutError, ResourceBusyError, UnsupportedError, type ProcessInfo } from '../os/errors.js';
+import { describeProcess, watchingParent } from '../os/proc-locks.js';
 import { attachProcess, type ExitStatus, type SpawnOptions, type SupervisedProcess } from '../os/supervise.js';
 import { checkOptions, checkSignal, checkTimeout, describe } from '../os/validate.js';
 import { ResourceSet, type Resource } from './resources.js';
@@ -355,6 +356,13 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
     const mgr = new LockManager({ ...managerOptions, lockLifetime: 'child' });
     mgr.#requireCapability('adopt', `adopt a running process's leases`);
     checkSignallable(pid);
+    // Two managers of one VM would each release the other's leases.
+    const supervisor = watchingParent(pid);
+    if (supervisor !== null) {
+      throw new ResourceBusyError(`adopt(): process ${pid} still has its supervisor, process ${describeProcess(supervisor)}: adopt a process only once its supervisor is gone`, {
+        candidates: [supervisor],
+      });
+    }
     // The pidfd pins the process: every descriptor is taken through it, never through a pid that could be reused.
     const child = attachProcess(pid);
     mgr.#sm.set('starting');

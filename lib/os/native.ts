@@ -83,6 +83,8 @@ export interface Native {
   /** F_OFD_GETLK into out = [type, start, length, pid]; type UNLOCK = no conflict. */
   getlk(fd: number, type: number, start: number, length: number, out: Float64Array): number;
   closeFd(fd: number): number;
+  /** kcmp(2) KCMP_FILE: 1 when pid1's fd1 and pid2's fd2 are one open file description, else 0. */
+  sameDescription(pid1: number, fd1: number, pid2: number, fd2: number): number;
   /** Replaces fd with an O_PATH placeholder: its open file description (and its locks) go, the number stays taken. */
   retireFd(fd: number): number;
   /** The C library's description of a positive errno. */

@@ -8,8 +8,9 @@
 //
 // These read procfs synchronously: it is memory, not disk, and they run on
 // error paths and in `status`, never on the lock fast path.
-import { readdirSync, readFileSync, statSync, type Stats } from 'node:fs';
+import { readdirSync, readFileSync, readlinkSync, statSync, type Stats } from 'node:fs';
 import type { ProcessInfo } from './errors.js';
+import { native } from './native.js';
 
 export type ProcLockKind = 'OFDLCK' | 'POSIX' | 'FLOCK' | 'LEASE' | 'DELEG' | 'UNKNOWN';
 
@@ -195,4 +196,71 @@ function accessOf(info: string): ProcFd['access'] {
   const m = /^flags:\s+([0-7]+)$/m.exec(info);
   const acc = m === null ? 0 : Number.parseInt(m[1]!, 8) & 3;
   return acc === 2 ? 'readwrite' : acc === 1 ? 'write' : 'read';
+}
+
+function parentOf(pid: number): number | null {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * The processes other than `pid` and its descendants (a VM's own helpers
+ * inherit its fds) that have `pid`'s open file description `fd` of the file
+ * `target` open too, and so hold its OFD locks: kcmp(2), which needs ptrace
+ * read access (processes it may not compare are not listed). This process is
+ * included.
+ */
+export function processesSharing(pid: number, fd: number, target: { dev: bigint; ino: bigint; block: boolean }): ProcessInfo[] {
+  const found: ProcessInfo[] = [];
+  for (const entry of readdirSync('/proc')) {
+    const other = Number(entry);
+    if (!Number.isInteger(other) || other === pid) continue;
+    let descendant = false;
+    for (let p: number | null = parentOf(other), hops = 0; p !== null && p > 1 && hops < 64; p = parentOf(p), hops++) {
+      if (p === pid) {
+        descendant = true;
+        break;
+      }
+    }
+    if (descendant) continue;
+    for (const f of fdsOf(other, target)) {
+      if (f.locks.length > 0 && native.sameDescription(pid, fd, other, f.fd) === 1) {
+        found.push({ pid: other, command: commandLine(other) });
+        break;
+      }
+    }
+  }
+  return found;
+}
+
+/**
+ * The parent of `pid` when it watches `pid` through a pidfd, as a lockmgr
+ * supervisor does its VM from spawn to exit (/proc/PPID/fdinfo of a pidfd
+ * names its "Pid:"); null otherwise: the parent is init or a subreaper that
+ * inherited an orphan, or we may not look. A supervisor that is alive is
+ * always its VM's parent: a child is reparented only when its parent dies.
+ */
+export function watchingParent(pid: number): ProcessInfo | null {
+  const ppid = parentOf(pid);
+  if (ppid === null || ppid <= 1) return null;
+  let fds: string[];
+  try {
+    fds = readdirSync(`/proc/${ppid}/fd`);
+  } catch {
+    return null;
+  }
+  for (const fd of fds) {
+    try {
+      if (readlinkSync(`/proc/${ppid}/fd/${fd}`) !== 'anon_inode:[pidfd]') continue;
+      const m = /^Pid:\s+(-?\d+)$/m.exec(readFileSync(`/proc/${ppid}/fdinfo/${fd}`, 'utf8'));
+      if (m !== null && Number(m[1]) === pid) return { pid: ppid, command: commandLine(ppid) };
+    } catch {
+      // Closed meanwhile.
+    }
+  }
+  return null;
 }

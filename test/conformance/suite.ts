@@ -639,6 +639,24 @@ export function conformance(backend: Backend): void {
         await expect(third3.start('sleep', ['1000'])).rejects.toBeInstanceOf(ResourceBusyError);
       });
 
+      it('a VM whose supervisor still runs: ResourceBusyError naming that supervisor; nothing taken, no fd left, both run on', async () => {
+        const specs = [t.disk(0).spec('exclusive'), t.lease.spec('exclusive')];
+        const h = await t.supervisorOnA(specs, { lockLifetime: 'child' });
+        const fds = fdCount();
+        const err = (await LockManager.adopt(h.vm, { lockspace: backend.lockspace('A'), resources: specs }).catch((e: unknown) => e)) as ResourceBusyError;
+        expect(err).toBeInstanceOf(ResourceBusyError);
+        expect(err.message).toContain(`still has its supervisor, process ${h.side.pid}`);
+        expect(err.candidates.map((c) => c.pid)).toEqual([h.side.pid]);
+        expect(fdCount()).toBe(fds);
+        expect(await h.side.call('state')).toBe('running');
+        expect(await h.side.call('verify')).toEqual({ lost: [] });
+        expect(await backend.observe(t.disk(0))).toBe('exclusive');
+        // Once it is gone, the same call adopts.
+        await h.side.peer.kill('SIGKILL');
+        const m = ((await t.adopter('this', h.vm, specs)) as LocalSide).mgr;
+        expect(m.state).toBe('running');
+      });
+
       it('bad input: a resource the process does not hold, or not in that mode, or a process holding nothing: a typed error; nothing held, no fd or watch left, the VM keeps its leases', async () => {
         const { vm, specs } = await orphan();
         const idle = spawnSync('true').pid!; // exited: no such process any more
