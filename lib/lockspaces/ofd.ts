@@ -263,7 +263,7 @@ function adoptDescription(holder: SupervisedProcess, like: LockableFile, mode: R
         : other !== undefined
           ? `it holds it ${lock === 'exclusive' ? 'shared' : 'exclusively'}, not ${mode}`
           : `none of its ${open.length} descriptor(s) of it holds byte 0`;
-    throw new InvalidArgumentError(`process ${holder.pid} does not hold a ${mode} lease on ${what}: ${why}`);
+    throw new InvalidArgumentError(`process ${holder.pid} does not hold ${mode === 'exclusive' ? 'an' : 'a'} ${mode} lease on ${what}: ${why}`);
   }
   // Its supervisor still alive, or another adopter: two managers of one VM would each release the other's lease.
   const sharing = processesSharing(holder.pid, match.fd, target);

@@ -330,7 +330,7 @@ export class SanlockLockspace implements LockspaceDriver {
     try {
       const r = await inquireRaw(holder.pid);
       if (r.rv === RV.ESRCH) {
-        throw new InvalidArgumentError(`process ${holder.pid} does not hold a ${mode} lease on ${lease.path}: it is not registered with the sanlock daemon of this host (${this.config.hostId})`);
+        throw new InvalidArgumentError(`process ${holder.pid} does not hold ${mode === 'exclusive' ? 'an' : 'a'} ${mode} lease on ${lease.path}: it is not registered with the sanlock daemon of this host (${this.config.hostId})`);
       }
       if (r.rv < 0) throw errorFor(r.rv, 'sanlock_inquire', `${lease.path}: asking the sanlock daemon which leases process ${holder.pid} holds`);
       const resource = lease.key.slice(`sanlock:${this.config.lockspace}:`.length);
@@ -339,10 +339,10 @@ export class SanlockLockspace implements LockspaceDriver {
         .split(/\s+/)
         .map((e) => e.replace(/^"|"$/g, ''))
         .find((e) => e.startsWith(`${this.config.lockspace}:${resource}:`));
-      if (entry === undefined) throw new InvalidArgumentError(`process ${holder.pid} does not hold a ${mode} lease on ${lease.path}: sanlock lists no lease ${this.config.lockspace}:${resource} for it`);
+      if (entry === undefined) throw new InvalidArgumentError(`process ${holder.pid} does not hold ${mode === 'exclusive' ? 'an' : 'a'} ${mode} lease on ${lease.path}: sanlock lists no lease ${this.config.lockspace}:${resource} for it`);
       const shared = entry.endsWith(':SH');
       if (shared !== (mode !== 'exclusive')) {
-        throw new InvalidArgumentError(`process ${holder.pid} does not hold a ${mode} lease on ${lease.path}: it holds it ${shared ? 'shared' : 'exclusively'}, not ${mode}`);
+        throw new InvalidArgumentError(`process ${holder.pid} does not hold ${mode === 'exclusive' ? 'an' : 'a'} ${mode} lease on ${lease.path}: it holds it ${shared ? 'shared' : 'exclusively'}, not ${mode}`);
       }
       const offset = Number(entry.split(':')[3]);
       if (!Number.isSafeInteger(offset) || offset < 0) throw new ResourceAccessError(`sanlock reported an unreadable lease for process ${holder.pid}: ${entry}`);

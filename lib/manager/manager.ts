@@ -349,7 +349,7 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
     for (const [i, spec] of specs.entries()) {
       requireMode(spec.mode, `resources[${i}].mode`);
       if (spec.type === 'disk' && spec.qemuCompatible === true) {
-        throw new UnsupportedError(`adopt options.resources[${i}]: QEMU-compatible locks cannot be adopted yet (docs/contract.md, "Adopting a running VM")`);
+        throw new UnsupportedError(`adopt options.resources[${i}]: QEMU-compatible locks cannot be adopted yet (docs/contract.md, "LockManager.adopt")`);
       }
     }
     const { resources: _resources, ...managerOptions } = o;

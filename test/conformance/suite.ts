@@ -669,7 +669,7 @@ export function conformance(backend: Backend): void {
           const adopt = (pid: number, resources: ResourceSpec[], extra: Record<string, unknown> = {}): Promise<unknown> =>
             LockManager.adopt(pid, { lockspace: backend.lockspace('A'), resources, ...extra }).catch((e: unknown) => e);
           const cases: Array<[string, Promise<unknown>, new (...a: never[]) => Error, RegExp]> = [
-            ['a disk it does not hold', adopt(vm, [t.disk(2).spec('exclusive')]), InvalidArgumentError, /does not hold a exclusive lease/],
+            ['a disk it does not hold', adopt(vm, [t.disk(2).spec('exclusive')]), InvalidArgumentError, /does not hold an exclusive lease/],
             ['all or nothing: a held one, then one it does not hold', adopt(vm, [specs[0]!, t.disk(2).spec('shared')]), InvalidArgumentError, /does not hold a shared lease/],
             ['a shared disk named exclusive', adopt(vm, [t.disk(1).spec('exclusive')]), InvalidArgumentError, /holds it shared, not exclusive/],
             ['an exclusive disk named shared', adopt(vm, [t.disk(0).spec('shared')]), InvalidArgumentError, /holds it exclusively, not shared/],
