@@ -524,8 +524,9 @@ export function conformance(backend: Backend): void {
       }
 
       it("adopted from this process: running, the same leases held (verified), third parties still refused; shutdown stops the VM: 'exit' with status unknown, everything free", async () => {
-        const { vm, specs } = await orphan();
+        // Counted before the orphan's supervisor process exists: its IPC channel closes some time after it is killed.
         const fds = fdCount();
+        const { vm, specs } = await orphan();
         const s = (await t.adopter('this', vm, specs)) as LocalSide;
         const m = s.mgr;
         expect(m.state).toBe('running');
@@ -542,7 +543,7 @@ export function conformance(backend: Backend): void {
         expect(alive(vm)).toBe(false);
         for (const r of [t.disk(0), t.disk(1), t.lease]) expect(await backend.observe(r)).toBe('free');
         await m.free();
-        // Every descriptor taken from the VM, and the pidfd, closed again (the pidfd by the event loop's close phase).
+        // Every descriptor taken from the VM, the pidfds (ours and the rig's watch of the VM) and the channel closed again.
         await waitUntil(() => fdCount() <= fds, 10_000, 'the adopted descriptors and the pidfd to be closed');
         expect(fdCount()).toBe(fds);
         const x = t.a();
