@@ -23,9 +23,9 @@ export async function run(argv: readonly string[], out: Output): Promise<number>
     id: { type: 'string' },
     uri: { type: 'string' },
   });
-  if (positionals.length > 0) throw usage(`unexpected argument '${positionals[0]}' before '--'`);
+  if (values.adopt === undefined && dash < 0) throw usage("run needs '--' before the command");
+  if (positionals.length > 0) throw usage(`unexpected argument '${positionals[0]}'${dash < 0 ? '' : " before '--'"}`);
   if (values.adopt !== undefined) return adopt(values, dash >= 0, out);
-  if (dash < 0) throw usage("run needs '--' before the command");
   const [command, ...args] = argv.slice(dash + 1);
   if (command === undefined) throw usage("run needs a command after '--'");
   let timeout: number | undefined;
