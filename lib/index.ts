@@ -46,6 +46,7 @@ export {
 export {
   LockManager,
   type DiskSpec,
+  type AdoptOptions,
   type FromInquireOptions,
   type LeaseSpec,
   type MigrateInOptions,

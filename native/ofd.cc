@@ -9,7 +9,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/kcmp.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/vfs.h>
 #include <unistd.h>
 
@@ -301,6 +303,15 @@ Napi::Value RetireFd(const Napi::CallbackInfo& info) {
   return Int(info.Env(), e);
 }
 
+// sameDescription(pid1, fd1, pid2, fd2) -> 1 | 0 | -errno: whether the two
+// fds refer to one open file description (kcmp(2) KCMP_FILE), so hold the
+// same OFD locks. Needs ptrace read access to both processes.
+Napi::Value SameDescription(const Napi::CallbackInfo& info) {
+  long r = syscall(SYS_kcmp, Int32Arg(info, 0), Int32Arg(info, 2), KCMP_FILE, Int32Arg(info, 1), Int32Arg(info, 3));
+  if (r < 0) return Int(info.Env(), Fail(kSysKcmp, errno));
+  return Int(info.Env(), r == 0 ? 1 : 0);
+}
+
 // strerror(errno) -> the C library's description, for the errnos whose text
 // libuv does not carry (ENOLCK, ESTALE, EDQUOT, ...). The GNU strerror_r is
 // thread-safe and old enough not to tie a prebuilt binary to a new glibc.
@@ -311,6 +322,8 @@ Napi::Value StrError(const Napi::CallbackInfo& info) {
 }
 
 }  // namespace
+
+void TrackLockFd(Napi::Env env, int fd) { Track(GetAddonData(env), fd); }
 
 void InitOfd(Napi::Env env, Napi::Object exports, Napi::Object constants) {
   constants["lock"] = Constants(env, {{"SHARED", kShared}, {"EXCLUSIVE", kExclusive}, {"UNLOCK", kUnlock}});
@@ -348,7 +361,7 @@ void InitOfd(Napi::Env env, Napi::Object exports, Napi::Object constants) {
   exports["setlk"] = setlk;
   Export(env, exports,
          {{"openPath", OpenPath}, {"reopenFd", ReopenFd}, {"createFile", CreateFile}, {"statFd", StatFd}, {"getlk", GetLk}, {"closeFd", CloseFd},
-          {"retireFd", RetireFd}, {"strerror", StrError}});
+          {"retireFd", RetireFd}, {"sameDescription", SameDescription}, {"strerror", StrError}});
 }
 
 }  // namespace lockmgr

@@ -68,6 +68,9 @@
 #ifndef SYS_pidfd_open
 #define SYS_pidfd_open 434
 #endif
+#ifndef SYS_pidfd_getfd
+#define SYS_pidfd_getfd 438
+#endif
 #ifndef SYS_clone3
 #define SYS_clone3 435
 #endif
@@ -901,6 +904,41 @@ Napi::Value SendSignal(const Napi::CallbackInfo& info) {
   return Result(env, r < 0 ? Fail(kSysPidfdSendSignal, errno) : 0);
 }
 
+// getFd(id, fd) -> fd | -errno: pidfd_getfd(2) of a watched process's fd,
+// through the watch's own pidfd (never a pid: no reuse race). The new fd refers
+// to the same open file description, so it holds the same OFD locks; the
+// kernel sets FD_CLOEXEC on it. It is tracked as a lockable fd. ESRCH once the
+// exit has been seen.
+Napi::Value GetFd(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  SpawnState* s = GetState(env);
+  if (s == nullptr) return Result(env, Fail(kSysPidfdGetfd, ESRCH));
+  auto it = s->watchers.find(IdArg(info, 0));
+  if (it == s->watchers.end()) return Result(env, Fail(kSysPidfdGetfd, ESRCH));
+  long fd = syscall(SYS_pidfd_getfd, it->second->pidfd, Int32Arg(info, 1), 0);
+  if (fd < 0) return Result(env, Fail(kSysPidfdGetfd, errno));
+  TrackLockFd(env, static_cast<int>(fd));
+  return Result(env, static_cast<double>(fd));
+}
+
+// unwatch(id) -> 0 | -errno: stops watching an attached process without
+// waiting for its exit (an adoption given up): its pidfd is closed and no exit
+// is reported. -EINVAL for our own child (it must be reaped), -ESRCH when the
+// watch is gone already.
+Napi::Value Unwatch(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  SpawnState* s = GetState(env);
+  if (s == nullptr) return Result(env, Fail(kSysNone, ESRCH));
+  auto it = s->watchers.find(IdArg(info, 0));
+  if (it == s->watchers.end()) return Result(env, Fail(kSysNone, ESRCH));
+  Watcher* w = it->second;
+  if (w->own_child) return Result(env, Fail(kSysNone, EINVAL));
+  s->watchers.erase(it);
+  uv_poll_stop(&w->poll);
+  uv_close(reinterpret_cast<uv_handle_t*>(&w->poll), OnWatcherClosed);
+  return Result(env, 0);
+}
+
 // setRef(id, ref): whether this watch keeps the loop alive.
 Napi::Value SetRef(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -964,7 +1002,7 @@ void InitSpawn(Napi::Env env, Napi::Object exports, Napi::Object constants) {
   constants["exit"] = Constants(env, {{"UNKNOWN", kExitUnknown}, {"CODE", kExitCode}, {"SIGNAL", kExitSignal}, {"ERROR", kExitError}});
   constants["spawn"] = Constants(env, {{"NEW_SESSION", kFlagNewSession}, {"FORCE_FALLBACK", kFlagForceFallback}});
   Export(env, exports,
-         {{"initSpawn", InitSpawnState}, {"spawn", Spawn}, {"attach", Attach}, {"sendSignal", SendSignal}, {"setRef", SetRef},
+         {{"initSpawn", InitSpawnState}, {"spawn", Spawn}, {"attach", Attach}, {"sendSignal", SendSignal}, {"getFd", GetFd}, {"unwatch", Unwatch}, {"setRef", SetRef},
           {"makePipe", MakePipe}, {"openDevNull", OpenDevNull}, {"fdIsOpen", FdIsOpen}, {"spawnInfo", SpawnInfo}});
 }
 

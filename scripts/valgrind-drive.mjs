@@ -11,6 +11,7 @@
 //   initSpawn spawn (exec, exit codes, failing exec, ENOEXEC -> /bin/sh, pipes,
 //   /dev/null, keepFds, cwd, newSession, parentDeathSignal, the fallback)
 //   attach sendSignal setRef makePipe openDevNull fdIsOpen spawnInfo
+//   getFd (pidfd_getfd) unwatch sameDescription (kcmp)
 //   worker teardown: a worker with open files, pending waits and running
 //   children, terminated (cleanup hooks, pool shutdown, orphan reaper), and a
 //   worker that ends by itself.
@@ -301,6 +302,21 @@ check((await exits(spawnSupervised('sh', ['-c', 'exit 3'], { stdio: 'ignore' }))
   check(p.signal('SIGTERM'), 'attach sendSignal');
   const [st] = await until('attach: exits seen', Promise.all([p.exited, once(other, 'exit')]));
   check(st.code === null, 'attach exit seen');
+}
+{
+  // getFd, sameDescription, unwatch: what adopting a running process uses.
+  const other = cpSpawn('sleep', ['30'], { stdio: ['ignore', 'ignore', 'ignore'] });
+  await until('getFd: the other child spawned', once(other, 'spawn'));
+  const p = attachProcess(other.pid);
+  const fd = p.takeFd(0);
+  check(fd > 2 && native.sameDescription(other.pid, 0, process.pid, fd) === 1, 'getFd sameDescription');
+  check(native.sameDescription(other.pid, 0, process.pid, 2) === 0, 'sameDescription of another');
+  check(native.getFd(0xffffff, 0) < 0, 'getFd of no watch');
+  native.closeFd(fd);
+  p.unwatch();
+  check(native.unwatch(0xffffff) < 0, 'unwatch of no watch');
+  other.kill('SIGKILL');
+  await until('getFd: the other child exited', once(other, 'exit'));
 }
 }
 const info = native.spawnInfo();

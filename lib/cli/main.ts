@@ -14,6 +14,8 @@ export const HELP = `usage:
   lockmgr run [--exclusive PATH]... [--shared PATH]... [--readonly PATH]...
               [--lockspace SPEC] [--wait SECONDS] [--lifetime child|supervisor] [--qemu-compatible]
               [--name NAME] [--uuid UUID] [--id ID] [--uri URI] -- COMMAND [ARG...]
+  lockmgr run --adopt PID [--exclusive PATH]... [--shared PATH]... [--readonly PATH]...
+              [--lockspace SPEC]
   lockmgr status [--json] [--lockspace SPEC] PATH...
 ${LOCKSPACE_TOOLS.map((t) => `  ${t.usage}\n`).join('')}  lockmgr --help | --version
 
@@ -31,6 +33,9 @@ run     Acquires every resource (all or nothing, in one canonical order), runs
                              a QEMU run as COMMAND must open each image through
                              the descriptor in $LOCKMGR_QEMU_FD(S): -add-fd
                              fd=N,set=N -blockdev driver=file,filename=/dev/fdset/N
+        --adopt PID          take over a running process whose supervisor is gone,
+                             with the leases it holds (name each, in its mode),
+                             instead of running a command; exits 0 once it exits
 status  For each PATH: the lease (byte 0), the migration guard (byte 1), QEMU's
         permission locks (bytes 100-299), the locks in /proc/locks, and the
         processes that have the file open. --json prints one JSON document.

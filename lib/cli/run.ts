@@ -2,17 +2,15 @@
 import { readFileSync } from 'node:fs';
 import { constants as osConstants } from 'node:os';
 import { parseLockspaceSpec } from '../lockspaces/index.js';
-import { LockManager, type ExitStatus, type LockLifetime, type ManagerParams, type ResourceMode } from '../manager/manager.js';
+import { LockManager, type ExitStatus, type LockLifetime, type ManagerParams, type ResourceMode, type ResourceSpec } from '../manager/manager.js';
 import { EXIT, fail, parse, usage, type Output } from './args.js';
 
 const FORWARDED = ['SIGINT', 'SIGTERM', 'SIGHUP'] as const;
 
 export async function run(argv: readonly string[], out: Output): Promise<number> {
   const dash = argv.indexOf('--');
-  if (dash < 0) throw usage("run needs '--' before the command");
-  const [command, ...args] = argv.slice(dash + 1);
-  if (command === undefined) throw usage("run needs a command after '--'");
-  const { values, positionals } = parse(argv.slice(0, dash), {
+  const { values, positionals } = parse(dash < 0 ? argv : argv.slice(0, dash), {
+    adopt: { type: 'string' },
     exclusive: { type: 'string', multiple: true },
     shared: { type: 'string', multiple: true },
     readonly: { type: 'string', multiple: true },
@@ -25,7 +23,11 @@ export async function run(argv: readonly string[], out: Output): Promise<number>
     id: { type: 'string' },
     uri: { type: 'string' },
   });
-  if (positionals.length > 0) throw usage(`unexpected argument '${positionals[0]}' before '--'`);
+  if (values.adopt === undefined && dash < 0) throw usage("run needs '--' before the command");
+  if (positionals.length > 0) throw usage(`unexpected argument '${positionals[0]}'${dash < 0 ? '' : " before '--'"}`);
+  if (values.adopt !== undefined) return adopt(values, dash >= 0, out);
+  const [command, ...args] = argv.slice(dash + 1);
+  if (command === undefined) throw usage("run needs a command after '--'");
   let timeout: number | undefined;
   if (values.wait !== undefined) {
     const seconds = Number(values.wait);
@@ -94,6 +96,54 @@ export async function run(argv: readonly string[], out: Output): Promise<number>
   } catch (err) {
     return fail(err, out);
   } finally {
+    await mgr.free();
+  }
+}
+
+type RunValues = { adopt?: string; exclusive?: string[]; shared?: string[]; readonly?: string[]; lockspace?: string; wait?: string; lifetime?: string; 'qemu-compatible'?: boolean; name?: string; uuid?: string; id?: string; uri?: string };
+
+/**
+ * `lockmgr run --adopt PID`: a new supervisor for a VM whose supervisor is
+ * gone (LockManager.adopt). It takes over the leases the VM holds, forwards
+ * SIGTERM, SIGINT and SIGHUP to it, and exits 0 once it has exited: the VM is
+ * not lockmgr's child, so its exit status went to its parent.
+ */
+async function adopt(values: RunValues, command: boolean, out: Output): Promise<number> {
+  if (command) throw usage("--adopt takes no command: the process runs already (drop '-- COMMAND')");
+  if (!/^\d+$/.test(values.adopt!) || Number(values.adopt) < 1) throw usage(`--adopt needs a process id (an integer > 0), got '${values.adopt}'`);
+  for (const flag of ['wait', 'lifetime', 'name', 'uuid', 'id', 'uri'] as const) {
+    if (values[flag] !== undefined) throw usage(`--${flag} cannot be used with --adopt: the process runs already, under the lifetime 'child'`);
+  }
+  const resources: ResourceSpec[] = [];
+  for (const mode of ['exclusive', 'shared', 'readonly'] as const satisfies readonly ResourceMode[]) {
+    for (const path of values[mode] ?? []) resources.push({ type: 'disk', path, mode, qemuCompatible: values['qemu-compatible'] === true });
+  }
+  if (resources.length === 0) throw usage('--adopt needs every resource the process holds, each with its mode (--exclusive, --shared, --readonly PATH)');
+  let mgr: LockManager;
+  try {
+    mgr = await LockManager.adopt(Number(values.adopt), {
+      resources,
+      lockspace: values.lockspace === undefined ? undefined : parseLockspaceSpec(values.lockspace, process.cwd()),
+    });
+  } catch (err) {
+    return fail(err, out);
+  }
+  let warned = false;
+  mgr.on('warning', (w) => {
+    warned = true;
+    out.err(`lockmgr: warning: ${w.message}\n`);
+  });
+  const exited = new Promise<ExitStatus>((resolve) => mgr.once('exit', resolve));
+  // Not in our process group: whatever signal reaches lockmgr is meant for the VM too.
+  const forward = (signal: NodeJS.Signals) => {
+    if (mgr.state === 'running' || mgr.state === 'stopping') mgr.signal(signal);
+  };
+  for (const s of FORWARDED) process.on(s, forward);
+  try {
+    await exited;
+    return warned ? EXIT.internal : EXIT.ok;
+  } finally {
+    for (const s of FORWARDED) process.off(s, forward);
     await mgr.free();
   }
 }

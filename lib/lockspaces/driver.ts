@@ -25,6 +25,14 @@ export interface Capabilities {
    */
   readonly attach: boolean;
   /**
+   * A running process that holds its leases (started by another manager under
+   * lockLifetime 'child', whose supervisor is gone) can be adopted
+   * (LockManager.adopt): the new manager takes over the very leases the
+   * process holds, verifies each, and acts as if it had started it. Without
+   * it, adopt() is refused.
+   */
+  readonly adopt: boolean;
+  /**
    * A migration target holds a handover guard from its start() until it holds
    * the leases, so no third party gets a lease between the source's release
    * and the target's acquire. Without it, a third party that takes a lease
@@ -81,8 +89,12 @@ export interface Lease {
   readonly fds: readonly number[];
   /** Where the lease lives, for `resources` and messages: lock files, or the lock service's resource. */
   readonly locations: readonly string[];
-  /** Releases everything it holds and closes it. Idempotent. */
-  close(): void;
+  /**
+   * Releases everything it holds and closes it. Idempotent. keepLocks: only
+   * closes this process's descriptors or handles, so a lease adopted from a
+   * process that still holds it stays that process's (an adoption given up).
+   */
+  close(options?: { keepLocks?: boolean }): void;
 }
 
 export interface TakeOptions {
@@ -170,6 +182,15 @@ export interface LockspaceDriver {
   /** A migration target's guard, all or none, in the global order (capability handoverGuard; a no-op without it). */
   guard(leases: readonly Lease[], options: TakeOptions): Promise<void>;
   releaseGuard(lease: Lease): void;
+  /**
+   * Takes over the lease of `name` that the running process `holder` holds in
+   * `mode` (capability adopt): the returned lease is held, by the holder and
+   * by us alike, as if this manager had acquired it for it. Nothing is opened
+   * but what `name` names. InvalidArgumentError when the process does not hold
+   * it in that mode (nothing is held then, nothing left open);
+   * UnsupportedError without the capability.
+   */
+  adopt(name: ResourceName, mode: ResourceMode, holder: SupervisedProcess): Promise<Lease>;
   /** Whether the lease is still held (asked of the kernel or the lock service). */
   verify(lease: Lease): Promise<boolean>;
   /** Spawns or attaches the supervised process the way this lockspace ties leases to it (see StartPlan.take). */

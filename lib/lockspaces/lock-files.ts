@@ -115,11 +115,26 @@ export class LockFileSlot implements LeaseSlot {
   #closed = false;
   readonly #deletable: boolean;
 
-  constructor(path: string, options: { deletable: boolean }) {
+  /**
+   * `adopted`: a description of the lock file that another process holds
+   * `held` on (lockspace adopt()): the slot starts out holding it, on that
+   * same description, instead of opening the name.
+   */
+  constructor(path: string, options: { deletable: boolean; adopted?: { file: LockableFile; held: Readonly<ByteRange> } }) {
     this.path = path;
     this.key = path;
     this.#deletable = options.deletable;
-    this.#file = openLockFile(path);
+    if (options.adopted === undefined) {
+      this.#file = openLockFile(path);
+    } else {
+      this.#file = options.adopted.file;
+      this.#held.set(rangeKey(options.adopted.held), options.adopted.held);
+    }
+  }
+
+  /** The same lock file over a description adopted from another process, holding `range` there. */
+  adopted(file: LockableFile, range: Readonly<ByteRange>): LockFileSlot {
+    return new LockFileSlot(this.path, { deletable: this.#deletable, adopted: { file, held: range } });
   }
 
   get file(): LockableFile {
@@ -193,12 +208,17 @@ export class LockFileSlot implements LeaseSlot {
     if (this.#held.size === 0 && !this.#taking) this.#tryDelete();
   }
 
-  close(): void {
+  close(options?: { keepLocks?: boolean }): void {
     if (this.#closed) return;
     this.#closed = true;
     this.#held.clear();
     const file = this.#file;
     if (file.closed) return;
+    // An adoption that is given up: the description is another process's too, and what it holds stays its own.
+    if (options?.keepLocks === true) {
+      file.close();
+      return;
+    }
     // A take() still waiting on this fd: closing the file rejects it; deleting
     // under it is not worth the care, and a leftover file is harmless.
     if (!this.#taking) {

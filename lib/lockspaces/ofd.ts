@@ -25,10 +25,10 @@
 // An OFD lock belongs to the open file description: the supervised process is
 // given the lease fds, so the leases are its own too and outlive a killed
 // supervisor (lockLifetime 'child'), and any running process can be attached.
-import { lstatSync } from 'node:fs';
-import { AbortError, LockTimeoutError, ResourceBusyError, type LockHolder, type ProcessInfo } from '../os/errors.js';
-import { openLockable, type ByteRange, type LockableFile, type LockMode } from '../os/locks.js';
-import { commandLine, describeProcess, processesWithOpen } from '../os/proc-locks.js';
+import { lstatSync, readFileSync } from 'node:fs';
+import { AbortError, InvalidArgumentError, InvalidStateError, LockTimeoutError, ResourceBusyError, type LockHolder, type ProcessInfo } from '../os/errors.js';
+import { lockableFromFd, openLockable, type ByteRange, type LockableFile, type LockMode } from '../os/locks.js';
+import { commandLine, describeProcess, fdinfoLocks, fdsOf, processesSharing, processesWithOpen, type ProcLock } from '../os/proc-locks.js';
 import { canonicalBlockNode, openDiskFile } from '../os/disks.js';
 
 export { canonicalBlockNode, openDiskFile };
@@ -78,8 +78,10 @@ export interface LeaseSlot {
    * child shares).
    */
   release(range: Readonly<ByteRange>, options?: { keep?: boolean }): void;
-  /** Releases everything and closes. Idempotent. */
-  close(): void;
+  /** Releases everything and closes. Idempotent. keepLocks: closes only our descriptor (an adopted one stays held by the process it came from). */
+  close(options?: { keepLocks?: boolean }): void;
+  /** The same slot over `file`, a description adopted from another process that holds `range` on it. */
+  adopted(file: LockableFile, range: Readonly<ByteRange>): LeaseSlot;
 }
 
 /** A lease made of OFD locks on one or more files. */
@@ -111,11 +113,11 @@ export class OfdLease implements Lease {
     return this.slots.map((s) => s.path);
   }
 
-  close(): void {
+  close(options?: { keepLocks?: boolean }): void {
     if (this.#closed) return;
     this.#closed = true;
     // Released in the reverse of the locking order.
-    for (const s of [...this.slots].reverse()) s.close();
+    for (const s of [...this.slots].reverse()) s.close(options);
     if (this.image !== null && !this.slots.some((s) => s.file === this.image)) this.image.close();
   }
 }
@@ -132,7 +134,9 @@ export function fixedSlot(file: LockableFile): LeaseSlot {
       return true;
     },
     release: (range) => file.unlock(range),
+    // Closing our fd leaves the description's locks to whoever else has it open (an adopted VM).
     close: () => file.close(),
+    adopted: (other) => fixedSlot(other),
   };
 }
 
@@ -322,9 +326,65 @@ export function byteStatus(file: LockableFile, start: number): { state: 'free' |
   return { state: holder === null ? 'free' : holder.mode, holder };
 }
 
+/** Whether an open file description's locks include `mode` on exactly `range`. */
+function holdsRange(locks: readonly ProcLock[], mode: LockMode, range: Readonly<ByteRange>): boolean {
+  const type = mode === 'exclusive' ? 'WRITE' : 'READ';
+  const start = range.start ?? 0;
+  const end = (range.length ?? 0) === 0 ? null : start + (range.length ?? 0) - 1;
+  return locks.some((l) => l.type === type && l.start === start && l.end === end);
+}
+
+/**
+ * A descriptor of ours for the open file description through which `holder`
+ * holds `mode` on LEASE_RANGE of the file `like` is (same inode, or the same
+ * block device): found in /proc/PID/fdinfo, taken with pidfd_getfd, and
+ * checked again on our own fd (/proc/self/fdinfo), which now names the same
+ * description. InvalidArgumentError when the process holds no such lock.
+ */
+function adoptDescription(holder: SupervisedProcess, like: LockableFile, mode: ResourceMode, resource: string, where: string): LockableFile {
+  const lock = lockModeOf(mode);
+  const target = { dev: like.identity.dev, ino: like.identity.ino, block: like.kind === 'block-device' };
+  const open = fdsOf(holder.pid, target);
+  const match = open.find((f) => holdsRange(f.locks, lock, LEASE_RANGE));
+  const what = where === resource ? resource : `${resource} (its lock file ${where})`;
+  if (match === undefined) {
+    const other = open.find((f) => holdsRange(f.locks, lock === 'exclusive' ? 'shared' : 'exclusive', LEASE_RANGE));
+    const why =
+      open.length === 0
+        ? 'it does not have it open'
+        : other !== undefined
+          ? `it holds it ${lock === 'exclusive' ? 'shared' : 'exclusively'}, not ${mode}`
+          : `none of its ${open.length} descriptor(s) of it holds byte 0`;
+    throw new InvalidArgumentError(`process ${holder.pid} does not hold ${mode === 'exclusive' ? 'an' : 'a'} ${mode} lease on ${what}: ${why}`);
+  }
+  // Its supervisor still alive, or another adopter: two managers of one VM would each release the other's lease.
+  const sharing = processesSharing(holder.pid, match.fd, target);
+  if (sharing.length > 0) {
+    throw new ResourceBusyError(
+      `the ${mode} lease of process ${holder.pid} on ${what} is held through the same open file description by ${sharing.map(describeProcess).join(', ')} too: ` +
+        'another manager (its supervisor, or an earlier adopt()) still manages it; adopt a process only once that one is gone',
+      { resource, candidates: sharing },
+    );
+  }
+  const file = lockableFromFd(holder.takeFd(match.fd), where, match.access === 'readwrite' ? 'readwrite' : 'read');
+  let ours: ProcLock[] = [];
+  try {
+    ours = fdinfoLocks(readFileSync(`/proc/self/fdinfo/${file.fd}`, 'utf8'));
+  } catch {
+    ours = [];
+  }
+  // The process may have released it or closed that fd (and reused the number) between the two reads.
+  if (file.identity.key !== like.identity.key || !holdsRange(ours, lock, LEASE_RANGE)) {
+    file.close();
+    throw new InvalidStateError(`process ${holder.pid} let go of its ${mode} lease on ${what} while it was being adopted`);
+  }
+  return file;
+}
+
 /** What OFD lockspaces can do. */
 export const OFD_CAPABILITIES = {
   attach: true,
+  adopt: true,
   handoverGuard: true,
   hotplugHeldByChild: false,
   migrationState: false,
@@ -448,6 +508,34 @@ export abstract class OfdLockspace implements LockspaceDriver {
       if (slot.file !== l.image && !namesInode(slot)) return false;
     }
     return true;
+  }
+
+  /**
+   * Takes over the lease `holder` holds: our lease files are opened by name as
+   * for open() (so nothing the caller did not name is opened), then, for each,
+   * the holder's own open file description that holds byte 0 in this mode
+   * becomes ours too (adoptDescription): the same description, so the same
+   * lock, released by our unlock as if we had taken it. Our own fresh
+   * descriptions, which hold nothing, are closed again.
+   */
+  async adopt(name: ResourceName, mode: ResourceMode, holder: SupervisedProcess): Promise<Lease> {
+    const fresh = this.open(name, mode);
+    const slots: LeaseSlot[] = [];
+    let image = fresh.image;
+    try {
+      for (const slot of fresh.slots) {
+        const file = adoptDescription(holder, slot.file, mode, fresh.path, slot.path);
+        slots.push(slot.adopted(file, LEASE_RANGE));
+        if (slot.file === fresh.image) image = file;
+      }
+    } catch (err) {
+      for (const s of slots.reverse()) s.close({ keepLocks: true });
+      fresh.close();
+      throw err;
+    }
+    // The image, where it is not a lease file, stays open for the new lease (QEMU's locks, identity).
+    for (const s of [...fresh.slots].reverse()) s.close();
+    return new OfdLease(fresh.key, fresh.path, fresh.kind, mode, slots, image);
   }
 
   /**

@@ -203,6 +203,8 @@ export function checkSanlockConfig(config: unknown): SanlockLockspaceConfig {
 /** One sanlock lease, and the image (QEMU's locks, identity) of a disk. */
 interface OwnedLease {
   take(o: TakeOptions): Promise<void>;
+  /** Marks the lease held by the owner already (adopt()): at `offset` in the lease index. */
+  adopted(offset: number): void;
   release(): void;
   stillHeld(): Promise<boolean>;
 }
@@ -235,6 +237,8 @@ export class SanlockLockspace implements LockspaceDriver {
   readonly capabilities: Capabilities = Object.freeze({
     // Leases belong to a process that registered with the daemon before it ran.
     attach: false,
+    // The daemon says which leases a registered pid holds (inquire), and acquires and releases for it.
+    adopt: true,
     // A sanlock lease has no second byte; a migration target acquires with the source's lease versions instead (migrationState).
     handoverGuard: false,
     // A lease the daemon cannot renew on the storage is lost, and the daemon kills its holder.
@@ -315,6 +319,53 @@ export class SanlockLockspace implements LockspaceDriver {
 
   releaseGuard(): void {}
 
+  /**
+   * Takes over the lease a running process holds: the daemon is asked which
+   * leases that pid holds (sanlock_inquire(-1, pid)), and the named one must
+   * be among them, in this mode; from then on this lockspace acquires and
+   * releases for that pid, as if it had started it. A process registered
+   * with another host's daemon, or with none, holds nothing here.
+   */
+  async adopt(name: ResourceName, mode: ResourceMode, holder: SupervisedProcess): Promise<Lease> {
+    if (this.#owner !== null && this.#owner !== holder.pid) {
+      throw new InvalidArgumentError(`this lockspace acquires for process ${this.#owner} already; it cannot adopt process ${holder.pid} too`);
+    }
+    const lease = this.open(name, mode);
+    try {
+      const r = await inquireRaw(holder.pid);
+      if (r.rv === RV.ESRCH) {
+        throw new InvalidArgumentError(`process ${holder.pid} does not hold ${mode === 'exclusive' ? 'an' : 'a'} ${mode} lease on ${lease.path}: it is not registered with the sanlock daemon of this host (${this.config.hostId})`);
+      }
+      if (r.rv < 0) throw errorFor(r.rv, 'sanlock_inquire', `${lease.path}: asking the sanlock daemon which leases process ${holder.pid} holds`);
+      const resource = lease.key.slice(`sanlock:${this.config.lockspace}:`.length);
+      // "lockspace:resource:path:offset:lver", ":SH" appended for a shared lease (sanlock_res_to_str).
+      const entry = r.text
+        .split(/\s+/)
+        .map((e) => e.replace(/^"|"$/g, ''))
+        .find((e) => e.startsWith(`${this.config.lockspace}:${resource}:`));
+      if (entry === undefined) throw new InvalidArgumentError(`process ${holder.pid} does not hold ${mode === 'exclusive' ? 'an' : 'a'} ${mode} lease on ${lease.path}: sanlock lists no lease ${this.config.lockspace}:${resource} for it`);
+      const shared = entry.endsWith(':SH');
+      if (shared !== (mode !== 'exclusive')) {
+        throw new InvalidArgumentError(`process ${holder.pid} does not hold ${mode === 'exclusive' ? 'an' : 'a'} ${mode} lease on ${lease.path}: it holds it ${shared ? 'shared' : 'exclusively'}, not ${mode}`);
+      }
+      const offset = Number(entry.split(':')[3]);
+      if (!Number.isSafeInteger(offset) || offset < 0) throw new ResourceAccessError(`sanlock reported an unreadable lease for process ${holder.pid}: ${entry}`);
+      if (this.#owner === null) {
+        this.#owner = holder.pid;
+        void holder.exited.then(() => {
+          if (this.#owner === holder.pid) this.#owner = null;
+          this.#exited = holder.pid;
+        });
+      }
+      this.#state = r.text;
+      lease.owned.adopted(offset);
+      return lease;
+    } catch (err) {
+      lease.close();
+      throw err;
+    }
+  }
+
   verify(lease: Lease): Promise<boolean> {
     return (lease as SanlockLease).owned.stillHeld();
   }
@@ -381,6 +432,12 @@ export class SanlockLockspace implements LockspaceDriver {
       this.#releases.add(tracked);
     };
     return {
+      adopted: (at: number) => {
+        offset = at;
+        heldBy = this.#owner;
+        this.#held.add(address.resource);
+        this.#onStorage.set(address.resource, { disk, address, offset, shared });
+      },
       take: async (o: TakeOptions) => {
         const pid = this.#owner;
         if (pid === null) throw new UnsupportedError(`${disk}: a sanlock lease is taken for the supervised process, and there is none`);

@@ -10,14 +10,16 @@ import { fileURLToPath } from 'node:url';
 import type { Capability } from '../lockspaces/driver.js';
 import { openLockspace } from '../lockspaces/index.js';
 import type { LockspaceDriver } from '../lockspaces/driver.js';
-import { AbortError, InvalidArgumentError, InvalidStateError, LockManagerError, LockTimeoutError, UnsupportedError, type ProcessInfo } from '../os/errors.js';
-import type { ExitStatus, SpawnOptions, SupervisedProcess } from '../os/supervise.js';
+import { AbortError, InvalidArgumentError, InvalidStateError, LockManagerError, LockTimeoutError, ResourceBusyError, UnsupportedError, type ProcessInfo } from '../os/errors.js';
+import { describeProcess, watchingParent } from '../os/proc-locks.js';
+import { attachProcess, type ExitStatus, type SpawnOptions, type SupervisedProcess } from '../os/supervise.js';
 import { checkOptions, checkSignal, checkTimeout, describe } from '../os/validate.js';
 import { ResourceSet, type Resource } from './resources.js';
 import { StateMachine, WITH_CHILD, type ManagerState } from './states.js';
 import { supervisorArgs } from './supervisor-args.js';
 import { decodeToken, encodeToken } from './token.js';
 import type {
+  AdoptOptions,
   FromInquireOptions,
   LockFailure,
   LockFailureAction,
@@ -69,6 +71,8 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
   #verifyTimer: NodeJS.Timeout | null = null;
   /** The target named by prepareMigrate(), while 'migrating' or 'migrated'. */
   #targetUri: string | null = null;
+  /** Made by adopt(): the process was started by another supervisor. */
+  #adopted = false;
 
   constructor(options?: LockManagerOptions) {
     super();
@@ -325,6 +329,79 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
   }
 
   /**
+   * Takes over a running process and its leases from a supervisor that is
+   * gone (a restart, a crash: it ran it under lockLifetime 'child'), and acts
+   * from then on as if it had started it: shutdown, hotplug, migration, lock
+   * failures, the 'exit' event. The caller names every resource with its mode,
+   * from its own configuration (as for fromInquire): for each, the lockspace
+   * takes over the very lease the process holds (capability adopt: for OFD
+   * lockspaces, the process's own open file descriptions, through
+   * pidfd_getfd), and every lease is then verified held. Resolves a manager in
+   * state 'running'.
+   *
+   * The process is not our child: its exit is seen (pidfd) but its status
+   * went to its parent, so 'exit' reports { code: null, signal: null }.
+   *
+   * InvalidArgumentError when the process does not hold a named resource in
+   * that mode (or a bad pid or option); UnsupportedError without the
+   * capability, for QEMU-compatible resources, or for a process we may not
+   * signal or take descriptors from. On any failure nothing is held by us,
+   * nothing is left open and the process keeps every lease it had.
+   */
+  static async adopt(pid: number, options: AdoptOptions): Promise<LockManager> {
+    const o = checkOptions<AdoptOptions>(options, ['params', 'lockspace', 'lockLifetime', 'onLockFailure', 'verifyInterval', 'resources'], 'adopt options');
+    if (typeof pid !== 'number' || !Number.isInteger(pid) || pid <= 0 || pid > 0x7fffffff) {
+      throw new InvalidArgumentError(`adopt() needs a process id (an integer > 0), got ${describe(pid)}`);
+    }
+    if (o.lockLifetime !== undefined && o.lockLifetime !== 'child') {
+      throw new InvalidArgumentError(`adopt options.lockLifetime must be 'child': an adopted process is not ours to kill when this supervisor dies, got ${describe(o.lockLifetime)}`);
+    }
+    if (!Array.isArray(o.resources) || o.resources.length === 0) {
+      throw new InvalidArgumentError(`adopt options.resources must list every resource the process holds, with its mode (from your own configuration), got ${describe(o.resources)}`);
+    }
+    const specs = o.resources.map((r, i) => checkResource(r, `resources[${i}]`));
+    for (const [i, spec] of specs.entries()) {
+      requireMode(spec.mode, `resources[${i}].mode`);
+      if (spec.type === 'disk' && spec.qemuCompatible === true) {
+        throw new UnsupportedError(`adopt options.resources[${i}]: QEMU-compatible locks cannot be adopted yet (docs/contract.md, "LockManager.adopt")`);
+      }
+    }
+    const { resources: _resources, ...managerOptions } = o;
+    const mgr = new LockManager({ ...managerOptions, lockLifetime: 'child' });
+    mgr.#requireCapability('adopt', `adopt a running process's leases`);
+    checkSignallable(pid);
+    // Two managers of one VM would each release the other's leases.
+    const supervisor = watchingParent(pid);
+    if (supervisor !== null) {
+      throw new ResourceBusyError(`adopt(): process ${pid} still has its supervisor, process ${describeProcess(supervisor)}: adopt a process only once its supervisor is gone`, {
+        candidates: [supervisor],
+      });
+    }
+    // The pidfd pins the process: every descriptor is taken through it, never through a pid that could be reused.
+    const child = attachProcess(pid);
+    mgr.#sm.set('starting');
+    try {
+      for (const spec of specs) await mgr.#resources.adopt(spec, child);
+      const lost = await mgr.#resources.lost();
+      if (lost.length > 0) throw new InvalidStateError(`adopt(): process ${pid}'s lease on ${lost.map((r) => r.path).join(', ')} was found not held after it was taken over`);
+      if (child.exitStatus !== null) throw new InvalidStateError(`adopt(): process ${pid} exited while it was being adopted`);
+    } catch (err) {
+      // Given up: our descriptors close, and the process keeps every lease it holds.
+      mgr.#resources.clear({ keepLocks: true });
+      child.unwatch();
+      mgr.#sm.set('freed');
+      throw err;
+    }
+    mgr.#adopted = true;
+    mgr.#child = child;
+    mgr.#runAbort = new AbortController();
+    mgr.#stopped = child.exited.then(async (status) => mgr.#onExit(status, await mgr.#space.exitFailure(status).catch(() => null)));
+    mgr.#sm.set('running');
+    mgr.#startVerify();
+    return mgr;
+  }
+
+  /**
    * Target: waits for the source to let go of the leases, takes them, then
    * drops the guard: 'incoming' -> 'running'. A timeout or abort leaves the
    * manager 'incoming' with its guard (retry, or cancel). With { cancel: true }:
@@ -469,6 +546,7 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
    * InvalidStateError when the CLI cannot express this manager.
    */
   supervisorArgs(): string[] {
+    if (this.#adopted) throw new InvalidStateError('supervisorArgs(): an adopted process cannot be handed to `lockmgr run`: its leases are held already, by it and by this manager');
     return supervisorArgs({
       attach: this.#attach,
       incoming: this.#incoming,

@@ -7,7 +7,8 @@ import { InvalidArgumentError, ResourceAccessError } from '../os/errors.js';
 import { openLockable, type LockableFile } from '../os/locks.js';
 import { QEMU_PROFILES, releaseQemuLocks, takeQemuLocks, type QemuProfile } from '../os/qemu.js';
 import { withRollback } from '../lockspaces/common.js';
-import type { Capabilities, Lease, LockspaceDriver, ResourceMode, TakeOptions } from '../lockspaces/driver.js';
+import type { Capabilities, Lease, LockspaceDriver, ResourceMode, ResourceName, TakeOptions } from '../lockspaces/driver.js';
+import type { SupervisedProcess } from '../os/supervise.js';
 import type { TokenResource } from './token.js';
 import type { CheckedSpec } from './validation.js';
 import { requireMode } from './validation.js';
@@ -69,6 +70,14 @@ function openQemuImage(image: LockableFile, mode: ResourceMode): LockableFile {
  */
 const identityOf = (lease: Lease): string => lease.image?.identity.key ?? lease.key;
 
+const nameOf = (spec: CheckedSpec): ResourceName =>
+  spec.type === 'lease' ? { type: 'lease', lockspace: spec.lockspace, key: spec.key, path: spec.path } : { type: 'disk', path: spec.path };
+
+const tokenOf = (spec: CheckedSpec, lease: Lease, mode: ResourceMode): TokenResource =>
+  spec.type === 'lease'
+    ? { type: 'lease', lockspace: spec.lockspace, key: spec.key, path: spec.path, mode }
+    : { type: 'disk', path: lease.path, mode, qemuCompatible: spec.qemuCompatible === true };
+
 const byKey = (a: Resource, b: Resource): number => (a.lease.key < b.lease.key ? -1 : a.lease.key > b.lease.key ? 1 : 0);
 
 export class ResourceSet {
@@ -99,7 +108,7 @@ export class ResourceSet {
   open(spec: CheckedSpec, hotplug: boolean): Resource {
     const mode = requireMode(spec.mode);
     const qemuCompatible = spec.qemuCompatible === true;
-    const lease = this.#space.open(spec.type === 'lease' ? { type: 'lease', lockspace: spec.lockspace, key: spec.key, path: spec.path } : { type: 'disk', path: spec.path }, mode);
+    const lease = this.#space.open(nameOf(spec), mode);
     const existing = this.#byIdentity.get(identityOf(lease));
     if (existing !== undefined) {
       lease.close();
@@ -112,8 +121,6 @@ export class ResourceSet {
       }
       return existing;
     }
-    const token: TokenResource =
-      spec.type === 'lease' ? { type: 'lease', lockspace: spec.lockspace, key: spec.key, path: spec.path, mode } : { type: 'disk', path: lease.path, mode, qemuCompatible };
     let qemuImage: LockableFile | undefined;
     try {
       if (qemuCompatible && lease.image !== null) qemuImage = openQemuImage(lease.image, mode);
@@ -128,11 +135,30 @@ export class ResourceSet {
       held: false,
       guarded: false,
       hotplugged: hotplug,
-      spec: token,
+      spec: tokenOf(spec, lease, mode),
       qemu: qemuImage === undefined ? undefined : qemuProfile(mode),
       qemuImage,
     };
     this.#byIdentity.set(identityOf(lease), r);
+    return r;
+  }
+
+  /**
+   * Takes over the lease a running process holds for `spec` (the lockspace's
+   * adopt()): registered and held, as if acquired at start. InvalidArgumentError
+   * for a resource named twice; the lockspace's own errors otherwise.
+   */
+  async adopt(spec: CheckedSpec, holder: SupervisedProcess): Promise<Resource> {
+    const mode = requireMode(spec.mode);
+    const lease = await this.#space.adopt(nameOf(spec), mode, holder);
+    const id = identityOf(lease);
+    const existing = this.#byIdentity.get(id);
+    if (existing !== undefined) {
+      lease.close({ keepLocks: true });
+      throw new InvalidArgumentError(`'${lease.path}' is named twice (the same ${lease.kind === 'lease' ? 'lease' : 'file'} as '${existing.path}')`);
+    }
+    const r: Resource = { path: lease.path, mode, lease, held: true, guarded: false, hotplugged: false, spec: tokenOf(spec, lease, mode), qemu: undefined };
+    this.#byIdentity.set(id, r);
     return r;
   }
 
@@ -163,10 +189,10 @@ export class ResourceSet {
     if (this.#byIdentity.get(key) === r) this.#byIdentity.delete(key);
   }
 
-  /** Closes every lease and forgets them all. */
-  clear(): void {
+  /** Closes every lease and forgets them all. keepLocks: an adoption given up, the process keeps what it holds. */
+  clear(options?: { keepLocks?: boolean }): void {
     for (const r of this.#byIdentity.values()) {
-      r.lease.close();
+      r.lease.close(options);
       r.qemuImage?.close();
     }
     this.#byIdentity.clear();

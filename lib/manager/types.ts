@@ -84,6 +84,21 @@ export interface FromInquireOptions extends Omit<LockManagerOptions, 'flags' | '
   resources: ResourceSpec[];
 }
 
+/**
+ * LockManager.adopt()'s options: the adopting supervisor's own configuration,
+ * as the one that started the VM had it.
+ */
+export interface AdoptOptions extends Omit<LockManagerOptions, 'flags' | 'attach' | 'lockLifetime'> {
+  /**
+   * Every resource the VM holds that this manager takes over, with its mode,
+   * from the caller's configuration: each must be held by the process in that
+   * mode, and nothing else is opened.
+   */
+  resources: ResourceSpec[];
+  /** Only 'child' (the default): an adopted process is not ours to kill when we die, and keeps its leases. */
+  lockLifetime?: 'child';
+}
+
 export interface LockFailure {
   /** The resource whose lock was found lost. */
   resource: string;

@@ -214,6 +214,7 @@ export const ERRNO_CLASSES = {
   prctl: { '*': SpawnError },
   close_range: { '*': SpawnError },
   pidfd_send_signal: { EPERM: UnsupportedError, EINVAL: InvalidArgumentError },
+  pidfd_getfd: { ...EXHAUSTED, EPERM: UnsupportedError, ESRCH: InvalidStateError, EBADF: InvalidStateError, ENOSYS: UnsupportedError },
 } as const satisfies Record<string, Readonly<Record<string, ErrorClass>>>;
 
 /** The system calls whose errors lockmgr maps. */

@@ -574,3 +574,26 @@ function adopt(fd: number, path: string, access: Access, created: boolean): Lock
   }
   return new LockableFile(constructing, fd, path, 'file', new Identity(ids[DEV]!, ids[INO]!, false), access, created);
 }
+
+/**
+ * A LockableFile over a descriptor this process already owns and tracks as
+ * lockable (one from SupervisedProcess.takeFd(): another process's open file
+ * description, with the OFD locks it holds). Its access is the description's
+ * own (/proc/self/fdinfo flags); its identity is fstat's, as openLockable
+ * makes it. Closing it closes only our fd: the locks stay with the other
+ * process's copy (unlock them first to release them).
+ */
+export function lockableFromFd(fd: number, path: string, accessMode: Access): LockableFile {
+  const rv = native.statFd(fd, facts, ids);
+  if (rv < 0) {
+    native.closeFd(fd);
+    throw nativeError(rv, `cannot inspect the descriptor of '${path}'`, path);
+  }
+  const type = facts[MODE]! & S_IFMT;
+  if (type === S_IFBLK) return new LockableFile(constructing, fd, path, 'block-device', new Identity(ids[RDEV]!, 0n, true), accessMode);
+  if (type !== S_IFREG) {
+    native.closeFd(fd);
+    throw new InvalidArgumentError(`'${path}' is a ${typeName(type)}, not a regular file or block device`);
+  }
+  return new LockableFile(constructing, fd, path, 'file', new Identity(ids[DEV]!, ids[INO]!, false), accessMode);
+}

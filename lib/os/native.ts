@@ -83,6 +83,8 @@ export interface Native {
   /** F_OFD_GETLK into out = [type, start, length, pid]; type UNLOCK = no conflict. */
   getlk(fd: number, type: number, start: number, length: number, out: Float64Array): number;
   closeFd(fd: number): number;
+  /** kcmp(2) KCMP_FILE: 1 when pid1's fd1 and pid2's fd2 are one open file description, else 0. */
+  sameDescription(pid1: number, fd1: number, pid2: number, fd2: number): number;
   /** Replaces fd with an O_PATH placeholder: its open file description (and its locks) go, the number stays taken. */
   retireFd(fd: number): number;
   /** The C library's description of a positive errno. */
@@ -114,6 +116,14 @@ export interface Native {
   attach(pid: number, out: Float64Array): number;
   /** pidfd_send_signal; -ESRCH once the exit has been seen. */
   sendSignal(id: number, signal: number): number;
+  /**
+   * pidfd_getfd(2) of the watched process's fd `fd`, through its watch's
+   * pidfd: a new fd of ours (FD_CLOEXEC, tracked as lockable) for the same open
+   * file description, so the same OFD locks. -ESRCH once the exit has been seen.
+   */
+  getFd(id: number, fd: number): number;
+  /** Stops watching an attached process (no exit is reported; its pidfd is closed). -EINVAL for our own child, -ESRCH when not watched. */
+  unwatch(id: number): number;
   setRef(id: number, ref: boolean): void;
   /** pipe2(O_CLOEXEC) into out = [read, write]. */
   makePipe(out: Int32Array): number;
@@ -211,6 +221,11 @@ export class PendingCalls<A extends unknown[]> {
     this.#calls.delete(id);
     done(...args);
     return true;
+  }
+
+  /** Drops call `id` without completing it. */
+  forget(id: number): void {
+    this.#calls.delete(id);
   }
 
   get size(): number {

@@ -1,14 +1,16 @@
 // Who holds what: /proc/locks, and the processes that have a file open.
 //
-// OFD locks record no owner: F_OFD_GETLK reports pid -1 and so does /proc/locks,
-// and /proc/PID/fdinfo lists no OFD locks. The best anyone can say is which
-// processes have the file open; we report those as candidates, with their
-// command lines. Classic POSIX locks do carry a pid, and we report it.
+// OFD locks record no owner: F_OFD_GETLK reports pid -1 and so does /proc/locks.
+// Messages name the processes that have the file open, as candidates, with
+// their command lines. Classic POSIX locks do carry a pid, and we report it.
+// /proc/PID/fdinfo does list the OFD locks of each fd's open file description
+// (fdsOf): adopting a running VM reads it to find the descriptions it holds.
 //
 // These read procfs synchronously: it is memory, not disk, and they run on
 // error paths and in `status`, never on the lock fast path.
-import { readdirSync, readFileSync, statSync, type Stats } from 'node:fs';
+import { readdirSync, readFileSync, readlinkSync, statSync, type Stats } from 'node:fs';
 import type { ProcessInfo } from './errors.js';
+import { native } from './native.js';
 
 export type ProcLockKind = 'OFDLCK' | 'POSIX' | 'FLOCK' | 'LEASE' | 'DELEG' | 'UNKNOWN';
 
@@ -131,4 +133,134 @@ export function processesWithOpen(path: string, options: { excludeSelf?: boolean
 export function describeProcess(p: OpenBy): string {
   const cmd = p.command.length > 80 ? `${p.command.slice(0, 77)}...` : p.command;
   return cmd === '' ? `${p.pid}` : `${p.pid} (${cmd})`;
+}
+
+/** One open descriptor of a process, as /proc/PID/fd and /proc/PID/fdinfo show it. */
+export interface ProcFd {
+  fd: number;
+  /** What the descriptor refers to (stat through /proc/PID/fd/N). */
+  dev: bigint;
+  ino: bigint;
+  rdev: bigint;
+  block: boolean;
+  /** The open file description's access mode (fdinfo flags & O_ACCMODE). */
+  access: 'read' | 'write' | 'readwrite';
+  /** The OFD locks this description holds (fdinfo "lock:" lines of kind OFDLCK): every fd sharing it shows the same. */
+  locks: ProcLock[];
+}
+
+/**
+ * The open fds of a process that refer to the file `target` identifies (dev
+ * and ino; a block device by rdev, whatever its node), with the OFD locks
+ * each one's open file description holds. /proc/PID/fdinfo lists them exactly
+ * (Linux 5.x and later; checked on 6.18): unlike /proc/locks (pid -1), it says
+ * which description holds a lock. Empty when the process is gone or we may not
+ * look (another user's, unless root).
+ */
+export function fdsOf(pid: number, target: { dev: bigint; ino: bigint; block: boolean }): ProcFd[] {
+  let names: string[];
+  try {
+    names = readdirSync(`/proc/${pid}/fd`);
+  } catch {
+    return [];
+  }
+  const found: ProcFd[] = [];
+  for (const name of names) {
+    const fd = Number(name);
+    let st;
+    let info: string;
+    try {
+      st = statSync(`/proc/${pid}/fd/${fd}`, { bigint: true });
+      info = readFileSync(`/proc/${pid}/fdinfo/${fd}`, 'utf8');
+    } catch {
+      continue;
+    }
+    const block = st.isBlockDevice();
+    if (block !== target.block) continue;
+    if (block ? st.rdev !== target.dev : st.dev !== target.dev || st.ino !== target.ino) continue;
+    found.push({ fd, dev: st.dev, ino: st.ino, rdev: st.rdev, block, access: accessOf(info), locks: fdinfoLocks(info) });
+  }
+  return found;
+}
+
+/** The OFD locks an fdinfo text lists ("lock:\t1: OFDLCK ADVISORY  WRITE -1 fe:00:2146410 0 0"). */
+export function fdinfoLocks(info: string): ProcLock[] {
+  const lines = info
+    .split('\n')
+    .filter((l) => l.startsWith('lock:'))
+    .map((l) => l.slice('lock:'.length).trim());
+  return parseProcLocks(lines.join('\n')).filter((l) => l.kind === 'OFDLCK' && !l.blocked);
+}
+
+function accessOf(info: string): ProcFd['access'] {
+  const m = /^flags:\s+([0-7]+)$/m.exec(info);
+  const acc = m === null ? 0 : Number.parseInt(m[1]!, 8) & 3;
+  return acc === 2 ? 'readwrite' : acc === 1 ? 'write' : 'read';
+}
+
+function parentOf(pid: number): number | null {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * The processes other than `pid` and its descendants (a VM's own helpers
+ * inherit its fds) that have `pid`'s open file description `fd` of the file
+ * `target` open too, and so hold its OFD locks: kcmp(2), which needs ptrace
+ * read access (processes it may not compare are not listed). This process is
+ * included.
+ */
+export function processesSharing(pid: number, fd: number, target: { dev: bigint; ino: bigint; block: boolean }): ProcessInfo[] {
+  const found: ProcessInfo[] = [];
+  for (const entry of readdirSync('/proc')) {
+    const other = Number(entry);
+    if (!Number.isInteger(other) || other === pid) continue;
+    let descendant = false;
+    for (let p: number | null = parentOf(other), hops = 0; p !== null && p > 1 && hops < 64; p = parentOf(p), hops++) {
+      if (p === pid) {
+        descendant = true;
+        break;
+      }
+    }
+    if (descendant) continue;
+    for (const f of fdsOf(other, target)) {
+      if (f.locks.length > 0 && native.sameDescription(pid, fd, other, f.fd) === 1) {
+        found.push({ pid: other, command: commandLine(other) });
+        break;
+      }
+    }
+  }
+  return found;
+}
+
+/**
+ * The parent of `pid` when it watches `pid` through a pidfd, as a lockmgr
+ * supervisor does its VM from spawn to exit (/proc/PPID/fdinfo of a pidfd
+ * names its "Pid:"); null otherwise: the parent is init or a subreaper that
+ * inherited an orphan, or we may not look. A supervisor that is alive is
+ * always its VM's parent: a child is reparented only when its parent dies.
+ */
+export function watchingParent(pid: number): ProcessInfo | null {
+  const ppid = parentOf(pid);
+  if (ppid === null || ppid <= 1) return null;
+  let fds: string[];
+  try {
+    fds = readdirSync(`/proc/${ppid}/fd`);
+  } catch {
+    return null;
+  }
+  for (const fd of fds) {
+    try {
+      if (readlinkSync(`/proc/${ppid}/fd/${fd}`) !== 'anon_inode:[pidfd]') continue;
+      const m = /^Pid:\s+(-?\d+)$/m.exec(readFileSync(`/proc/${ppid}/fdinfo/${fd}`, 'utf8'));
+      if (m !== null && Number(m[1]) === pid) return { pid: ppid, command: commandLine(ppid) };
+    } catch {
+      // Closed meanwhile.
+    }
+  }
+  return null;
 }

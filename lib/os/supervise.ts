@@ -187,6 +187,32 @@ export class SupervisedProcess implements AsyncDisposable {
     return this.#stopping;
   }
 
+  /**
+   * @internal A descriptor of ours for the open file description behind the
+   * process's fd `fd` (pidfd_getfd(2) through this watch's pidfd, so never
+   * another process that reused the pid): it holds the same OFD locks. CLOEXEC.
+   * InvalidStateError once the process has exited or closed that fd;
+   * UnsupportedError where we may not (ptrace access).
+   */
+  takeFd(fd: number): number {
+    if (this.#status !== null) throw new InvalidStateError(`process ${this.pid} has exited: its descriptors are gone`);
+    const rv = native.getFd(this.#id, fd);
+    if (rv < 0) throw nativeError(rv, `cannot take descriptor ${fd} of process ${this.pid}`);
+    return rv;
+  }
+
+  /**
+   * @internal Stops watching an attached process, which runs on unwatched
+   * (an adoption given up): its pidfd is closed and `exited` never settles.
+   * Idempotent; InvalidStateError for our own child, which must be reaped.
+   */
+  unwatch(): void {
+    if (!this.#attached) throw new InvalidStateError(`process ${this.pid} is our child: it must be reaped, not unwatched`);
+    if (this.#status !== null) return;
+    native.unwatch(this.#id);
+    registry().forget(this.#id);
+  }
+
   /** Lets the watch keep the event loop alive (the default). */
   ref(): this {
     this.#refed = true;

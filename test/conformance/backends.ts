@@ -192,7 +192,7 @@ abstract class OfdBackend implements Backend {
 /** The direct lockspace: the lease is byte 0 of the image itself. */
 export class DirectBackend extends OfdBackend {
   readonly name = 'direct';
-  readonly capabilities: Capabilities = { attach: true, handoverGuard: true, losable: false, hotplugHeldByChild: false, migrationState: false, multiHost: false, readersExcludeWriters: true };
+  readonly capabilities: Capabilities = { attach: true, adopt: true, handoverGuard: true, losable: false, hotplugHeldByChild: false, migrationState: false, multiHost: false, readersExcludeWriters: true };
 
   constructor() {
     super('lockmgr-conf-direct');
@@ -221,7 +221,7 @@ export class DirectBackend extends OfdBackend {
 /** The indirect lockspace: lock files in a directory shared by the hosts. */
 export class IndirectBackend extends OfdBackend {
   readonly name = 'indirect';
-  readonly capabilities: Capabilities = { attach: true, handoverGuard: true, losable: true, hotplugHeldByChild: false, migrationState: false, multiHost: true, readersExcludeWriters: true };
+  readonly capabilities: Capabilities = { attach: true, adopt: true, handoverGuard: true, losable: true, hotplugHeldByChild: false, migrationState: false, multiHost: true, readersExcludeWriters: true };
 
   constructor() {
     super('lockmgr-conf-indirect');
@@ -265,7 +265,7 @@ export class IndirectBackend extends OfdBackend {
 /** The sanlock lockspace: two simulated hosts (test/harness/sanlock.ts). */
 export class SanlockBackend implements Backend {
   readonly name = 'sanlock';
-  readonly capabilities: Capabilities = { attach: false, handoverGuard: false, losable: true, hotplugHeldByChild: true, migrationState: true, multiHost: true, readersExcludeWriters: false };
+  readonly capabilities: Capabilities = { attach: false, adopt: true, handoverGuard: false, losable: true, hotplugHeldByChild: true, migrationState: true, multiHost: true, readersExcludeWriters: false };
   readonly cluster: SanlockCluster;
   readonly #pool: Pool;
   /** Each pool lease's offset on the storage. */

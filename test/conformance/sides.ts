@@ -1,7 +1,7 @@
 // A manager on host A (in this process) or on host B (a manager peer process,
 // test/fixtures/manager-peer.mjs), driven through one interface, so that a row
 // of the conformance suite can put either side on either host.
-import { LockManager, type LockManagerOptions, type FromInquireOptions } from '../../lib/index.js';
+import { LockManager, type AdoptOptions, type LockManagerOptions, type FromInquireOptions } from '../../lib/index.js';
 import { Peer, managerPeerScript, type PeerError } from '../helpers.js';
 
 /** What a failed call leaves to look at, the same from both sides. */
@@ -17,7 +17,7 @@ export interface Side {
   readonly host: 'A' | 'B';
   /** The supervisor's pid: this process, or the peer's. */
   readonly pid: number;
-  /** The operations of manager-peer.mjs: create, fromInquire, register, start (resolves the child's pid), acquire, release, state, shutdown, free, verify, inquire, prepareMigrate, completeMigrateOut, completeMigrateIn, events, resources. */
+  /** The operations of manager-peer.mjs: create, adopt, fromInquire, register, start (resolves the child's pid), acquire, release, state, shutdown, free, verify, inquire, prepareMigrate, completeMigrateOut, completeMigrateIn, events, resources, child. */
   call<T = unknown>(op: string, ...args: unknown[]): Promise<T>;
   /** The error the call failed with; a test failure if it succeeded. */
   fail(op: string, ...args: unknown[]): Promise<Failure>;
@@ -47,6 +47,10 @@ export class LocalSide implements Side {
   readonly #ops: Record<string, (...args: never[]) => unknown> = {
     create: (options: LockManagerOptions) => this.#watch(new LockManager(options)),
     fromInquire: (token: string, options: FromInquireOptions) => this.#watch(LockManager.fromInquire(token, options)),
+    adopt: async (pid: number, options: AdoptOptions) => {
+      this.#watch(await LockManager.adopt(pid, options));
+      return this.mgr.state;
+    },
     inquire: () => this.mgr.inquire(),
     prepareMigrate: (uri: string) => this.mgr.prepareMigrate(uri),
     completeMigrateOut: (uri: string, o: never) => this.mgr.completeMigrateOut(uri, o),
@@ -65,6 +69,7 @@ export class LocalSide implements Side {
     free: () => this.mgr.free(),
     events: () => this.events,
     pid: () => process.pid,
+    child: () => this.mgr.getChild().pid,
   };
 
   async call<T = unknown>(op: string, ...args: unknown[]): Promise<T> {

@@ -8,7 +8,7 @@
 // test leaves nothing held: afterEach frees every manager, kills the VMs of
 // killed supervisors, and waits until a third party sees the whole pool free.
 import { spawnSync } from 'node:child_process';
-import { existsSync, readFileSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync, readlinkSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import {
@@ -23,10 +23,12 @@ import {
   SpawnError,
   UnsupportedError,
   type SupervisedProcess,
+  type AdoptOptions,
   type LockManagerOptions,
   type ResourceMode,
   type ResourceSpec,
 } from '../../lib/index.js';
+import { supervisionInfo } from '../../lib/os/supervise.js';
 import { fdCount, waitUntil } from '../helpers.js';
 import type { Backend, Host, PoolResource } from './backends.js';
 import { LocalSide, RemoteSide, type Side } from './sides.js';
@@ -52,6 +54,17 @@ async function eventually(check: () => Promise<boolean>, what: string, ms = 10_0
     if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
     await new Promise((r) => setTimeout(r, 20));
   }
+}
+
+/** This process's fds that refer to one of `paths`. */
+function ourFdsOn(paths: ReadonlySet<string>): string[] {
+  return readdirSync('/proc/self/fd').filter((fd) => {
+    try {
+      return paths.has(readlinkSync(`/proc/self/fd/${fd}`));
+    } catch {
+      return false;
+    }
+  });
 }
 
 /** Running or stopped, not a zombie. */
@@ -119,6 +132,27 @@ class Rig {
     if (token === undefined) await s.call('create', { lockspace: this.b.lockspace(host), ...options });
     else await s.call('fromInquire', token, { lockspace: this.b.lockspace(host), ...options, resources });
     return s;
+  }
+
+  /**
+   * A manager on host A that adopts the running VM `vm` (on host A) and its
+   * leases (LockManager.adopt): in this process ('this'), or in a new
+   * supervisor process ('new process').
+   */
+  async adopter(host: 'this' | 'new process', vm: number, resources: ResourceSpec[], options: Omit<AdoptOptions, 'resources'> = {}): Promise<Side> {
+    const s = host === 'this' ? new LocalSide((m) => this.#locals.push(m)) : await RemoteSide.start(this.b.env('A'));
+    if (s instanceof RemoteSide) this.#remotes.push(s);
+    await s.call('adopt', vm, { lockspace: this.b.lockspace('A'), ...options, resources });
+    return s;
+  }
+
+  /** A supervisor process on host A (a manager peer with host A's environment) running a VM that holds `specs`. */
+  async supervisorOnA(specs: ResourceSpec[], options: LockManagerOptions = {}): Promise<{ side: RemoteSide; vm: number }> {
+    const side = await RemoteSide.start(this.b.env('A'));
+    this.#remotes.push(side);
+    await side.call('create', { lockspace: this.b.lockspace('A'), ...options });
+    for (const s of specs) await side.call('register', s);
+    return { side, vm: await this.run(side) };
   }
 
   /** Starts `sleep 1000` on a side; resolves the VM's pid. */
@@ -450,6 +484,242 @@ export function conformance(backend: Backend): void {
         const y = t.a();
         y.registerResource(t.disk(0).spec('shared'));
         await expect(y.start('sleep', ['1000'])).rejects.toBeInstanceOf(ResourceBusyError);
+      });
+    });
+
+    describe('adopting a running VM: a supervisor restart (LockManager.adopt)', () => {
+      /**
+       * A supervisor process on host A runs a VM under lockLifetime 'child'
+       * holding disk 0 exclusive, disk 1 shared and the named lease
+       * exclusive, and is SIGKILLed. The VM runs on with its leases, which a
+       * third party still finds held.
+       */
+      async function orphan(): Promise<{ vm: number; specs: ResourceSpec[] }> {
+        const specs = [t.disk(0).spec('exclusive'), t.disk(1).spec('shared'), t.lease.spec('exclusive')];
+        const h = await t.supervisorOnA(specs, { lockLifetime: 'child' });
+        await h.side.peer.kill('SIGKILL');
+        expect(alive(h.vm)).toBe(true);
+        await thirdPartyRefused();
+        return { vm: h.vm, specs };
+      }
+
+      /** A third party on host A is refused each of the VM's leases, in every mode that conflicts. */
+      async function thirdPartyRefused(): Promise<void> {
+        for (const [r, mode] of [
+          [t.disk(0), 'exclusive'],
+          [t.disk(0), 'shared'],
+          [t.disk(1), 'exclusive'],
+          [t.lease, 'readonly'],
+        ] as const) {
+          const x = t.a();
+          x.registerResource(r.spec(mode));
+          const err = await x.start('sleep', ['1000']).catch((e: unknown) => e);
+          expect(err, `${r.path} ${mode}`).toBeInstanceOf(ResourceBusyError);
+          await x.free();
+        }
+        expect(await backend.observe(t.disk(0))).toBe('exclusive');
+        expect(await backend.observe(t.disk(1))).toBe('shared');
+      }
+
+      if (!caps.adopt) {
+        it("refused with UnsupportedError naming the capability 'adopt'; the VM keeps its leases", async () => {
+          const { vm, specs } = await orphan();
+          const fds = fdCount();
+          const err = await LockManager.adopt(vm, { lockspace: backend.lockspace('A'), resources: specs }).catch((e: unknown) => e);
+          expect(err).toBeInstanceOf(UnsupportedError);
+          expect((err as Error).message).toMatch(/lacks the capability 'adopt'/);
+          expect(fdCount()).toBe(fds);
+          expect(alive(vm)).toBe(true);
+          await thirdPartyRefused();
+        });
+        return;
+      }
+
+      it("adopted from this process: running, the same leases held (verified), third parties still refused; shutdown stops the VM: 'exit' with status unknown, everything free", async () => {
+        // Counted before the orphan exists: the rig's watch of the VM ends with it, as ours does.
+        const watched = supervisionInfo().watched;
+        const { vm, specs } = await orphan();
+        const s = (await t.adopter('this', vm, specs)) as LocalSide;
+        const m = s.mgr;
+        expect(m.state).toBe('running');
+        expect(m.getChild()).toEqual({ pid: vm });
+        expect(m.resources.map((r) => [r.mode, r.held])).toEqual(specs.map((r) => [r.mode, true]));
+        expect(m.resources.map((r) => r.path)).toEqual(expect.arrayContaining([t.disk(0).path, t.disk(1).path]));
+        expect(await m.verify()).toEqual({ lost: [] });
+        await thirdPartyRefused();
+        const exit = new Promise((r) => m.once('exit', r));
+        await m.shutdown({ graceMs: 1000 });
+        // Not our child: its status went to its parent; the pidfd tells only that it exited.
+        expect(await exit).toEqual({ code: null, signal: null });
+        expect(m.state).toBe('stopped');
+        expect(alive(vm)).toBe(false);
+        for (const r of [t.disk(0), t.disk(1), t.lease]) expect(await backend.observe(r)).toBe('free');
+        const files = new Set(m.resources.flatMap((r) => [r.path, ...r.lockFiles]));
+        expect(ourFdsOn(files).length).toBeGreaterThan(0);
+        await m.free();
+        // Every descriptor taken from the VM closed again, and the pidfd watch gone.
+        // (A whole-process fd count is not stable here: earlier tests' peers close their channels lazily.)
+        expect(ourFdsOn(files)).toEqual([]);
+        await waitUntil(() => supervisionInfo().watched === watched, 10_000, "the rig's watch of the VM to see its exit too");
+        expect(supervisionInfo().watched).toBe(watched);
+        const x = t.a();
+        for (const r of [t.disk(0), t.disk(1), t.lease]) x.registerResource(r.spec('exclusive'));
+        await x.start('sleep', ['1000']);
+        expect(x.state).toBe('running');
+      });
+
+      it('adopted from a new supervisor process: it shuts the VM down and reports its exit', async () => {
+        const { vm, specs } = await orphan();
+        const s = await t.adopter('new process', vm, specs);
+        expect(await s.call('state')).toBe('running');
+        expect(await s.call('child')).toBe(vm);
+        expect(await s.call('verify')).toEqual({ lost: [] });
+        await thirdPartyRefused();
+        await s.call('shutdown', { graceMs: 1000 });
+        expect(await s.call('state')).toBe('stopped');
+        expect(await s.call('events')).toContainEqual(['exit', { code: null, signal: null }]);
+        for (const r of [t.disk(0), t.disk(1), t.lease]) expect(await backend.observe(r)).toBe('free');
+      });
+
+      it("the VM exits on its own: 'exit' (status unknown), state stopped, its leases free", async () => {
+        const { vm, specs } = await orphan();
+        const m = ((await t.adopter('this', vm, specs)) as LocalSide).mgr;
+        const exit = new Promise((r) => m.once('exit', r));
+        const watch = attachProcess(vm);
+        watch.signal('SIGKILL');
+        await watch.exited;
+        expect(await exit).toEqual({ code: null, signal: null });
+        expect(m.state).toBe('stopped');
+        for (const r of [t.disk(0), t.disk(1), t.lease]) expect(await backend.observe(r)).toBe('free');
+      });
+
+      it('hotplug: acquireResource takes a new lease, releaseResource lets go of a new one and of an adopted one alike; the VM runs on', async () => {
+        const { vm, specs } = await orphan();
+        const m = ((await t.adopter('this', vm, specs)) as LocalSide).mgr;
+        expect(await m.acquireResource(t.disk(2).spec('exclusive'))).toEqual({ wasHeld: false });
+        expect(await backend.observe(t.disk(2))).toBe('exclusive');
+        const x = t.a();
+        x.registerResource(t.disk(2).spec('shared'));
+        await expect(x.start('sleep', ['1000'])).rejects.toBeInstanceOf(ResourceBusyError);
+        // Held already in that mode: a no-op, as for a lease taken at start.
+        expect(await m.acquireResource(t.disk(0).spec('exclusive'))).toEqual({ wasHeld: true });
+        expect(await m.releaseResource({ type: 'disk', path: t.disk(2).path })).toEqual({ wasHeld: true });
+        expect(await backend.observe(t.disk(2))).toBe('free');
+        // An adopted lease is the VM's and ours alike: releasing it lets go of the VM's too.
+        expect(await m.releaseResource({ type: 'disk', path: t.disk(1).path })).toEqual({ wasHeld: true });
+        await eventually(async () => (await backend.observe(t.disk(1))) === 'free', 'the released adopted lease to be free');
+        const y = t.a();
+        y.registerResource(t.disk(1).spec('exclusive'));
+        await y.start('sleep', ['1000']);
+        expect(m.state).toBe('running');
+        expect(alive(vm)).toBe(true);
+        expect(await backend.observe(t.disk(0))).toBe('exclusive');
+        expect(await m.verify()).toEqual({ lost: [] });
+      });
+
+      it('migrate out to a target: cancelled and taken back, then completed; a third party is refused at every step', async () => {
+        const { vm, specs } = await orphan();
+        const src = ((await t.adopter('this', vm, [specs[0]!])) as LocalSide).mgr;
+        let token = await src.prepareMigrate(TARGET);
+        let tgt = await t.side('B', {}, token, [t.disk(0).spec('exclusive')]);
+        await t.run(tgt);
+        expect(await tgt.call('state')).toBe('incoming');
+        if (caps.handoverGuard) expect(backend.observeGuard(t.disk(0))).toBe('exclusive');
+        await src.completeMigrateOut(TARGET);
+        expect(src.state).toBe('migrated');
+        // Without a handover guard a third party may take the lease in this window (another row covers that).
+        if (caps.handoverGuard) {
+          const third = t.a();
+          third.registerResource(t.disk(0).spec('exclusive'));
+          const during = (await third.start('sleep', ['1000']).catch((e: unknown) => e)) as ResourceBusyError;
+          expect(during).toBeInstanceOf(ResourceBusyError);
+          expect(during.migrationInProgress).toBe(true);
+        }
+        // The migration failed: the source takes its lease back, on the VM's own description.
+        await src.completeMigrateOut(TARGET, { cancel: true });
+        expect(src.state).toBe('running');
+        expect(await src.verify()).toEqual({ lost: [] });
+        await tgt.call('completeMigrateIn', SOURCE, { cancel: true, graceMs: 1000 });
+        expect(await backend.observe(t.disk(0))).toBe('exclusive');
+        const third2 = t.a();
+        third2.registerResource(t.disk(0).spec('shared'));
+        await expect(third2.start('sleep', ['1000'])).rejects.toBeInstanceOf(ResourceBusyError);
+        // Again, to the end.
+        token = await src.prepareMigrate(TARGET);
+        tgt = await t.side('B', {}, token, [t.disk(0).spec('exclusive')]);
+        await t.run(tgt);
+        const incoming = tgt.call('completeMigrateIn', SOURCE, { timeout: 60_000 });
+        await src.completeMigrateOut(TARGET);
+        await incoming;
+        expect(await tgt.call('state')).toBe('running');
+        await src.shutdown({ graceMs: 1000 });
+        expect(src.state).toBe('stopped');
+        expect(alive(vm)).toBe(false);
+        expect(await backend.observe(t.disk(0))).toBe('exclusive');
+        const third3 = t.a();
+        third3.registerResource(t.disk(0).spec('shared'));
+        await expect(third3.start('sleep', ['1000'])).rejects.toBeInstanceOf(ResourceBusyError);
+      });
+
+      it('a VM whose supervisor still runs: ResourceBusyError naming that supervisor; nothing taken, no fd left, both run on', async () => {
+        const specs = [t.disk(0).spec('exclusive'), t.lease.spec('exclusive')];
+        const h = await t.supervisorOnA(specs, { lockLifetime: 'child' });
+        const fds = fdCount();
+        const err = (await LockManager.adopt(h.vm, { lockspace: backend.lockspace('A'), resources: specs }).catch((e: unknown) => e)) as ResourceBusyError;
+        expect(err).toBeInstanceOf(ResourceBusyError);
+        expect(err.message).toContain(`still has its supervisor, process ${h.side.pid}`);
+        expect(err.candidates.map((c) => c.pid)).toEqual([h.side.pid]);
+        expect(fdCount()).toBe(fds);
+        expect(await h.side.call('state')).toBe('running');
+        expect(await h.side.call('verify')).toEqual({ lost: [] });
+        expect(await backend.observe(t.disk(0))).toBe('exclusive');
+        // Once it is gone, the same call adopts.
+        await h.side.peer.kill('SIGKILL');
+        const m = ((await t.adopter('this', h.vm, specs)) as LocalSide).mgr;
+        expect(m.state).toBe('running');
+      });
+
+      it('bad input: a resource the process does not hold, or not in that mode, or a process holding nothing: a typed error; nothing held, no fd or watch left, the VM keeps its leases', async () => {
+        const { vm, specs } = await orphan();
+        const idle = spawnSync('true').pid!; // exited: no such process any more
+        const { spawn } = await import('node:child_process');
+        const other = spawn('sleep', ['1000'], { stdio: 'ignore' });
+        await new Promise((r) => other.once('spawn', r));
+        try {
+          const fds = fdCount();
+          const watched = supervisionInfo().watched;
+          const adopt = (pid: number, resources: ResourceSpec[], extra: Record<string, unknown> = {}): Promise<unknown> =>
+            LockManager.adopt(pid, { lockspace: backend.lockspace('A'), resources, ...extra }).catch((e: unknown) => e);
+          const cases: Array<[string, Promise<unknown>, new (...a: never[]) => Error, RegExp]> = [
+            ['a disk it does not hold', adopt(vm, [t.disk(2).spec('exclusive')]), InvalidArgumentError, /does not hold an exclusive lease/],
+            ['all or nothing: a held one, then one it does not hold', adopt(vm, [specs[0]!, t.disk(2).spec('shared')]), InvalidArgumentError, /does not hold a shared lease/],
+            ['a shared disk named exclusive', adopt(vm, [t.disk(1).spec('exclusive')]), InvalidArgumentError, /holds it shared, not exclusive/],
+            ['an exclusive disk named shared', adopt(vm, [t.disk(0).spec('shared')]), InvalidArgumentError, /holds it exclusively, not shared/],
+            ['a process holding nothing', adopt(other.pid!, specs), InvalidArgumentError, /does not hold/],
+            ['a process that is gone', adopt(idle, specs), InvalidArgumentError, /cannot attach|no such process/i],
+            ['no resources', adopt(vm, []), InvalidArgumentError, /resources must list/],
+            ['lockLifetime supervisor', adopt(vm, specs, { lockLifetime: 'supervisor' }), InvalidArgumentError, /lockLifetime must be 'child'/],
+            ['QEMU-compatible locks', adopt(vm, [{ ...t.disk(0).spec('exclusive'), qemuCompatible: true } as ResourceSpec]), UnsupportedError, /QEMU-compatible/],
+            ['an unknown option', adopt(vm, specs, { colour: 1 }), InvalidArgumentError, /colour/],
+          ];
+          for (const [what, result, Class, message] of cases) {
+            const err = await result;
+            expect(err, what).toBeInstanceOf(Class);
+            expect((err as Error).message, what).toMatch(message);
+          }
+          // A given-up watch's pidfd is closed by the event loop's close phase, not at once.
+          await waitUntil(() => fdCount() <= fds, 10_000, 'the pidfds of the given-up adoptions to be closed');
+          expect(fdCount()).toBe(fds);
+          expect(supervisionInfo().watched).toBe(watched);
+          expect(alive(vm)).toBe(true);
+          await thirdPartyRefused();
+          expect(await backend.observe(t.disk(2))).toBe('free');
+          // Undisturbed: the right list adopts it.
+          const m = ((await t.adopter('this', vm, specs)) as LocalSide).mgr;
+          expect(await m.verify()).toEqual({ lost: [] });
+        } finally {
+          other.kill('SIGKILL');
+        }
       });
     });
 

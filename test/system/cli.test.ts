@@ -1,6 +1,6 @@
 // The real lockmgr binary, in subprocesses.
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { chmodSync, existsSync, mkdirSync, readFileSync, readdirSync, symlinkSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdirSync, readFileSync, readdirSync, readlinkSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterEach, describe, expect, it } from 'vitest';
@@ -185,6 +185,53 @@ describe('lockmgr run', () => {
     expect(readdirSync(dir)).toEqual([]);
     expect(lockmgr('run', '--lockspace', dir, '--exclusive', fx.path, '--', 'true').code).toBe(0);
     expect(readdirSync(dir)).toEqual([]);
+  });
+
+  it('--adopt PID: a new lockmgr takes over the command of a SIGKILLed one with its lease, forwards SIGTERM, exits 0 after it; bad input exits 64 and takes nothing', async () => {
+    const first = await background(['--exclusive', fx.path], 'sleep 1000');
+    // sh exec'd into sleep: the command is lockmgr's one child.
+    const vm = Number(readFileSync(`/proc/${first.child.pid}/task/${first.child.pid}/children`, 'utf8').trim());
+    expect(vm).toBeGreaterThan(0);
+    first.child.kill('SIGKILL');
+    await first.exit;
+    expect(status(fx.path).entries[0]!.lease!.state).toBe('exclusive');
+    expect(lockmgr('run', '--adopt', String(vm), '--shared', fx.path).stderr).toMatch(/does not hold a shared lease .*: it holds it exclusively, not shared/);
+    for (const bad of [
+      ['--adopt', String(vm), '--shared', fx.path],
+      ['--adopt', String(vm), '--exclusive', fx.path, '--', 'true'],
+      ['--adopt', 'vm1', '--exclusive', fx.path],
+      ['--adopt', String(vm)],
+      ['--adopt', String(vm), '--wait', '1', '--exclusive', fx.path],
+    ]) expect(lockmgr('run', ...bad).code, bad.join(' ')).toBe(64);
+    const adopter = spawn(process.execPath, [BIN, 'run', '--adopt', String(vm), '--exclusive', fx.path], { stdio: ['ignore', 'pipe', 'pipe'] });
+    running.push(adopter);
+    let stderr = '';
+    adopter.stderr!.on('data', (d: Buffer) => (stderr += d));
+    const exit = new Promise<number | null>((r) => adopter.once('exit', (code) => r(code)));
+    // Adopted once the new lockmgr has the VM's descriptor of the image.
+    const hasImage = (): boolean => readdirSync(`/proc/${adopter.pid}/fd`).some((fd) => {
+      try {
+        return readlinkSync(`/proc/${adopter.pid}/fd/${fd}`) === fx.path;
+      } catch {
+        return false;
+      }
+    });
+    await waitUntil(hasImage, 10_000, 'the new lockmgr to adopt the command');
+    expect(lockmgr('run', '--shared', fx.path, '--', 'true').code).toBe(75);
+    adopter.kill('SIGTERM');
+    expect(await exit, stderr).toBe(0);
+    // The command is gone (or a zombie of its new parent, init): the SIGTERM reached it.
+    const state = (() => {
+      try {
+        const st = readFileSync(`/proc/${vm}/stat`, 'utf8');
+        return st.slice(st.lastIndexOf(')') + 2, st.lastIndexOf(')') + 3);
+      } catch {
+        return null;
+      }
+    })();
+    expect(state === null || state === 'Z', `state ${state}`).toBe(true);
+    expect(status(fx.path).entries[0]!.lease!.state).toBe('free');
+    expect(lockmgr('run', '--exclusive', fx.path, '--', 'true').code).toBe(0);
   });
 
   it("runs the argv of a LockManager's supervisorArgs(), holding the same resources", async () => {
