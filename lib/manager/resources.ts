@@ -157,7 +157,7 @@ export class ResourceSet {
       lease.close({ keepLocks: true });
       throw new InvalidArgumentError(`'${lease.path}' is named twice (the same ${lease.kind === 'lease' ? 'lease' : 'file'} as '${existing.path}')`);
     }
-    const r: Resource = { path: lease.path, mode, lease, held: true, guarded: false, hotplugged: false, spec: tokenOf(spec, lease, mode), qemu: undefined };
+    const r: Resource = { path: lease.path, mode, lease, held: true, guarded: false, hotplugged: false, spec: tokenOf(spec, lease, mode), qemu: undefined, qemuImage: undefined };
     this.#byIdentity.set(id, r);
     return r;
   }
