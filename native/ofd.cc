@@ -9,7 +9,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/kcmp.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/vfs.h>
 #include <unistd.h>
 
@@ -301,6 +303,17 @@ Napi::Value RetireFd(const Napi::CallbackInfo& info) {
   return Int(info.Env(), e);
 }
 
+// kcmp(pid, fd, otherPid, otherFd) -> 0 same open file description, 1 or 2
+// (ordered) different, -errno. KCMP_FILE through syscall(2): glibc has no
+// wrapper. Tells a process that shares a lease's description (and so its OFD
+// locks) from one that merely has the file open.
+Napi::Value Kcmp(const Napi::CallbackInfo& info) {
+  long rc = syscall(SYS_kcmp, static_cast<pid_t>(Int32Arg(info, 0)), static_cast<pid_t>(Int32Arg(info, 2)), KCMP_FILE,
+                    static_cast<unsigned long>(Int32Arg(info, 1)), static_cast<unsigned long>(Int32Arg(info, 3)));
+  if (rc < 0) return Int(info.Env(), Fail(kSysKcmp, errno));
+  return Int(info.Env(), rc == 0 ? 0 : static_cast<int>(rc));
+}
+
 // strerror(errno) -> the C library's description, for the errnos whose text
 // libuv does not carry (ENOLCK, ESTALE, EDQUOT, ...). The GNU strerror_r is
 // thread-safe and old enough not to tie a prebuilt binary to a new glibc.
@@ -348,7 +361,7 @@ void InitOfd(Napi::Env env, Napi::Object exports, Napi::Object constants) {
   exports["setlk"] = setlk;
   Export(env, exports,
          {{"openPath", OpenPath}, {"reopenFd", ReopenFd}, {"createFile", CreateFile}, {"statFd", StatFd}, {"getlk", GetLk}, {"closeFd", CloseFd},
-          {"retireFd", RetireFd}, {"strerror", StrError}});
+          {"retireFd", RetireFd}, {"kcmp", Kcmp}, {"strerror", StrError}});
 }
 
 }  // namespace lockmgr

@@ -3,6 +3,7 @@ import { readFileSync } from 'node:fs';
 import { constants as osConstants } from 'node:os';
 import { parseLockspaceSpec } from '../lockspaces/index.js';
 import { LockManager, type ExitStatus, type LockLifetime, type ManagerParams, type ResourceMode } from '../manager/manager.js';
+import { describeProcess } from '../os/proc-locks.js';
 import { EXIT, fail, parse, usage, type Output } from './args.js';
 
 const FORWARDED = ['SIGINT', 'SIGTERM', 'SIGHUP'] as const;
@@ -52,6 +53,12 @@ export async function run(argv: readonly string[], out: Output): Promise<number>
       for (const path of values[mode] ?? []) mgr.registerResource({ type: 'disk', path, mode, qemuCompatible });
     }
     const exited = new Promise<ExitStatus>((resolve) => mgr.once('exit', resolve));
+    mgr.on('orphans', (o) => {
+      out.err(
+        `lockmgr: ${command} exited, but the lease on ${o.resource} stays held by ${o.processes.map(describeProcess).join(', ')}, ` +
+          `which it started and which still has the lease open; it ends when they exit or close it (see lockmgr status ${o.resource})\n`,
+      );
+    });
     mgr.on('warning', (w) => {
       warned = true;
       out.err(`lockmgr: warning: ${w.message}\n`);

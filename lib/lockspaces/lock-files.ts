@@ -212,6 +212,14 @@ export class LockFileSlot implements LeaseSlot {
     file.close();
   }
 
+  /** Closes our fd without unlocking or deleting: the locks stay with whoever shares the description. */
+  abandon(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.#held.clear();
+    if (!this.#file.closed) this.#file.close();
+  }
+
   [Symbol.dispose](): void {
     this.close();
   }

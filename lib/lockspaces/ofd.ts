@@ -19,7 +19,7 @@
 import { lstatSync } from 'node:fs';
 import { LockTimeoutError, ResourceBusyError, type LockHolder, type ProcessInfo } from '../os/errors.js';
 import { openLockable, type ByteRange, type LockableFile, type LockMode } from '../os/locks.js';
-import { commandLine, describeProcess, processesWithOpen } from '../os/proc-locks.js';
+import { commandLine, describeProcess, processesWithOpen, sharersOf } from '../os/proc-locks.js';
 import { canonicalBlockNode, openDiskFile } from '../os/disks.js';
 
 export { canonicalBlockNode, openDiskFile };
@@ -62,6 +62,8 @@ export interface LeaseSlot {
   release(range: Readonly<ByteRange>, options?: { keep?: boolean }): void;
   /** Releases everything and closes. Idempotent. */
   close(): void;
+  /** Closes without unlocking or deleting anything: whoever shares the open file description keeps its locks. Idempotent. */
+  abandon(): void;
 }
 
 /** A lease made of OFD locks on one or more files. */
@@ -100,6 +102,20 @@ export class OfdLease implements Lease {
     for (const s of [...this.slots].reverse()) s.close();
     if (this.image !== null && !this.slots.some((s) => s.file === this.image)) this.image.close();
   }
+
+  /** The open files of this lease, each once (the image may be a slot's file). */
+  get files(): LockableFile[] {
+    const files = this.slots.map((s) => s.file);
+    if (this.image !== null && !files.includes(this.image)) files.push(this.image);
+    return files.filter((f) => !f.closed);
+  }
+
+  abandon(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    for (const s of this.slots) s.abandon();
+    if (this.image !== null && !this.image.closed) this.image.close();
+  }
 }
 
 /** A slot on a file that never moves: the image itself. */
@@ -113,8 +129,11 @@ export function fixedSlot(file: LockableFile): LeaseSlot {
       await file.lock(mode, range, { timeout: o.timeout, signal: o.signal });
       return true;
     },
-    release: (range) => file.unlock(range),
+    release: (range) => {
+      if (!file.closed) file.unlock(range);
+    },
     close: () => file.close(),
+    abandon: () => file.close(),
   };
 }
 
@@ -298,6 +317,17 @@ export abstract class OfdLockspace implements LockspaceDriver {
 
   release(lease: Lease, options: { keepFiles?: boolean } = {}): void {
     for (const slot of [...(lease as OfdLease).slots].reverse()) slot.release(LEASE_RANGE, { keep: options.keepFiles === true });
+  }
+
+  /** Other processes with a duplicate of one of the lease's open file descriptions (kcmp), each once. */
+  sharers(lease: Lease): ProcessInfo[] {
+    const found = new Map<number, ProcessInfo>();
+    for (const file of (lease as OfdLease).files) for (const p of sharersOf(file.fd)) found.set(p.pid, p);
+    return [...found.values()];
+  }
+
+  abandon(lease: Lease): void {
+    (lease as OfdLease).abandon();
   }
 
   /**

@@ -558,8 +558,9 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
     this.#abortRun('the supervised process exited');
     // The lock service killed the child for a lease it could no longer renew: it applied 'poweroff' itself.
     if (lost !== null) for (const r of this.#resources.values()) if (r.held) this.#emitSafe('lock-failure', { resource: r.path, reason: lost, action: 'poweroff' });
-    // The child is reaped: only now may its leases go (invariant 2).
-    this.#releaseAll();
+    // The child is reaped: only now may its leases go (invariant 2), and not
+    // those that something it started still shares (docs/contract.md, "Orphans").
+    this.#releaseAll({ exited: true });
     if (this.#sm.state !== 'freed') this.#sm.set('stopped');
     this.#emitSafe('exit', status);
   }
@@ -582,10 +583,11 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
     this.#runAbort?.abort(new InvalidStateError(`${why} while it was waiting; nothing was acquired`));
   }
 
-  #releaseAll(options: { keepFiles?: boolean } = {}): void {
+  #releaseAll(options: { keepFiles?: boolean; exited?: boolean } = {}): void {
     for (const r of this.#resources.values()) {
       try {
-        this.#resources.release(r, options);
+        const orphans = this.#resources.release(r, options);
+        if (orphans.length > 0) this.#emitSafe('orphans', { resource: r.path, processes: orphans });
         this.#resources.releaseGuard(r);
       } catch (err) {
         this.#warn(err);

@@ -3,7 +3,7 @@
 // in every lockspace: one entry per file whatever path reached it, the
 // all-or-nothing acquire (the lockspace's, then QEMU's locks on the image),
 // release, the migration guard and verification.
-import { InvalidArgumentError } from '../os/errors.js';
+import { InvalidArgumentError, type ProcessInfo } from '../os/errors.js';
 import { openLockable } from '../os/locks.js';
 import { QEMU_PROFILES, releaseQemuLocks, takeQemuLocks, type QemuProfile } from '../os/qemu.js';
 import { withRollback } from '../lockspaces/common.js';
@@ -160,11 +160,22 @@ export class ResourceSet {
    * shares these open file descriptions and the same ones may be locked again
    * (a migration source that may take its leases back).
    */
-  release(r: Resource, options: { keepFiles?: boolean } = {}): void {
-    if (!r.held) return;
+  release(r: Resource, options: { keepFiles?: boolean; exited?: boolean } = {}): ProcessInfo[] {
+    if (!r.held) return [];
+    if (options.exited === true) {
+      // The supervised process is reaped: whoever still shares the lease's
+      // descriptions is something it started. Unlocking would unlock theirs.
+      const orphans = this.#space.sharers(r.lease);
+      if (orphans.length > 0) {
+        r.held = false;
+        this.#space.abandon(r.lease);
+        return orphans;
+      }
+    }
     r.held = false;
     if (r.qemu !== undefined && r.lease.image !== null && !r.lease.image.closed) releaseQemuLocks(r.lease.image, r.qemu);
     this.#space.release(r.lease, options);
+    return [];
   }
 
   /** A migration target's guard on every resource, all or none (a lockspace without handover guards has nothing to take). */

@@ -85,6 +85,8 @@ export interface Native {
   closeFd(fd: number): number;
   /** Replaces fd with an O_PATH placeholder: its open file description (and its locks) go, the number stays taken. */
   retireFd(fd: number): number;
+  /** kcmp(KCMP_FILE): 0 when pid's fd and otherPid's otherFd are one open file description, 1 or 2 when not, or -errno. */
+  kcmp(pid: number, fd: number, otherPid: number, otherFd: number): number;
   /** The C library's description of a positive errno. */
   strerror(errno: number): string;
   /**

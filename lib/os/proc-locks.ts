@@ -9,6 +9,7 @@
 // error paths and in `status`, never on the lock fast path.
 import { readdirSync, readFileSync, statSync, type Stats } from 'node:fs';
 import type { ProcessInfo } from './errors.js';
+import { native } from './native.js';
 
 export type ProcLockKind = 'OFDLCK' | 'POSIX' | 'FLOCK' | 'LEASE' | 'DELEG' | 'UNKNOWN';
 
@@ -131,4 +132,114 @@ export function processesWithOpen(path: string, options: { excludeSelf?: boolean
 export function describeProcess(p: OpenBy): string {
   const cmd = p.command.length > 80 ? `${p.command.slice(0, 77)}...` : p.command;
   return cmd === '' ? `${p.pid}` : `${p.pid} (${cmd})`;
+}
+
+/**
+ * The other processes that share the open file description of our `fd` (so
+ * its OFD locks are theirs as well): each fd of another process on the same
+ * file, compared with kcmp(KCMP_FILE). A process that merely has the file open
+ * through its own description is not one. Processes we may not inspect are
+ * missing (not root: other users'), as in processesWithOpen().
+ */
+export function sharersOf(fd: number): OpenBy[] {
+  let target: Stats;
+  try {
+    target = statSync(`/proc/self/fd/${fd}`);
+  } catch {
+    return [];
+  }
+  const found: OpenBy[] = [];
+  for (const entry of readdirSync('/proc')) {
+    const pid = Number(entry);
+    if (!Number.isInteger(pid) || pid === process.pid) continue;
+    let fds: string[];
+    try {
+      fds = readdirSync(`/proc/${pid}/fd`);
+    } catch {
+      continue;
+    }
+    for (const theirs of fds) {
+      let st: Stats;
+      try {
+        st = statSync(`/proc/${pid}/fd/${theirs}`);
+      } catch {
+        continue;
+      }
+      // ESRCH (gone since), EBADF (closed since), EPERM: not a sharer we can name.
+      if (sameFile(st, target) && native.kcmp(process.pid, fd, pid, Number(theirs)) === 0) {
+        found.push({ pid, command: commandLine(pid) });
+        break;
+      }
+    }
+  }
+  return found;
+}
+
+/** A process that holds an OFD lock on a file, from its /proc/PID/fdinfo lock lines. */
+export interface LockHolderProcess extends OpenBy {
+  type: string;
+  /**
+   * No ancestor of it (nor itself) has lockmgr loaded: whoever supervised the
+   * lease is gone, or it was left to this process (docs/contract.md, "Orphans").
+   */
+  orphan: boolean;
+}
+
+/**
+ * The processes whose fds carry an OFD lock on byte `start` of the file at
+ * `path`: each fd's /proc/PID/fdinfo lists the locks its open file
+ * description owns, which names the holders exactly (where /proc/locks says
+ * pid -1). Lower bound, as processesWithOpen().
+ */
+export function ofdLockHolders(path: string, start: number): LockHolderProcess[] {
+  let target: Stats;
+  try {
+    target = statSync(path);
+  } catch {
+    return [];
+  }
+  const found: LockHolderProcess[] = [];
+  for (const entry of readdirSync('/proc')) {
+    const pid = Number(entry);
+    if (!Number.isInteger(pid) || pid === process.pid) continue;
+    let fds: string[];
+    try {
+      fds = readdirSync(`/proc/${pid}/fd`);
+    } catch {
+      continue;
+    }
+    for (const fd of fds) {
+      let lock: ProcLock | undefined;
+      try {
+        if (!sameFile(statSync(`/proc/${pid}/fd/${fd}`), target)) continue;
+        const lines = readFileSync(`/proc/${pid}/fdinfo/${fd}`, 'utf8')
+          .split('\n')
+          .filter((l) => l.startsWith('lock:'))
+          .map((l) => l.slice('lock:'.length).trim());
+        lock = parseProcLocks(lines.join('\n')).find((l) => l.kind === 'OFDLCK' && !l.blocked && l.start <= start && (l.end === null || l.end >= start));
+      } catch {
+        continue;
+      }
+      if (lock !== undefined) {
+        found.push({ pid, command: commandLine(pid), type: lock.type, orphan: !underLockmgr(pid) });
+        break;
+      }
+    }
+  }
+  return found;
+}
+
+/** Whether pid or one of its ancestors has lockmgr's addon mapped (a supervisor). */
+function underLockmgr(pid: number): boolean {
+  for (let p = pid, hops = 0; p > 1 && hops < 64; hops++) {
+    try {
+      // build/Release/lockmgr.node or a prebuild (prebuilds/linux-x64/lockmgr.*.node).
+      if (/\/lockmgr[^/\n]*\.node$/m.test(readFileSync(`/proc/${p}/maps`, 'utf8'))) return true;
+      const stat = readFileSync(`/proc/${p}/stat`, 'utf8');
+      p = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
+    } catch {
+      return false;
+    }
+  }
+  return false;
 }

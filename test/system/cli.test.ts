@@ -208,7 +208,7 @@ describe('lockmgr status', () => {
     const { code, entries } = status(fx.path);
     expect(code).toBe(0);
     const e = entries[0]!;
-    expect(Object.keys(e).sort()).toEqual(['identity', 'kind', 'lease', 'locks', 'migrationGuard', 'openBy', 'path', 'qemu']);
+    expect(Object.keys(e).sort()).toEqual(['holders', 'identity', 'kind', 'lease', 'locks', 'migrationGuard', 'openBy', 'path', 'qemu']);
     expect(e).toMatchObject({
       path: fx.path,
       kind: 'file',
@@ -220,6 +220,9 @@ describe('lockmgr status', () => {
     expect(e.locks).toEqual([expect.objectContaining({ kind: 'OFDLCK', type: 'READ', pid: -1, start: 0, end: 0, blocked: false })]);
     expect(e.openBy!.map((p) => p.pid)).toContain(child.pid);
     expect(e.openBy!.find((p) => p.pid === child.pid)!.command).toContain('lockmgr.js run --shared');
+    // The exact holders, from fdinfo: lockmgr and its command (which shares its description), neither an orphan.
+    expect(e.holders!.map((h) => [h.pid, h.type, h.orphan, h.file])).toContainEqual([child.pid, 'READ', false, fx.path]);
+    expect(e.holders!.find((h) => h.command === 'sleep 1000')).toMatchObject({ type: 'READ', orphan: false });
   });
 
   it('a PATH that is not a file or block device is an error entry with exit 66 too', () => {
