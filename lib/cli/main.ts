@@ -13,6 +13,7 @@ const VERSION = '0.1.0';
 export const HELP = `usage:
   lockmgr run [--exclusive PATH]... [--shared PATH]... [--readonly PATH]...
               [--lockspace SPEC] [--wait SECONDS] [--lifetime child|supervisor] [--qemu-compatible]
+              [--verify-interval SECONDS] [--on-lock-failure poweroff|pause|ignore]
               [--name NAME] [--uuid UUID] [--id ID] [--uri URI] -- COMMAND [ARG...]
   lockmgr status [--json] [--lockspace SPEC] PATH...
 ${LOCKSPACE_TOOLS.map((t) => `  ${t.usage}\n`).join('')}  lockmgr --help | --version
@@ -28,6 +29,12 @@ run     Acquires every resource (all or nothing, in one canonical order), runs
         --lifetime supervisor the command is killed if lockmgr dies
         --qemu-compatible    also take QEMU's permission locks, so qemu-img and
                              qemu-io refuse to write or resize the images
+        --verify-interval SECONDS check that every lease is still held this often;
+                             0 never. Default: 10 where the lockspace declares
+                             that its leases can be lost (losable), else never
+        --on-lock-failure ACTION what to do with the command when a lease is
+                             found lost: poweroff (SIGKILL, the default), pause
+                             (SIGSTOP) or ignore; always reported on stderr
 status  For each PATH: the lease (byte 0), the migration guard (byte 1), QEMU's
         permission locks (bytes 100-299), the locks in /proc/locks, and the
         processes that have the file open. --json prints one JSON document.

@@ -1,12 +1,29 @@
 // `lockmgr run`: holds leases around a command (docs/cli.md).
 import { readFileSync } from 'node:fs';
 import { constants as osConstants } from 'node:os';
-import { parseLockspaceSpec } from '../lockspaces/index.js';
-import { LockManager, type ExitStatus, type LockLifetime, type ManagerParams, type ResourceMode } from '../manager/manager.js';
+import { openLockspace, parseLockspaceSpec } from '../lockspaces/index.js';
+import { LockManager, type ExitStatus, type LockFailureAction, type LockLifetime, type ManagerParams, type ResourceMode } from '../manager/manager.js';
 import { describeProcess } from '../os/proc-locks.js';
 import { EXIT, fail, parse, usage, type Output } from './args.js';
 
 const FORWARDED = ['SIGINT', 'SIGTERM', 'SIGHUP'] as const;
+
+/**
+ * How often `run` checks its leases where the lockspace declares that they
+ * can be lost outside the protocol (capability `losable`: a deleted lock
+ * file, a lease the lock service could not renew), unless --verify-interval
+ * says otherwise. A check is a few syscalls per lease file.
+ */
+export const DEFAULT_VERIFY_SECONDS = 10;
+const ACTIONS = ['poweroff', 'pause', 'ignore'] as const satisfies readonly LockFailureAction[];
+
+function seconds(value: string, flag: string, min: 'zero' | 'positive'): number {
+  const n = Number(value);
+  if (value.trim() === '' || !Number.isFinite(n) || n < 0 || (min === 'positive' && n === 0)) {
+    throw usage(`${flag} needs a number of seconds ${min === 'zero' ? '>= 0' : '> 0'}, got '${value}'`);
+  }
+  return n;
+}
 
 export async function run(argv: readonly string[], out: Output): Promise<number> {
   const dash = argv.indexOf('--');
@@ -20,6 +37,8 @@ export async function run(argv: readonly string[], out: Output): Promise<number>
     lockspace: { type: 'string' },
     wait: { type: 'string' },
     lifetime: { type: 'string' },
+    'verify-interval': { type: 'string' },
+    'on-lock-failure': { type: 'string' },
     'qemu-compatible': { type: 'boolean' },
     name: { type: 'string' },
     uuid: { type: 'string' },
@@ -27,12 +46,17 @@ export async function run(argv: readonly string[], out: Output): Promise<number>
     uri: { type: 'string' },
   });
   if (positionals.length > 0) throw usage(`unexpected argument '${positionals[0]}' before '--'`);
-  let timeout: number | undefined;
-  if (values.wait !== undefined) {
-    const seconds = Number(values.wait);
-    if (values.wait.trim() === '' || !Number.isFinite(seconds) || seconds < 0) throw usage(`--wait needs a number of seconds >= 0, got '${values.wait}'`);
-    timeout = seconds * 1000;
+  const timeout = values.wait === undefined ? undefined : seconds(values.wait, '--wait', 'zero') * 1000;
+  const action = values['on-lock-failure'];
+  if (action !== undefined && !(ACTIONS as readonly string[]).includes(action)) {
+    throw usage(`--on-lock-failure needs one of ${ACTIONS.join(', ')}, got '${action}'`);
   }
+  const lockspace = values.lockspace === undefined ? undefined : parseLockspaceSpec(values.lockspace, process.cwd());
+  // On by default where the lockspace says its leases can be lost (a
+  // capability, never its kind); --verify-interval 0 turns it off.
+  let verifySeconds = values['verify-interval'] === undefined ? undefined : seconds(values['verify-interval'], '--verify-interval', 'zero');
+  verifySeconds ??= openLockspace(lockspace).capabilities.losable ? DEFAULT_VERIFY_SECONDS : 0;
+  const verifyInterval = verifySeconds === 0 ? undefined : Math.max(1, Math.round(verifySeconds * 1000));
   const params: ManagerParams = {};
   if (values.name !== undefined) params.name = values.name;
   if (values.uuid !== undefined) params.uuid = values.uuid;
@@ -44,7 +68,9 @@ export async function run(argv: readonly string[], out: Output): Promise<number>
   const mgr = new LockManager({
     params,
     lockLifetime: values.lifetime as LockLifetime | undefined,
-    lockspace: values.lockspace === undefined ? undefined : parseLockspaceSpec(values.lockspace, process.cwd()),
+    lockspace,
+    verifyInterval,
+    onLockFailure: action as LockFailureAction | undefined,
   });
   let warned = false;
   try {
@@ -58,6 +84,10 @@ export async function run(argv: readonly string[], out: Output): Promise<number>
         `lockmgr: ${command} exited, but the lease on ${o.resource} stays held by ${o.processes.map(describeProcess).join(', ')}, ` +
           `which it started and which still has the lease open; it ends when they exit or close it (see lockmgr status ${o.resource})\n`,
       );
+    });
+    mgr.on('lock-failure', (f) => {
+      const what = f.action === 'poweroff' ? `killing ${command} (SIGKILL)` : f.action === 'pause' ? `stopping ${command} (SIGSTOP)` : `${command} runs on`;
+      out.err(`lockmgr: lock lost: ${f.reason}; --on-lock-failure ${f.action}: ${what}\n`);
     });
     mgr.on('warning', (w) => {
       warned = true;

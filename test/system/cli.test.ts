@@ -246,3 +246,68 @@ describe('lockmgr status', () => {
     expect(r.stdout).toMatch(new RegExp(`^${fx.path}\\n  kind +file \\(f:\\d+:\\d+\\)\\n  lease \\(byte 0\\) +free\\n  migration guard +free\\n`));
   });
 });
+
+// A lock file deleted under a running holder (a tmp cleaner) lets the next
+// acquirer in: `run` checks its leases where the lockspace declares them
+// losable, and applies --on-lock-failure (issue 18, part 2).
+describe('lockmgr run --verify-interval / --on-lock-failure', () => {
+  const lockDir = () => {
+    const dir = join(fx.tmp.dir, 'locks');
+    if (!existsSync(dir)) mkdirSync(dir, { mode: 0o700 });
+    return dir;
+  };
+  const deleteLockFiles = (dir: string) => {
+    const names = readdirSync(dir);
+    expect(names.length).toBeGreaterThan(0);
+    for (const n of names) spawnSync('rm', ['-f', join(dir, n)]);
+  };
+
+  it('on by default in a lockspace whose leases are losable: deleting the lock files under a running run kills the command (poweroff) and says why', async () => {
+    const dir = lockDir();
+    const { exit, stderr } = await background(['--lockspace', dir, '--exclusive', fx.path], 'sleep 1000');
+    deleteLockFiles(dir);
+    // The default interval (10 s) is the only wait: the ceiling is a hang guard.
+    const code = await Promise.race([exit, new Promise((_, reject) => setTimeout(() => reject(new Error('no lock failure within 60 s')), 60_000))]);
+    expect(code).toBe(128 + 9);
+    expect(stderr()).toContain(`lockmgr: lock lost: the exclusive lease on ${fx.path} is no longer held; --on-lock-failure poweroff: killing sh (SIGKILL)`);
+  });
+
+  it('--on-lock-failure ignore: reported, and the command runs on', async () => {
+    const dir = lockDir();
+    const { child, exit, stderr } = await background(['--lockspace', dir, '--verify-interval', '0.2', '--on-lock-failure', 'ignore', '--exclusive', fx.path], 'sleep 1000');
+    deleteLockFiles(dir);
+    await waitUntil(() => stderr().includes('lock lost'), 30_000, 'the lock failure to be reported');
+    expect(stderr()).toContain('--on-lock-failure ignore: sh runs on');
+    expect(child.exitCode).toBe(null);
+    child.kill('SIGTERM');
+    expect(await exit).toBe(128 + 15);
+  });
+
+  it('--on-lock-failure pause: the command is stopped (SIGSTOP)', async () => {
+    const dir = lockDir();
+    const pidFile = join(fx.tmp.dir, 'cmd.pid');
+    const { child, stderr } = await background(['--lockspace', dir, '--verify-interval', '0.2', '--on-lock-failure', 'pause', '--exclusive', fx.path], `echo $$ > ${pidFile}; READY; exec sleep 1000`);
+    const pid = Number(readFileSync(pidFile, 'utf8'));
+    deleteLockFiles(dir);
+    await waitUntil(() => stderr().includes('lock lost'), 30_000, 'the lock failure to be reported');
+    await waitUntil(() => /^State:\s+T/m.test(readFileSync(`/proc/${pid}/status`, 'utf8')), 10_000, 'the command to be stopped');
+    expect(stderr()).toContain('--on-lock-failure pause: stopping sh (SIGSTOP)');
+    expect(child.exitCode).toBe(null);
+    process.kill(pid, 'SIGCONT');
+  });
+
+  it('--verify-interval 0 turns it off; bad values are usage errors naming the flag', () => {
+    const bad: Array<[string[], RegExp]> = [
+      [['--verify-interval', 'soon'], /--verify-interval needs a number of seconds >= 0, got 'soon'/],
+      [['--verify-interval='], /--verify-interval needs a number of seconds >= 0, got ''/],
+      [['--verify-interval=-1'], /--verify-interval needs a number of seconds >= 0, got '-1'/],
+      [['--on-lock-failure', 'reboot'], /--on-lock-failure needs one of poweroff, pause, ignore, got 'reboot'/],
+    ];
+    for (const [flags, why] of bad) {
+      const r = lockmgr('run', ...flags, '--exclusive', fx.path, '--', 'true');
+      expect(r.code, flags.join(' ')).toBe(64);
+      expect(r.stderr).toMatch(why);
+    }
+    expect(lockmgr('run', '--lockspace', lockDir(), '--verify-interval', '0', '--exclusive', fx.path, '--', 'true').code).toBe(0);
+  });
+});
