@@ -10,6 +10,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <linux/kcmp.h>
+#include <linux/loop.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/vfs.h>
@@ -314,6 +316,24 @@ Napi::Value Kcmp(const Napi::CallbackInfo& info) {
   return Int(info.Env(), rc == 0 ? 0 : static_cast<int>(rc));
 }
 
+// loopStatus(fd, out BigUint64Array[4]) -> 0 | -errno: LOOP_GET_STATUS64 of a
+// loop device: the backing file's device and inode (the identity its lease
+// must cover too), the offset and the size limit. ENXIO: no file bound;
+// ENOTTY/EINVAL: not a loop device.
+Napi::Value LoopStatus(const Napi::CallbackInfo& info) {
+  struct loop_info64 li;
+  memset(&li, 0, sizeof li);
+  if (ioctl(Int32Arg(info, 0), LOOP_GET_STATUS64, &li) < 0) return Int(info.Env(), Fail(kSysIoctl, errno));
+  Napi::BigUint64Array out = info[1].As<Napi::BigUint64Array>();
+  if (out.ElementLength() >= 4) {
+    out[0] = li.lo_device;
+    out[1] = li.lo_inode;
+    out[2] = li.lo_offset;
+    out[3] = li.lo_sizelimit;
+  }
+  return Int(info.Env(), 0);
+}
+
 // strerror(errno) -> the C library's description, for the errnos whose text
 // libuv does not carry (ENOLCK, ESTALE, EDQUOT, ...). The GNU strerror_r is
 // thread-safe and old enough not to tie a prebuilt binary to a new glibc.
@@ -361,7 +381,7 @@ void InitOfd(Napi::Env env, Napi::Object exports, Napi::Object constants) {
   exports["setlk"] = setlk;
   Export(env, exports,
          {{"openPath", OpenPath}, {"reopenFd", ReopenFd}, {"createFile", CreateFile}, {"statFd", StatFd}, {"getlk", GetLk}, {"closeFd", CloseFd},
-          {"retireFd", RetireFd}, {"kcmp", Kcmp}, {"strerror", StrError}});
+          {"retireFd", RetireFd}, {"kcmp", Kcmp}, {"loopStatus", LoopStatus}, {"strerror", StrError}});
 }
 
 }  // namespace lockmgr

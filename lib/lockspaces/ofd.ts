@@ -17,12 +17,28 @@
 // given the lease fds, so the leases are its own too and outlive a killed
 // supervisor (lockLifetime 'child'), and any running process can be attached.
 import { lstatSync } from 'node:fs';
-import { LockTimeoutError, ResourceBusyError, type LockHolder, type ProcessInfo } from '../os/errors.js';
+import { LockTimeoutError, ResourceAccessError, ResourceBusyError, type LockHolder, type ProcessInfo } from '../os/errors.js';
 import { openLockable, type ByteRange, type LockableFile, type LockMode } from '../os/locks.js';
 import { commandLine, describeProcess, processesWithOpen, sharersOf } from '../os/proc-locks.js';
-import { canonicalBlockNode, openDiskFile } from '../os/disks.js';
+import { canonicalBlockNode, loopBacking, openDiskFile } from '../os/disks.js';
 
 export { canonicalBlockNode, openDiskFile };
+
+/**
+ * The backing file of a loop device `image`, opened for its lease, or null
+ * when `image` is not a loop device: its lease must cover both (the loop
+ * device writes the file). Checked to be the inode the loop device is bound to.
+ */
+export function openLoopBacking(image: LockableFile, access: 'read' | 'readwrite'): LockableFile | null {
+  const backing = loopBacking(image);
+  if (backing === null) return null;
+  const file = openDiskFile(backing.path, access);
+  if (file.kind === 'file' && (file.identity.dev !== backing.dev || file.identity.ino !== backing.ino)) {
+    file.close();
+    throw new ResourceAccessError(`the backing file '${backing.path}' of loop device '${image.path}' was replaced while its lease was being opened; try again`);
+  }
+  return file;
+}
 import { attachProcess, spawnSupervised, type ExitStatus, type SupervisedProcess } from '../os/supervise.js';
 import { byKey, checkMode, deadlineOf, remaining, rolledBack } from './common.js';
 import type { Capabilities, Lease, LeaseStatus, LockspaceConfig, LockspaceDriver, ResourceMode, ResourceName, StartPlan, TakeOptions } from './driver.js';

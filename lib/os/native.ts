@@ -87,6 +87,8 @@ export interface Native {
   retireFd(fd: number): number;
   /** kcmp(KCMP_FILE): 0 when pid's fd and otherPid's otherFd are one open file description, 1 or 2 when not, or -errno. */
   kcmp(pid: number, fd: number, otherPid: number, otherFd: number): number;
+  /** LOOP_GET_STATUS64 into out = [backing dev, backing ino, offset, sizelimit]; -ENXIO unbound, -ENOTTY not a loop device. */
+  loopStatus(fd: number, out: BigUint64Array): number;
   /** The C library's description of a positive errno. */
   strerror(errno: number): string;
   /**
