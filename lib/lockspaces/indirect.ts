@@ -203,8 +203,20 @@ export class IndirectLockspace extends OfdLockspace {
     }
   }
 
+  /**
+   * The same directory, whatever path reaches it: one host may name it through
+   * a symlinked parent (/var/run/lockmgr and /run/lockmgr). Real paths are
+   * compared; a dir that cannot be resolved here is not this one.
+   */
   sameAs(config: LockspaceConfig): boolean {
-    return config.kind === 'indirect' && (config as Partial<IndirectLockspaceConfig>).dir === this.config.dir;
+    const dir = (config as Partial<IndirectLockspaceConfig>).dir;
+    if (config.kind !== 'indirect' || typeof dir !== 'string') return false;
+    if (dir === this.config.dir) return true;
+    try {
+      return realpathSync(dir) === realpathSync(this.config.dir);
+    } catch {
+      return false;
+    }
   }
 
   describe(): string {
