@@ -16,7 +16,7 @@
 // An OFD lock belongs to the open file description: the supervised process is
 // given the lease fds, so the leases are its own too and outlive a killed
 // supervisor (lockLifetime 'child'), and any running process can be attached.
-import { lstatSync } from 'node:fs';
+import { lstatSync, readdirSync, statSync } from 'node:fs';
 import { LockTimeoutError, ResourceAccessError, ResourceBusyError, type LockHolder, type ProcessInfo } from '../os/errors.js';
 import { openLockable, type ByteRange, type LockableFile, type LockMode } from '../os/locks.js';
 import { commandLine, describeProcess, processesWithOpen, sharersOf } from '../os/proc-locks.js';
@@ -184,13 +184,49 @@ function guardHeld(slot: LeaseSlot, mode: ResourceMode): boolean {
   }
 }
 
-function who(path: string): { candidates: ProcessInfo[]; text: string } {
+/** @internal Test seams: run between finding a conflict and naming its holder (a holder that exits right then). */
+export const busyHooks: { afterConflict?: () => void } = {};
+
+/** Whether this process has `slot`'s file open through another fd than the slot's own. */
+function openInSelfBesides(slot: LeaseSlot): boolean {
+  return sharersOrSelf(slot.path, slot.file.closed ? -1 : slot.file.fd);
+}
+
+function sharersOrSelf(path: string, except: number): boolean {
+  let target;
+  try {
+    target = statSync(path);
+  } catch {
+    return false;
+  }
+  for (const fd of readdirSync('/proc/self/fd')) {
+    if (Number(fd) === except) continue;
+    try {
+      const st = statSync(`/proc/self/fd/${fd}`);
+      if (target.isBlockDevice() ? st.isBlockDevice() && st.rdev === target.rdev : st.dev === target.dev && st.ino === target.ino) return true;
+    } catch {
+      // Closed since the listing (or the listing's own fd).
+    }
+  }
+  return false;
+}
+
+/**
+ * Who has the lease file open, in words. Nobody outside this process: the
+ * conflict is ours (another manager here), or its holder let go between the
+ * conflict and this scan (it exited: 13 of 187 busy errors in a fail-fast race
+ * said "in this process" for that); `stillHeld` re-probes to tell them apart.
+ */
+function who(path: string, slot?: LeaseSlot, stillHeld?: () => boolean): { candidates: ProcessInfo[]; text: string; gone: boolean } {
   const candidates = processesWithOpen(path, { excludeSelf: true });
-  const text =
-    candidates.length > 0
-      ? `${candidates.length === 1 ? 'pid' : 'one of pids'} ${candidates.map(describeProcess).join(', ')} (OFD locks record no pid: these have it open)`
-      : 'another open file description in this process';
-  return { candidates, text };
+  if (candidates.length > 0) {
+    return { candidates, gone: false, text: `${candidates.length === 1 ? 'pid' : 'one of pids'} ${candidates.map(describeProcess).join(', ')} (OFD locks record no pid: these have it open)` };
+  }
+  if (slot !== undefined && stillHeld?.() === false) {
+    return { candidates, gone: true, text: 'a holder that has just let go (it exited or closed the file; nobody else has it open now): try again' };
+  }
+  if (slot === undefined || openInSelfBesides(slot)) return { candidates, gone: false, text: 'another open file description in this process' };
+  return { candidates, gone: false, text: 'a process this one cannot see (on another host sharing the storage, or one it may not inspect)' };
 }
 
 /**
@@ -198,19 +234,22 @@ function who(path: string): { candidates: ProcessInfo[]; text: string } {
  * who has the lease file open, from F_OFD_GETLK and /proc.
  */
 export function busyError(lease: OfdLease, slot: LeaseSlot = lease.slots[0]!): ResourceBusyError {
-  let holder: LockHolder | null = null;
-  try {
-    holder = slot.file.getConflict(lockModeOf(lease.mode), LEASE_RANGE);
-  } catch {
-    holder = null;
-  }
+  const conflict = (): LockHolder | null => {
+    try {
+      return slot.file.getConflict(lockModeOf(lease.mode), LEASE_RANGE);
+    } catch {
+      return null;
+    }
+  };
+  const holder = conflict();
+  busyHooks.afterConflict?.();
   let candidates: ProcessInfo[];
   let by: string;
   if (holder !== null && holder.pid > 0) {
     candidates = [{ pid: holder.pid, command: commandLine(holder.pid) }];
     by = `pid ${describeProcess(candidates[0]!)}`;
   } else {
-    ({ candidates, text: by } = who(slot.path));
+    ({ candidates, text: by } = who(slot.path, slot, () => conflict() !== null));
   }
   const how = holder === null ? 'held' : `held ${heldAs(holder.mode)}`;
   const where = slot.path === lease.path ? '' : ` (its lock file ${slot.path})`;
