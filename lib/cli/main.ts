@@ -45,6 +45,8 @@ exit status:
   66   a resource cannot be opened: missing, not permitted, a directory
   69   unsupported: the filesystem or kernel cannot lock, or a feature is absent
   70   internal error
+  71   a system limit: too many open files (ulimit -n), processes or threads,
+       a full disk; raise the limit or use fewer disks (retrying will not help)
   75   busy: a resource is held by someone else (or the wait ran out); try again
   126  the command exists but cannot be executed
   127  the command was not found

@@ -3,6 +3,7 @@ import { readFileSync } from 'node:fs';
 import { constants as osConstants } from 'node:os';
 import { openLockspace, parseLockspaceSpec } from '../lockspaces/index.js';
 import { LockManager, type ExitStatus, type LockFailureAction, type LockLifetime, type ManagerParams, type ResourceMode } from '../manager/manager.js';
+import { ResourceExhaustedError } from '../os/errors.js';
 import { describeProcess } from '../os/proc-locks.js';
 import { EXIT, fail, parse, usage, type Output } from './args.js';
 
@@ -73,6 +74,7 @@ export async function run(argv: readonly string[], out: Output): Promise<number>
     onLockFailure: action as LockFailureAction | undefined,
   });
   let warned = false;
+  let limited = false;
   try {
     const qemuCompatible = values['qemu-compatible'] === true;
     for (const mode of ['exclusive', 'shared', 'readonly'] as const satisfies readonly ResourceMode[]) {
@@ -91,6 +93,7 @@ export async function run(argv: readonly string[], out: Output): Promise<number>
     });
     mgr.on('warning', (w) => {
       warned = true;
+      if (w instanceof ResourceExhaustedError) limited = true;
       out.err(`lockmgr: warning: ${w.message}\n`);
     });
     // Installed before start(): a signal that arrives while the leases are
@@ -123,7 +126,7 @@ export async function run(argv: readonly string[], out: Output): Promise<number>
       if (early !== undefined) return bySignal(early);
       const code = status.code ?? bySignal(status.signal!);
       // A failure after the command ended (a release that failed) must not pass for success.
-      return warned && code === 0 ? EXIT.internal : code;
+      return warned && code === 0 ? (limited ? EXIT.limit : EXIT.internal) : code;
     } finally {
       await mgr.free();
       for (const s of FORWARDED) process.off(s, forward);

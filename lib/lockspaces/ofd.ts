@@ -376,9 +376,23 @@ export abstract class OfdLockspace implements LockspaceDriver {
 
   /** Other processes with a duplicate of one of the lease's open file descriptions (kcmp), each once. */
   sharers(lease: Lease): ProcessInfo[] {
-    const found = new Map<number, ProcessInfo>();
-    for (const file of (lease as OfdLease).files) for (const p of sharersOf(file.fd)) found.set(p.pid, p);
-    return [...found.values()];
+    const l = lease as OfdLease;
+    const scan = (): ProcessInfo[] => {
+      const found = new Map<number, ProcessInfo>();
+      for (const file of l.files) for (const p of sharersOf(file.fd)) found.set(p.pid, p);
+      return [...found.values()];
+    };
+    try {
+      return scan();
+    } catch (err) {
+      // Out of fds just as the command exited (ulimit -n reached): the image
+      // fd of a lease kept in lock files holds no part of the lease (only
+      // QEMU's locks, released with the lease anyway); closing it lets /proc
+      // be read, so the lock files can still be released and deleted.
+      if ((err as NodeJS.ErrnoException).code !== 'EMFILE' || l.image === null || l.image.closed || l.slots.some((s) => s.file === l.image)) throw err;
+      l.image.close();
+      return scan();
+    }
   }
 
   abandon(lease: Lease): void {

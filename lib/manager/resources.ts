@@ -3,7 +3,7 @@
 // in every lockspace: one entry per file whatever path reached it, the
 // all-or-nothing acquire (the lockspace's, then QEMU's locks on the image),
 // release, the migration guard and verification.
-import { InvalidArgumentError, type ProcessInfo } from '../os/errors.js';
+import { InvalidArgumentError, ResourceExhaustedError, type ProcessInfo } from '../os/errors.js';
 import { openLockable } from '../os/locks.js';
 import { QEMU_PROFILES, releaseQemuLocks, takeQemuLocks, type QemuProfile } from '../os/qemu.js';
 import { withRollback } from '../lockspaces/common.js';
@@ -165,7 +165,20 @@ export class ResourceSet {
     if (options.exited === true) {
       // The supervised process is reaped: whoever still shares the lease's
       // descriptions is something it started. Unlocking would unlock theirs.
-      const orphans = this.#space.sharers(r.lease);
+      let orphans: ProcessInfo[];
+      try {
+        orphans = this.#space.sharers(r.lease);
+      } catch (err) {
+        // Could not look (out of fds): leaving it to the kernel is right
+        // either way (released at our close if nobody shares it); only its
+        // lock files may stay, for the next user to reuse.
+        r.held = false;
+        this.#space.abandon(r.lease);
+        throw new ResourceExhaustedError(
+          `could not check whether processes started by the command still hold the lease on ${r.path} (${(err as Error).message}); it was not unlocked but left to the kernel, which releases it when the last process holding it closes it`,
+          { cause: err },
+        );
+      }
       if (orphans.length > 0) {
         r.held = false;
         this.#space.abandon(r.lease);

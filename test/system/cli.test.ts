@@ -160,7 +160,7 @@ describe('lockmgr run', () => {
   it('--help lists the commands and every exit code', () => {
     const r = lockmgr('--help');
     expect(r.code).toBe(0);
-    for (const code of ['64', '66', '69', '70', '75', '126', '127']) expect(r.stdout).toContain(`  ${code} `);
+    for (const code of ['64', '66', '69', '70', '71', '75', '126', '127']) expect(r.stdout).toContain(`  ${code} `);
   });
 
   it('--lockspace DIR: the lease lives in lock files there (image untouched); a second run is refused; status shows them; nothing left after', async () => {
