@@ -165,8 +165,10 @@ export interface LockspaceDriver {
    * supervised process was reaped, those it started and left running with the
    * lease's open file descriptions (a daemonized command; docs/contract.md,
    * "Orphans"). Empty where a lease is not an open file description.
+   * bornSince: the supervised process's start time (processStartTime): only
+   * processes started since then can have inherited its fds.
    */
-  sharers(lease: Lease): ProcessInfo[];
+  sharers(lease: Lease, options?: { bornSince?: bigint }): ProcessInfo[];
   /**
    * Lets go of the lease without unlocking it: closes our part, so the lease
    * stays held for exactly as long as its sharers keep it. Then as close().

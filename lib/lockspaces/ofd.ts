@@ -375,11 +375,11 @@ export abstract class OfdLockspace implements LockspaceDriver {
   }
 
   /** Other processes with a duplicate of one of the lease's open file descriptions (kcmp), each once. */
-  sharers(lease: Lease): ProcessInfo[] {
+  sharers(lease: Lease, options: { bornSince?: bigint } = {}): ProcessInfo[] {
     const l = lease as OfdLease;
     const scan = (): ProcessInfo[] => {
       const found = new Map<number, ProcessInfo>();
-      for (const file of l.files) for (const p of sharersOf(file.fd)) found.set(p.pid, p);
+      for (const file of l.files) for (const p of sharersOf(file.fd, options)) found.set(p.pid, p);
       return [...found.values()];
     };
     try {

@@ -12,6 +12,7 @@ import { openLockspace } from '../lockspaces/index.js';
 import type { LockspaceDriver } from '../lockspaces/driver.js';
 import { AbortError, InvalidArgumentError, InvalidStateError, LockManagerError, LockTimeoutError, UnsupportedError, type ProcessInfo } from '../os/errors.js';
 import type { ExitStatus, SpawnOptions, SupervisedProcess } from '../os/supervise.js';
+import { processStartTime } from '../os/proc-locks.js';
 import { checkOptions, checkSignal, checkTimeout, describe } from '../os/validate.js';
 import { ResourceSet, type Resource } from './resources.js';
 import { StateMachine, WITH_CHILD, type ManagerState } from './states.js';
@@ -52,6 +53,7 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
   /** A migration target: start() takes guards, completeMigrateIn() the leases. */
   readonly #incoming: boolean;
   #child: SupervisedProcess | null = null;
+  #childBorn: bigint | null = null;
   #command: string[] = [];
   // The lifecycle's promises: each set by one step and read by the others.
   #starting: Promise<void> | null = null;
@@ -183,6 +185,8 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
     }
     this.#command = command === undefined ? [] : [command, ...args];
     this.#child = child;
+    // Only processes started since can have inherited its lease fds (the orphan scan at its exit).
+    this.#childBorn = processStartTime(child.pid);
     this.#runAbort = new AbortController();
     this.#stopped = child.exited.then(async (status) => this.#onExit(status, await this.#space.exitFailure(status).catch(() => null)));
     if (this.#incoming) {
@@ -560,7 +564,7 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
     if (lost !== null) for (const r of this.#resources.values()) if (r.held) this.#emitSafe('lock-failure', { resource: r.path, reason: lost, action: 'poweroff' });
     // The child is reaped: only now may its leases go (invariant 2), and not
     // those that something it started still shares (docs/contract.md, "Orphans").
-    this.#releaseAll({ exited: true });
+    this.#releaseAll({ exited: { bornSince: this.#childBorn ?? undefined } });
     if (this.#sm.state !== 'freed') this.#sm.set('stopped');
     this.#emitSafe('exit', status);
   }
@@ -583,7 +587,7 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
     this.#runAbort?.abort(new InvalidStateError(`${why} while it was waiting; nothing was acquired`));
   }
 
-  #releaseAll(options: { keepFiles?: boolean; exited?: boolean } = {}): void {
+  #releaseAll(options: { keepFiles?: boolean; exited?: { bornSince?: bigint } } = {}): void {
     for (const r of this.#resources.values()) {
       try {
         const orphans = this.#resources.release(r, options);

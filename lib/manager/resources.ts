@@ -160,14 +160,14 @@ export class ResourceSet {
    * shares these open file descriptions and the same ones may be locked again
    * (a migration source that may take its leases back).
    */
-  release(r: Resource, options: { keepFiles?: boolean; exited?: boolean } = {}): ProcessInfo[] {
+  release(r: Resource, options: { keepFiles?: boolean; exited?: { bornSince?: bigint } } = {}): ProcessInfo[] {
     if (!r.held) return [];
-    if (options.exited === true) {
+    if (options.exited !== undefined) {
       // The supervised process is reaped: whoever still shares the lease's
       // descriptions is something it started. Unlocking would unlock theirs.
       let orphans: ProcessInfo[];
       try {
-        orphans = this.#space.sharers(r.lease);
+        orphans = this.#space.sharers(r.lease, options.exited);
       } catch (err) {
         // Could not look (out of fds): leaving it to the kernel is right
         // either way (released at our close if nobody shares it); only its

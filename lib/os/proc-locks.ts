@@ -134,14 +134,27 @@ export function describeProcess(p: OpenBy): string {
   return cmd === '' ? `${p.pid}` : `${p.pid} (${cmd})`;
 }
 
+/** When a process started, in clock ticks since boot (/proc/PID/stat field 22), or null if it is gone. */
+export function processStartTime(pid: number): bigint | null {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return BigInt(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19]!);
+  } catch {
+    return null;
+  }
+}
+
 /**
  * The other processes that share the open file description of our `fd` (so
  * its OFD locks are theirs as well): each fd of another process on the same
  * file, compared with kcmp(KCMP_FILE). A process that merely has the file open
- * through its own description is not one. Processes we may not inspect are
+ * through its own description is not one. `bornSince`: only processes started
+ * at or after that time (processStartTime) are looked at: those that can have
+ * inherited the fd from a child started then (a scan of every fd of every
+ * process costs tens of ms on a loaded host). Processes we may not inspect are
  * missing (not root: other users'), as in processesWithOpen().
  */
-export function sharersOf(fd: number): OpenBy[] {
+export function sharersOf(fd: number, options: { bornSince?: bigint } = {}): OpenBy[] {
   let target: Stats;
   try {
     target = statSync(`/proc/self/fd/${fd}`);
@@ -152,6 +165,7 @@ export function sharersOf(fd: number): OpenBy[] {
   for (const entry of readdirSync('/proc')) {
     const pid = Number(entry);
     if (!Number.isInteger(pid) || pid === process.pid) continue;
+    if (options.bornSince !== undefined && (processStartTime(pid) ?? -1n) < options.bornSince) continue;
     let fds: string[];
     try {
       fds = readdirSync(`/proc/${pid}/fd`);
