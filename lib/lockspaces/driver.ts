@@ -161,14 +161,14 @@ export interface LockspaceDriver {
    */
   release(lease: Lease, options?: { keepFiles?: boolean }): void;
   /**
-   * The processes other than this one that hold the lease with us: after the
+   * For each lease, the processes other than this one that hold it with us (one pass for all): after the
    * supervised process was reaped, those it started and left running with the
    * lease's open file descriptions (a daemonized command; docs/contract.md,
    * "Orphans"). Empty where a lease is not an open file description.
    * bornSince: the supervised process's start time (processStartTime): only
    * processes started since then can have inherited its fds.
    */
-  sharers(lease: Lease, options?: { bornSince?: bigint }): ProcessInfo[];
+  sharers(leases: readonly Lease[], options?: { bornSince?: bigint }): Map<Lease, ProcessInfo[]>;
   /**
    * Lets go of the lease without unlocking it: closes our part, so the lease
    * stays held for exactly as long as its sharers keep it. Then as close().

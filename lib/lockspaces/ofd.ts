@@ -375,22 +375,28 @@ export abstract class OfdLockspace implements LockspaceDriver {
   }
 
   /** Other processes with a duplicate of one of the lease's open file descriptions (kcmp), each once. */
-  sharers(lease: Lease, options: { bornSince?: bigint } = {}): ProcessInfo[] {
-    const l = lease as OfdLease;
-    const scan = (): ProcessInfo[] => {
-      const found = new Map<number, ProcessInfo>();
-      for (const file of l.files) for (const p of sharersOf(file.fd, options)) found.set(p.pid, p);
-      return [...found.values()];
+  sharers(leases: readonly Lease[], options: { bornSince?: bigint } = {}): Map<Lease, ProcessInfo[]> {
+    const all = leases as readonly OfdLease[];
+    const scan = (): Map<Lease, ProcessInfo[]> => {
+      const byFd = sharersOf(all.flatMap((l) => l.files.map((f) => f.fd)), options);
+      return new Map(
+        all.map((l) => {
+          const found = new Map<number, ProcessInfo>();
+          for (const f of l.files) for (const p of byFd.get(f.fd) ?? []) found.set(p.pid, p);
+          return [l, [...found.values()]];
+        }),
+      );
     };
     try {
       return scan();
     } catch (err) {
       // Out of fds just as the command exited (ulimit -n reached): the image
       // fd of a lease kept in lock files holds no part of the lease (only
-      // QEMU's locks, released with the lease anyway); closing it lets /proc
+      // QEMU's locks, released with the lease anyway); closing one lets /proc
       // be read, so the lock files can still be released and deleted.
-      if ((err as NodeJS.ErrnoException).code !== 'EMFILE' || l.image === null || l.image.closed || l.slots.some((s) => s.file === l.image)) throw err;
-      l.image.close();
+      const spare = all.find((l) => l.image !== null && !l.image.closed && !l.slots.some((s) => s.file === l.image));
+      if ((err as NodeJS.ErrnoException).code !== 'EMFILE' || spare === undefined) throw err;
+      spare.image!.close();
       return scan();
     }
   }

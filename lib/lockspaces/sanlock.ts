@@ -307,8 +307,8 @@ export class SanlockLockspace implements LockspaceDriver {
   }
 
   /** A sanlock lease is the daemon's, tied to the registered pid: nothing is shared through a file description. */
-  sharers(): ProcessInfo[] {
-    return [];
+  sharers(leases: readonly Lease[]): Map<Lease, ProcessInfo[]> {
+    return new Map(leases.map((l) => [l, []]));
   }
 
   abandon(lease: Lease): void {

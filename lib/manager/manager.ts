@@ -564,7 +564,14 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
     if (lost !== null) for (const r of this.#resources.values()) if (r.held) this.#emitSafe('lock-failure', { resource: r.path, reason: lost, action: 'poweroff' });
     // The child is reaped: only now may its leases go (invariant 2), and not
     // those that something it started still shares (docs/contract.md, "Orphans").
-    this.#releaseAll({ exited: { bornSince: this.#childBorn ?? undefined } });
+    try {
+      for (const [r, processes] of this.#resources.releaseExited({ bornSince: this.#childBorn ?? undefined })) {
+        this.#emitSafe('orphans', { resource: r.path, processes });
+      }
+    } catch (err) {
+      this.#warn(err);
+    }
+    this.#releaseAll();
     if (this.#sm.state !== 'freed') this.#sm.set('stopped');
     this.#emitSafe('exit', status);
   }
@@ -587,11 +594,10 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
     this.#runAbort?.abort(new InvalidStateError(`${why} while it was waiting; nothing was acquired`));
   }
 
-  #releaseAll(options: { keepFiles?: boolean; exited?: { bornSince?: bigint } } = {}): void {
+  #releaseAll(options: { keepFiles?: boolean } = {}): void {
     for (const r of this.#resources.values()) {
       try {
-        const orphans = this.#resources.release(r, options);
-        if (orphans.length > 0) this.#emitSafe('orphans', { resource: r.path, processes: orphans });
+        this.#resources.release(r, options);
         this.#resources.releaseGuard(r);
       } catch (err) {
         this.#warn(err);

@@ -160,35 +160,46 @@ export class ResourceSet {
    * shares these open file descriptions and the same ones may be locked again
    * (a migration source that may take its leases back).
    */
-  release(r: Resource, options: { keepFiles?: boolean; exited?: { bornSince?: bigint } } = {}): ProcessInfo[] {
-    if (!r.held) return [];
-    if (options.exited !== undefined) {
-      // The supervised process is reaped: whoever still shares the lease's
-      // descriptions is something it started. Unlocking would unlock theirs.
-      let orphans: ProcessInfo[];
-      try {
-        orphans = this.#space.sharers(r.lease, options.exited);
-      } catch (err) {
-        // Could not look (out of fds): leaving it to the kernel is right
-        // either way (released at our close if nobody shares it); only its
-        // lock files may stay, for the next user to reuse.
-        r.held = false;
-        this.#space.abandon(r.lease);
-        throw new ResourceExhaustedError(
-          `could not check whether processes started by the command still hold the lease on ${r.path} (${(err as Error).message}); it was not unlocked but left to the kernel, which releases it when the last process holding it closes it`,
-          { cause: err },
-        );
-      }
-      if (orphans.length > 0) {
-        r.held = false;
-        this.#space.abandon(r.lease);
-        return orphans;
-      }
-    }
+  release(r: Resource, options: { keepFiles?: boolean } = {}): void {
+    if (!r.held) return;
     r.held = false;
     if (r.qemu !== undefined && r.lease.image !== null && !r.lease.image.closed) releaseQemuLocks(r.lease.image, r.qemu);
     this.#space.release(r.lease, options);
-    return [];
+  }
+
+  /**
+   * After the supervised process was reaped: releases every held resource,
+   * except those whose lease descriptions processes it started still share
+   * (found in one pass over /proc): unlocking would unlock theirs, so those
+   * are left to them (abandon) and returned. If the look fails (out of fds),
+   * every lease is left to the kernel, which is right either way (released at
+   * our close when nobody shares it; only lock files may stay, for the next
+   * user to reuse), and the error is thrown after.
+   */
+  releaseExited(options: { bornSince?: bigint }): Map<Resource, ProcessInfo[]> {
+    const held = this.values().filter((r) => r.held);
+    const orphans = new Map<Resource, ProcessInfo[]>();
+    let sharers: Map<Lease, ProcessInfo[]>;
+    try {
+      sharers = this.#space.sharers(held.map((r) => r.lease), options);
+    } catch (err) {
+      for (const r of held) {
+        r.held = false;
+        this.#space.abandon(r.lease);
+      }
+      throw new ResourceExhaustedError(
+        `could not check whether processes started by the command still hold its leases (${(err as Error).message}); they were not unlocked but left to the kernel, which releases each when the last process holding it closes it`,
+        { cause: err },
+      );
+    }
+    for (const r of held) {
+      const procs = sharers.get(r.lease) ?? [];
+      if (procs.length === 0) continue;
+      r.held = false;
+      this.#space.abandon(r.lease);
+      orphans.set(r, procs);
+    }
+    return orphans;
   }
 
   /** A migration target's guard on every resource, all or none (a lockspace without handover guards has nothing to take). */

@@ -145,44 +145,50 @@ export function processStartTime(pid: number): bigint | null {
 }
 
 /**
- * The other processes that share the open file description of our `fd` (so
- * its OFD locks are theirs as well): each fd of another process on the same
- * file, compared with kcmp(KCMP_FILE). A process that merely has the file open
- * through its own description is not one. `bornSince`: only processes started
- * at or after that time (processStartTime) are looked at: those that can have
- * inherited the fd from a child started then (a scan of every fd of every
- * process costs tens of ms on a loaded host). Processes we may not inspect are
- * missing (not root: other users'), as in processesWithOpen().
+ * For each of our `fds`, the other processes that share its open file
+ * description (so its OFD locks are theirs as well), in one pass over /proc:
+ * each fd of another process on the same file is compared with ours by
+ * kcmp(KCMP_FILE). A process that merely has the file open through its own
+ * description is not one. `bornSince`: only processes started at or after
+ * that time (processStartTime) are looked at, those that can have inherited
+ * the fds from a child started then (a pass over every fd of every process
+ * costs tens of ms on a loaded host). Processes we may not inspect are missing
+ * (not root: other users'), as in processesWithOpen().
  */
-export function sharersOf(fd: number, options: { bornSince?: bigint } = {}): OpenBy[] {
-  let target: Stats;
-  try {
-    target = statSync(`/proc/self/fd/${fd}`);
-  } catch {
-    return [];
+export function sharersOf(fds: readonly number[], options: { bornSince?: bigint } = {}): Map<number, OpenBy[]> {
+  const found = new Map<number, OpenBy[]>(fds.map((fd) => [fd, []]));
+  const targets: Array<{ fd: number; st: Stats }> = [];
+  for (const fd of fds) {
+    try {
+      targets.push({ fd, st: statSync(`/proc/self/fd/${fd}`) });
+    } catch {
+      // Not open: shared by nobody.
+    }
   }
-  const found: OpenBy[] = [];
+  if (targets.length === 0) return found;
   for (const entry of readdirSync('/proc')) {
     const pid = Number(entry);
     if (!Number.isInteger(pid) || pid === process.pid) continue;
     if (options.bornSince !== undefined && (processStartTime(pid) ?? -1n) < options.bornSince) continue;
-    let fds: string[];
+    let theirFds: string[];
     try {
-      fds = readdirSync(`/proc/${pid}/fd`);
+      theirFds = readdirSync(`/proc/${pid}/fd`);
     } catch {
       continue;
     }
-    for (const theirs of fds) {
+    const named = new Set<number>();
+    for (const theirs of theirFds) {
       let st: Stats;
       try {
         st = statSync(`/proc/${pid}/fd/${theirs}`);
       } catch {
         continue;
       }
-      // ESRCH (gone since), EBADF (closed since), EPERM: not a sharer we can name.
-      if (sameFile(st, target) && native.kcmp(process.pid, fd, pid, Number(theirs)) === 0) {
-        found.push({ pid, command: commandLine(pid) });
-        break;
+      for (const t of targets) {
+        // kcmp: ESRCH (gone since), EBADF (closed since), EPERM: not a sharer we can name.
+        if (named.has(t.fd) || !sameFile(st, t.st) || native.kcmp(process.pid, t.fd, pid, Number(theirs)) !== 0) continue;
+        named.add(t.fd);
+        found.get(t.fd)!.push({ pid, command: commandLine(pid) });
       }
     }
   }
