@@ -10,6 +10,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <linux/kcmp.h>
+#include <linux/loop.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/vfs.h>
@@ -303,13 +305,33 @@ Napi::Value RetireFd(const Napi::CallbackInfo& info) {
   return Int(info.Env(), e);
 }
 
-// sameDescription(pid1, fd1, pid2, fd2) -> 1 | 0 | -errno: whether the two
-// fds refer to one open file description (kcmp(2) KCMP_FILE), so hold the
-// same OFD locks. Needs ptrace read access to both processes.
-Napi::Value SameDescription(const Napi::CallbackInfo& info) {
-  long r = syscall(SYS_kcmp, Int32Arg(info, 0), Int32Arg(info, 2), KCMP_FILE, Int32Arg(info, 1), Int32Arg(info, 3));
-  if (r < 0) return Int(info.Env(), Fail(kSysKcmp, errno));
-  return Int(info.Env(), r == 0 ? 1 : 0);
+// kcmp(pid, fd, otherPid, otherFd) -> 0 same open file description, 1 or 2
+// (ordered) different, -errno. KCMP_FILE through syscall(2): glibc has no
+// wrapper. Tells a process that shares a lease's description (and so its OFD
+// locks) from one that merely has the file open.
+Napi::Value Kcmp(const Napi::CallbackInfo& info) {
+  long rc = syscall(SYS_kcmp, static_cast<pid_t>(Int32Arg(info, 0)), static_cast<pid_t>(Int32Arg(info, 2)), KCMP_FILE,
+                    static_cast<unsigned long>(Int32Arg(info, 1)), static_cast<unsigned long>(Int32Arg(info, 3)));
+  if (rc < 0) return Int(info.Env(), Fail(kSysKcmp, errno));
+  return Int(info.Env(), rc == 0 ? 0 : static_cast<int>(rc));
+}
+
+// loopStatus(fd, out BigUint64Array[4]) -> 0 | -errno: LOOP_GET_STATUS64 of a
+// loop device: the backing file's device and inode (the identity its lease
+// must cover too), the offset and the size limit. ENXIO: no file bound;
+// ENOTTY/EINVAL: not a loop device.
+Napi::Value LoopStatus(const Napi::CallbackInfo& info) {
+  struct loop_info64 li;
+  memset(&li, 0, sizeof li);
+  if (ioctl(Int32Arg(info, 0), LOOP_GET_STATUS64, &li) < 0) return Int(info.Env(), Fail(kSysIoctl, errno));
+  Napi::BigUint64Array out = info[1].As<Napi::BigUint64Array>();
+  if (out.ElementLength() >= 4) {
+    out[0] = li.lo_device;
+    out[1] = li.lo_inode;
+    out[2] = li.lo_offset;
+    out[3] = li.lo_sizelimit;
+  }
+  return Int(info.Env(), 0);
 }
 
 // strerror(errno) -> the C library's description, for the errnos whose text
@@ -361,7 +383,7 @@ void InitOfd(Napi::Env env, Napi::Object exports, Napi::Object constants) {
   exports["setlk"] = setlk;
   Export(env, exports,
          {{"openPath", OpenPath}, {"reopenFd", ReopenFd}, {"createFile", CreateFile}, {"statFd", StatFd}, {"getlk", GetLk}, {"closeFd", CloseFd},
-          {"retireFd", RetireFd}, {"sameDescription", SameDescription}, {"strerror", StrError}});
+          {"retireFd", RetireFd}, {"kcmp", Kcmp}, {"loopStatus", LoopStatus}, {"strerror", StrError}});
 }
 
 }  // namespace lockmgr

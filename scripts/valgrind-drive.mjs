@@ -11,7 +11,7 @@
 //   initSpawn spawn (exec, exit codes, failing exec, ENOEXEC -> /bin/sh, pipes,
 //   /dev/null, keepFds, cwd, newSession, parentDeathSignal, the fallback)
 //   attach sendSignal setRef makePipe openDevNull fdIsOpen spawnInfo
-//   getFd (pidfd_getfd) unwatch sameDescription (kcmp)
+//   getFd (pidfd_getfd) unwatch kcmp
 //   worker teardown: a worker with open files, pending waits and running
 //   children, terminated (cleanup hooks, pool shutdown, orphan reaper), and a
 //   worker that ends by itself.
@@ -304,13 +304,13 @@ check((await exits(spawnSupervised('sh', ['-c', 'exit 3'], { stdio: 'ignore' }))
   check(st.code === null, 'attach exit seen');
 }
 {
-  // getFd, sameDescription, unwatch: what adopting a running process uses.
+  // getFd, kcmp, unwatch: what adopting a running process uses.
   const other = cpSpawn('sleep', ['30'], { stdio: ['ignore', 'ignore', 'ignore'] });
   await until('getFd: the other child spawned', once(other, 'spawn'));
   const p = attachProcess(other.pid);
   const fd = p.takeFd(0);
-  check(fd > 2 && native.sameDescription(other.pid, 0, process.pid, fd) === 1, 'getFd sameDescription');
-  check(native.sameDescription(other.pid, 0, process.pid, 2) === 0, 'sameDescription of another');
+  check(fd > 2 && native.kcmp(other.pid, 0, process.pid, fd) === 0, 'getFd kcmp');
+  check(native.kcmp(other.pid, 0, process.pid, 2) > 0, 'kcmp of another');
   check(native.getFd(0xffffff, 0) < 0, 'getFd of no watch');
   native.closeFd(fd);
   p.unwatch();

@@ -13,9 +13,10 @@ const VERSION = '0.1.0';
 export const HELP = `usage:
   lockmgr run [--exclusive PATH]... [--shared PATH]... [--readonly PATH]...
               [--lockspace SPEC] [--wait SECONDS] [--lifetime child|supervisor] [--qemu-compatible]
+              [--verify-interval SECONDS] [--on-lock-failure poweroff|pause|ignore]
               [--name NAME] [--uuid UUID] [--id ID] [--uri URI] -- COMMAND [ARG...]
   lockmgr run --adopt PID [--exclusive PATH]... [--shared PATH]... [--readonly PATH]...
-              [--lockspace SPEC]
+              [--lockspace SPEC] [--verify-interval SECONDS] [--on-lock-failure ACTION]
   lockmgr status [--json] [--lockspace SPEC] PATH...
 ${LOCKSPACE_TOOLS.map((t) => `  ${t.usage}\n`).join('')}  lockmgr --help | --version
 
@@ -36,6 +37,12 @@ run     Acquires every resource (all or nothing, in one canonical order), runs
         --adopt PID          take over a running process whose supervisor is gone,
                              with the leases it holds (name each, in its mode),
                              instead of running a command; exits 0 once it exits
+        --verify-interval SECONDS check that every lease is still held this often;
+                             0 never. Default: 10 where the lockspace declares
+                             that its leases can be lost (losable), else never
+        --on-lock-failure ACTION what to do with the command when a lease is
+                             found lost: poweroff (SIGKILL, the default), pause
+                             (SIGSTOP) or ignore; always reported on stderr
 status  For each PATH: the lease (byte 0), the migration guard (byte 1), QEMU's
         permission locks (bytes 100-299), the locks in /proc/locks, and the
         processes that have the file open. --json prints one JSON document.
@@ -46,6 +53,8 @@ exit status:
   66   a resource cannot be opened: missing, not permitted, a directory
   69   unsupported: the filesystem or kernel cannot lock, or a feature is absent
   70   internal error
+  71   a system limit: too many open files (ulimit -n), processes or threads,
+       a full disk; raise the limit or use fewer disks (retrying will not help)
   75   busy: a resource is held by someone else (or the wait ran out); try again
   126  the command exists but cannot be executed
   127  the command was not found

@@ -1,11 +1,62 @@
 // `lockmgr run`: holds leases around a command (docs/cli.md).
 import { readFileSync } from 'node:fs';
 import { constants as osConstants } from 'node:os';
-import { parseLockspaceSpec } from '../lockspaces/index.js';
-import { LockManager, type ExitStatus, type LockLifetime, type ManagerParams, type ResourceMode, type ResourceSpec } from '../manager/manager.js';
+import { openLockspace, parseLockspaceSpec } from '../lockspaces/index.js';
+import { LockManager, type ExitStatus, type LockFailureAction, type LockLifetime, type LockspaceOptions, type ManagerParams, type ResourceMode, type ResourceSpec } from '../manager/manager.js';
+import { ResourceExhaustedError } from '../os/errors.js';
+import { describeProcess } from '../os/proc-locks.js';
 import { EXIT, fail, parse, usage, type Output } from './args.js';
 
 const FORWARDED = ['SIGINT', 'SIGTERM', 'SIGHUP'] as const;
+
+/**
+ * How often `run` checks its leases where the lockspace declares that they
+ * can be lost outside the protocol (capability `losable`: a deleted lock
+ * file, a lease the lock service could not renew), unless --verify-interval
+ * says otherwise. A check is a few syscalls per lease file.
+ */
+export const DEFAULT_VERIFY_SECONDS = 10;
+const ACTIONS = ['poweroff', 'pause', 'ignore'] as const satisfies readonly LockFailureAction[];
+
+function seconds(value: string, flag: string, min: 'zero' | 'positive'): number {
+  const n = Number(value);
+  if (value.trim() === '' || !Number.isFinite(n) || n < 0 || (min === 'positive' && n === 0)) {
+    throw usage(`${flag} needs a number of seconds ${min === 'zero' ? '>= 0' : '> 0'}, got '${value}'`);
+  }
+  return n;
+}
+
+type RunValues = {
+  adopt?: string;
+  exclusive?: string[];
+  shared?: string[];
+  readonly?: string[];
+  lockspace?: string;
+  wait?: string;
+  lifetime?: string;
+  'verify-interval'?: string;
+  'on-lock-failure'?: string;
+  'qemu-compatible'?: boolean;
+  name?: string;
+  uuid?: string;
+  id?: string;
+  uri?: string;
+};
+
+/** --lockspace, --verify-interval and --on-lock-failure, for a run and an adoption alike. */
+function watchOptions(values: RunValues): { lockspace: LockspaceOptions | undefined; verifyInterval: number | undefined; onLockFailure: LockFailureAction | undefined } {
+  const action = values['on-lock-failure'];
+  if (action !== undefined && !(ACTIONS as readonly string[]).includes(action)) {
+    throw usage(`--on-lock-failure needs one of ${ACTIONS.join(', ')}, got '${action}'`);
+  }
+  const lockspace = values.lockspace === undefined ? undefined : parseLockspaceSpec(values.lockspace, process.cwd());
+  // On by default where the lockspace says its leases can be lost (a
+  // capability, never its kind); --verify-interval 0 turns it off.
+  let verifySeconds = values['verify-interval'] === undefined ? undefined : seconds(values['verify-interval'], '--verify-interval', 'zero');
+  verifySeconds ??= openLockspace(lockspace).capabilities.losable ? DEFAULT_VERIFY_SECONDS : 0;
+  const verifyInterval = verifySeconds === 0 ? undefined : Math.max(1, Math.round(verifySeconds * 1000));
+  return { lockspace, verifyInterval, onLockFailure: action as LockFailureAction | undefined };
+}
 
 export async function run(argv: readonly string[], out: Output): Promise<number> {
   const dash = argv.indexOf('--');
@@ -17,6 +68,8 @@ export async function run(argv: readonly string[], out: Output): Promise<number>
     lockspace: { type: 'string' },
     wait: { type: 'string' },
     lifetime: { type: 'string' },
+    'verify-interval': { type: 'string' },
+    'on-lock-failure': { type: 'string' },
     'qemu-compatible': { type: 'boolean' },
     name: { type: 'string' },
     uuid: { type: 'string' },
@@ -28,12 +81,8 @@ export async function run(argv: readonly string[], out: Output): Promise<number>
   if (values.adopt !== undefined) return adopt(values, dash >= 0, out);
   const [command, ...args] = argv.slice(dash + 1);
   if (command === undefined) throw usage("run needs a command after '--'");
-  let timeout: number | undefined;
-  if (values.wait !== undefined) {
-    const seconds = Number(values.wait);
-    if (values.wait.trim() === '' || !Number.isFinite(seconds) || seconds < 0) throw usage(`--wait needs a number of seconds >= 0, got '${values.wait}'`);
-    timeout = seconds * 1000;
-  }
+  const timeout = values.wait === undefined ? undefined : seconds(values.wait, '--wait', 'zero') * 1000;
+  const { lockspace, verifyInterval, onLockFailure } = watchOptions(values);
   const params: ManagerParams = {};
   if (values.name !== undefined) params.name = values.name;
   if (values.uuid !== undefined) params.uuid = values.uuid;
@@ -45,17 +94,31 @@ export async function run(argv: readonly string[], out: Output): Promise<number>
   const mgr = new LockManager({
     params,
     lockLifetime: values.lifetime as LockLifetime | undefined,
-    lockspace: values.lockspace === undefined ? undefined : parseLockspaceSpec(values.lockspace, process.cwd()),
+    lockspace,
+    verifyInterval,
+    onLockFailure,
   });
   let warned = false;
+  let limited = false;
   try {
     const qemuCompatible = values['qemu-compatible'] === true;
     for (const mode of ['exclusive', 'shared', 'readonly'] as const satisfies readonly ResourceMode[]) {
       for (const path of values[mode] ?? []) mgr.registerResource({ type: 'disk', path, mode, qemuCompatible });
     }
     const exited = new Promise<ExitStatus>((resolve) => mgr.once('exit', resolve));
+    mgr.on('orphans', (o) => {
+      out.err(
+        `lockmgr: ${command} exited, but the lease on ${o.resource} stays held by ${o.processes.map(describeProcess).join(', ')}, ` +
+          `which it started and which still has the lease open; it ends when they exit or close it (see lockmgr status ${o.resource})\n`,
+      );
+    });
+    mgr.on('lock-failure', (f) => {
+      const what = f.action === 'poweroff' ? `killing ${command} (SIGKILL)` : f.action === 'pause' ? `stopping ${command} (SIGSTOP)` : `${command} runs on`;
+      out.err(`lockmgr: lock lost: ${f.reason}; --on-lock-failure ${f.action}: ${what}\n`);
+    });
     mgr.on('warning', (w) => {
       warned = true;
+      if (w instanceof ResourceExhaustedError) limited = true;
       out.err(`lockmgr: warning: ${w.message}\n`);
     });
     // Installed before start(): a signal that arrives while the leases are
@@ -88,7 +151,7 @@ export async function run(argv: readonly string[], out: Output): Promise<number>
       if (early !== undefined) return bySignal(early);
       const code = status.code ?? bySignal(status.signal!);
       // A failure after the command ended (a release that failed) must not pass for success.
-      return warned && code === 0 ? EXIT.internal : code;
+      return warned && code === 0 ? (limited ? EXIT.limit : EXIT.internal) : code;
     } finally {
       await mgr.free();
       for (const s of FORWARDED) process.off(s, forward);
@@ -99,8 +162,6 @@ export async function run(argv: readonly string[], out: Output): Promise<number>
     await mgr.free();
   }
 }
-
-type RunValues = { adopt?: string; exclusive?: string[]; shared?: string[]; readonly?: string[]; lockspace?: string; wait?: string; lifetime?: string; 'qemu-compatible'?: boolean; name?: string; uuid?: string; id?: string; uri?: string };
 
 /**
  * `lockmgr run --adopt PID`: a new supervisor for a VM whose supervisor is
@@ -121,10 +182,7 @@ async function adopt(values: RunValues, command: boolean, out: Output): Promise<
   if (resources.length === 0) throw usage('--adopt needs every resource the process holds, each with its mode (--exclusive, --shared, --readonly PATH)');
   let mgr: LockManager;
   try {
-    mgr = await LockManager.adopt(Number(values.adopt), {
-      resources,
-      lockspace: values.lockspace === undefined ? undefined : parseLockspaceSpec(values.lockspace, process.cwd()),
-    });
+    mgr = await LockManager.adopt(Number(values.adopt), { resources, ...watchOptions(values) });
   } catch (err) {
     return fail(err, out);
   }

@@ -4,7 +4,7 @@ import { openLockspace, parseLockspaceSpec } from '../lockspaces/index.js';
 import type { LockHolder, LockManagerError, ProcessInfo } from '../os/errors.js';
 import { openDiskFile } from '../os/disks.js';
 import type { LockableFile } from '../os/locks.js';
-import { describeProcess, locksOn, processesWithOpen, type ProcLock } from '../os/proc-locks.js';
+import { describeProcess, locksOn, ofdLockHolders, processesWithOpen, type LockHolderProcess, type ProcLock } from '../os/proc-locks.js';
 import { qemuLockState, type QemuPermission } from '../os/qemu.js';
 import { EXIT, parse, usage, type Output } from './args.js';
 
@@ -31,6 +31,12 @@ export interface StatusEntry {
   qemu?: { held: QemuPermission[]; unshared: QemuPermission[] };
   locks?: Array<Omit<ProcLock, 'ino'> & { ino: string }>;
   openBy?: ProcessInfo[];
+  /**
+   * The processes that hold the lease (an OFD lock on byte 0 of the image or,
+   * with --lockspace, of its lock files), from /proc/PID/fdinfo; `orphan`:
+   * no lockmgr supervises it (docs/contract.md, "Orphans").
+   */
+  holders?: Array<LockHolderProcess & { file: string }>;
   error?: { code: string; message: string };
 }
 
@@ -74,10 +80,18 @@ async function inspect(path: string, space: LockspaceDriver | undefined): Promis
       qemu: { held: qemu.held, unshared: qemu.unshared },
       locks: [...locksOn(file.path), ...(file.path === path ? [] : locksOn(path))].map((l) => ({ ...l, ino: String(l.ino) })),
       openBy: processesWithOpen(path, { excludeSelf: true }),
+      holders: holdersOf([file.path, ...(lockspace?.locations ?? []).filter((l) => l.exists && l.guard !== null).map((l) => l.path)]),
     };
   } finally {
     file.close();
   }
+}
+
+/** Who holds byte 0 of each file, each process once (the first file it holds). */
+function holdersOf(files: string[]): Array<LockHolderProcess & { file: string }> {
+  const found = new Map<number, LockHolderProcess & { file: string }>();
+  for (const file of new Set(files)) for (const h of ofdLockHolders(file, 0)) if (!found.has(h.pid)) found.set(h.pid, { ...h, file });
+  return [...found.values()];
 }
 
 export async function status(argv: readonly string[], out: Output): Promise<number> {
@@ -118,11 +132,15 @@ function table(e: StatusEntry): string {
     ]),
     ['QEMU holds', e.qemu!.held.join(', ') || '-'],
     ['QEMU does not share', e.qemu!.unshared.join(', ') || '-'],
+    ['held by', '\0holders'],
     ['open by', '\0open'],
     ['locks', '\0locks'],
   ];
   const width = Math.max(...rows.map(([k]) => k.length)) + 1;
   const value = (v: string): string => {
+    if (v === '\0holders') {
+      return indent(e.holders!.map((h) => `${describeProcess(h)} ${h.type === 'WRITE' ? 'exclusive' : 'shared'}${h.orphan ? ', orphan: no lockmgr supervises it' : ''}`)) || '-';
+    }
     if (v === '\0open') return indent(e.openBy!.map(describeProcess)) || '-';
     if (v === '\0locks') return indent(e.locks!.map((l) => `${l.kind} ${l.type} ${l.start}-${l.end ?? 'EOF'}${l.pid > 0 ? ` pid ${l.pid}` : ''}${l.blocked ? ' (waiting)' : ''}`)) || '-';
     return v;

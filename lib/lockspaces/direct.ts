@@ -4,7 +4,7 @@
 import { InvalidArgumentError } from '../os/errors.js';
 import { checkOptions, describe } from '../os/validate.js';
 import type { Capabilities, LeaseStatus, LockspaceConfig, ResourceMode, ResourceName } from './driver.js';
-import { byteStatus, fixedSlot, OFD_CAPABILITIES, OfdLease, OfdLockspace, openDiskFile } from './ofd.js';
+import { byteStatus, fixedSlot, OFD_CAPABILITIES, OfdLease, OfdLockspace, openDiskFile, openLoopBacking } from './ofd.js';
 import { inspectNamedLease, openNamedLease } from './named-lease.js';
 
 export interface DirectLockspaceConfig {
@@ -28,8 +28,18 @@ export class DirectLockspace extends OfdLockspace {
     // A shared or readonly lease is a read lock, which needs only read
     // access: a disk on a read-only filesystem, or a base image the VM may
     // not write, can still be leased shared.
-    const file = openDiskFile(name.path, mode === 'exclusive' ? 'readwrite' : 'read');
-    return new OfdLease(file.identity.key, name.path, file.kind, mode, [fixedSlot(file)], file);
+    const access = mode === 'exclusive' ? 'readwrite' : 'read';
+    const file = openDiskFile(name.path, access);
+    let backing;
+    try {
+      // A loop device's lease is also its backing file's, all or nothing (the slots are taken in the one global order).
+      backing = openLoopBacking(file, access);
+    } catch (err) {
+      file.close();
+      throw err;
+    }
+    const slots = backing === null ? [fixedSlot(file)] : [fixedSlot(file), fixedSlot(backing)];
+    return new OfdLease(file.identity.key, name.path, file.kind, mode, slots, file);
   }
 
   sameAs(config: LockspaceConfig): boolean {

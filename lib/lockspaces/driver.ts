@@ -3,6 +3,7 @@
 // declares USES_STATE and friends). The manager (lib/manager) dispatches
 // through it and decides from capabilities, never from a kind; no file outside
 // lib/lockspaces names a backend. docs/architecture.md is this file in prose.
+import type { ProcessInfo } from '../os/errors.js';
 import type { LockableFile } from '../os/locks.js';
 import type { ExitStatus, SpawnOptions, SupervisedProcess } from '../os/supervise.js';
 
@@ -179,6 +180,20 @@ export interface LockspaceDriver {
    * may take its leases back).
    */
   release(lease: Lease, options?: { keepFiles?: boolean }): void;
+  /**
+   * For each lease, the processes other than this one that hold it with us (one pass for all): after the
+   * supervised process was reaped, those it started and left running with the
+   * lease's open file descriptions (a daemonized command; docs/contract.md,
+   * "Orphans"). Empty where a lease is not an open file description.
+   * bornSince: the supervised process's start time (processStartTime): only
+   * processes started since then can have inherited its fds.
+   */
+  sharers(leases: readonly Lease[], options?: { bornSince?: bigint }): Map<Lease, ProcessInfo[]>;
+  /**
+   * Lets go of the lease without unlocking it: closes our part, so the lease
+   * stays held for exactly as long as its sharers keep it. Then as close().
+   */
+  abandon(lease: Lease): void;
   /** A migration target's guard, all or none, in the global order (capability handoverGuard; a no-op without it). */
   guard(leases: readonly Lease[], options: TakeOptions): Promise<void>;
   releaseGuard(lease: Lease): void;

@@ -13,7 +13,7 @@ import { checkOptions, checkPath, describe } from '../os/validate.js';
 import type { Capabilities, LeaseStatus, LockspaceConfig, ResourceMode, ResourceName } from './driver.js';
 import { checkLockDir, LockFileSlot } from './lock-files.js';
 import { inspectNamedLease, openNamedLease } from './named-lease.js';
-import { byteStatus, canonicalBlockNode, OFD_CAPABILITIES, OfdLease, OfdLockspace, openDiskFile } from './ofd.js';
+import { byteStatus, canonicalBlockNode, OFD_CAPABILITIES, OfdLease, OfdLockspace, openDiskFile, openLoopBacking } from './ofd.js';
 
 export interface IndirectLockspaceConfig {
   kind: 'indirect';
@@ -212,8 +212,20 @@ export class IndirectLockspace extends OfdLockspace {
     }
   }
 
+  /**
+   * The same directory, whatever path reaches it: one host may name it through
+   * a symlinked parent (/var/run/lockmgr and /run/lockmgr). Real paths are
+   * compared; a dir that cannot be resolved here is not this one.
+   */
   sameAs(config: LockspaceConfig): boolean {
-    return config.kind === 'indirect' && (config as Partial<IndirectLockspaceConfig>).dir === this.config.dir;
+    const dir = (config as Partial<IndirectLockspaceConfig>).dir;
+    if (config.kind !== 'indirect' || typeof dir !== 'string') return false;
+    if (dir === this.config.dir) return true;
+    try {
+      return realpathSync(dir) === realpathSync(this.config.dir);
+    } catch {
+      return false;
+    }
   }
 
   describe(): string {
@@ -247,7 +259,16 @@ export class IndirectLockspace extends OfdLockspace {
 
   #describeOpen(path: string, image: LockableFile): DiskLockNames {
     checkSameDir(this.config.dir, this.#dirStat, 'lockspace dir');
-    return diskNames(this.config.dir, path, image);
+    const names = diskNames(this.config.dir, path, image);
+    // A loop device's lease is also its backing file's: the backing file's own lock files, all or nothing.
+    const backing = openLoopBacking(image, 'read');
+    if (backing === null) return names;
+    try {
+      const more = diskNames(this.config.dir, backing.path, backing).files.filter((f) => !names.files.some((n) => n.name === f.name));
+      return { ...names, files: [...names.files, ...more] };
+    } finally {
+      backing.close();
+    }
   }
 }
 

@@ -9,7 +9,7 @@
 // locked (else starts over), and a delete happens only under a non-blocking
 // exclusive lock of the whole file, the same check, then unlink, then unlock.
 import { fstatSync, lstatSync, unlinkSync, type BigIntStats } from 'node:fs';
-import { InvalidArgumentError, InvalidStateError, LockTimeoutError, ResourceAccessError, systemError } from '../os/errors.js';
+import { InvalidArgumentError, InvalidStateError, LockTimeoutError, ResourceAccessError, ResourceExhaustedError, systemError } from '../os/errors.js';
 import { deletableLockFile, openLockable, type ByteRange, type LockableFile, type LockMode } from '../os/locks.js';
 import { checkPath } from '../os/validate.js';
 import type { TakeOptions } from './driver.js';
@@ -214,7 +214,7 @@ export class LockFileSlot implements LeaseSlot {
     this.#held.clear();
     const file = this.#file;
     if (file.closed) return;
-    // An adoption that is given up: the description is another process's too, and what it holds stays its own.
+    // An adoption given up, or a lease left to processes that share the description: what they hold stays theirs.
     if (options?.keepLocks === true) {
       file.close();
       return;
@@ -227,9 +227,9 @@ export class LockFileSlot implements LeaseSlot {
       } catch {
         // Closing below drops the locks anyway.
       }
-      this.#tryDelete();
+      this.#tryDelete({ closing: true });
     }
-    file.close();
+    if (!file.closed) file.close();
   }
 
   [Symbol.dispose](): void {
@@ -294,7 +294,7 @@ export class LockFileSlot implements LeaseSlot {
    * a file no one holds, which the next take reuses; ENOENT means someone
    * else deleted it.
    */
-  #tryDelete(): void {
+  #tryDelete(options: { closing?: boolean } = {}): void {
     if (!this.#deletable) return;
     const file = this.#file;
     let probe: LockableFile | null = null;
@@ -302,11 +302,24 @@ export class LockFileSlot implements LeaseSlot {
       if (!deletableLockFile(fstatSync(file.fd, { bigint: true }))) return;
       // Our inode, through a new open file description: never the name, which
       // may point elsewhere by now.
-      probe = openLockable(`/proc/self/fd/${file.fd}`, { access: 'readwrite' });
-      if (probe.tryLock('exclusive', WHOLE_FILE) && this.#linked(file) && deletableLockFile(fstatSync(file.fd, { bigint: true }))) {
+      try {
+        probe = openLockable(`/proc/self/fd/${file.fd}`, { access: 'readwrite' });
+      } catch (err) {
+        // Out of fds (ulimit -n reached: a failed multi-disk start rolling
+        // back). When closing, our own description can be the probe: close()
+        // has just unlocked all of it, so its whole-file lock conflicts with
+        // any other holder's lock exactly as a fresh one would; it goes when
+        // we close it right after. Otherwise the file would be left behind.
+        if (!(options.closing === true && err instanceof ResourceExhaustedError)) throw err;
+        if (!file.tryLock('exclusive', WHOLE_FILE)) return;
+        if (this.#linked(file) && deletableLockFile(fstatSync(file.fd, { bigint: true }))) unlinkSync(this.path);
+        else file.unlock(WHOLE_FILE);
+        return;
+      }
+      if (probe.tryLock('exclusive', WHOLE_FILE) && this.#linked(probe) && deletableLockFile(fstatSync(probe.fd, { bigint: true }))) {
         unlinkSync(this.path);
         // The name is gone: the next take() creates the next file.
-        file.close();
+        if (!file.closed) file.close();
       }
     } catch {
       // ENOENT: someone else deleted it. Anything else: the file stays (see above).

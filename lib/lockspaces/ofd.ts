@@ -25,22 +25,39 @@
 // An OFD lock belongs to the open file description: the supervised process is
 // given the lease fds, so the leases are its own too and outlive a killed
 // supervisor (lockLifetime 'child'), and any running process can be attached.
-import { lstatSync, readFileSync } from 'node:fs';
-import { AbortError, InvalidArgumentError, InvalidStateError, LockTimeoutError, ResourceBusyError, type LockHolder, type ProcessInfo } from '../os/errors.js';
+import { lstatSync, readdirSync, readFileSync, statSync } from 'node:fs';
+import { AbortError, InvalidArgumentError, InvalidStateError, LockTimeoutError, ResourceAccessError, ResourceBusyError, type LockHolder, type ProcessInfo } from '../os/errors.js';
 import { lockableFromFd, openLockable, type ByteRange, type LockableFile, type LockMode } from '../os/locks.js';
-import { commandLine, describeProcess, fdinfoLocks, fdsOf, processesSharing, processesWithOpen, type ProcLock } from '../os/proc-locks.js';
-import { canonicalBlockNode, openDiskFile } from '../os/disks.js';
+import { commandLine, describeProcess, fdinfoLocks, fdsOf, processesSharing, processesWithOpen, sharersOf, type ProcLock } from '../os/proc-locks.js';
+import { canonicalBlockNode, loopBacking, openDiskFile } from '../os/disks.js';
 
-export { canonicalBlockNode, openDiskFile };
 import { attachProcess, spawnSupervised, type ExitStatus, type SupervisedProcess } from '../os/supervise.js';
 import { byKey, checkMode, deadlineOf, remaining, rolledBack } from './common.js';
 import type { Capabilities, Lease, LeaseStatus, LockspaceConfig, LockspaceDriver, ResourceMode, ResourceName, StartPlan, TakeOptions } from './driver.js';
+
+export { canonicalBlockNode, openDiskFile };
 
 export const LEASE_RANGE: Readonly<ByteRange> = Object.freeze({ start: 0, length: 1 });
 export const GUARD_RANGE: Readonly<ByteRange> = Object.freeze({ start: 1, length: 1 });
 export const PIN_RANGE: Readonly<ByteRange> = Object.freeze({ start: 2, length: 1 });
 export const SHARED_CLASS_RANGE: Readonly<ByteRange> = Object.freeze({ start: 3, length: 1 });
 export const READONLY_CLASS_RANGE: Readonly<ByteRange> = Object.freeze({ start: 4, length: 1 });
+
+/**
+ * The backing file of a loop device `image`, opened for its lease, or null
+ * when `image` is not a loop device: its lease must cover both (the loop
+ * device writes the file). Checked to be the inode the loop device is bound to.
+ */
+export function openLoopBacking(image: LockableFile, access: 'read' | 'readwrite'): LockableFile | null {
+  const backing = loopBacking(image);
+  if (backing === null) return null;
+  const file = openDiskFile(backing.path, access);
+  if (file.kind === 'file' && (file.identity.dev !== backing.dev || file.identity.ino !== backing.ino)) {
+    file.close();
+    throw new ResourceAccessError(`the backing file '${backing.path}' of loop device '${image.path}' was replaced while its lease was being opened; try again`);
+  }
+  return file;
+}
 
 /** The class byte a mode takes, and the one it must find free; null for exclusive (byte 0 says it all). */
 function classOf(mode: ResourceMode): { mine: Readonly<ByteRange>; theirs: Readonly<ByteRange>; theirMode: ResourceMode } | null {
@@ -120,6 +137,14 @@ export class OfdLease implements Lease {
     for (const s of [...this.slots].reverse()) s.close(options);
     if (this.image !== null && !this.slots.some((s) => s.file === this.image)) this.image.close();
   }
+
+  /** The open files of this lease, each once (the image may be a slot's file). */
+  get files(): LockableFile[] {
+    const files = this.slots.map((s) => s.file);
+    if (this.image !== null && !files.includes(this.image)) files.push(this.image);
+    return files.filter((f) => !f.closed);
+  }
+
 }
 
 /** A slot on a file that never moves: the image itself. */
@@ -133,7 +158,9 @@ export function fixedSlot(file: LockableFile): LeaseSlot {
       await file.lock(mode, range, { timeout: o.timeout, signal: o.signal });
       return true;
     },
-    release: (range) => file.unlock(range),
+    release: (range) => {
+      if (!file.closed) file.unlock(range);
+    },
     // Closing our fd leaves the description's locks to whoever else has it open (an adopted VM).
     close: () => file.close(),
     adopted: (other) => fixedSlot(other),
@@ -171,13 +198,49 @@ function guardHeld(slot: LeaseSlot, mode: ResourceMode): boolean {
   }
 }
 
-function who(path: string): { candidates: ProcessInfo[]; text: string } {
+/** @internal Test seams: run between finding a conflict and naming its holder (a holder that exits right then). */
+export const busyHooks: { afterConflict?: () => void } = {};
+
+/** Whether this process has `slot`'s file open through another fd than the slot's own. */
+function openInSelfBesides(slot: LeaseSlot): boolean {
+  return sharersOrSelf(slot.path, slot.file.closed ? -1 : slot.file.fd);
+}
+
+function sharersOrSelf(path: string, except: number): boolean {
+  let target;
+  try {
+    target = statSync(path);
+  } catch {
+    return false;
+  }
+  for (const fd of readdirSync('/proc/self/fd')) {
+    if (Number(fd) === except) continue;
+    try {
+      const st = statSync(`/proc/self/fd/${fd}`);
+      if (target.isBlockDevice() ? st.isBlockDevice() && st.rdev === target.rdev : st.dev === target.dev && st.ino === target.ino) return true;
+    } catch {
+      // Closed since the listing (or the listing's own fd).
+    }
+  }
+  return false;
+}
+
+/**
+ * Who has the lease file open, in words. Nobody outside this process: the
+ * conflict is ours (another manager here), or its holder let go between the
+ * conflict and this scan (it exited: 13 of 187 busy errors in a fail-fast race
+ * said "in this process" for that); `stillHeld` re-probes to tell them apart.
+ */
+function who(path: string, slot?: LeaseSlot, stillHeld?: () => boolean): { candidates: ProcessInfo[]; text: string; gone: boolean } {
   const candidates = processesWithOpen(path, { excludeSelf: true });
-  const text =
-    candidates.length > 0
-      ? `${candidates.length === 1 ? 'pid' : 'one of pids'} ${candidates.map(describeProcess).join(', ')} (OFD locks record no pid: these have it open)`
-      : 'another open file description in this process';
-  return { candidates, text };
+  if (candidates.length > 0) {
+    return { candidates, gone: false, text: `${candidates.length === 1 ? 'pid' : 'one of pids'} ${candidates.map(describeProcess).join(', ')} (OFD locks record no pid: these have it open)` };
+  }
+  if (slot !== undefined && stillHeld?.() === false) {
+    return { candidates, gone: true, text: 'a holder that has just let go (it exited or closed the file; nobody else has it open now): try again' };
+  }
+  if (slot === undefined || openInSelfBesides(slot)) return { candidates, gone: false, text: 'another open file description in this process' };
+  return { candidates, gone: false, text: 'a process this one cannot see (on another host sharing the storage, or one it may not inspect)' };
 }
 
 /**
@@ -185,19 +248,22 @@ function who(path: string): { candidates: ProcessInfo[]; text: string } {
  * who has the lease file open, from F_OFD_GETLK and /proc.
  */
 export function busyError(lease: OfdLease, slot: LeaseSlot = lease.slots[0]!): ResourceBusyError {
-  let holder: LockHolder | null = null;
-  try {
-    holder = slot.file.getConflict(lockModeOf(lease.mode), LEASE_RANGE);
-  } catch {
-    holder = null;
-  }
+  const conflict = (): LockHolder | null => {
+    try {
+      return slot.file.getConflict(lockModeOf(lease.mode), LEASE_RANGE);
+    } catch {
+      return null;
+    }
+  };
+  const holder = conflict();
+  busyHooks.afterConflict?.();
   let candidates: ProcessInfo[];
   let by: string;
   if (holder !== null && holder.pid > 0) {
     candidates = [{ pid: holder.pid, command: commandLine(holder.pid) }];
     by = `pid ${describeProcess(candidates[0]!)}`;
   } else {
-    ({ candidates, text: by } = who(slot.path));
+    ({ candidates, text: by } = who(slot.path, slot, () => conflict() !== null));
   }
   const how = holder === null ? 'held' : `held ${heldAs(holder.mode)}`;
   const where = slot.path === lease.path ? '' : ` (its lock file ${slot.path})`;
@@ -451,6 +517,38 @@ export abstract class OfdLockspace implements LockspaceDriver {
 
   release(lease: Lease, options: { keepFiles?: boolean } = {}): void {
     for (const slot of [...(lease as OfdLease).slots].reverse()) releaseSlot(lease, slot, options.keepFiles === true);
+  }
+
+  /** Other processes with a duplicate of one of the lease's open file descriptions (kcmp), each once. */
+  sharers(leases: readonly Lease[], options: { bornSince?: bigint } = {}): Map<Lease, ProcessInfo[]> {
+    const all = leases as readonly OfdLease[];
+    const scan = (): Map<Lease, ProcessInfo[]> => {
+      const byFd = sharersOf(all.flatMap((l) => l.files.map((f) => f.fd)), options);
+      return new Map(
+        all.map((l) => {
+          const found = new Map<number, ProcessInfo>();
+          for (const f of l.files) for (const p of byFd.get(f.fd) ?? []) found.set(p.pid, p);
+          return [l, [...found.values()]];
+        }),
+      );
+    };
+    try {
+      return scan();
+    } catch (err) {
+      // Out of fds just as the command exited (ulimit -n reached): the image
+      // fd of a lease kept in lock files holds no part of the lease (only
+      // QEMU's locks, released with the lease anyway); closing one lets /proc
+      // be read, so the lock files can still be released and deleted.
+      const spare = all.find((l) => l.image !== null && !l.image.closed && !l.slots.some((s) => s.file === l.image));
+      if ((err as NodeJS.ErrnoException).code !== 'EMFILE' || spare === undefined) throw err;
+      spare.image!.close();
+      return scan();
+    }
+  }
+
+  abandon(lease: Lease): void {
+    // Our descriptors only: the locks stay with whoever shares the descriptions.
+    lease.close({ keepLocks: true });
   }
 
   /**

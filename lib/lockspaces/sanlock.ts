@@ -16,7 +16,7 @@
 // kills the VM, not the supervisor.
 import { writeSync } from 'node:fs';
 import { Socket } from 'node:net';
-import { AbortError, InvalidArgumentError, LockTimeoutError, ResourceAccessError, ResourceBusyError, SpawnError, UnsupportedError, systemError } from '../os/errors.js';
+import { AbortError, InvalidArgumentError, LockTimeoutError, ResourceAccessError, ResourceBusyError, SpawnError, UnsupportedError, systemError, type ProcessInfo } from '../os/errors.js';
 import type { LockableFile } from '../os/locks.js';
 import { native, nativeError } from '../os/native.js';
 import { checkOptions } from '../os/validate.js';
@@ -312,6 +312,15 @@ export class SanlockLockspace implements LockspaceDriver {
 
   release(lease: Lease): void {
     (lease as SanlockLease).owned.release();
+  }
+
+  /** A sanlock lease is the daemon's, tied to the registered pid: nothing is shared through a file description. */
+  sharers(leases: readonly Lease[]): Map<Lease, ProcessInfo[]> {
+    return new Map(leases.map((l) => [l, []]));
+  }
+
+  abandon(lease: Lease): void {
+    this.release(lease);
   }
 
   /** No handover guard here (capabilities.handoverGuard): the manager never asks for one. */

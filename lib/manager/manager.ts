@@ -11,7 +11,7 @@ import type { Capability } from '../lockspaces/driver.js';
 import { openLockspace } from '../lockspaces/index.js';
 import type { LockspaceDriver } from '../lockspaces/driver.js';
 import { AbortError, InvalidArgumentError, InvalidStateError, LockManagerError, LockTimeoutError, ResourceBusyError, UnsupportedError, type ProcessInfo } from '../os/errors.js';
-import { describeProcess, watchingParent } from '../os/proc-locks.js';
+import { describeProcess, processStartTime, watchingParent } from '../os/proc-locks.js';
 import { attachProcess, type ExitStatus, type SpawnOptions, type SupervisedProcess } from '../os/supervise.js';
 import { checkOptions, checkSignal, checkTimeout, describe } from '../os/validate.js';
 import { ResourceSet, type Resource } from './resources.js';
@@ -54,6 +54,7 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
   /** A migration target: start() takes guards, completeMigrateIn() the leases. */
   readonly #incoming: boolean;
   #child: SupervisedProcess | null = null;
+  #childBorn: bigint | null = null;
   #command: string[] = [];
   // The lifecycle's promises: each set by one step and read by the others.
   #starting: Promise<void> | null = null;
@@ -201,6 +202,8 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
     }
     this.#command = command === undefined ? [] : [command, ...args];
     this.#child = child;
+    // Only processes started since can have inherited its lease fds (the orphan scan at its exit).
+    this.#childBorn = processStartTime(child.pid);
     this.#runAbort = new AbortController();
     this.#stopped = child.exited.then(async (status) => this.#onExit(status, await this.#space.exitFailure(status).catch(() => null)));
     if (this.#incoming) {
@@ -650,7 +653,15 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
     this.#abortRun('the supervised process exited');
     // The lock service killed the child for a lease it could no longer renew: it applied 'poweroff' itself.
     if (lost !== null) for (const r of this.#resources.values()) if (r.held) this.#emitSafe('lock-failure', { resource: r.path, reason: lost, action: 'poweroff' });
-    // The child is reaped: only now may its leases go (invariant 2).
+    // The child is reaped: only now may its leases go (invariant 2), and not
+    // those that something it started still shares (docs/contract.md, "Orphans").
+    try {
+      for (const [r, processes] of this.#resources.releaseExited({ bornSince: this.#childBorn ?? undefined })) {
+        this.#emitSafe('orphans', { resource: r.path, processes });
+      }
+    } catch (err) {
+      this.#warn(err);
+    }
     this.#releaseAll();
     if (this.#sm.state !== 'freed') this.#sm.set('stopped');
     this.#emitSafe('exit', status);

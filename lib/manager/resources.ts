@@ -3,7 +3,7 @@
 // in every lockspace: one entry per file whatever path reached it, the
 // all-or-nothing acquire (the lockspace's, then QEMU's locks on the image),
 // release, the migration guard and verification.
-import { InvalidArgumentError, ResourceAccessError } from '../os/errors.js';
+import { InvalidArgumentError, ResourceAccessError, ResourceExhaustedError, type ProcessInfo } from '../os/errors.js';
 import { openLockable, type LockableFile } from '../os/locks.js';
 import { QEMU_PROFILES, releaseQemuLocks, takeQemuLocks, type QemuProfile } from '../os/qemu.js';
 import { withRollback } from '../lockspaces/common.js';
@@ -237,6 +237,41 @@ export class ResourceSet {
     r.held = false;
     if (r.qemu !== undefined && r.qemuImage !== undefined && !r.qemuImage.closed) releaseQemuLocks(r.qemuImage, r.qemu);
     this.#space.release(r.lease, options);
+  }
+
+  /**
+   * After the supervised process was reaped: releases every held resource,
+   * except those whose lease descriptions processes it started still share
+   * (found in one pass over /proc): unlocking would unlock theirs, so those
+   * are left to them (abandon) and returned. If the look fails (out of fds),
+   * every lease is left to the kernel, which is right either way (released at
+   * our close when nobody shares it; only lock files may stay, for the next
+   * user to reuse), and the error is thrown after.
+   */
+  releaseExited(options: { bornSince?: bigint }): Map<Resource, ProcessInfo[]> {
+    const held = this.values().filter((r) => r.held);
+    const orphans = new Map<Resource, ProcessInfo[]>();
+    let sharers: Map<Lease, ProcessInfo[]>;
+    try {
+      sharers = this.#space.sharers(held.map((r) => r.lease), options);
+    } catch (err) {
+      for (const r of held) {
+        r.held = false;
+        this.#space.abandon(r.lease);
+      }
+      throw new ResourceExhaustedError(
+        `could not check whether processes started by the command still hold its leases (${(err as Error).message}); they were not unlocked but left to the kernel, which releases each when the last process holding it closes it`,
+        { cause: err },
+      );
+    }
+    for (const r of held) {
+      const procs = sharers.get(r.lease) ?? [];
+      if (procs.length === 0) continue;
+      r.held = false;
+      this.#space.abandon(r.lease);
+      orphans.set(r, procs);
+    }
+    return orphans;
   }
 
   /** A migration target's guard on every resource, all or none (a lockspace without handover guards has nothing to take). */

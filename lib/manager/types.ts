@@ -1,7 +1,7 @@
 // The LockManager's public types (docs/contract.md).
 import type { ResourceMode } from '../lockspaces/driver.js';
 import type { LockspaceOptions } from '../lockspaces/index.js';
-import type { LockManagerError } from '../os/errors.js';
+import type { LockManagerError, ProcessInfo } from '../os/errors.js';
 import type { ExitStatus } from '../os/supervise.js';
 import type { ManagerState } from './states.js';
 
@@ -111,8 +111,21 @@ export interface VerifyResult {
   lost: string[];
 }
 
+/**
+ * A lease the supervised process left behind: when it was reaped, other
+ * processes (ones it started: a daemon, a background job) still had the
+ * lease's open file descriptions, and so its locks. The manager did not
+ * unlock it: the lease stays held until the last of them exits or closes it.
+ */
+export interface Orphans {
+  resource: string;
+  processes: ProcessInfo[];
+}
+
 export interface LockManagerEvents {
   state: [state: ManagerState, previous: ManagerState];
+  /** Emitted before 'exit', once per resource left to orphans. */
+  orphans: [orphans: Orphans];
   exit: [status: ExitStatus];
   'lock-failure': [failure: LockFailure];
   warning: [warning: LockManagerError];

@@ -1,6 +1,8 @@
 // Disks as the kernel knows them: a block device by its own device node.
 import { readFileSync, statSync } from 'node:fs';
+import { ResourceAccessError } from './errors.js';
 import { openLockable, type LockableFile } from './locks.js';
+import { native } from './native.js';
 import { major, minor } from './proc-locks.js';
 
 /**
@@ -39,3 +41,50 @@ export function openDiskFile(path: string, access: 'read' | 'readwrite'): Lockab
   }
 }
 
+
+/** A loop device's backing file, as the kernel has it bound. */
+export interface LoopBacking {
+  /** The path the kernel recorded (/sys/dev/block/M:m/loop/backing_file). */
+  path: string;
+  dev: bigint;
+  ino: bigint;
+  offset: bigint;
+}
+
+const LOOP_FIELDS = 4;
+
+/**
+ * The file behind a loop device, or null if `file` is not a bound loop
+ * device. Writing either writes the other, so a loop device's lease must
+ * cover its backing file too (and two loop devices of one file then exclude
+ * each other). The identity comes from LOOP_GET_STATUS64 (device and inode),
+ * the path from sysfs; a path that no longer names that inode (the file was
+ * renamed, deleted or replaced since losetup) is a ResourceAccessError: its
+ * lease could not be found by anyone who opens the file by name.
+ */
+export function loopBacking(file: LockableFile): LoopBacking | null {
+  if (file.kind !== 'block-device') return null;
+  const out = new BigUint64Array(LOOP_FIELDS);
+  // ENOTTY/EINVAL: not a loop device; ENXIO: a loop device with nothing bound.
+  if (native.loopStatus(file.fd, out) < 0) return null;
+  const sys = `/sys/dev/block/${major(file.identity.dev)}:${minor(file.identity.dev)}/loop/backing_file`;
+  let path: string;
+  try {
+    path = readFileSync(sys, 'utf8').replace(/\n$/, '');
+  } catch (err) {
+    throw new ResourceAccessError(`cannot read the backing file of loop device '${file.path}' from ${sys}: ${(err as Error).message}`, { cause: err });
+  }
+  const [dev, ino, offset] = [out[0]!, out[1]!, out[2]!];
+  let st;
+  try {
+    st = statSync(path, { bigint: true });
+  } catch {
+    st = null;
+  }
+  if (st === null || st.dev !== dev || st.ino !== ino) {
+    throw new ResourceAccessError(
+      `loop device '${file.path}' is bound to '${path}' (device ${dev}, inode ${ino}), which no longer names that file (deleted, renamed or replaced): its lease cannot cover it. Detach it (losetup -d) and set it up again`,
+    );
+  }
+  return { path, dev, ino, offset };
+}

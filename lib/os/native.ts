@@ -83,10 +83,12 @@ export interface Native {
   /** F_OFD_GETLK into out = [type, start, length, pid]; type UNLOCK = no conflict. */
   getlk(fd: number, type: number, start: number, length: number, out: Float64Array): number;
   closeFd(fd: number): number;
-  /** kcmp(2) KCMP_FILE: 1 when pid1's fd1 and pid2's fd2 are one open file description, else 0. */
-  sameDescription(pid1: number, fd1: number, pid2: number, fd2: number): number;
   /** Replaces fd with an O_PATH placeholder: its open file description (and its locks) go, the number stays taken. */
   retireFd(fd: number): number;
+  /** kcmp(KCMP_FILE): 0 when pid's fd and otherPid's otherFd are one open file description, 1 or 2 when not, or -errno. */
+  kcmp(pid: number, fd: number, otherPid: number, otherFd: number): number;
+  /** LOOP_GET_STATUS64 into out = [backing dev, backing ino, offset, sizelimit]; -ENXIO unbound, -ENOTTY not a loop device. */
+  loopStatus(fd: number, out: BigUint64Array): number;
   /** The C library's description of a positive errno. */
   strerror(errno: number): string;
   /**

@@ -228,7 +228,7 @@ export function processesSharing(pid: number, fd: number, target: { dev: bigint;
     }
     if (descendant) continue;
     for (const f of fdsOf(other, target)) {
-      if (f.locks.length > 0 && native.sameDescription(pid, fd, other, f.fd) === 1) {
+      if (f.locks.length > 0 && native.kcmp(pid, fd, other, f.fd) === 0) {
         found.push({ pid: other, command: commandLine(other) });
         break;
       }
@@ -263,4 +263,128 @@ export function watchingParent(pid: number): ProcessInfo | null {
     }
   }
   return null;
+}
+
+/** When a process started, in clock ticks since boot (/proc/PID/stat field 22), or null if it is gone. */
+export function processStartTime(pid: number): bigint | null {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return BigInt(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19]!);
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * For each of our `fds`, the other processes that share its open file
+ * description (so its OFD locks are theirs as well), in one pass over /proc:
+ * each fd of another process on the same file is compared with ours by
+ * kcmp(KCMP_FILE). A process that merely has the file open through its own
+ * description is not one. `bornSince`: only processes started at or after
+ * that time (processStartTime) are looked at, those that can have inherited
+ * the fds from a child started then (a pass over every fd of every process
+ * costs tens of ms on a loaded host). Processes we may not inspect are missing
+ * (not root: other users'), as in processesWithOpen().
+ */
+export function sharersOf(fds: readonly number[], options: { bornSince?: bigint } = {}): Map<number, OpenBy[]> {
+  const found = new Map<number, OpenBy[]>(fds.map((fd) => [fd, []]));
+  const targets: Array<{ fd: number; st: Stats }> = [];
+  for (const fd of fds) {
+    try {
+      targets.push({ fd, st: statSync(`/proc/self/fd/${fd}`) });
+    } catch {
+      // Not open: shared by nobody.
+    }
+  }
+  if (targets.length === 0) return found;
+  for (const entry of readdirSync('/proc')) {
+    const pid = Number(entry);
+    if (!Number.isInteger(pid) || pid === process.pid) continue;
+    if (options.bornSince !== undefined && (processStartTime(pid) ?? -1n) < options.bornSince) continue;
+    let theirFds: string[];
+    try {
+      theirFds = readdirSync(`/proc/${pid}/fd`);
+    } catch {
+      continue;
+    }
+    const named = new Set<number>();
+    for (const theirs of theirFds) {
+      let st: Stats;
+      try {
+        st = statSync(`/proc/${pid}/fd/${theirs}`);
+      } catch {
+        continue;
+      }
+      for (const t of targets) {
+        // kcmp: ESRCH (gone since), EBADF (closed since), EPERM: not a sharer we can name.
+        if (named.has(t.fd) || !sameFile(st, t.st) || native.kcmp(process.pid, t.fd, pid, Number(theirs)) !== 0) continue;
+        named.add(t.fd);
+        found.get(t.fd)!.push({ pid, command: commandLine(pid) });
+      }
+    }
+  }
+  return found;
+}
+
+/** A process that holds an OFD lock on a file, from its /proc/PID/fdinfo lock lines. */
+export interface LockHolderProcess extends OpenBy {
+  type: string;
+  /**
+   * No ancestor of it (nor itself) has lockmgr loaded: whoever supervised the
+   * lease is gone, or it was left to this process (docs/contract.md, "Orphans").
+   */
+  orphan: boolean;
+}
+
+/**
+ * The processes whose fds carry an OFD lock on byte `start` of the file at
+ * `path`: each fd's /proc/PID/fdinfo lists the locks its open file
+ * description owns, which names the holders exactly (where /proc/locks says
+ * pid -1). Lower bound, as processesWithOpen().
+ */
+export function ofdLockHolders(path: string, start: number): LockHolderProcess[] {
+  let target: Stats;
+  try {
+    target = statSync(path);
+  } catch {
+    return [];
+  }
+  const found: LockHolderProcess[] = [];
+  for (const entry of readdirSync('/proc')) {
+    const pid = Number(entry);
+    if (!Number.isInteger(pid) || pid === process.pid) continue;
+    let fds: string[];
+    try {
+      fds = readdirSync(`/proc/${pid}/fd`);
+    } catch {
+      continue;
+    }
+    for (const fd of fds) {
+      let lock: ProcLock | undefined;
+      try {
+        if (!sameFile(statSync(`/proc/${pid}/fd/${fd}`), target)) continue;
+        lock = fdinfoLocks(readFileSync(`/proc/${pid}/fdinfo/${fd}`, 'utf8')).find((l) => l.start <= start && (l.end === null || l.end >= start));
+      } catch {
+        continue;
+      }
+      if (lock !== undefined) {
+        found.push({ pid, command: commandLine(pid), type: lock.type, orphan: !underLockmgr(pid) });
+        break;
+      }
+    }
+  }
+  return found;
+}
+
+/** Whether pid or one of its ancestors has lockmgr's addon mapped (a supervisor). */
+function underLockmgr(pid: number): boolean {
+  for (let p: number | null = pid, hops = 0; p !== null && p > 1 && hops < 64; p = parentOf(p), hops++) {
+    try {
+      // build/Release/lockmgr.node or a prebuild (prebuilds/linux-x64/lockmgr.*.node).
+      if (/\/lockmgr[^/\n]*\.node$/m.test(readFileSync(`/proc/${p}/maps`, 'utf8'))) return true;
+    } catch {
+      return false;
+    }
+  }
+  return false;
 }

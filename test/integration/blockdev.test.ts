@@ -1,8 +1,9 @@
 import { execFileSync } from 'node:child_process';
-import { existsSync, statSync, truncateSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, rmSync, statSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { LockManager, ResourceBusyError, openLockable } from '../../lib/index.js';
+import { LockManager, ResourceAccessError, ResourceBusyError, openLockable } from '../../lib/index.js';
+import { locksOn } from '../../lib/os/proc-locks.js';
 import { Peer, isRoot, tempDir } from '../helpers.js';
 
 const canLoop = isRoot && existsSync('/dev/loop-control');
@@ -86,5 +87,116 @@ describe.skipIf(!canLoop)('block devices (a loop device over a sparse file)', ()
     } finally {
       f.close();
     }
+  });
+});
+
+// Writing a loop device writes its backing file: each used to get its own
+// lease, so a VM on /dev/loopN and another on the file (or on a second loop
+// device of the same file) both ran "exclusively" (issue 18, part 2). A loop
+// device's lease now covers its backing file too, all or nothing.
+describe.skipIf(!canLoop)('a loop device and its backing file (real losetup)', () => {
+  let tmp: ReturnType<typeof tempDir>;
+  let backing: string;
+  const devices: string[] = [];
+  let loopsBefore: number;
+  const loopCount = () => execFileSync('losetup', ['-a'], { encoding: 'utf8' }).split('\n').filter((l) => l !== '').length;
+  const attach = (file: string) => {
+    const d = execFileSync('losetup', ['-f', '--show', file], { encoding: 'utf8' }).trim();
+    devices.push(d);
+    return d;
+  };
+
+  beforeAll(() => {
+    loopsBefore = loopCount();
+    tmp = tempDir();
+    backing = join(tmp.dir, 'backing.img');
+    writeFileSync(backing, '');
+    truncateSync(backing, 16 * 1024 * 1024);
+  });
+
+  afterAll(() => {
+    for (const d of devices.splice(0)) execFileSync('losetup', ['-d', d]);
+    tmp?.cleanup();
+    // Every loop device this test attached is detached again.
+    expect(loopCount()).toBe(loopsBefore);
+  });
+
+  for (const lockspace of ['direct', 'indirect'] as const) {
+    describe(lockspace, () => {
+      const managers: LockManager[] = [];
+      const manager = () => {
+        let options = {};
+        if (lockspace === 'indirect') {
+          const dir = join(tmp.dir, 'locks');
+          if (!existsSync(dir)) mkdirSync(dir, { mode: 0o700 });
+          options = { lockspace: { kind: 'indirect', dir } };
+        }
+        const m = new LockManager(options);
+        managers.push(m);
+        return m;
+      };
+      const holding = async (path: string, mode: 'exclusive' | 'shared') => {
+        const m = manager();
+        m.registerResource({ type: 'disk', path, mode });
+        await m.start('sleep', ['1000']);
+        return m;
+      };
+      const refused = async (path: string, mode: 'exclusive' | 'shared') => {
+        const m = manager();
+        m.registerResource({ type: 'disk', path, mode });
+        const err = await m.start('sleep', ['1000']).catch((e: unknown) => e);
+        expect(err, `${mode} ${path}`).toBeInstanceOf(ResourceBusyError);
+        expect(m.resources[0]!.held).toBe(false);
+        await m.free();
+      };
+      afterAll(async () => {
+        for (const m of managers.splice(0)) await m.free();
+      });
+
+      it('the loop device held exclusively: its backing file is busy, exclusive or shared', async () => {
+        const loop = attach(backing);
+        const a = await holding(loop, 'exclusive');
+        await refused(backing, 'exclusive');
+        await refused(backing, 'shared');
+        await a.free();
+        // Released together: the file is free again.
+        await (await holding(backing, 'exclusive')).free();
+      });
+
+      it('the backing file held: the loop device is busy, and it took nothing (all or nothing)', async () => {
+        const loop = devices[0]!;
+        const a = await holding(backing, 'exclusive');
+        await refused(loop, 'exclusive');
+        // Nothing of the refused lease is left locked on the loop device's node.
+        expect(locksOn(loop)).toEqual([]);
+        await a.free();
+      });
+
+      it('two loop devices on one file exclude each other; shared ones share', async () => {
+        const [one, two] = [devices[0]!, devices[1] ?? attach(backing)];
+        const a = await holding(one, 'exclusive');
+        await refused(two, 'exclusive');
+        await refused(two, 'shared');
+        await a.free();
+        const s1 = await holding(one, 'shared');
+        const s2 = await holding(two, 'shared');
+        expect([s1.state, s2.state]).toEqual(['running', 'running']);
+        await refused(backing, 'exclusive');
+        await s1.free();
+        await s2.free();
+      });
+    });
+  }
+
+  it('a loop device whose backing file was deleted is refused: its lease could not cover the file', () => {
+    const gone = join(tmp.dir, 'gone.img');
+    writeFileSync(gone, '');
+    truncateSync(gone, 1024 * 1024);
+    const loop = attach(gone);
+    rmSync(gone);
+    const m = new LockManager();
+    expect(() => m.registerResource({ type: 'disk', path: loop, mode: 'exclusive' })).toThrow(ResourceAccessError);
+    expect(() => m.registerResource({ type: 'disk', path: loop, mode: 'exclusive' })).toThrow(/no longer names that file \(deleted, renamed or replaced\)/);
+    void m.free();
   });
 });

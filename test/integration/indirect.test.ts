@@ -546,7 +546,14 @@ describe('block devices', () => {
     expect(blockDeviceIdentity(st.rdev)).toBeNull();
     const names = space.describeDisk(loop);
     expect(names.kind).toBe('block-device');
-    expect(names.files).toEqual([{ name: sha256sum(loop), path: join(dir, sha256sum(loop)), identity: loop, source: 'path' }]);
+    // Its own lock file, by its node; then its backing file's two (a loop device's lease covers the file it writes).
+    const file = realpathSync(join(backing!.dir, 'backing.img'));
+    const fst = statSync(file, { bigint: true });
+    expect(names.files).toEqual([
+      { name: sha256sum(loop), path: join(dir, sha256sum(loop)), identity: loop, source: 'path' },
+      { name: sha256sum(file), path: join(dir, sha256sum(file)), identity: file, source: 'path' },
+      { name: sha256sum(inodeIdentity(fst.dev, fst.ino)), path: join(dir, sha256sum(inodeIdentity(fst.dev, fst.ino))), identity: inodeIdentity(fst.dev, fst.ino), source: 'inode' },
+    ]);
     const sym = join(tmp.dir, 'loop-link');
     symlinkSync(loop, sym);
     const alias = join(tmp.dir, 'loop-alias');
@@ -658,5 +665,65 @@ describe('leaks', () => {
 describe('checkLockDir', () => {
   it('returns the lstat of a good dir', () => {
     expect(checkLockDir(dir).isDirectory()).toBe(true);
+  });
+});
+
+// A sticky, world-writable dir (/tmp-like, mode 1777) shared with an
+// unprivileged user: lock-file names are predictable, so that user can
+// pre-create them; if root reused such a file, its owner could unlink it under
+// the running holder and let a second holder in (issue 18, part 2).
+const haveSetpriv = spawnSync('setpriv', ['--version']).status === 0;
+describe.skipIf(!isRoot || !haveSetpriv)('a sticky world-writable lock dir shared with an unprivileged user (uid 65534 through setpriv; root only)', () => {
+  const NOBODY = ['--reuid=65534', '--regid=65534', '--clear-groups'];
+  const asNobody = (...cmd: string[]) => spawnSync('setpriv', [...NOBODY, ...cmd], { encoding: 'utf8' });
+  let sticky: string;
+  beforeEach(() => {
+    // The test's own temp dir is 0700: let nobody through to the shared dir.
+    chmodSync(tmp.dir, 0o755);
+    sticky = join(tmp.dir, 'shared');
+    mkdirSync(sticky);
+    chmodSync(sticky, 0o1777);
+  });
+
+  it("refuses lock files the other user planted at the predictable names, and leaves them as they were", async () => {
+    const { LockManager } = await import('../../lib/index.js');
+    const names = indirectLockspace({ kind: 'indirect', dir: sticky }).describeDisk(image);
+    for (const f of names.files) expect(asNobody('touch', f.path).status).toBe(0);
+    const before = names.files.map((f) => lstatSync(f.path));
+    expect(before.map((s) => s.uid)).toEqual(names.files.map(() => 65534));
+    const m = new LockManager({ lockspace: { kind: 'indirect', dir: sticky } });
+    try {
+      expect(() => m.registerResource({ type: 'disk', path: image, mode: 'exclusive' })).toThrow(ResourceAccessError);
+      expect(() => m.registerResource({ type: 'disk', path: image, mode: 'exclusive' })).toThrow(/owned by uid 65534, neither this user \(uid 0\) nor root/);
+    } finally {
+      await m.free();
+    }
+    const after = names.files.map((f) => lstatSync(f.path));
+    expect(after.map((s) => [s.ino, s.uid, s.mode])).toEqual(before.map((s) => [s.ino, s.uid, s.mode]));
+  });
+
+  it('lock files root made there cannot be unlinked by the other user while held: no second holder', async () => {
+    const { LockManager } = await import('../../lib/index.js');
+    const m = new LockManager({ lockspace: { kind: 'indirect', dir: sticky } });
+    try {
+      m.registerResource({ type: 'disk', path: image, mode: 'exclusive' });
+      await m.start('sleep', ['1000']);
+      const files = readdirSync(sticky).map((n) => join(sticky, n));
+      expect(files.length).toBeGreaterThan(0);
+      for (const f of files) {
+        const r = asNobody('rm', '-f', f);
+        expect(r.status, r.stderr).not.toBe(0);
+        expect(r.stderr).toMatch(/Operation not permitted/);
+      }
+      expect(readdirSync(sticky).map((n) => join(sticky, n))).toEqual(files);
+      expect(await m.verify()).toEqual({ lost: [] });
+      const second = new LockManager({ lockspace: { kind: 'indirect', dir: sticky } });
+      second.registerResource({ type: 'disk', path: image, mode: 'exclusive' });
+      await expect(second.start('true', [])).rejects.toThrow(/is held exclusively/);
+      await second.free();
+    } finally {
+      await m.free();
+    }
+    expect(readdirSync(sticky)).toEqual([]);
   });
 });

@@ -150,6 +150,22 @@ describe('a LockManager with an indirect lockspace', () => {
     expect(t.resources.map((r) => r.lockFiles.length)).toEqual([2]);
   });
 
+  it('a token whose lock dir is the same directory reached through a symlinked parent (/var/run and /run) is accepted, in both directions', () => {
+    // The parent is a symlink, as /var/run -> /run: the dir itself is not, so both managers accept it.
+    const alias = join(fx.tmp.dir, 'alias');
+    symlinkSync(fx.tmp.dir, alias);
+    const viaAlias = join(alias, 'locks');
+    const resources: ResourceSpec[] = [{ type: 'disk', path: fx.path, mode: 'exclusive' }];
+    const source = manager();
+    source.registerResource(resources[0]!);
+    const t = LockManager.fromInquire(source.inquire(), { lockspace: { kind: 'indirect', dir: viaAlias }, resources });
+    managers.push(t);
+    expect(t.resources.map((r) => r.lockFiles)).toEqual(source.resources.map((r) => r.lockFiles.map((f) => f.replace(dir, viaAlias))));
+    const back = manager({ lockspace: { kind: 'indirect', dir: viaAlias } });
+    back.registerResource(resources[0]!);
+    managers.push(LockManager.fromInquire(back.inquire(), { ...indirect(), resources }));
+  });
+
   it('refuses a symlinked or world-writable dir at construction', () => {
     const link = join(fx.tmp.dir, 'link');
     symlinkSync(dir, link);

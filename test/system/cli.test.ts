@@ -160,7 +160,7 @@ describe('lockmgr run', () => {
   it('--help lists the commands and every exit code', () => {
     const r = lockmgr('--help');
     expect(r.code).toBe(0);
-    for (const code of ['64', '66', '69', '70', '75', '126', '127']) expect(r.stdout).toContain(`  ${code} `);
+    for (const code of ['64', '66', '69', '70', '71', '75', '126', '127']) expect(r.stdout).toContain(`  ${code} `);
   });
 
   it('--lockspace DIR: the lease lives in lock files there (image untouched); a second run is refused; status shows them; nothing left after', async () => {
@@ -255,7 +255,7 @@ describe('lockmgr status', () => {
     const { code, entries } = status(fx.path);
     expect(code).toBe(0);
     const e = entries[0]!;
-    expect(Object.keys(e).sort()).toEqual(['identity', 'kind', 'lease', 'locks', 'migrationGuard', 'openBy', 'path', 'qemu']);
+    expect(Object.keys(e).sort()).toEqual(['holders', 'identity', 'kind', 'lease', 'locks', 'migrationGuard', 'openBy', 'path', 'qemu']);
     expect(e).toMatchObject({
       path: fx.path,
       kind: 'file',
@@ -271,6 +271,9 @@ describe('lockmgr status', () => {
     ]);
     expect(e.openBy!.map((p) => p.pid)).toContain(child.pid);
     expect(e.openBy!.find((p) => p.pid === child.pid)!.command).toContain('lockmgr.js run --shared');
+    // The exact holders, from fdinfo: lockmgr and its command (which shares its description), neither an orphan.
+    expect(e.holders!.map((h) => [h.pid, h.type, h.orphan, h.file])).toContainEqual([child.pid, 'READ', false, fx.path]);
+    expect(e.holders!.find((h) => h.command === 'sleep 1000')).toMatchObject({ type: 'READ', orphan: false });
   });
 
   it('a PATH that is not a file or block device is an error entry with exit 66 too', () => {
@@ -292,5 +295,70 @@ describe('lockmgr status', () => {
     const r = lockmgr('status', fx.path);
     expect(r.code).toBe(0);
     expect(r.stdout).toMatch(new RegExp(`^${fx.path}\\n  kind +file \\(f:\\d+:\\d+\\)\\n  lease \\(byte 0\\) +free\\n  migration guard +free\\n`));
+  });
+});
+
+// A lock file deleted under a running holder (a tmp cleaner) lets the next
+// acquirer in: `run` checks its leases where the lockspace declares them
+// losable, and applies --on-lock-failure (issue 18, part 2).
+describe('lockmgr run --verify-interval / --on-lock-failure', () => {
+  const lockDir = () => {
+    const dir = join(fx.tmp.dir, 'locks');
+    if (!existsSync(dir)) mkdirSync(dir, { mode: 0o700 });
+    return dir;
+  };
+  const deleteLockFiles = (dir: string) => {
+    const names = readdirSync(dir);
+    expect(names.length).toBeGreaterThan(0);
+    for (const n of names) spawnSync('rm', ['-f', join(dir, n)]);
+  };
+
+  it('on by default in a lockspace whose leases are losable: deleting the lock files under a running run kills the command (poweroff) and says why', async () => {
+    const dir = lockDir();
+    const { exit, stderr } = await background(['--lockspace', dir, '--exclusive', fx.path], 'sleep 1000');
+    deleteLockFiles(dir);
+    // The default interval (10 s) is the only wait: the ceiling is a hang guard.
+    const code = await Promise.race([exit, new Promise((_, reject) => setTimeout(() => reject(new Error('no lock failure within 60 s')), 60_000))]);
+    expect(code).toBe(128 + 9);
+    expect(stderr()).toContain(`lockmgr: lock lost: the exclusive lease on ${fx.path} is no longer held; --on-lock-failure poweroff: killing sh (SIGKILL)`);
+  });
+
+  it('--on-lock-failure ignore: reported, and the command runs on', async () => {
+    const dir = lockDir();
+    const { child, exit, stderr } = await background(['--lockspace', dir, '--verify-interval', '0.2', '--on-lock-failure', 'ignore', '--exclusive', fx.path], 'sleep 1000');
+    deleteLockFiles(dir);
+    await waitUntil(() => stderr().includes('lock lost'), 30_000, 'the lock failure to be reported');
+    expect(stderr()).toContain('--on-lock-failure ignore: sh runs on');
+    expect(child.exitCode).toBe(null);
+    child.kill('SIGTERM');
+    expect(await exit).toBe(128 + 15);
+  });
+
+  it('--on-lock-failure pause: the command is stopped (SIGSTOP)', async () => {
+    const dir = lockDir();
+    const pidFile = join(fx.tmp.dir, 'cmd.pid');
+    const { child, stderr } = await background(['--lockspace', dir, '--verify-interval', '0.2', '--on-lock-failure', 'pause', '--exclusive', fx.path], `echo $$ > ${pidFile}; READY; exec sleep 1000`);
+    const pid = Number(readFileSync(pidFile, 'utf8'));
+    deleteLockFiles(dir);
+    await waitUntil(() => stderr().includes('lock lost'), 30_000, 'the lock failure to be reported');
+    await waitUntil(() => /^State:\s+T/m.test(readFileSync(`/proc/${pid}/status`, 'utf8')), 10_000, 'the command to be stopped');
+    expect(stderr()).toContain('--on-lock-failure pause: stopping sh (SIGSTOP)');
+    expect(child.exitCode).toBe(null);
+    process.kill(pid, 'SIGCONT');
+  });
+
+  it('--verify-interval 0 turns it off; bad values are usage errors naming the flag', () => {
+    const bad: Array<[string[], RegExp]> = [
+      [['--verify-interval', 'soon'], /--verify-interval needs a number of seconds >= 0, got 'soon'/],
+      [['--verify-interval='], /--verify-interval needs a number of seconds >= 0, got ''/],
+      [['--verify-interval=-1'], /--verify-interval needs a number of seconds >= 0, got '-1'/],
+      [['--on-lock-failure', 'reboot'], /--on-lock-failure needs one of poweroff, pause, ignore, got 'reboot'/],
+    ];
+    for (const [flags, why] of bad) {
+      const r = lockmgr('run', ...flags, '--exclusive', fx.path, '--', 'true');
+      expect(r.code, flags.join(' ')).toBe(64);
+      expect(r.stderr).toMatch(why);
+    }
+    expect(lockmgr('run', '--lockspace', lockDir(), '--verify-interval', '0', '--exclusive', fx.path, '--', 'true').code).toBe(0);
   });
 });

@@ -1,0 +1,145 @@
+// A command that daemonizes, or a supervisor killed with SIGKILL, leaves
+// processes that still have the lease's open file descriptions (issue 18, part
+// 2): the lease must stay held by them, a second exclusive run must be refused,
+// and `lockmgr status` must name them as orphans. The real lockmgr binary, real
+// background jobs, a real qemu-nbd --fork.
+import { spawn, spawnSync } from 'node:child_process';
+import { existsSync, mkdirSync, readdirSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { afterEach, describe, expect, it } from 'vitest';
+import type { StatusEntry } from '../../lib/cli/main.js';
+import { LockManager } from '../../lib/index.js';
+import { lockFixture, processExists, waitUntil } from '../helpers.js';
+
+const fx = lockFixture();
+const BIN = fileURLToPath(new URL('../../bin/lockmgr.js', import.meta.url));
+/** Pids this file started outside lockmgr's supervision (orphans by design), killed by pid after each test. */
+const leftovers: number[] = [];
+
+afterEach(async () => {
+  for (const pid of leftovers.splice(0)) {
+    try {
+      process.kill(pid, 'SIGKILL');
+    } catch {
+      // Already gone.
+    }
+    await waitUntil(() => !processExists(pid), 10_000, `pid ${pid} to go`);
+  }
+});
+
+function lockmgr(...args: string[]) {
+  const r = spawnSync(process.execPath, [BIN, ...args], { encoding: 'utf8', timeout: 30_000, killSignal: 'SIGKILL' });
+  return { code: r.status, stdout: r.stdout, stderr: r.stderr };
+}
+
+function status(...args: string[]): StatusEntry {
+  const r = lockmgr('status', '--json', ...args);
+  return (JSON.parse(r.stdout) as { entries: StatusEntry[] }).entries[0]!;
+}
+
+function readPid(file: string): number {
+  const pid = Number(readFileSync(file, 'utf8').trim());
+  expect(pid).toBeGreaterThan(1);
+  leftovers.push(pid);
+  return pid;
+}
+
+const haveQemuNbd = spawnSync('qemu-nbd', ['--version']).status === 0;
+
+for (const lockspace of ['direct', 'indirect'] as const) {
+  describe(`a command that leaves processes holding the lease (${lockspace})`, () => {
+    const flags = (): string[] => {
+      if (lockspace === 'direct') return [];
+      const dir = join(fx.tmp.dir, 'locks');
+      if (!existsSync(dir)) mkdirSync(dir, { mode: 0o700 });
+      return ['--lockspace', dir];
+    };
+
+    it("`sh -c 'sleep &'`: run exits with the command's status naming the orphan, the lease stays held, a second exclusive run is refused until it exits", async () => {
+      const pidFile = join(fx.tmp.dir, 'bg.pid');
+      const r = lockmgr('run', ...flags(), '--exclusive', fx.path, '--', 'sh', '-c', `sleep 1000 </dev/null >/dev/null 2>&1 & echo $! > ${pidFile}; exit 3`);
+      const orphan = readPid(pidFile);
+      expect(r.code).toBe(3);
+      const second = lockmgr('run', ...flags(), '--exclusive', fx.path, '--', 'true');
+      expect(second.code, 'a second exclusive holder').toBe(75);
+      expect(r.stderr).toContain(`stays held by ${orphan} (sleep 1000)`);
+      expect(second.stderr).toContain(`${orphan} (sleep 1000)`);
+      const e = status(...flags(), fx.path);
+      expect(e.holders).toEqual([expect.objectContaining({ pid: orphan, command: 'sleep 1000', type: 'WRITE', orphan: true })]);
+      expect(lockmgr('status', ...flags(), fx.path).stdout).toMatch(new RegExp(`held by +${orphan} \\(sleep 1000\\) exclusive, orphan: no lockmgr supervises it`));
+      // When the orphan goes, the kernel drops the lock with its last fd.
+      process.kill(orphan, 'SIGKILL');
+      await waitUntil(() => !processExists(orphan), 10_000, 'the orphan to exit');
+      expect(lockmgr('run', ...flags(), '--exclusive', fx.path, '--', 'true').code).toBe(0);
+      expect(status(...flags(), fx.path).holders).toEqual([]);
+      if (lockspace === 'indirect') expect(readdirSync(join(fx.tmp.dir, 'locks'))).toEqual([]);
+    });
+
+    it.skipIf(!haveQemuNbd)('qemu-nbd --fork: the forked server keeps the lease fd, so the lease stays its own', async () => {
+      const pidFile = join(fx.tmp.dir, 'nbd.pid');
+      const sock = join(fx.tmp.dir, 'nbd.sock');
+      const r = lockmgr('run', ...flags(), '--exclusive', fx.path, '--', 'qemu-nbd', '--fork', '--persistent', `--pid-file=${pidFile}`, '-k', sock, '-f', 'raw', fx.path);
+      expect(r.code, r.stderr).toBe(0);
+      const server = readPid(pidFile);
+      expect(r.stderr).toContain(`stays held by ${server} (qemu-nbd --fork`);
+      expect(lockmgr('run', ...flags(), '--exclusive', fx.path, '--', 'true').code).toBe(75);
+      expect(status(...flags(), fx.path).holders).toEqual([expect.objectContaining({ pid: server, orphan: true })]);
+    });
+
+    it('a supervisor killed with SIGKILL: its command keeps the lease, status names it as an orphan, a second run is refused', async () => {
+      const pidFile = join(fx.tmp.dir, 'cmd.pid');
+      const child = spawn(process.execPath, [BIN, 'run', ...flags(), '--exclusive', fx.path, '--', 'sh', '-c', `echo $$ > ${pidFile}; exec sleep 1000`], { stdio: 'ignore' });
+      const exited = new Promise((resolve) => child.once('exit', resolve));
+      await waitUntil(() => existsSync(pidFile) && readFileSync(pidFile, 'utf8').endsWith('\n'), 10_000, 'the command to start');
+      const cmd = readPid(pidFile);
+      const before = status(...flags(), fx.path).holders!;
+      expect(before.map((h) => [h.pid, h.orphan])).toEqual(expect.arrayContaining([[child.pid, false], [cmd, false]]));
+      child.kill('SIGKILL');
+      await exited;
+      const after = status(...flags(), fx.path).holders!;
+      expect(after).toEqual([expect.objectContaining({ pid: cmd, command: 'sleep 1000', orphan: true })]);
+      const second = lockmgr('run', ...flags(), '--exclusive', fx.path, '--', 'true');
+      expect(second.code).toBe(75);
+      expect(second.stderr).toContain(`${cmd} (sleep 1000)`);
+    });
+
+    it("the API: 'orphans' comes before 'exit', the lease is not unlocked, and nothing is left open in the manager", async () => {
+      const pidFile = join(fx.tmp.dir, 'api.pid');
+      const mgr = new LockManager(lockspace === 'direct' ? {} : { lockspace: { kind: 'indirect', dir: flags()[1]! } });
+      mgr.registerResource({ type: 'disk', path: fx.path, mode: 'exclusive' });
+      const events: string[] = [];
+      let orphans: unknown;
+      mgr.on('orphans', (o) => {
+        events.push('orphans');
+        orphans = o;
+      });
+      const exit = new Promise((resolve) => mgr.once('exit', resolve));
+      mgr.once('exit', () => events.push('exit'));
+      await mgr.start('sh', ['-c', `sleep 1000 & echo $! > ${pidFile}`]);
+      await exit;
+      const orphan = readPid(pidFile);
+      expect(events).toEqual(['orphans', 'exit']);
+      expect(orphans).toEqual({ resource: fx.path, processes: [{ pid: orphan, command: 'sleep 1000' }] });
+      expect(mgr.resources[0]!.held).toBe(false);
+      await mgr.free();
+      expect(lockmgr('run', ...flags(), '--exclusive', fx.path, '--', 'true').code).toBe(75);
+      // None of the lease's files is open in this process any more.
+      const mine = readdirSync('/proc/self/fd').filter((fd) => {
+        try {
+          return readFileSync(`/proc/self/fdinfo/${fd}`, 'utf8').includes('lock:');
+        } catch {
+          return false;
+        }
+      });
+      expect(mine).toEqual([]);
+    });
+
+    it('a command whose children exit with it releases as before (no orphans, no notice)', () => {
+      const r = lockmgr('run', ...flags(), '--exclusive', fx.path, '--', 'sh', '-c', 'sleep 0 & wait');
+      expect(r.code).toBe(0);
+      expect(r.stderr).toBe('');
+      expect(status(...flags(), fx.path).holders).toEqual([]);
+    });
+  });
+}
