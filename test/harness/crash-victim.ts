@@ -10,6 +10,8 @@ import { within } from './process-helpers.js';
 
 /** Hang guards only: no pass condition depends on them. */
 export const GUARD_MS = 30_000;
+/** A Node process starting on a loaded machine (seen: over 30 s at a load of 15 on 2 cores, at nice 19). */
+const START_GUARD_MS = 120_000;
 const peerScript = fileURLToPath(new URL('../fixtures/crash-peer.mjs', import.meta.url));
 
 export type Rec = Record<string, unknown>;
@@ -69,7 +71,7 @@ export class Victim {
         // A signal here is none of this test's (it signals a peer only once it is ready): say which, and when.
         v.child.once('exit', (code, signal) => reject(new Error(`crash-peer ${v.child.pid} exited before it was ready, with ${code ?? signal} at ${new Date().toISOString()}`)));
       }),
-      GUARD_MS,
+      START_GUARD_MS,
       'crash-peer to start',
     );
     return v;
