@@ -38,6 +38,13 @@ export {
   InternalError,
   SpawnError,
   type LockHolder,
+  type LockHolders,
+  type LockHolderProcess,
+  type FileOpener,
+  type UnreadableHolder,
+  type LockKind,
+  type HoldersOptions,
+  type LockTimeoutOptions,
   type ProcessInfo,
   type ResourceBusyOptions,
   type SystemError,
@@ -65,6 +72,6 @@ export {
 } from './manager/manager.js';
 export type { Capabilities, Capability } from './lockspaces/driver.js';
 export type { DirectLockspaceConfig, IndirectLockspaceConfig, SanlockLockspaceConfig } from './lockspaces/index.js';
-export { locksOn, parseProcLocks, processesWithOpen, type ProcLock, type ProcLockKind } from './os/proc-locks.js';
+export { lockHolders, locksOn, parseProcLocks, processesWithOpen, type LockHoldersOptions, type ProcLock, type ProcLockKind } from './os/proc-locks.js';
 export { QEMU_PERMISSIONS, qemuLockState, type QemuLockState, type QemuPermission } from './os/qemu.js';
 export * as sanlock from './lockspaces/sanlock-public.js';

@@ -3,6 +3,7 @@
 // declares USES_STATE and friends). The manager (lib/manager) dispatches
 // through it and decides from capabilities, never from a kind; no file outside
 // lib/lockspaces names a backend. docs/architecture.md is this file in prose.
+import type { ResourceBusyError } from '../os/errors.js';
 import type { LockableFile } from '../os/locks.js';
 import type { ExitStatus, SpawnOptions, SupervisedProcess } from '../os/supervise.js';
 
@@ -82,6 +83,8 @@ export interface TakeOptions {
   wait: boolean;
   timeout?: number;
   signal?: AbortSignal;
+  /** With wait: called before each wait for a busy lease, with the busy error it would have been (who is in the way). */
+  onBusy?: (busy: ResourceBusyError) => void;
 }
 
 /** What stops a start before the command runs. */

@@ -17,9 +17,9 @@
 // given the lease fds, so the leases are its own too and outlive a killed
 // supervisor (lockLifetime 'child'), and any running process can be attached.
 import { lstatSync } from 'node:fs';
-import { LockTimeoutError, ResourceBusyError, type LockHolder, type ProcessInfo } from '../os/errors.js';
+import { LockTimeoutError, ResourceBusyError, holdersOf, type LockHolder, type LockHolders } from '../os/errors.js';
 import { openLockable, type ByteRange, type LockableFile, type LockMode } from '../os/locks.js';
-import { commandLine, describeProcess, processesWithOpen } from '../os/proc-locks.js';
+import { holdersWords, lockHolders } from '../os/proc-locks.js';
 import { canonicalBlockNode, openDiskFile } from '../os/disks.js';
 
 export { canonicalBlockNode, openDiskFile };
@@ -149,68 +149,91 @@ function guardHeld(slot: LeaseSlot, mode: ResourceMode): boolean {
   }
 }
 
-function who(path: string): { candidates: ProcessInfo[]; text: string } {
-  const candidates = processesWithOpen(path, { excludeSelf: true });
-  const text =
-    candidates.length > 0
-      ? `${candidates.length === 1 ? 'pid' : 'one of pids'} ${candidates.map(describeProcess).join(', ')} (OFD locks record no pid: these have it open)`
-      : 'another open file description in this process';
-  return { candidates, text };
+/**
+ * Who holds the lock that is in the way of `mode` on `range` of a slot's file,
+ * from the kernel's records (lockHolders: fdinfo, /proc/locks), and who else
+ * has it open. Never throws: an error path must not fail for want of /proc.
+ */
+function whoHolds(slot: LeaseSlot, mode: LockMode, range: Readonly<ByteRange>, conflict: LockHolder | null): LockHolders {
+  try {
+    return lockHolders(slot.file.closed ? slot.path : slot.file.fd, mode, range, { conflict });
+  } catch {
+    return { holders: [], openers: [], unreadable: [], fdinfoAvailable: false };
+  }
 }
 
+function conflictOf(slot: LeaseSlot, mode: LockMode, range: Readonly<ByteRange>): LockHolder | null {
+  try {
+    return slot.file.closed ? null : slot.file.getConflict(mode, range);
+  } catch {
+    return null;
+  }
+}
+
+const lockFileOf = (lease: OfdLease, slot: LeaseSlot): string | undefined => (slot.path === lease.path ? undefined : slot.path);
+
 /**
- * The busy error for a lease someone else holds: the conflicting lock, and
- * who has the lease file open, from F_OFD_GETLK and /proc.
+ * The busy error for a lease someone else holds: the conflicting lock
+ * (F_OFD_GETLK), the processes that hold it and the others that have the
+ * lease file open (lockHolders).
  */
 export function busyError(lease: OfdLease, slot: LeaseSlot = lease.slots[0]!): ResourceBusyError {
-  let holder: LockHolder | null = null;
-  try {
-    holder = slot.file.getConflict(lockModeOf(lease.mode), LEASE_RANGE);
-  } catch {
-    holder = null;
-  }
-  let candidates: ProcessInfo[];
-  let by: string;
-  if (holder !== null && holder.pid > 0) {
-    candidates = [{ pid: holder.pid, command: commandLine(holder.pid) }];
-    by = `pid ${describeProcess(candidates[0]!)}`;
-  } else {
-    ({ candidates, text: by } = who(slot.path));
-  }
+  const mode = lockModeOf(lease.mode);
+  const holder = conflictOf(slot, mode, LEASE_RANGE);
+  const found = whoHolds(slot, mode, LEASE_RANGE, holder);
+  const { by, also } = holdersWords(found, slot.path);
   const how = holder === null ? 'held' : `held ${heldAs(holder.mode)}`;
   const where = slot.path === lease.path ? '' : ` (its lock file ${slot.path})`;
   const migrating = guardHeld(slot, lease.mode);
   // What a multi-resource acquire released again is added by withRollback().
-  return new ResourceBusyError(`${lease.path}${where} is ${how} by ${by}${migrating ? `; ${MIGRATING}` : ''}`, {
+  return new ResourceBusyError(`${lease.path}${where} is ${how} by ${by}${also}${migrating ? `; ${MIGRATING}` : ''}`, {
     holder,
     resource: lease.path,
-    candidates,
+    lockFile: lockFileOf(lease, slot),
+    ...found,
     migrationInProgress: migrating,
   });
 }
 
-/** A fresh acquirer found the guard held in its way: the resource is being handed over. */
-function migrationBusy(lease: OfdLease, slot: LeaseSlot): ResourceBusyError {
-  const { candidates, text } = who(slot.path);
-  return new ResourceBusyError(`${lease.path} cannot be acquired: ${MIGRATING}, held by ${text}`, {
-    resource: lease.path,
-    candidates,
-    migrationInProgress: true,
-  });
+/** A busy error for the handover guard (byte 1): a migration target holds it. */
+function guardBusy(lease: OfdLease, slot: LeaseSlot, message: (by: string) => string): ResourceBusyError {
+  const mode = lockModeOf(lease.mode);
+  const holder = conflictOf(slot, mode, GUARD_RANGE);
+  const found = whoHolds(slot, mode, GUARD_RANGE, holder);
+  const { by, also } = holdersWords(found, slot.path);
+  return new ResourceBusyError(`${message(by)}${also}`, { holder, resource: lease.path, lockFile: lockFileOf(lease, slot), ...found, migrationInProgress: true });
 }
 
-/** Takes one slot's lease byte, or throws a complete busy or timeout error. */
-async function takeSlot(lease: OfdLease, slot: LeaseSlot, wait: boolean, deadline: number | undefined, signal: AbortSignal | undefined): Promise<void> {
+/** A fresh acquirer found the guard held in its way: the resource is being handed over. */
+function migrationBusy(lease: OfdLease, slot: LeaseSlot): ResourceBusyError {
+  return guardBusy(lease, slot, (by) => `${lease.path} cannot be acquired: ${MIGRATING}, held by ${by}`);
+}
+
+/**
+ * Takes one slot's lease byte, or throws a complete busy or timeout error.
+ * Before a wait, onBusy learns who is in the way.
+ */
+async function takeSlot(lease: OfdLease, slot: LeaseSlot, options: TakeOptions, deadline: number | undefined): Promise<void> {
+  const mode = lockModeOf(lease.mode);
+  if (options.wait && options.onBusy !== undefined) {
+    if (await slot.take(mode, LEASE_RANGE, { wait: false })) return;
+    options.onBusy(busyError(lease, slot));
+  }
   let ok: boolean;
   try {
-    ok = await slot.take(lockModeOf(lease.mode), LEASE_RANGE, { wait, timeout: remaining(deadline), signal });
+    ok = await slot.take(mode, LEASE_RANGE, { wait: options.wait, timeout: remaining(deadline), signal: options.signal });
   } catch (err) {
     if (!(err instanceof LockTimeoutError)) throw err;
-    // Name who is in the way, as a busy error does.
-    const candidates = processesWithOpen(slot.path, { excludeSelf: true });
-    const by = candidates.length > 0 ? `; it is open in ${candidates.map(describeProcess).join(', ')}` : '';
+    // The file's own timeout error names who is in the way; add the lease's words.
     const migrating = guardHeld(slot, lease.mode) ? `; ${MIGRATING}` : '';
-    throw new LockTimeoutError(`${err.message}${by}${migrating}`, { timeout: err.timeout, holder: err.holder, cause: err });
+    throw new LockTimeoutError(`${err.message}${migrating}`, {
+      ...holdersOf(err),
+      resource: lease.path,
+      lockFile: lockFileOf(lease, slot),
+      timeout: err.timeout,
+      holder: err.holder,
+      cause: err,
+    });
   }
   if (!ok) throw busyError(lease, slot);
 }
@@ -282,7 +305,7 @@ export abstract class OfdLockspace implements LockspaceDriver {
     const taken: Step[] = [];
     try {
       for (const step of lockOrder(todo)) {
-        await takeSlot(step.lease, step.slot, options.wait, deadline, options.signal);
+        await takeSlot(step.lease, step.slot, options, deadline);
         taken.push(step);
         const n = left.get(step.lease)! - 1;
         left.set(step.lease, n);
@@ -314,12 +337,7 @@ export abstract class OfdLockspace implements LockspaceDriver {
       for (const step of lockOrder(leases as readonly OfdLease[])) {
         const { lease, slot } = step;
         if (!(await slot.take(lockModeOf(lease.mode), GUARD_RANGE, { wait: options.wait, timeout: remaining(deadline), signal: options.signal }))) {
-          const { candidates, text } = who(slot.path);
-          throw new ResourceBusyError(`${lease.path}: another migration of it is in progress: its handover guard (byte 1) is held by ${text}`, {
-            resource: lease.path,
-            candidates,
-            migrationInProgress: true,
-          });
+          throw guardBusy(lease, slot, (by) => `${lease.path}: another migration of it is in progress: its handover guard (byte 1) is held by ${by}`);
         }
         taken.push(step);
       }

@@ -10,7 +10,7 @@ import { fileURLToPath } from 'node:url';
 import type { Capability } from '../lockspaces/driver.js';
 import { openLockspace } from '../lockspaces/index.js';
 import type { LockspaceDriver } from '../lockspaces/driver.js';
-import { AbortError, InvalidArgumentError, InvalidStateError, LockManagerError, LockTimeoutError, UnsupportedError, type ProcessInfo } from '../os/errors.js';
+import { AbortError, InvalidArgumentError, InvalidStateError, LockManagerError, LockTimeoutError, UnsupportedError, holdersOf, type ProcessInfo } from '../os/errors.js';
 import type { ExitStatus, SpawnOptions, SupervisedProcess } from '../os/supervise.js';
 import { checkOptions, checkSignal, checkTimeout, describe } from '../os/validate.js';
 import { ResourceSet, type Resource } from './resources.js';
@@ -331,7 +331,7 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
         await this.#acquireUnless(stop, this.#resources.values(), { wait: true, timeout, signal, checkGuard: false });
       } catch (err) {
         if (err instanceof LockTimeoutError) {
-          throw new LockTimeoutError(`completeMigrateIn: the source (${uri}) did not let go in time: ${err.message}`, { timeout: err.timeout, holder: err.holder, cause: err });
+          throw new LockTimeoutError(`completeMigrateIn: the source (${uri}) did not let go in time: ${err.message}`, { ...holdersOf(err), timeout: err.timeout, holder: err.holder, cause: err });
         }
         throw err;
       }

@@ -19,9 +19,11 @@ import {
   fromErrno,
   systemError,
   type LockHolder,
+  type LockHolders,
   type LockManagerError,
 } from './errors.js';
 import { constants, native } from './native.js';
+import { holdersWords, lockHolders } from './proc-locks.js';
 import { cancelWait, startWait, watchAbort } from './waits.js';
 import { checkOffset, checkOneOf, checkOptions, checkPath, checkSignal, checkTimeout, describe } from './validate.js';
 
@@ -304,18 +306,29 @@ export class LockableFile implements Disposable {
 
   #timeoutError(mode: LockMode, start: number, length: number, timeout: number): LockTimeoutError {
     let holder: LockHolder | null = null;
+    let found: LockHolders | undefined;
     if (!this.#closed) {
       try {
         holder = this.#conflict(mode === 'exclusive' ? EXCLUSIVE : SHARED, start, length);
+        // Who: from the kernel's records (fdinfo, /proc/locks), off the fast path.
+        found = lockHolders(this.#fd, mode, { start, length }, { conflict: holder });
       } catch {
-        holder = null;
+        // The error must not fail for want of /proc.
       }
     }
-    const still = holder === null ? '' : `; still in the way: ${holderText(holder)}`;
-    return new LockTimeoutError(
-      `timed out after ${timeout} ms waiting for ${article(mode)} lock on ${rangeText(start, length)} of '${this.path}'${still}`,
-      { timeout, holder },
-    );
+    let still = '';
+    if (found !== undefined && (holder !== null || found.holders.length > 0)) {
+      const { by, also } = holdersWords(found, this.path);
+      still = `; still held by ${by}${also}`;
+    } else if (holder !== null) {
+      still = `; still in the way: ${holderText(holder)}`;
+    }
+    return new LockTimeoutError(`timed out after ${timeout} ms waiting for ${article(mode)} lock on ${rangeText(start, length)} of '${this.path}'${still}`, {
+      timeout,
+      holder,
+      resource: this.path,
+      ...found,
+    });
   }
 
   #closeFd(): void {
