@@ -10,7 +10,7 @@ import { fileURLToPath } from 'node:url';
 import type { Capability } from '../lockspaces/driver.js';
 import { openLockspace } from '../lockspaces/index.js';
 import type { LockspaceDriver } from '../lockspaces/driver.js';
-import { AbortError, InvalidArgumentError, InvalidStateError, LockManagerError, LockTimeoutError, UnsupportedError, holdersOf, type ProcessInfo } from '../os/errors.js';
+import { AbortError, InvalidArgumentError, InvalidStateError, LockManagerError, LockTimeoutError, UnsupportedError, holdersOf, type ProcessInfo, type ResourceBusyError } from '../os/errors.js';
 import type { ExitStatus, SpawnOptions, SupervisedProcess } from '../os/supervise.js';
 import { checkOptions, checkSignal, checkTimeout, describe } from '../os/validate.js';
 import { ResourceSet, type Resource } from './resources.js';
@@ -170,7 +170,7 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
         // spawn, or for the child's pid before it execs). A migration target
         // takes only the guard now; the source still holds the leases.
         take: async (s) => {
-          const opts = { wait, timeout: left(), signal: s ?? signal };
+          const opts = { wait, timeout: left(), signal: s ?? signal, onBusy: this.#onBusy };
           if (this.#incoming) await this.#resources.guard(opts);
           else await this.#resources.acquire(this.#resources.values(), opts);
           if (abandoned()) throw new AbortError('start() was abandoned: free() was called', { cause: signal.reason });
@@ -569,12 +569,17 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
    */
   async #acquireUnless(stop: AbortSignal, resources: Iterable<Resource>, options: { wait: boolean; timeout?: number; signal?: AbortSignal; checkGuard?: boolean }): Promise<void> {
     try {
-      await this.#resources.acquire(resources, { ...options, signal: options.signal === undefined ? stop : AbortSignal.any([options.signal, stop]) });
+      await this.#resources.acquire(resources, { ...options, onBusy: this.#onBusy, signal: options.signal === undefined ? stop : AbortSignal.any([options.signal, stop]) });
     } catch (err) {
       if (stop.aborted) throw stop.reason as Error;
       throw err;
     }
   }
+
+  /** A wait for a busy lease begins: the 'wait' event says who is in the way. */
+  readonly #onBusy = (busy: ResourceBusyError): void => {
+    if (this.listenerCount('wait') > 0) this.#emitSafe('wait', busy);
+  };
 
   #abortRun(why: string): void {
     this.#runAbort?.abort(new InvalidStateError(`${why} while it was waiting; nothing was acquired`));
