@@ -2,60 +2,104 @@
 import { readFileSync } from 'node:fs';
 import { constants as osConstants } from 'node:os';
 import { parseLockspaceSpec } from '../lockspaces/index.js';
-import { LockManager, type ExitStatus, type LockLifetime, type ManagerParams, type ResourceMode } from '../manager/manager.js';
-import { EXIT, fail, parse, usage, type Output } from './args.js';
+import { LockManager, type ExitStatus } from '../manager/manager.js';
+import { LockManagerError, LockTimeoutError, type ResourceBusyError } from '../os/errors.js';
+import { EXIT, exitCodeFor, fail, isConflict, type Output } from './args.js';
+import type { RunArgs } from './parse.js';
+import { conflictLines, waitingLine } from './report.js';
+import { escapeControl, linesText, secondsText } from './text.js';
 
 const FORWARDED = ['SIGINT', 'SIGTERM', 'SIGHUP'] as const;
 
-export async function run(argv: readonly string[], out: Output): Promise<number> {
-  const dash = argv.indexOf('--');
-  if (dash < 0) throw usage("run needs '--' before the command");
-  const [command, ...args] = argv.slice(dash + 1);
-  if (command === undefined) throw usage("run needs a command after '--'");
-  const { values, positionals } = parse(argv.slice(0, dash), {
-    exclusive: { type: 'string', multiple: true },
-    shared: { type: 'string', multiple: true },
-    readonly: { type: 'string', multiple: true },
-    lockspace: { type: 'string' },
-    wait: { type: 'string' },
-    lifetime: { type: 'string' },
-    'qemu-compatible': { type: 'boolean' },
-    name: { type: 'string' },
-    uuid: { type: 'string' },
-    id: { type: 'string' },
-    uri: { type: 'string' },
-  });
-  if (positionals.length > 0) throw usage(`unexpected argument '${positionals[0]}' before '--'`);
-  let timeout: number | undefined;
-  if (values.wait !== undefined) {
-    const seconds = Number(values.wait);
-    if (values.wait.trim() === '' || !Number.isFinite(seconds) || seconds < 0) throw usage(`--wait needs a number of seconds >= 0, got '${values.wait}'`);
-    timeout = seconds * 1000;
+/** The same error with the API's name for a resource's path replaced by the flag the user typed. */
+function inFlagTerms(err: unknown, flag: string): unknown {
+  if (!(err instanceof LockManagerError) || !/\bresource\.path\b/.test(err.message)) return err;
+  const Class = err.constructor as new (m: string, o: { cause: unknown }) => LockManagerError;
+  return new Class(err.message.replace(/\bresource\.path\b/g, `${flag} PATH`), { cause: err });
+}
+
+/**
+ * `--wait`: one line when a wait begins (what, held by whom), and on a
+ * terminal a second line with the seconds waited so far, rewritten each
+ * second and cleared when the wait ends.
+ */
+class WaitDisplay {
+  #started = 0;
+  #timer: NodeJS.Timeout | null = null;
+  readonly #out: Output;
+  readonly #seconds: string;
+
+  constructor(out: Output, seconds: string) {
+    this.#out = out;
+    this.#seconds = seconds;
   }
-  const params: ManagerParams = {};
-  if (values.name !== undefined) params.name = values.name;
-  if (values.uuid !== undefined) params.uuid = values.uuid;
-  if (values.uri !== undefined) params.uri = values.uri;
-  if (values.id !== undefined) {
-    if (!/^\d+$/.test(values.id)) throw usage(`--id needs an integer >= 0, got '${values.id}'`);
-    params.id = Number(values.id);
+
+  begin(busy: ResourceBusyError): void {
+    this.end();
+    this.#out.err(linesText([waitingLine(busy, this.#seconds)]));
+    if ((this.#out.terminal?.('err') ?? null) === null) return;
+    this.#started = Date.now();
+    const tick = () => this.#out.err(`\r\x1b[K  waited ${Math.floor((Date.now() - this.#started) / 1000)} s`);
+    tick();
+    this.#timer = setInterval(tick, 1000);
+    this.#timer.unref();
   }
-  const mgr = new LockManager({
-    params,
-    lockLifetime: values.lifetime as LockLifetime | undefined,
-    lockspace: values.lockspace === undefined ? undefined : parseLockspaceSpec(values.lockspace, process.cwd()),
-  });
-  let warned = false;
+
+  end(): void {
+    if (this.#timer === null) return;
+    clearInterval(this.#timer);
+    this.#timer = null;
+    this.#out.err('\r\x1b[K');
+  }
+}
+
+/** Prints a failure; a busy resource or a wait that ran out names the processes in the way. */
+function report(err: unknown, out: Output, run: RunArgs | undefined): number {
+  if (run === undefined || !isConflict(err)) return fail(err, out);
+  const waited = err instanceof LockTimeoutError ? secondsText(run.timeout ?? err.timeout) : undefined;
+  const lines = conflictLines(err, { waited, columns: out.terminal?.('err')?.columns });
+  if (lines === null) {
+    out.err(`lockmgr: ${escapeControl(waited === undefined ? err.message : `gave up after ${waited}: ${err.message}`)}\n`);
+  } else {
+    out.err(linesText(lines));
+  }
+  return run.conflictExit;
+}
+
+/** Runs a checked command line (parseRun in parse.ts, which main.ts calls before loading this file). */
+export async function run(r: RunArgs, out: Output): Promise<number> {
+  let mgr: LockManager;
   try {
-    const qemuCompatible = values['qemu-compatible'] === true;
-    for (const mode of ['exclusive', 'shared', 'readonly'] as const satisfies readonly ResourceMode[]) {
-      for (const path of values[mode] ?? []) mgr.registerResource({ type: 'disk', path, mode, qemuCompatible });
+    mgr = new LockManager({
+      params: r.params,
+      lockLifetime: r.lifetime,
+      lockspace: r.lockspace === undefined ? undefined : parseLockspaceSpec(r.lockspace, process.cwd()),
+    });
+  } catch (err) {
+    return fail(err, out);
+  }
+  let warned = false;
+  const display = new WaitDisplay(out, r.timeout === undefined ? '' : secondsText(r.timeout));
+  try {
+    for (const res of r.resources) {
+      try {
+        mgr.registerResource({ type: 'disk', path: res.path, mode: res.mode, qemuCompatible: r.qemuCompatible });
+      } catch (err) {
+        // Whatever is wrong with a PATH (missing, a FIFO, not permitted), it is
+        // the same mistake as in `status`, with the same exit status.
+        // (The same file named twice in two modes, by two paths, stays a usage error.)
+        const e = inFlagTerms(err, res.flag);
+        const code = exitCodeFor(e);
+        fail(e, out);
+        return code === EXIT.usage && !/is already registered/.test((e as Error).message) ? EXIT.noResource : code;
+      }
     }
-    const exited = new Promise<ExitStatus>((resolve) => mgr.once('exit', resolve));
+    const exited = new Promise<ExitStatus>((res) => mgr.once('exit', res));
     mgr.on('warning', (w) => {
       warned = true;
-      out.err(`lockmgr: warning: ${w.message}\n`);
+      out.err(`lockmgr: warning: ${escapeControl(w.message)}\n`);
     });
+    mgr.on('wait', (busy) => display.begin(busy));
     // Installed before start(): a signal that arrives while the leases are
     // being acquired, or just as the command is spawned, must not kill lockmgr
     // with its default action and leave a fresh child behind. It stops the
@@ -77,10 +121,12 @@ export async function run(argv: readonly string[], out: Output): Promise<number>
     const bySignal = (signal: NodeJS.Signals) => 128 + (osConstants.signals[signal] ?? 0);
     try {
       try {
-        await mgr.start(command, args, { stdio: 'inherit' }, timeout === undefined ? undefined : { timeout });
+        await mgr.start(r.command, r.args, { stdio: 'inherit' }, r.timeout === undefined ? undefined : { timeout: r.timeout });
       } catch (err) {
         if (early !== undefined) return bySignal(early);
         throw err;
+      } finally {
+        display.end();
       }
       const status = await exited;
       if (early !== undefined) return bySignal(early);
@@ -92,8 +138,9 @@ export async function run(argv: readonly string[], out: Output): Promise<number>
       for (const s of FORWARDED) process.off(s, forward);
     }
   } catch (err) {
-    return fail(err, out);
+    return report(err, out, r);
   } finally {
+    display.end();
     await mgr.free();
   }
 }
@@ -110,4 +157,3 @@ function inForegroundGroup(): boolean {
     return false;
   }
 }
-
