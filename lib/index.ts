@@ -9,6 +9,7 @@ export {
   type LockConflict,
   type LockMode,
   type LockOptions,
+  type LockSyncOptions,
   type OpenOptions,
   type ResourceIdentity,
   type ResourceKind,

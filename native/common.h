@@ -7,6 +7,7 @@
 #include <initializer_list>
 #include <unordered_set>
 #include <utility>
+#include <vector>
 
 namespace lockmgr {
 
@@ -22,8 +23,11 @@ struct AddonData {
   SanlockState* sanlock = nullptr;
   // Lockable fds opened by this environment and not yet closed. A worker that
   // ends without closing its files must not leave their locks held: the
-  // environment's cleanup closes what is left here.
-  std::unordered_set<int> lock_fds;
+  // environment's cleanup closes what is left here. Indexed by fd.
+  std::vector<bool> lock_fds;
+  // lockSync's timer for this environment's thread (waiters.cc), created on
+  // the first wait with a timeout and deleted with the environment.
+  struct SyncTimer* sync_timer = nullptr;
 };
 
 inline AddonData* GetAddonData(Napi::Env env) { return env.GetInstanceData<AddonData>(); }
@@ -63,7 +67,7 @@ inline int64_t Int64Arg(const Napi::CallbackInfo& info, size_t i) {
   X(Clone3, "clone3") X(Clone, "clone") X(PidfdOpen, "pidfd_open") X(Mmap, "mmap")                  \
   X(Execve, "execve") X(Chdir, "chdir") X(Dup2, "dup2") X(Setsid, "setsid") X(Prctl, "prctl")       \
   X(CloseRange, "close_range") X(Pipe2, "pipe2") X(PidfdSendSignal, "pidfd_send_signal")            \
-  X(UvPollInit, "uv_poll_init") X(NapiInit, "napi_init")
+  X(UvPollInit, "uv_poll_init") X(NapiInit, "napi_init") X(Fstat, "fstat") X(Fstatfs, "fstatfs")
 
 enum Syscall : int {
 #define LOCKMGR_SYSCALL_ENUM(name, text) kSys##name,

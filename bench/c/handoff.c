@@ -9,9 +9,18 @@
  * CLOCK_MONOTONIC (system-wide, the clock of process.hrtime) and print
  * "r I NS" / "a I NS" lines at the end; the parent subtracts.
  * With "relay" the waiting is done the way the addon does it (relay.h).
- * usage: handoff PATH ROLE(0|1) HANDOFFS [relay] */
+ * With TOUCH > 0 (bench/floor.mjs), the waiter reads one word in each of
+ * TOUCH distinct pages between the grant and its stamp: what a large process
+ * does when it resumes, without any of its code. It shows how the cost of
+ * resuming grows with the pages touched on these machines (page-table
+ * isolation without PCID: every return from the kernel starts with an empty
+ * TLB). The pages are adjacent, or with "scatter" 2 MiB apart, so that each
+ * one's page-table entry lies in a page table of its own, as a large
+ * process's working set is spread over its address space.
+ * usage: handoff PATH ROLE(0|1) HANDOFFS [relay|direct] [TOUCH [scatter]] */
 #define _GNU_SOURCE
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
 
@@ -54,10 +63,22 @@ static void wait_peer_holds(int fd) {
 }
 
 int main(int argc, char** argv) {
-  if (argc != 4 && argc != 5) {
-    fprintf(stderr, "usage: %s PATH ROLE HANDOFFS [relay]\n", argv[0]);
+  if (argc < 4 || argc > 7) {
+    fprintf(stderr, "usage: %s PATH ROLE HANDOFFS [relay|direct] [TOUCH [scatter]]\n", argv[0]);
     return 64;
   }
+  long touch = argc >= 6 ? atol(argv[5]) : 0;
+  /* Pages STRIDE apart plus a line offset that changes per page, so the
+   * cache sets see no regular stride either. */
+  long stride = argc == 7 && strcmp(argv[6], "scatter") == 0 ? 2L << 20 : 4096;
+  volatile char* pages = NULL;
+  if (touch > 0) {
+    void* m = mmap(NULL, (size_t)(touch + 1) * stride, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (m == MAP_FAILED) die("mmap");
+    pages = m;
+  }
+  for (long p = 0; p < touch; p++) pages[p * stride + (p * 64) % 4096] = 1;
+  long sink = 0;
   int fd = open(argv[1], O_RDWR | O_CLOEXEC | O_NOCTTY);
   if (fd < 0) die("open");
   int role = atoi(argv[2]);
@@ -65,7 +86,7 @@ int main(int argc, char** argv) {
   struct stat st;
   if (fstat(fd, &st) < 0) die("fstat");
   long long* t = calloc(n, sizeof *t);
-  int relay = argc == 5 && strcmp(argv[4], "relay") == 0;
+  int relay = argc >= 5 && strcmp(argv[4], "relay") == 0;
   struct flock lk = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = 0, .l_len = 1};
   struct flock un = {.l_type = F_UNLCK, .l_whence = SEEK_SET, .l_start = 0, .l_len = 1};
   if (relay) relay_init(fd, lk);
@@ -81,9 +102,11 @@ int main(int argc, char** argv) {
         relay_lock();
       else if (fcntl(fd, F_OFD_SETLKW, &lk) < 0)
         die("F_OFD_SETLKW");
+      for (long p = 0; p < touch; p++) sink += pages[p * stride + (p * 64) % 4096];
       t[i] = now_ns();
     }
   }
+  if (sink < 0) return 1; /* keeps the reads */
   for (long i = 0; i < n; i++) printf("%c %ld %lld\n", i % 2 == role ? 'r' : 'a', i, t[i]);
   fflush(stdout);
   _exit(0); /* the relay thread is still parked */

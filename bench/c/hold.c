@@ -1,6 +1,12 @@
-/* The kernel limit for bench/hold.mjs: one process takes COUNT resources
- * (open DIR/I read-write, then an F_OFD_SETLK write lock on byte 0), REPS
- * times over, closing all between reps. Prints "NS_PER_RESOURCE
+/* The kernel limit for bench/hold.mjs: one process takes COUNT resources,
+ * REPS times over, closing all between reps. Each take is the safe open that
+ * openLockable() does, then an F_OFD_SETLK write lock on byte 0:
+ *   open(O_PATH) names the inode without opening it; fstat decides its type
+ *   (regular file or block device, never a character device, FIFO or
+ *   socket); fstatfs refuses pseudo filesystems (proc, sysfs, ...); the very
+ *   inode checked is opened through /proc/self/fd/N, read-write, O_NONBLOCK
+ *   (a leased file must not block), then F_SETFL clears O_NONBLOCK; the
+ *   O_PATH fd is closed. Seven system calls per resource, as ours. Prints "NS_PER_RESOURCE
  * RSS_BYTES_PER_HELD_LOCK": the time over all reps, and VmRSS growth while the
  * first rep's COUNT locks are held, divided by COUNT.
  * usage: hold DIR COUNT REPS */
@@ -9,6 +15,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <sys/vfs.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -23,6 +31,31 @@ static long rss_bytes(void) {
   }
   if (f) fclose(f);
   return kb * 1024;
+}
+
+/* The pseudo filesystems lib/os/locks.ts refuses (linux/magic.h). */
+static int pseudo_fs(unsigned long type) {
+  static const unsigned long magic[] = {0x9fa0, 0x62656572, 0x64626720, 0x74726163, 0x73636673, 0x27e0eb, 0x63677270, 0x62656570};
+  for (unsigned i = 0; i < sizeof magic / sizeof magic[0]; i++) {
+    if (type == magic[i]) return 1;
+  }
+  return 0;
+}
+
+static int safe_open(const char* path) {
+  int opath = open(path, O_PATH | O_CLOEXEC);
+  if (opath < 0) die("open O_PATH");
+  struct stat st;
+  struct statfs sfs;
+  if (fstat(opath, &st) < 0 || fstatfs(opath, &sfs) < 0) die("fstat");
+  if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) die("not a regular file or block device");
+  if (S_ISREG(st.st_mode) && pseudo_fs((unsigned long)(unsigned int)sfs.f_type)) die("pseudo filesystem");
+  char proc[64];
+  snprintf(proc, sizeof proc, "/proc/self/fd/%d", opath);
+  int fd = open(proc, O_RDWR | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+  if (fd < 0 || fcntl(fd, F_SETFL, 0) < 0) die("reopen");
+  close(opath);
+  return fd;
 }
 
 int main(int argc, char** argv) {
@@ -44,8 +77,8 @@ int main(int argc, char** argv) {
     if (r == 0) before = rss_bytes();
     long long t0 = now_ns();
     for (long i = 0; i < count; i++) {
-      fds[i] = open(paths[i], O_RDWR | O_CLOEXEC | O_NOCTTY);
-      if (fds[i] < 0 || fcntl(fds[i], F_OFD_SETLK, &lk) < 0) die(paths[i]);
+      fds[i] = safe_open(paths[i]);
+      if (fcntl(fds[i], F_OFD_SETLK, &lk) < 0) die(paths[i]);
     }
     spent += now_ns() - t0;
     if (r == 0) after = rss_bytes();

@@ -256,6 +256,14 @@ export class SanlockLockspace implements LockspaceDriver {
   readonly #held = new Set<string>();
   /** Releases queued and not yet answered. */
   readonly #releases = new Set<Promise<void>>();
+  /**
+   * Leases acquired for the owner and not yet seen released on the storage,
+   * by resource name. A release the daemon answers is written already; the
+   * leases of an owner that exits are released by the daemon's resource
+   * thread after it has forgotten the pid (sanlock's resources_rem, "REM" in
+   * its status), and until that write other hosts find them held.
+   */
+  readonly #onStorage = new Map<string, { disk: string; address: LeaseAddress; offset: number; shared: boolean }>();
 
   constructor(config: unknown) {
     this.config = Object.freeze(checkSanlockConfig(config));
@@ -355,8 +363,11 @@ export class SanlockLockspace implements LockspaceDriver {
       // the lease already. (A release by pid now could reach a stranger that
       // reused the number.)
       if (pid === null || pid !== this.#owner || offset < 0) return;
+      const entry = this.#onStorage.get(address.resource);
       const p = releaseFor(pid, address, offset).then(
         (r) => {
+          // Answered: the daemon has written the release (a take-back since then has an entry of its own).
+          if (r.rv === 0 && this.#onStorage.get(address.resource) === entry) this.#onStorage.delete(address.resource);
           // -3: the process exited meanwhile, and the daemon released with it.
           if (r.rv < 0 && r.rv !== RV.ESRCH) this.onWarning?.(errorFor(r.rv, 'sanlock_release', `${disk}: releasing its sanlock lease`));
         },
@@ -380,6 +391,7 @@ export class SanlockLockspace implements LockspaceDriver {
           if (r.rv === 0) {
             heldBy = pid;
             this.#held.add(address.resource);
+            this.#onStorage.set(address.resource, { disk, address, offset, shared });
             this.#incoming.delete(address.resource);
             if (r.text !== '') this.#state = r.text;
             // Aborted (free(), the caller's signal, a hung-daemon gate) while
@@ -576,7 +588,9 @@ export class SanlockLockspace implements LockspaceDriver {
       await child.exited;
       // start() rejecting means nothing is held: not even for a few ms in the
       // daemon. Stopped: the daemon may not answer; wait a bounded time only.
-      await forgotten(child.pid, stopped !== null ? INTERRUPTED_FORGET_MS : EXIT_RELEASE_MS);
+      const until = Date.now() + (stopped !== null ? INTERRUPTED_FORGET_MS : EXIT_RELEASE_MS);
+      if (await forgotten(child.pid, until - Date.now())) await this.#releasedOnStorage(until);
+      this.#onStorage.clear();
       throw err;
     } finally {
       closeGo();
@@ -589,6 +603,36 @@ export class SanlockLockspace implements LockspaceDriver {
 
   async settled(): Promise<void> {
     while (this.#releases.size > 0) await Promise.all(this.#releases);
+  }
+
+  /**
+   * Resolves once the storage no longer names this host as an owner of the
+   * leases the exited owner held (what other hosts see), or at `until`
+   * (Date.now() based). A shared lease that another process on this host
+   * still holds keeps this host an owner: that one is waited for until
+   * `until`, and is no failure. An exclusive one still named then is a
+   * 'warning'.
+   */
+  async #releasedOnStorage(until: number): Promise<void> {
+    while (this.#onStorage.size > 0) {
+      for (const [resource, e] of [...this.#onStorage]) {
+        const owners = await within(leaseOwners(e.address, e.offset).catch(() => null), until - Date.now());
+        if (owners !== 'late' && owners !== null && !owners.some((o) => o.hostId === this.config.hostId)) this.#onStorage.delete(resource);
+      }
+      if (this.#onStorage.size === 0) return;
+      if (Date.now() >= until) break;
+      await sleep(10, undefined);
+    }
+    for (const e of this.#onStorage.values()) {
+      if (!e.shared) {
+        this.onWarning?.(
+          new ResourceBusyError(`sanlock: ${e.disk}: its exclusive lease is still held by this host (${this.config.hostId}) on the storage after its process exited; other hosts cannot take it yet`, {
+            resource: e.disk,
+          }),
+        );
+      }
+    }
+    this.#onStorage.clear();
   }
 
   /** The lease state of the leases held now: a lease released since (hot-unplugged) is not in it. */
@@ -617,7 +661,9 @@ export class SanlockLockspace implements LockspaceDriver {
     // 'exit' means the leases are free for other hosts: wait for the daemon.
     const pid = this.#exited;
     this.#exited = null;
-    if (pid !== null && !(await forgotten(pid))) {
+    const until = Date.now() + EXIT_RELEASE_MS;
+    const gone = pid !== null && (await forgotten(pid));
+    if (pid !== null && !gone) {
       // The registration outlived the VM: a process that inherited its fd (a
       // child of the VM's) keeps it open, and with it the leases. Release them.
       const r = await within(releaseAllFor(pid).catch((err: unknown) => err as Error), EXIT_RELEASE_MS);
@@ -631,10 +677,20 @@ export class SanlockLockspace implements LockspaceDriver {
         );
       }
     }
-    if (status.signal !== 'SIGKILL') return null;
-    const joined = await lockspaceJoinedSettled({ lockspace: this.config.lockspace, path: this.config.path, hostId: this.config.hostId }).catch(() => false);
-    if (joined) return null;
-    return `sanlock lockspace ${this.config.lockspace} is no longer held by this host (host id ${this.config.hostId}): its delta lease could not be renewed or the lockspace was removed, and sanlock killed the process (SIGKILL)`;
+    let lost: string | null = null;
+    if (status.signal === 'SIGKILL') {
+      const joined = await lockspaceJoinedSettled({ lockspace: this.config.lockspace, path: this.config.path, hostId: this.config.hostId }).catch(() => false);
+      if (!joined) {
+        lost = `sanlock lockspace ${this.config.lockspace} is no longer held by this host (host id ${this.config.hostId}): its delta lease could not be renewed or the lockspace was removed, and sanlock killed the process (SIGKILL)`;
+      }
+    }
+    // The daemon forgetting the pid is not enough: it writes the release of
+    // a dead process's leases afterwards, and until then other hosts find
+    // them held. (A lost lockspace writes nothing: other hosts take the
+    // leases once this host's delta lease has expired.)
+    if (lost === null && pid !== null) await this.#releasedOnStorage(gone ? until : Date.now() + EXIT_RELEASE_MS);
+    this.#onStorage.clear();
+    return lost;
   }
 }
 

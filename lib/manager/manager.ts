@@ -248,6 +248,8 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
     const r = this.#resources.find(checkResource(ref, 'resource'));
     if (r === undefined || !r.held) return { wasHeld: false };
     this.#resources.forget(r);
+    // Released means released: a lock service called from a native thread must have answered.
+    await this.#space.settled();
     return { wasHeld: true };
   }
 

@@ -8,7 +8,9 @@
 // tryLock() is one F_OFD_SETLK on the calling thread. lock() tries the same
 // first; only on conflict does it park an F_OFD_SETLKW on a dedicated native
 // waiter thread (native/waiters.cc), never on the event loop or libuv's pool.
-import { fstatSync, statfsSync, type BigIntStats } from 'node:fs';
+// lockSync() is the one call that blocks its own thread in F_OFD_SETLKW, by
+// intent: for worker threads, scripts and benchmarks.
+import type { BigIntStats } from 'node:fs';
 import {
   AbortError,
   InvalidArgumentError,
@@ -22,9 +24,9 @@ import {
   type LockHolders,
   type LockManagerError,
 } from './errors.js';
-import { constants, native } from './native.js';
+import { constants, failedSyscall, native, nativeError } from './native.js';
 import { holdersWords, lockHolders } from './proc-locks.js';
-import { cancelWait, startWait, watchAbort } from './waits.js';
+import { cancelWait, ensureWakeSignal, startWait, watchAbort } from './waits.js';
 import { checkOffset, checkOneOf, checkOptions, checkPath, checkSignal, checkTimeout, describe } from './validate.js';
 
 export type LockMode = 'exclusive' | 'shared';
@@ -59,6 +61,11 @@ export interface LockOptions {
   signal?: AbortSignal;
 }
 
+export interface LockSyncOptions {
+  /** Milliseconds to wait for a conflicting lock to go; 0 tries once. Default: wait as long as it takes. */
+  timeout?: number;
+}
+
 /**
  * Which file this is, whatever path reached it: dev and inode for a regular
  * file, the device number (rdev) for a block device, whose inode differs per
@@ -76,7 +83,6 @@ const { SHARED, EXCLUSIVE, UNLOCK } = constants.lock;
 const BUSY = -errnoOf('EAGAIN');
 const BUSY_OLD = -errnoOf('EACCES');
 const EBADF = errnoOf('EBADF');
-const EINVAL = errnoOf('EINVAL');
 const EEXIST = errnoOf('EEXIST');
 const ELOOP = errnoOf('ELOOP');
 const ENOENT = errnoOf('ENOENT');
@@ -149,6 +155,28 @@ function abortError(signal: AbortSignal): AbortError {
 
 const constructing = Symbol('LockableFile');
 
+/** What an omitted options argument reads as: shared, so the common call allocates nothing for it. */
+const NO_OPTIONS: Readonly<Record<string, undefined>> = Object.freeze({});
+
+/**
+ * A file's identity. The key string is made when first read: most held locks
+ * never need it, and each would otherwise carry ~40 B of string.
+ */
+class Identity implements ResourceIdentity {
+  readonly dev: bigint;
+  readonly ino: bigint;
+  #key: string | undefined = undefined;
+  constructor(dev: bigint, ino: bigint, block: boolean) {
+    this.dev = dev;
+    this.ino = ino;
+    // The block-device form has ino 0; the prefix is in the key.
+    if (block) this.#key = `b:${dev}`;
+  }
+  get key(): string {
+    return (this.#key ??= `f:${this.dev}:${this.ino}`);
+  }
+}
+
 /** An open file or block device that can be locked. Create it with openLockable(). */
 export class LockableFile implements Disposable {
   readonly path: string;
@@ -159,7 +187,8 @@ export class LockableFile implements Disposable {
   readonly created: boolean;
   #fd: number;
   #closed = false;
-  readonly #waits = new Set<PendingWait>();
+  /** Pending lock() waits; made on the first one (most files never wait: a Set per held lock would cost more than the rest of it). */
+  #waits: Set<PendingWait> | undefined = undefined;
 
   /** @internal */
   constructor(token: symbol, fd: number, path: string, kind: ResourceKind, identity: ResourceIdentity, access: Access, created = false) {
@@ -197,21 +226,63 @@ export class LockableFile implements Disposable {
    * Takes the lock, waiting while someone else holds a conflicting one. Rejects
    * with LockTimeoutError or AbortError when the wait ends without the lock.
    */
-  async lock(mode: LockMode, range?: ByteRange, options?: LockOptions): Promise<void> {
-    this.#check('lock');
+  lock(mode: LockMode, range?: ByteRange, options?: LockOptions): Promise<void> {
+    // Not an async function: returning #wait's promise from one would add two
+    // microtask turns to every contended grant. Errors still become rejections.
+    try {
+      this.#check('lock');
+      const type = lockType(mode);
+      parseRange(range);
+      const start = rangeStart;
+      const length = rangeLength;
+      const opts: LockOptions = options === undefined ? NO_OPTIONS : checkOptions<LockOptions>(options, ['timeout', 'signal'], 'lock options');
+      const timeout = checkTimeout(opts.timeout);
+      const signal = checkSignal(opts.signal);
+      if (signal?.aborted) throw abortError(signal);
+      const rv = native.setlk(this.#fd, type, start, length);
+      if (rv === 0) return Promise.resolve();
+      if (rv !== BUSY && rv !== BUSY_OLD) throw this.#lockError(-rv, mode, start, length);
+      if (timeout === 0) throw this.#timeoutError(mode, start, length, 0);
+      return this.#wait(type, mode, start, length, timeout, signal);
+    } catch (err) {
+      return Promise.reject(err as Error);
+    }
+  }
+
+  /**
+   * Takes the lock, blocking the calling thread in F_OFD_SETLKW while someone
+   * else holds a conflicting one: for worker threads, scripts and benchmarks.
+   * On the main thread it blocks the event loop for as long as it waits. A
+   * timeout ends the wait with LockTimeoutError (the lock not taken); other
+   * signals do not end it. There is no AbortSignal: nothing can run on this
+   * thread to abort it.
+   */
+  lockSync(mode: LockMode, range?: ByteRange, options?: LockSyncOptions): void {
+    this.#check('lockSync');
     const type = lockType(mode);
     parseRange(range);
     const start = rangeStart;
     const length = rangeLength;
-    const opts = checkOptions<LockOptions>(options, ['timeout', 'signal'], 'lock options');
+    const opts: LockSyncOptions = options === undefined ? NO_OPTIONS : checkOptions<LockSyncOptions>(options, ['timeout'], 'lockSync options');
     const timeout = checkTimeout(opts.timeout);
-    const signal = checkSignal(opts.signal);
-    if (signal?.aborted) throw abortError(signal);
-    const rv = native.setlk(this.#fd, type, start, length);
+    let rv: number;
+    if (timeout === undefined) {
+      // F_OFD_SETLKW takes a free lock at once: no try first.
+      rv = native.lockSync(this.#fd, type, start, length, -1);
+    } else {
+      // With a deadline, a free lock must not pay for arming the timer.
+      rv = native.setlk(this.#fd, type, start, length);
+      if (rv === 0) return;
+      if (rv !== BUSY && rv !== BUSY_OLD) throw this.#lockError(-rv, mode, start, length);
+      if (timeout === 0) throw this.#timeoutError(mode, start, length, 0);
+      ensureWakeSignal();
+      rv = native.lockSync(this.#fd, type, start, length, timeout);
+    }
     if (rv === 0) return;
-    if (rv !== BUSY && rv !== BUSY_OLD) throw this.#lockError(-rv, mode, start, length);
-    if (timeout === 0) throw this.#timeoutError(mode, start, length, 0);
-    return this.#wait(type, mode, start, length, timeout, signal);
+    if (rv === -ETIMEDOUT) throw this.#timeoutError(mode, start, length, timeout ?? 0);
+    // timer_create (ResourceExhaustedError for EAGAIN), or the lock itself.
+    if (failedSyscall() !== 'fcntl') throw nativeError(rv, `cannot wait for ${article(mode)} lock on ${rangeText(start, length)} of '${this.path}'`, this.path);
+    throw this.#lockError(-rv, mode, start, length);
   }
 
   /** Releases the range. Unlocking what is not locked is a no-op. */
@@ -237,7 +308,7 @@ export class LockableFile implements Disposable {
   close(): void {
     if (this.#closed) return;
     this.#closed = true;
-    if (this.#waits.size === 0) {
+    if (this.#waits === undefined || this.#waits.size === 0) {
       this.#closeFd();
       return;
     }
@@ -264,7 +335,7 @@ export class LockableFile implements Disposable {
   /** @internal Called with the errno a waiter thread finished with. */
   static finishWait(wait: PendingWait, errno: number): void {
     const file = wait.file;
-    file.#waits.delete(wait);
+    file.#waits?.delete(wait);
     wait.unwatch?.();
     if (!wait.settled) {
       if (errno === 0) wait.resolve();
@@ -272,14 +343,14 @@ export class LockableFile implements Disposable {
       else if (errno === ETIMEDOUT) wait.reject(file.#timeoutError(wait.mode, wait.start, wait.length, wait.timeout ?? 0));
       else wait.reject(file.#lockError(errno, wait.mode, wait.start, wait.length));
     }
-    if (file.#closed && file.#waits.size === 0) file.#closeFd();
+    if (file.#closed && (file.#waits === undefined || file.#waits.size === 0)) file.#closeFd();
   }
 
   #wait(type: number, mode: LockMode, start: number, length: number, timeout: number | undefined, signal: AbortSignal | undefined): Promise<void> {
     return new Promise<void>((resolve, reject) => {
       const wait: PendingWait = { id: 0, file: this, mode, start, length, timeout, signal, resolve, reject, unwatch: undefined, settled: false };
       wait.id = startWait(this.#fd, type, start, length, timeout, (errno) => LockableFile.finishWait(wait, errno), this.path);
-      this.#waits.add(wait);
+      (this.#waits ??= new Set()).add(wait);
       if (signal !== undefined) wait.unwatch = watchAbort(signal, () => cancelWait(wait.id));
     });
   }
@@ -343,11 +414,42 @@ export class LockableFile implements Disposable {
 
 const conflictScratch = new Float64Array(4);
 
-const statTypes: ReadonlyArray<[(st: BigIntStats) => boolean, string]> = [
-  [(st) => st.isCharacterDevice(), 'character device'],
-  [(st) => st.isFIFO(), 'FIFO'],
-  [(st) => st.isSocket(), 'socket'],
-];
+const { MODE, UID, NLINK, SIZE, FS_TYPE, FIELDS, DEV, INO, RDEV, ID_FIELDS, S_IFMT, S_IFREG, S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFSOCK, S_IFLNK } = constants.stat;
+
+/** What openPath/statFd tell about a file: one probe at a time, read before the next. */
+const facts = new Float64Array(FIELDS);
+const ids = new BigUint64Array(ID_FIELDS);
+
+/** The facts a lock file is judged by, from either source (the native probe, or Node's lstat in lib/lockspaces). */
+interface FileFacts {
+  /** st_mode & S_IFMT */
+  readonly type: number;
+  readonly mode: number;
+  readonly uid: number;
+  readonly nlink: number;
+  readonly size: number;
+}
+
+function probedFacts(): FileFacts {
+  const mode = facts[MODE]!;
+  return { type: mode & S_IFMT, mode, uid: facts[UID]!, nlink: facts[NLINK]!, size: facts[SIZE]! };
+}
+
+function statsFacts(st: BigIntStats): FileFacts {
+  const mode = Number(st.mode);
+  return { type: mode & S_IFMT, mode, uid: Number(st.uid), nlink: Number(st.nlink), size: Number(st.size) };
+}
+
+const TYPE_NAMES = new Map<number, string>([
+  [S_IFDIR, 'directory'],
+  [S_IFBLK, 'block device'],
+  [S_IFCHR, 'character device'],
+  [S_IFIFO, 'FIFO'],
+  [S_IFSOCK, 'socket'],
+  [S_IFLNK, 'symbolic link'],
+]);
+
+const typeName = (type: number): string => TYPE_NAMES.get(type) ?? 'special file';
 
 /**
  * Pseudo filesystems whose "regular files" are kernel interfaces, not storage.
@@ -365,25 +467,6 @@ const PSEUDO_FILESYSTEMS = new Map<number, string>([
   [0x62656570, 'configfs'],
 ]);
 
-/** The pseudo filesystem the open file `fd` lives on, or null. */
-function pseudoFilesystem(fd: number): string | null {
-  try {
-    // Through the fd's magic link: the filesystem of the file that was opened.
-    return PSEUDO_FILESYSTEMS.get(statfsSync(`/proc/self/fd/${fd}`).type) ?? null;
-  } catch {
-    return null;
-  }
-}
-
-/** fstat of a descriptor as a typed error (ResourceAccessError, the cause Node's system error). */
-function fstatOf(fd: number, path: string): BigIntStats {
-  try {
-    return fstatSync(fd, { bigint: true });
-  } catch (err) {
-    throw fromErrno('open', -((err as NodeJS.ErrnoException).errno ?? -EINVAL), path, `cannot stat '${path}'`);
-  }
-}
-
 /**
  * Why an existing file is not plausibly a lock file, or null. Lock files are
  * made by lock managers (lockmgr, virtlockd): empty, one link, owned by the
@@ -391,14 +474,14 @@ function fstatOf(fd: number, path: string): BigIntStats {
  * by someone else, and using it would let them choose what we lock, hold open
  * for writing, or delete.
  */
-function implausibleLockFile(st: BigIntStats): string | null {
-  if (st.isSymbolicLink()) return 'is a symbolic link, and lock files are never followed through symlinks';
-  if (!st.isFile()) return `is a ${st.isDirectory() ? 'directory' : st.isBlockDevice() ? 'block device' : (statTypes.find(([test]) => test(st))?.[1] ?? 'special file')}, not a lock file`;
-  if (st.size !== 0n) return `is not empty (${st.size} bytes): lock files are always empty, so this is some other file`;
-  if ((Number(st.mode) & 0o6000) !== 0) return `has its set-user-ID or set-group-ID bit set (mode ${(Number(st.mode) & 0o7777).toString(8).padStart(4, '0')})`;
-  const uid = BigInt(process.geteuid?.() ?? 0);
-  if (st.uid !== uid && st.uid !== 0n) return `is owned by uid ${st.uid}, neither this user (uid ${uid}) nor root: its owner could delete or replace it under a holder`;
-  if (st.nlink > 1n) return `has ${st.nlink} hard links; a lock file has one`;
+function implausibleLockFile(st: FileFacts): string | null {
+  if (st.type === S_IFLNK) return 'is a symbolic link, and lock files are never followed through symlinks';
+  if (st.type !== S_IFREG) return `is a ${typeName(st.type)}, not a lock file`;
+  if (st.size !== 0) return `is not empty (${st.size} bytes): lock files are always empty, so this is some other file`;
+  if ((st.mode & 0o6000) !== 0) return `has its set-user-ID or set-group-ID bit set (mode ${(st.mode & 0o7777).toString(8).padStart(4, '0')})`;
+  const uid = process.geteuid?.() ?? 0;
+  if (st.uid !== uid && st.uid !== 0) return `is owned by uid ${st.uid}, neither this user (uid ${uid}) nor root: its owner could delete or replace it under a holder`;
+  if (st.nlink > 1) return `has ${st.nlink} hard links; a lock file has one`;
   return null;
 }
 
@@ -408,16 +491,16 @@ function implausibleLockFile(st: BigIntStats): string | null {
  * made otherwise is left alone, even when empty.
  */
 export function deletableLockFile(st: BigIntStats): boolean {
-  return implausibleLockFile(st) === null && st.uid === BigInt(process.geteuid?.() ?? 0) && (Number(st.mode) & 0o7777) === 0o600 && st.nlink === 1n;
+  const f = statsFacts(st);
+  return implausibleLockFile(f) === null && f.uid === (process.geteuid?.() ?? 0) && (f.mode & 0o7777) === 0o600 && f.nlink === 1;
 }
 
-function typeError(path: string, st: BigIntStats): LockManagerError {
-  if (st.isDirectory()) {
+function typeError(path: string, type: number): LockManagerError {
+  if (type === S_IFDIR) {
     const cause = systemError(errnoOf('EISDIR'), 'open', path);
     return new ResourceAccessError(`cannot lock '${path}': ${cause.message}`, { cause });
   }
-  const type = statTypes.find(([test]) => test(st))?.[1] ?? 'special file';
-  return new InvalidArgumentError(`'${path}' is a ${type}; only regular files and block devices can be locked (it was not opened)`);
+  return new InvalidArgumentError(`'${path}' is a ${typeName(type)}; only regular files and block devices can be locked (it was not opened)`);
 }
 
 /**
@@ -437,7 +520,7 @@ function typeError(path: string, st: BigIntStats): LockManagerError {
  */
 export function openLockable(path: string, options?: OpenOptions): LockableFile {
   checkPath(path);
-  const opts = checkOptions<OpenOptions>(options, ['access', 'create'], 'openLockable options');
+  const opts: OpenOptions = options === undefined ? NO_OPTIONS : checkOptions<OpenOptions>(options, ['access', 'create'], 'openLockable options');
   const access = opts.access === undefined ? 'readwrite' : checkOneOf(opts.access, ['read', 'readwrite'] as const, 'access');
   if (opts.create !== undefined && typeof opts.create !== 'boolean') {
     throw new InvalidArgumentError(`create must be a boolean, got ${describe(opts.create)}`);
@@ -447,44 +530,60 @@ export function openLockable(path: string, options?: OpenOptions): LockableFile 
     throw new InvalidArgumentError("create needs access 'readwrite': a lock file that may be created must be writable");
   }
   const writable = access === 'readwrite';
-  const how = `for ${writable ? 'reading and writing' : 'reading'}`;
+  const how = (): string => `for ${writable ? 'reading and writing' : 'reading'}`;
   let opath = -1;
   for (let attempt = 0; opath < 0; attempt++) {
     if (create) {
       const fd = native.createFile(path);
-      if (fd >= 0) return adopt(fd, path, fstatOf(fd, path), access, true);
+      if (fd >= 0) {
+        const rv = native.statFd(fd, facts, ids);
+        if (rv < 0) {
+          native.closeFd(fd);
+          throw fromErrno('open', -rv, path, `cannot stat '${path}'`);
+        }
+        return adopt(fd, path, access, true);
+      }
       if (-fd !== EEXIST) throw fromErrno('open', -fd, path, `cannot create or open lock file '${path}'`);
     }
-    opath = native.openPath(path, create);
+    // O_PATH open, fstat and fstatfs in one call: what the path names is
+    // known before anything is opened for I/O.
+    opath = native.openPath(path, create, facts, ids);
     // A lock file deleted by its last holder between our two opens: create it anew.
     if (opath === -ENOENT && create && attempt < MAX_CREATE_ATTEMPTS) continue;
-    if (opath < 0) throw fromErrno('open', -opath, path, create ? `cannot create or open lock file '${path}'` : `cannot open '${path}' ${how}`);
+    if (opath < 0) {
+      if (failedSyscall() !== 'open') throw fromErrno('open', -opath, path, `cannot stat '${path}'`);
+      throw fromErrno('open', -opath, path, create ? `cannot create or open lock file '${path}'` : `cannot open '${path}' ${how()}`);
+    }
   }
-  let fd: number;
-  let st: BigIntStats;
+  const type = facts[MODE]! & S_IFMT;
   try {
-    st = fstatOf(opath, path);
     if (create) {
-      if (st.isSymbolicLink()) {
+      if (type === S_IFLNK) {
         throw fromErrno('open', ELOOP, path, `refused to open lock file '${path}': it is a symbolic link, and lock files are never followed through symlinks (remove it if it is not yours)`);
       }
-      const why = implausibleLockFile(st);
+      const why = implausibleLockFile(probedFacts());
       if (why !== null) throw new ResourceAccessError(`refused to use '${path}' as a lock file: it ${why}. It was not opened for writing; remove it if no lock manager of yours made it`);
     }
-    if (!st.isFile() && !st.isBlockDevice()) throw typeError(path, st);
-    const pseudo = st.isFile() ? pseudoFilesystem(opath) : null;
+    if (type !== S_IFREG && type !== S_IFBLK) throw typeError(path, type);
+    // fstatfs of the inode itself: the filesystem of the file that will be opened.
+    const pseudo = type === S_IFREG ? (PSEUDO_FILESYSTEMS.get(facts[FS_TYPE]!) ?? null) : null;
     if (pseudo !== null) {
       throw new InvalidArgumentError(`'${path}' is on ${pseudo}, a pseudo filesystem of kernel interfaces; only regular files (of a real filesystem) and block devices can be locked`);
     }
-    fd = native.reopenFd(opath, writable);
-    if (fd < 0) throw fromErrno('open', -fd, path, `cannot open '${path}' ${how}`);
-  } finally {
+  } catch (err) {
     native.closeFd(opath);
+    throw err;
   }
-  return adopt(fd, path, st, access, false);
+  // Opens the checked inode through /proc/self/fd and closes opath.
+  const fd = native.reopenFd(opath, writable);
+  if (fd < 0) throw fromErrno('open', -fd, path, `cannot open '${path}' ${how()}`);
+  return adopt(fd, path, access, false);
 }
 
-function adopt(fd: number, path: string, st: BigIntStats, access: Access, created: boolean): LockableFile {
-  if (st.isBlockDevice()) return new LockableFile(constructing, fd, path, 'block-device', { dev: st.rdev, ino: 0n, key: `b:${st.rdev}` }, access, created);
-  return new LockableFile(constructing, fd, path, 'file', { dev: st.dev, ino: st.ino, key: `f:${st.dev}:${st.ino}` }, access, created);
+/** The LockableFile for an fd whose facts are in facts/ids. */
+function adopt(fd: number, path: string, access: Access, created: boolean): LockableFile {
+  if ((facts[MODE]! & S_IFMT) === S_IFBLK) {
+    return new LockableFile(constructing, fd, path, 'block-device', new Identity(ids[RDEV]!, 0n, true), access, created);
+  }
+  return new LockableFile(constructing, fd, path, 'file', new Identity(ids[DEV]!, ids[INO]!, false), access, created);
 }

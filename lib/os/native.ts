@@ -11,8 +11,32 @@ import { UnsupportedError, fromErrno, setStrerror, type LockManagerError } from 
 export interface NativeConstants {
   /** Names of the system calls a failed call can record (failedSyscall()); index 0 is none. */
   readonly syscalls: readonly string[];
-  /** Lock types of setlk, getlk and waitLock. */
+  /** Lock types of setlk, getlk, waitLock and lockSync. */
   readonly lock: { readonly SHARED: number; readonly EXCLUSIVE: number; readonly UNLOCK: number };
+  /**
+   * openPath/statFd: the indices of each fact in `out` (Float64Array of FIELDS)
+   * and `ids` (BigUint64Array of ID_FIELDS), and the st_mode file-type bits.
+   */
+  readonly stat: {
+    readonly MODE: number;
+    readonly UID: number;
+    readonly NLINK: number;
+    readonly SIZE: number;
+    readonly FS_TYPE: number;
+    readonly FIELDS: number;
+    readonly DEV: number;
+    readonly INO: number;
+    readonly RDEV: number;
+    readonly ID_FIELDS: number;
+    readonly S_IFMT: number;
+    readonly S_IFREG: number;
+    readonly S_IFBLK: number;
+    readonly S_IFCHR: number;
+    readonly S_IFDIR: number;
+    readonly S_IFIFO: number;
+    readonly S_IFSOCK: number;
+    readonly S_IFLNK: number;
+  };
   /** How a watched process ended (initSpawn's onExit kind). */
   readonly exit: { readonly UNKNOWN: number; readonly CODE: number; readonly SIGNAL: number; readonly ERROR: number };
   /** spawn() flags. */
@@ -38,10 +62,20 @@ export interface Native {
   readonly constants: NativeConstants;
   /** Index into constants.syscalls of the last failure on this thread. */
   failedSyscall(): number;
-  /** O_PATH | O_CLOEXEC (| O_NOFOLLOW) fd: names the inode, opens nothing. */
-  openPath(path: string, nofollow: boolean): number;
-  /** A new open file description of the inode an fd refers to (through /proc/self/fd), O_CLOEXEC | O_NOCTTY. */
-  reopenFd(fd: number, writable: boolean): number;
+  /**
+   * O_PATH | O_CLOEXEC (| O_NOFOLLOW) fd: names the inode, opens nothing. Its
+   * fstat + fstatfs go into out and ids (constants.stat); a failed one closes
+   * the fd again and returns -errno (failedSyscall 'fstat' or 'fstatfs').
+   */
+  openPath(path: string, nofollow: boolean, out: Float64Array, ids: BigUint64Array): number;
+  /** fstat + fstatfs of an open fd into out and ids, as openPath. */
+  statFd(fd: number, out: Float64Array, ids: BigUint64Array): number;
+  /**
+   * A new open file description of the inode an O_PATH fd refers to (through
+   * /proc/self/fd), O_CLOEXEC | O_NOCTTY, opened O_NONBLOCK and then cleared.
+   * Closes the O_PATH fd, whatever the outcome.
+   */
+  reopenFd(opath: number, writable: boolean): number;
   /** O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW, mode 0600 (-EEXIST when the name exists). */
   createFile(path: string): number;
   /** F_OFD_SETLK with a constants.lock type. */
@@ -53,10 +87,19 @@ export interface Native {
   retireFd(fd: number): number;
   /** The C library's description of a positive errno. */
   strerror(errno: number): string;
-  /** Starts this environment's waiter pool (idempotent). onDone(batch of [id, errno] pairs). */
-  initWaiters(onDone: (batch: Float64Array) => void, wakeSignal: number): number;
+  /**
+   * Starts this environment's waiter pool and installs the wake-up signal
+   * (idempotent). onDone(count): results[0 .. 2 * count) holds count [id, errno] pairs.
+   */
+  initWaiters(onDone: (count: number) => void, wakeSignal: number, results: Float64Array): number;
   /** F_OFD_SETLKW on a waiter thread: the request id (> 0); timeoutMs < 0 for none. */
   waitLock(fd: number, type: number, start: number, length: number, timeoutMs: number): number;
+  /**
+   * F_OFD_SETLKW on the calling thread, which it blocks: 0 | -errno;
+   * -ETIMEDOUT once timeoutMs (< 0: none) has passed. A timeout needs the
+   * wake-up signal installed (initWaiters), else -ENOTCONN.
+   */
+  lockSync(fd: number, type: number, start: number, length: number, timeoutMs: number): number;
   cancelWait(id: number): void;
   waiterThreads(): number;
   /** Starts this environment's process supervision (idempotent). onExit(id, constants.exit kind, value). */

@@ -10,13 +10,24 @@ import { describe } from './validate.js';
 interface Registry {
   ready: boolean;
   waits: PendingCalls<[errno: number]>;
+  /** Where native/ puts the [id, errno] pairs of a delivery (initWaiters). */
+  results: Float64Array;
 }
 
-const registry = (): Registry => nativeState('waits', () => ({ ready: false, waits: new PendingCalls<[errno: number]>() }));
+/** Pairs per delivery call: a release that wakes more waiters takes a few calls. */
+const RESULT_PAIRS = 512;
 
-function deliver(batch: Float64Array): void {
-  const { waits } = registry();
-  for (let i = 0; i < batch.length; i += 2) waits.settle(batch[i]!, batch[i + 1]!);
+// Looked up once per copy of this module: the state object itself is per
+// environment, and so is this module, so the reference never goes stale.
+let cached: Registry | undefined;
+const registry = (): Registry =>
+  (cached ??= nativeState('waits', () => ({ ready: false, waits: new PendingCalls<[errno: number]>(), results: new Float64Array(2 * RESULT_PAIRS) })));
+
+// Called by native/ with `count` pairs in results. The first copy of this
+// module to start the pool owns the callback; the registry is shared.
+function deliver(count: number): void {
+  const { waits, results } = registry();
+  for (let i = 0; i < 2 * count; i += 2) waits.settle(results[i]!, results[i + 1]!);
 }
 
 /** LOCKMGR_WAKE_SIGNAL, or -1 for the default (SIGRTMIN+6). */
@@ -33,7 +44,7 @@ function wakeSignal(): number {
 function ensurePool(r: Registry): void {
   if (r.ready) return;
   const signal = wakeSignal();
-  const rv = native.initWaiters(deliver, signal);
+  const rv = native.initWaiters(deliver, signal, r.results);
   if (rv < 0) {
     // EBUSY: the signal has someone else's handler; EINVAL: not a real-time signal (ERRNO_CLASSES, sigaction).
     const name = signal < 0 ? 'SIGRTMIN+6' : String(signal);
@@ -47,6 +58,11 @@ function ensurePool(r: Registry): void {
 }
 
 const EBUSY = errnoOf('EBUSY');
+
+/** Installs the wake-up signal (and this environment's waiter pool): what lockSync needs before a wait with a timeout. */
+export function ensureWakeSignal(): void {
+  ensurePool(registry());
+}
 
 /**
  * Parks F_OFD_SETLKW on a waiter thread. `done` gets 0 (granted), ECANCELED,

@@ -13,11 +13,11 @@ import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import { chmodSync, readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { openLockable } from '../lib/index.js';
-import { locksOn } from '../lib/os/proc-locks.js';
-import { distUrl, fdCount, isRoot, makeFile, tempDir } from './helpers.js';
+import { openLockable } from '../../lib/index.js';
+import { locksOn } from '../../lib/os/proc-locks.js';
+import { distUrl, fdCount, isRoot, makeFile, tempDir } from '../helpers.js';
 
-const FIXTURE = fileURLToPath(new URL('./fixtures/exhaust.mjs', import.meta.url));
+const FIXTURE = fileURLToPath(new URL('../fixtures/exhaust.mjs', import.meta.url));
 
 interface Step {
   label: string;

@@ -2,8 +2,8 @@ import { execFileSync } from 'node:child_process';
 import { existsSync, statSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { LockManager, ResourceBusyError, openLockable } from '../lib/index.js';
-import { Peer, isRoot, tempDir } from './helpers.js';
+import { LockManager, ResourceBusyError, openLockable } from '../../lib/index.js';
+import { Peer, isRoot, tempDir } from '../helpers.js';
 
 const canLoop = isRoot && existsSync('/dev/loop-control');
 if (!canLoop) {

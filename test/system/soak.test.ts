@@ -3,22 +3,36 @@
 // lock-with-timeout / abort operations on 3 shared files, exclusive and
 // shared, through openLockable() and LockManager hotplug. Every grant and
 // release goes to one O_APPEND log (test/fixtures/soak-worker.mjs); the
-// checker (test/soak-log.ts) replays it: never two exclusive holders, never
+// checker (test/harness/soak-log.ts) replays it: never two exclusive holders, never
 // exclusive with shared, no grant lost, no record lost.
+//
+// Environment: LOCKMGR_SOAK_OPS (operations per worker), LOCKMGR_SOAK_WORKERS
+// (default 8), LOCKMGR_SOAK_SEED (0..2^32-1; default a fresh one). The seed
+// chooses every worker's seed (test/harness/seeded.ts), and so what each worker's nth
+// operation aims at: file, mode, kind, timeout, abort point. A failure prints
+// it, and LOCKMGR_SOAK_SEED=<seed> runs the same draws again. How the
+// processes interleave is the kernel's scheduling, and with it what each
+// operation gets (busy, timed out) and so whether the next one on that file
+// acquires or releases: a replay reruns the same draws, not the same
+// interleaving (the checker judges the log of whichever happened).
 import { execFile } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { makeFile, tempDir } from './helpers.js';
-import { checkSoakLog } from './soak-log.js';
+import { makeFile, tempDir } from '../helpers.js';
+import { prng, seedFrom, subSeed } from '../harness/seeded.js';
+import { checkSoakLog } from '../harness/soak-log.js';
 import { join } from 'node:path';
 
 const run = promisify(execFile);
 const OPS = Number(process.env.LOCKMGR_SOAK_OPS ?? 2000);
 const WORKERS = Number(process.env.LOCKMGR_SOAK_WORKERS ?? 8);
 const RESOURCES = 3;
-const worker = fileURLToPath(new URL('./fixtures/soak-worker.mjs', import.meta.url));
+const SEED = seedFrom('LOCKMGR_SOAK_SEED');
+/** The assertion messages: how to run the same operations again. */
+const REPLAY = `soak seed ${SEED} (LOCKMGR_SOAK_SEED=${SEED} reruns the same draws; not the same interleaving)`;
+const worker = fileURLToPath(new URL('../fixtures/soak-worker.mjs', import.meta.url));
 
 interface Counts {
   ops: number;
@@ -44,9 +58,10 @@ afterEach(() => tmp.cleanup());
 async function soak(workers: number, ops: number, env: NodeJS.ProcessEnv = process.env): Promise<{ counts: Counts[]; log: string }> {
   const files = Array.from({ length: RESOURCES }, (_, i) => makeFile(tmp.dir, `r${i}.img`));
   const logPath = join(tmp.dir, 'soak.log');
-  const seed = Date.now() % 100_000;
+  const rand = prng(SEED);
+  // Half the workers release everything at the end; the others leave it to process end.
   const results = await Promise.all(
-    Array.from({ length: workers }, (_, w) => run(process.execPath, [worker, logPath, String(ops), String(seed * 16 + w + 1), ...files], { env, maxBuffer: 1 << 20 })),
+    Array.from({ length: workers }, (_, w) => run(process.execPath, [worker, logPath, String(ops), String(subSeed(rand)), w % 2 === 1 ? 'release' : 'leave', ...files], { env, maxBuffer: 1 << 20 })),
   );
   return { counts: results.map((r) => JSON.parse(r.stdout) as Counts), log: readFileSync(logPath, 'utf8') };
 }
@@ -73,22 +88,25 @@ describe('soak', () => {
       hotplugBusyOrTimeout: sum((c) => c.hotplugBusy),
       violations: report.violations.length,
     };
-    console.log(`soak: ${JSON.stringify(summary, null, 1)}`);
-    expect(report.violations.slice(0, 20)).toEqual([]);
-    expect(summary.processes).toBe(WORKERS);
-    expect(summary.operations).toBe(WORKERS * OPS);
+    console.log(`soak: ${REPLAY}: ${JSON.stringify(summary, null, 1)}`);
+    expect(report.violations.slice(0, 20), REPLAY).toEqual([]);
+    expect(summary.processes, REPLAY).toBe(WORKERS);
+    expect(summary.operations, REPLAY).toBe(WORKERS * OPS);
     // Every grant a worker counted is in the log, and nothing else.
-    expect(report.grants).toEqual({ exclusive: sum((c) => c.grants.exclusive), shared: sum((c) => c.grants.shared) });
+    expect(report.grants, REPLAY).toEqual({ exclusive: sum((c) => c.grants.exclusive), shared: sum((c) => c.grants.shared) });
     // The soak exercised what it claims: contention, both modes, timeouts, aborts, hotplug.
-    for (const k of ['busy', 'timeouts', 'aborts', 'hotplugAcquires'] as const) expect(summary[k]).toBeGreaterThan(0);
-    expect(report.grants.exclusive).toBeGreaterThan(0);
-    expect(report.maxShared).toBeGreaterThan(1);
+    for (const k of ['busy', 'timeouts', 'aborts', 'hotplugAcquires'] as const) expect(summary[k], `${k}: ${REPLAY}`).toBeGreaterThan(0);
+    expect(report.grants.exclusive, REPLAY).toBeGreaterThan(0);
+    expect(report.maxShared, REPLAY).toBeGreaterThan(1);
   }, 300_000);
 
   it('the checker finds overlaps: workers that log grants without locking', async () => {
     const { log } = await soak(4, 300, { ...process.env, SOAK_BREAK: 'no-lock' });
     const report = checkSoakLog(log);
-    expect(report.violations.some((v) => /exclusive grant while|shared grant while/.test(v))).toBe(true);
+    expect(
+      report.violations.some((v) => /exclusive grant while|shared grant while/.test(v)),
+      REPLAY,
+    ).toBe(true);
   }, 120_000);
 
   it('the checker finds lost and unmatched records', () => {

@@ -1,8 +1,8 @@
 import { closeSync, linkSync, openSync, symlinkSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { InvalidStateError, openLockable, type LockableFile, type LockMode } from '../lib/index.js';
-import { Peer, lockFixture, makeFile } from './helpers.js';
+import { InvalidStateError, openLockable, type LockableFile, type LockMode } from '../../lib/index.js';
+import { Peer, lockFixture, makeFile } from '../helpers.js';
 
 const fx = lockFixture({ peer: true });
 const lockable = (p = fx.path, access: 'read' | 'readwrite' = 'readwrite'): LockableFile => fx.open(p, access);

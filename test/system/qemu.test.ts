@@ -5,16 +5,16 @@ import { existsSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { LockManager, ResourceBusyError, qemuLockState } from '../lib/index.js';
-import type { StatusEntry } from '../lib/cli/main.js';
-import { isRoot, tempDir, waitUntil } from './helpers.js';
+import { LockManager, ResourceBusyError, qemuLockState } from '../../lib/index.js';
+import type { StatusEntry } from '../../lib/cli/main.js';
+import { isRoot, tempDir, waitUntil } from '../helpers.js';
 
 const haveQemu = ['qemu-img', 'qemu-io', 'qemu-nbd'].every((t) => spawnSync('sh', ['-c', `command -v ${t}`]).status === 0);
 if (!haveQemu) console.warn('skipping QEMU interop tests: qemu-img, qemu-io or qemu-nbd is not installed (apt-get install qemu-utils)');
 const canLoop = isRoot && existsSync('/dev/loop-control');
 if (haveQemu && !canLoop) console.warn('skipping the QEMU interop tests on a loop device: losetup needs root');
 
-const BIN = fileURLToPath(new URL('../bin/lockmgr.js', import.meta.url));
+const BIN = fileURLToPath(new URL('../../bin/lockmgr.js', import.meta.url));
 
 function qemu(tool: string, ...args: string[]) {
   const r = spawnSync(tool, args, { encoding: 'utf8' });

@@ -1,4 +1,4 @@
-// The soak's log checker (test/soak.test.ts, test/fixtures/soak-worker.mjs):
+// The soak's log checker (test/system/soak.test.ts, test/fixtures/soak-worker.mjs):
 // replays the O_APPEND log of grants and releases in its write order.
 export interface SoakReport {
   records: number;

@@ -2,20 +2,20 @@ import { execFileSync, spawnSync } from 'node:child_process';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, expect, it } from 'vitest';
-import { makeFile, preload, tempDir } from './helpers.js';
+import { makeFile, preload, tempDir } from '../helpers.js';
 
 // The wake-up signal (SIGRTMIN+6 unless LOCKMGR_WAKE_SIGNAL says otherwise) must
 // be ours alone: a handler someone else installed would swallow our wake-ups.
 let tmp: ReturnType<typeof tempDir>;
 let shim: string;
 let path: string;
-const dist = new URL('../dist/index.js', import.meta.url).href;
+const dist = new URL('../../dist/index.js', import.meta.url).href;
 
 beforeAll(() => {
   tmp = tempDir();
   path = makeFile(tmp.dir);
   shim = join(tmp.dir, 'take-signal.so');
-  execFileSync('cc', ['-shared', '-fPIC', '-o', shim, fileURLToPath(new URL('./fixtures/take-signal.c', import.meta.url))]);
+  execFileSync('cc', ['-shared', '-fPIC', '-o', shim, fileURLToPath(new URL('../fixtures/take-signal.c', import.meta.url))]);
 });
 afterAll(() => tmp.cleanup());
 

@@ -1,7 +1,7 @@
 import { afterEach, beforeEach, expect, it } from 'vitest';
-import { openLockable } from '../lib/index.js';
-import { native } from '../lib/os/native.js';
-import { fdCount, makeFile, tempDir, threadCount, waitUntil } from './helpers.js';
+import { openLockable } from '../../lib/index.js';
+import { native } from '../../lib/os/native.js';
+import { fdCount, makeFile, tempDir, threadCount, waitUntil } from '../helpers.js';
 
 let tmp: ReturnType<typeof tempDir>;
 let path: string;

@@ -11,8 +11,8 @@ import {
   ResourceBusyError,
   type LockManagerOptions,
   type ManagerState,
-} from '../lib/index.js';
-import { compileShim, distUrl, fdCount, isRoot, lockFixture, makeFile, managerHarness, preload, runScript, waitUntil } from './helpers.js';
+} from '../../lib/index.js';
+import { compileShim, distUrl, fdCount, isRoot, lockFixture, makeFile, managerHarness, preload, runScript, waitUntil } from '../helpers.js';
 
 const fx = lockFixture();
 const { manager, managerPeer } = managerHarness();
@@ -628,7 +628,7 @@ describe('verify and lock failure', () => {
     m.on('lock-failure', (f) => failures.push(f));
     const exited = new Promise((r) => m.once('exit', r));
     // The child finds the image among its own fds and unlocks byte 0 through it.
-    const script = `import { native } from ${JSON.stringify(new URL('../dist/os/native.js', import.meta.url).href)};
+    const script = `import { native } from ${JSON.stringify(new URL('../../dist/os/native.js', import.meta.url).href)};
       import { readdirSync, readlinkSync } from 'node:fs';
       for (const fd of readdirSync('/proc/self/fd')) {
         try { if (readlinkSync('/proc/self/fd/' + fd) === process.argv[1]) native.setlk(Number(fd), 2, 0, 1); } catch {}

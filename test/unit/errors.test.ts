@@ -4,9 +4,9 @@ import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
-import { AccessModeError, InternalError, InvalidArgumentError, LockManagerError, ResourceAccessError, ResourceExhaustedError, openLockable } from '../lib/index.js';
-import { ERRNO_CLASSES, errnoName, errnoOf, fromErrno, systemError, type ErrorClass } from '../lib/os/errors.js';
-import { compileShim, distUrl, fdCount, isRoot, lockFixture, preload, runScript } from './helpers.js';
+import { AccessModeError, InternalError, InvalidArgumentError, LockManagerError, ResourceAccessError, ResourceExhaustedError, openLockable } from '../../lib/index.js';
+import { ERRNO_CLASSES, errnoName, errnoOf, fromErrno, systemError, type ErrorClass } from '../../lib/os/errors.js';
+import { compileShim, distUrl, fdCount, isRoot, lockFixture, preload, runScript } from '../helpers.js';
 
 const fx = lockFixture();
 const open = fx.opened;
@@ -54,7 +54,7 @@ describe('the errno table', () => {
   });
 
   it('docs/errors.md lists exactly the rows of the code', () => {
-    const doc = readFileSync(fileURLToPath(new URL('../docs/errors.md', import.meta.url)), 'utf8');
+    const doc = readFileSync(fileURLToPath(new URL('../../docs/errors.md', import.meta.url)), 'utf8');
     const documented = [...doc.matchAll(/^\| ([a-z_0-9]+) \| (E[A-Z]+|any other) \| (\w+) \|/gm)].map((m) => `${m[1]} ${m[2] === 'any other' ? '*' : m[2]} ${m[3]}`);
     expect(documented.sort()).toEqual(rows.map((r) => `${r.syscall} ${r.name} ${r.Class.name}`).sort());
   });

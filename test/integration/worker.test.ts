@@ -1,11 +1,11 @@
 import { Worker } from 'node:worker_threads';
 import { afterEach, beforeEach, expect, it } from 'vitest';
-import { openLockable } from '../lib/index.js';
-import { fdCount, makeFile, runScript, tempDir, threadCount, waitUntil } from './helpers.js';
+import { openLockable } from '../../lib/index.js';
+import { fdCount, makeFile, runScript, tempDir, threadCount, waitUntil } from '../helpers.js';
 
 let tmp: ReturnType<typeof tempDir>;
 let path: string;
-const dist = new URL('../dist/index.js', import.meta.url).href;
+const dist = new URL('../../dist/index.js', import.meta.url).href;
 
 beforeEach(() => {
   tmp = tempDir();

@@ -16,13 +16,13 @@ import {
   openLockable,
   spawnSupervised,
   type SupervisedProcess,
-} from '../lib/index.js';
-import { supervisionInfo } from '../lib/os/supervise.js';
-import { compileShim, distUrl, isRoot, preload, runScript, tempDir, threadCount, waitUntil } from './helpers.js';
-import { childrenOf, collect, firstJsonLine, openFds, procStat, procState, signalMasks, within, zombieChildren } from './process-helpers.js';
+} from '../../lib/index.js';
+import { supervisionInfo } from '../../lib/os/supervise.js';
+import { compileShim, distUrl, isRoot, preload, runScript, tempDir, threadCount, waitUntil } from '../helpers.js';
+import { childrenOf, collect, firstJsonLine, openFds, procStat, procState, signalMasks, within, zombieChildren } from '../harness/process-helpers.js';
 
 const here = fileURLToPath(new URL('.', import.meta.url));
-const middle = join(here, 'fixtures', 'supervise-middle.mjs');
+const middle = join(here, '..', 'fixtures', 'supervise-middle.mjs');
 const SIGPIPE_BIT = 1n << 12n;
 const HANG_MS = 20_000;
 
@@ -539,7 +539,7 @@ describe.each([
 
   test('workers terminated mid-spawn or mid-callback neither crash the process nor leave zombies', async () => {
     // Only the workers load the addon, so it is unloaded under the orphan reaper.
-    const proc = cpSpawn(process.execPath, [join(here, 'fixtures', 'supervise-workers.mjs'), '30'], { stdio: ['ignore', 'pipe', 'inherit'] });
+    const proc = cpSpawn(process.execPath, [join(here, '..', 'fixtures', 'supervise-workers.mjs'), '30'], { stdio: ['ignore', 'pipe', 'inherit'] });
     const exit = once(proc, 'exit');
     const report = await within(firstJsonLine<{ ok: boolean; left: string[] }>(proc.stdout!), 60_000, 'the workers fixture');
     expect(await exit).toEqual([0, null]);
@@ -549,7 +549,7 @@ describe.each([
 
 test('where clone3 is ENOSYS (seccomp, old kernels) spawns fall back to clone + pidfd_open by themselves', () => {
   const shim = compileShim('deny-ofd', dir); // its DENY_CLONE3 filter
-  const supervise = JSON.stringify(new URL('./os/supervise.js', distUrl).href);
+  const supervise = JSON.stringify(new URL('../os/supervise.js', distUrl).href);
   const script = `import { spawnSupervised, SpawnError } from ${JSON.stringify(distUrl)};
     import { supervisionInfo } from ${supervise};
     const out = {};

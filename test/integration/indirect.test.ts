@@ -19,11 +19,11 @@ import {
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { AbortError, InvalidArgumentError, LockTimeoutError, ResourceAccessError } from '../lib/os/errors.js';
-import { openLockable } from '../lib/os/locks.js';
-import type { TakeOptions } from '../lib/lockspaces/driver.js';
-import { checkLockDir } from '../lib/lockspaces/lock-files.js';
-import { GUARD_RANGE, LEASE_RANGE, type OfdLease as Lease } from '../lib/lockspaces/ofd.js';
+import { AbortError, InvalidArgumentError, LockTimeoutError, ResourceAccessError } from '../../lib/os/errors.js';
+import { openLockable } from '../../lib/os/locks.js';
+import type { TakeOptions } from '../../lib/lockspaces/driver.js';
+import { checkLockDir } from '../../lib/lockspaces/lock-files.js';
+import { GUARD_RANGE, LEASE_RANGE, type OfdLease as Lease } from '../../lib/lockspaces/ofd.js';
 import {
   blockDeviceIdentity,
   hostId,
@@ -31,12 +31,12 @@ import {
   inodeIdentity,
   lockFileName,
   type IndirectLockspace,
-} from '../lib/lockspaces/indirect.js';
-import { major, minor } from '../lib/os/proc-locks.js';
-import { Peer, fdCount, isRoot, makeFile, tempDir } from './helpers.js';
+} from '../../lib/lockspaces/indirect.js';
+import { major, minor } from '../../lib/os/proc-locks.js';
+import { Peer, fdCount, isRoot, makeFile, tempDir } from '../helpers.js';
 
-const peerScript = fileURLToPath(new URL('./fixtures/indirect-peer.mjs', import.meta.url));
-const raceScript = fileURLToPath(new URL('./fixtures/indirect-race.mjs', import.meta.url));
+const peerScript = fileURLToPath(new URL('../fixtures/indirect-peer.mjs', import.meta.url));
+const raceScript = fileURLToPath(new URL('../fixtures/indirect-race.mjs', import.meta.url));
 
 const FAST: TakeOptions = { wait: false };
 

@@ -4,12 +4,12 @@ import { chmodSync, existsSync, mkdirSync, readFileSync, readdirSync, symlinkSyn
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterEach, describe, expect, it } from 'vitest';
-import { LockManager } from '../lib/index.js';
-import type { StatusEntry } from '../lib/cli/main.js';
-import { lockFixture, makeFile, waitUntil } from './helpers.js';
+import { LockManager } from '../../lib/index.js';
+import type { StatusEntry } from '../../lib/cli/main.js';
+import { lockFixture, makeFile, waitUntil } from '../helpers.js';
 
 const fx = lockFixture();
-const BIN = fileURLToPath(new URL('../bin/lockmgr.js', import.meta.url));
+const BIN = fileURLToPath(new URL('../../bin/lockmgr.js', import.meta.url));
 const running: ChildProcess[] = [];
 
 afterEach(async () => {

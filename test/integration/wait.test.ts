@@ -1,10 +1,10 @@
 import { readFile } from 'node:fs/promises';
 import { setImmediate as tick } from 'node:timers/promises';
 import { describe, expect, it } from 'vitest';
-import { AbortError, LockTimeoutError, openLockable, type LockableFile } from '../lib/index.js';
+import { AbortError, LockTimeoutError, openLockable, type LockableFile } from '../../lib/index.js';
 import { spawnSync } from 'node:child_process';
 import { chmodSync } from 'node:fs';
-import { distUrl, isRoot, lockFixture, runScript, waitUntil } from './helpers.js';
+import { distUrl, isRoot, lockFixture, runScript, waitUntil } from '../helpers.js';
 
 const fx = lockFixture({ peer: true });
 const lockable = (): LockableFile => fx.open();
@@ -227,7 +227,7 @@ describe('lock()', () => {
     const holder = lockable();
     holder.tryLock('exclusive', BYTE0);
     const script = `
-      import { openLockable } from ${JSON.stringify(new URL('../dist/index.js', import.meta.url).href)};
+      import { openLockable } from ${JSON.stringify(new URL('../../dist/index.js', import.meta.url).href)};
       const f = openLockable(${JSON.stringify(fx.path)});
       f.lock('exclusive', { start: 0, length: 1 }, { timeout: 300 }).then(
         () => console.log('granted'), (e) => console.log(e.code));`;

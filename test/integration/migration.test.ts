@@ -5,8 +5,8 @@ import { spawnSync } from 'node:child_process';
 import { readFileSync, readdirSync, readlinkSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
 import { join } from 'node:path';
-import { InvalidArgumentError, InvalidStateError, LockManager, ResourceBusyError, type LockManagerOptions, type ResourceSpec } from '../lib/index.js';
-import { fdCount, lockFixture, makeFile, managerHarness, processExists, waitUntil, type Peer } from './helpers.js';
+import { InvalidArgumentError, InvalidStateError, LockManager, ResourceBusyError, type LockManagerOptions, type ResourceSpec } from '../../lib/index.js';
+import { fdCount, lockFixture, makeFile, managerHarness, processExists, waitUntil, type Peer } from '../helpers.js';
 
 const fx = lockFixture();
 const { managers, peers, manager, managerPeer } = managerHarness();

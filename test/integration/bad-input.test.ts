@@ -22,12 +22,12 @@ import {
   type LockableFile,
   type ResourceSpec,
   type SupervisedProcess,
-} from '../lib/index.js';
-import { locksOn } from '../lib/os/proc-locks.js';
-import { distUrl, fdCount, isRoot, makeFile, runScript, syscallsOnPaths, tempDir, waitUntil } from './helpers.js';
-import { childrenOf } from './process-helpers.js';
+} from '../../lib/index.js';
+import { locksOn } from '../../lib/os/proc-locks.js';
+import { distUrl, fdCount, isRoot, makeFile, runScript, syscallsOnPaths, tempDir, waitUntil } from '../helpers.js';
+import { childrenOf } from '../harness/process-helpers.js';
 
-const BIN = fileURLToPath(new URL('../bin/lockmgr.js', import.meta.url));
+const BIN = fileURLToPath(new URL('../../bin/lockmgr.js', import.meta.url));
 /** A sysfs attribute its owner may write (read-only ones refuse a readwrite open with EACCES first). */
 const SYS_FILE = ['/sys/kernel/mm/ksm/run', '/sys/kernel/mm/transparent_hugepage/enabled', '/sys/power/pm_async'].find((p) => {
   try {
@@ -295,7 +295,7 @@ describe('paths', () => {
 // O_PATH descriptor, which opens nothing; a device is never opened for I/O.
 
 describe('a character device is never opened', () => {
-  const cli = fileURLToPath(new URL('../bin/lockmgr.js', import.meta.url));
+  const cli = fileURLToPath(new URL('../../bin/lockmgr.js', import.meta.url));
   const cases: Array<[string, string[]]> = [
     ['openLockable', ['--input-type=module', '-e', `import { openLockable } from ${JSON.stringify(distUrl)}; try { openLockable('/dev/zero'); } catch {}`]],
     [

@@ -6,9 +6,9 @@ import { createHash } from 'node:crypto';
 import { chmodSync, chownSync, existsSync, linkSync, lstatSync, mkdirSync, readdirSync, readFileSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { InvalidArgumentError, LockManager, openLockable, ResourceAccessError, ResourceBusyError, type LockManagerOptions, type ResourceSpec } from '../lib/index.js';
-import { indirectLockspace } from '../lib/lockspaces/indirect.js';
-import { distUrl, fdCount, isRoot, lockFixture, makeFile, managerHarness, opensUnderStrace, type Peer } from './helpers.js';
+import { InvalidArgumentError, LockManager, openLockable, ResourceAccessError, ResourceBusyError, type LockManagerOptions, type ResourceSpec } from '../../lib/index.js';
+import { indirectLockspace } from '../../lib/lockspaces/indirect.js';
+import { distUrl, fdCount, isRoot, lockFixture, makeFile, managerHarness, opensUnderStrace, type Peer } from '../helpers.js';
 
 const fx = lockFixture();
 const harness = managerHarness();

@@ -7,9 +7,14 @@
 // that state. After every sequence: nothing leaks (fds back at the baseline,
 // no child, no lock on the test files).
 //
-// Reproduce a failure with the seed it prints: LOCKMGR_FC_SEED=<seed> (and
-// LOCKMGR_FC_RUNS for more or fewer runs). Timing is never a pass condition:
-// the only waits are for a child's exit event after it was killed or exited.
+// Environment: LOCKMGR_FC_SEED (fast-check's seed; default a fresh one,
+// printed), LOCKMGR_FC_RUNS (default 150), and for a replay LOCKMGR_FC_PATH
+// (fast-check's counterexample path) with LOCKMGR_FC_REPLAY_PATH (fc.commands'
+// replayPath). A failure prints all of them as one line to paste:
+// LOCKMGR_FC_SEED=<seed> LOCKMGR_FC_PATH=<path> LOCKMGR_FC_REPLAY_PATH=<replayPath>
+// runs the shrunk counterexample at once. Every random choice is fast-check's,
+// from the seed. Timing is never a pass condition: the only waits are for a
+// child's exit event after it was killed or exited.
 import fc from 'fast-check';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import {
@@ -23,10 +28,11 @@ import {
   type LockableFile,
   type ManagerState,
   type ResourceMode,
-} from '../lib/index.js';
-import { locksOn } from '../lib/os/proc-locks.js';
-import { fdCount, makeFile, tempDir } from './helpers.js';
-import { childrenOf } from './process-helpers.js';
+} from '../../lib/index.js';
+import { locksOn } from '../../lib/os/proc-locks.js';
+import { fdCount, makeFile, tempDir } from '../helpers.js';
+import { childrenOf } from '../harness/process-helpers.js';
+import { seedFrom } from '../harness/seeded.js';
 
 type LockMode = 'exclusive' | 'shared';
 type ErrorName = 'InvalidArgumentError' | 'InvalidStateError' | 'ResourceBusyError' | 'SpawnError';
@@ -499,9 +505,11 @@ describe('LockManager against its reference model (fast-check)', () => {
   });
 
   it('every call sequence matches the model, every rejection is the documented class, and nothing leaks', async () => {
-    const seed = Number(process.env.LOCKMGR_FC_SEED ?? Date.now() % 2 ** 31);
+    const seed = seedFrom('LOCKMGR_FC_SEED');
     const numRuns = Number(process.env.LOCKMGR_FC_RUNS ?? 150);
-    console.log(`model.test: fast-check seed ${seed}, ${numRuns} runs (replay with LOCKMGR_FC_SEED=${seed})`);
+    const path = process.env.LOCKMGR_FC_PATH || undefined;
+    const replayPath = process.env.LOCKMGR_FC_REPLAY_PATH || undefined;
+    console.log(`model.test: fast-check seed ${seed}, ${numRuns} runs (replay with LOCKMGR_FC_SEED=${seed})${path === undefined ? '' : `, from path ${path}`}`);
     // Warm up what the first spawn sets up once per process, so the fd baseline is fair.
     const warm = new LockManager();
     await warm.start('true', [], { stdio: 'ignore' });
@@ -510,8 +518,8 @@ describe('LockManager against its reference model (fast-check)', () => {
     expect(baseline.children).toEqual([]);
     let sequences = 0;
     let calls = 0;
-    await fc.assert(
-      fc.asyncProperty(fc.commands(commands, { maxCommands: 40, size: 'large' }), async (cmds) => {
+    const details = await fc.check(
+      fc.asyncProperty(fc.commands(commands, { maxCommands: 40, size: 'large', replayPath }), async (cmds) => {
         const real: Real = { mgr: new LockManager(), paths, external, observers };
         const model: Model = { state: 'new', resources: new Map(), targetUri: null, external: new Map() };
         try {
@@ -527,9 +535,18 @@ describe('LockManager against its reference model (fast-check)', () => {
         expect(childrenOf(), 'children').toEqual([]);
         for (const p of paths) expect(locksOn(p), `locks on ${p}`).toEqual([]);
       }),
-      { seed, numRuns },
+      // A path replays that counterexample first and stops at its failure.
+      // (fast-check takes a 32-bit signed seed.)
+      { seed: seed | 0, numRuns, path, endOnFailure: path !== undefined },
     );
+    if (details.failed) {
+      // The failing sequence prints as 'cmd,cmd,... /*replayPath="..."*/': fc.commands needs that back to rebuild it.
+      const failingReplayPath = details.counterexample === null ? undefined : /replayPath="([^"]*)"/.exec(fc.stringify(details.counterexample))?.[1];
+      const replay = [`LOCKMGR_FC_SEED=${seed}`, details.counterexamplePath === null ? '' : `LOCKMGR_FC_PATH=${details.counterexamplePath}`, failingReplayPath === undefined ? '' : `LOCKMGR_FC_REPLAY_PATH=${failingReplayPath}`].filter((x) => x !== '').join(' ');
+      expect.fail(`${fc.defaultReportMessage(details) ?? 'the property failed'}\nreplay: ${replay} npx vitest run test/unit/model.test.ts`);
+    }
     console.log(`model.test: ${sequences} sequences, ${calls} calls, all as the model says:\n${[...tally].sort().map(([k, n]) => `  ${k}: ${n}`).join('\n')}`);
-    expect(sequences).toBe(numRuns);
+    // A replay (LOCKMGR_FC_PATH) runs the one sequence at that path.
+    if (path === undefined) expect(sequences).toBe(numRuns);
   });
 });
