@@ -110,6 +110,19 @@ export function waitingLine(busy: ResourceBusyError, seconds: string): string {
   return `lockmgr: waiting up to ${seconds} for ${path}${where}, held by ${by}`;
 }
 
+/**
+ * status --lockspace: under a lease's location (a lock file, a lease file),
+ * the processes holding it, one line each, and those not named.
+ */
+export function leaseHolderLines(h: LockHolders, path: string, columns: number | undefined, indent: number): string[] {
+  const col = pidColumn([...h.holders.map((x) => x.pid), ...h.unreadable.flatMap((u) => (u.pid === null ? [] : [u.pid]))]);
+  const width = commandWidth(columns, indent + 2 + col(0).length + 2);
+  return [
+    ...byPid(h.holders).map((group) => `  ${col(group[0]!.pid)}  ${abbreviate(group[0]!.command, width, path)}`),
+    ...h.unreadable.map((u) => `  ${unreadableLine(u, path, width)}`),
+  ];
+}
+
 /** status: one line per holding process, its locks on the next; unnamed locks; openers. */
 export function statusWhoRows(h: LockHolders, path: string, columns: number | undefined, indent: number): Array<[string, string[]]> {
   const rows: Array<[string, string[]]> = [];

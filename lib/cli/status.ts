@@ -8,7 +8,7 @@ import { lockHolders, locksOn, type ProcLock } from '../os/proc-locks.js';
 import { qemuLockState, type QemuPermission } from '../os/qemu.js';
 import { EXIT, fail, type Output } from './args.js';
 import type { StatusArgs } from './parse.js';
-import { statusWhoRows } from './report.js';
+import { leaseHolderLines, statusWhoRows } from './report.js';
 import { linesText, safeJson } from './text.js';
 
 type ByteState = 'free' | 'exclusive' | 'shared';
@@ -150,10 +150,18 @@ function table(e: StatusEntry, columns: number | undefined): string[] {
     // With --lockspace the lease is where that lockspace keeps it (below); the image's own bytes are still shown.
     [e.lockspace ? 'image byte 0' : 'lease (byte 0)', [e.lockspace ? heldText(e.lease!) : leaseText]],
     [e.lockspace ? 'image byte 1' : 'migration guard', [heldText(e.migrationGuard!)]],
-    ...(e.lockspace?.locations ?? []).map((l): [string, string[]] => [
-      l.what,
-      [`${l.path}: ${l.exists ? `lease ${heldText(l.lease)}${l.guard === null ? '' : `, guard ${heldText(l.guard)}`}` : 'absent (free)'}`],
-    ]),
+    ...(e.lockspace?.locations ?? []).map((l): [string, string[]] => {
+      const pids = [...new Set(l.holders?.holders.map((h) => h.pid) ?? [])];
+      const lease = `lease ${heldText(l.lease)}${pids.length > 0 ? ` (pid ${pids.join(', ')})` : ''}`;
+      return [
+        l.what,
+        [
+          `${l.path}: ${l.exists ? `${lease}${l.guard === null ? '' : `, guard ${heldText(l.guard)}`}` : 'absent (free)'}`,
+          // Who holds it, named from the lock's file (pid and command line).
+          ...(l.holders === undefined ? [] : leaseHolderLines(l.holders, l.path, columns, 22)),
+        ],
+      ];
+    }),
     ['QEMU holds', [e.qemu!.held.join(', ')]],
     ['QEMU does not share', [e.qemu!.unshared.join(', ')]],
   ];

@@ -253,6 +253,11 @@ export function byteStatus(file: LockableFile, start: number): { state: 'free' |
   return { state: holder === null ? 'free' : holder.mode, holder };
 }
 
+/** The processes holding a lease's byte 0 (this process's probe `file` left out), and the file's other openers. */
+export function leaseHolders(file: LockableFile): LockHolders {
+  return lockHolders(file.fd, 'exclusive', { start: 0, length: 1 });
+}
+
 /** What OFD lockspaces can do. */
 export const OFD_CAPABILITIES = {
   attach: true,

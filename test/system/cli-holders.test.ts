@@ -1,9 +1,10 @@
 // The real binary, telling a user who is in the way: busy runs, waits, their
 // timeouts, `status` (table and --json), --conflict-exit-code, and untrusted
 // text (paths, command lines) escaped on every line it prints.
-import { spawn, spawnSync } from 'node:child_process';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { existsSync, mkdirSync } from 'node:fs';
 import { join } from 'node:path';
-import { describe, expect, it } from 'vitest';
+import { afterEach, describe, expect, it } from 'vitest';
 import type { StatusEntry } from '../../lib/cli/main.js';
 import { lockFixture, makeFile, waitUntil } from '../helpers.js';
 import { BIN, backgroundRuns, lockmgr, touchThen } from '../harness/cli.js';
@@ -11,6 +12,39 @@ import { BIN, backgroundRuns, lockmgr, touchThen } from '../harness/cli.js';
 const fx = lockFixture();
 const runs = backgroundRuns();
 const haveScript = spawnSync('sh', ['-c', 'command -v script']).status === 0;
+const have = (cmd: string) => spawnSync('sh', ['-c', `command -v ${cmd}`]).status === 0;
+const PYTHON = existsSync('/usr/bin/python3') ? '/usr/bin/python3' : 'python3';
+const havePython = spawnSync(PYTHON, ['-c', 'import fcntl']).status === 0;
+
+// Holders that are not lockmgr, each in a process group of its own, ended
+// whole after the test (flock(1) does not pass SIGTERM on to its command).
+const others: ChildProcess[] = [];
+afterEach(async () => {
+  for (const c of others.splice(0)) {
+    if (c.exitCode !== null || c.signalCode !== null) continue;
+    const gone = new Promise((r) => c.once('exit', r));
+    const kill = (signal: NodeJS.Signals) => {
+      try {
+        process.kill(-c.pid!, signal);
+      } catch {
+        // Gone already.
+      }
+    };
+    kill('SIGTERM');
+    const timer = setTimeout(() => kill('SIGKILL'), 5000);
+    await gone;
+    clearTimeout(timer);
+  }
+});
+
+function startOther(command: string, args: string[]): ChildProcess {
+  const child = spawn(command, args, { stdio: ['pipe', 'ignore', 'inherit'], detached: true });
+  others.push(child);
+  return child;
+}
+
+// A classic POSIX lock (lockf) on byte 0 by Python, as virtlockd's are: /proc/locks records its owner.
+const PY_POSIX = 'import fcntl, os, sys, time\nfd = os.open(sys.argv[1], os.O_RDWR)\nfcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0)\ntime.sleep(1000)\n';
 
 /** `lockmgr run --exclusive PATH -- sleep 1000` in the background: its pid and its command's. */
 async function holder(path = fx.path, flags: string[] = ['--exclusive']) {
@@ -170,5 +204,72 @@ describe('untrusted text is escaped on every line written', () => {
       expect(text).toContain('innocent\\e[8m');
       expect(text).not.toContain('\x1b');
     }
+  });
+});
+
+describe('holders that are not lockmgr, named by the real binary', () => {
+  it.skipIf(!havePython || !have('flock') || !have('qemu-io'))('QEMU (qemu-io), a POSIX lock (Python) and flock(1): status names each with its lock; a busy run names the POSIX holder only', async () => {
+    const qemu = startOther('qemu-io', ['-f', 'raw', fx.path]);
+    const py = startOther(PYTHON, ['-c', PY_POSIX, fx.path]);
+    const flock = startOther('flock', ['-s', fx.path, 'sleep', '1000']);
+    await waitUntil(() => {
+      const e = statusOf(fx.path);
+      return [qemu.pid, py.pid, flock.pid].every((pid) => e.holders!.some((h) => h.pid === pid));
+    }, 20_000, 'qemu-io, python and flock to lock');
+    const e = statusOf(fx.path);
+    const kinds = (pid: number) => e.holders!.filter((h) => h.pid === pid).map((h) => [h.kind, h.mode, h.start, h.end]);
+    expect(kinds(qemu.pid!)).toEqual([['OFD', 'shared', 100, 101]]);
+    expect(kinds(py.pid!)).toEqual([['POSIX', 'exclusive', 0, 0]]);
+    expect(kinds(flock.pid!)).toEqual([['FLOCK', 'shared', 0, null]]);
+    // flock(1)'s command inherited the flock lock's open file description: it holds it too.
+    expect(e.holders!.filter((h) => h.kind === 'FLOCK' && h.pid !== flock.pid).map((h) => h.command)).toEqual(['sleep 1000']);
+
+    const table = lockmgr(['status', fx.path]).stdout.split('\n');
+    // The lease names only the byte-range holder of byte 0: flock and QEMU's bytes are not it.
+    expect(table).toContain(`  lease (byte 0)      held exclusive by pid ${py.pid}`);
+    const after = (pid: number) => table[table.findIndex((l) => new RegExp(`pid ${pid} +\\S`).test(l)) + 1];
+    expect(after(qemu.pid!)).toMatch(/^ +a shared OFD lock on bytes 100-101 \(QEMU holds "consistent-read", "write"\) \(fd \d+\)$/);
+    expect(after(py.pid!)).toMatch(/^ +an exclusive POSIX lock on byte 0 \(fd 3\)$/);
+    expect(after(flock.pid!)).toMatch(/^ +a shared flock lock on the whole file \(fd \d+\)$/);
+
+    const r = lockmgr(['run', '--exclusive', fx.path, '--', 'true']);
+    expect(r.code).toBe(75);
+    const [head, ...rest] = r.stderr.trimEnd().split('\n');
+    expect(head).toBe(`lockmgr: ${fx.path} is busy: an exclusive POSIX lock on byte 0 is held by`);
+    expect(rest[0]).toMatch(new RegExp(`^  pid ${py.pid} +\\S*python3? -c import fcntl`));
+    expect(rest[1]).toBe('also open in:');
+    // QEMU's and flock's locks do not conflict with byte 0: they are openers here.
+    expect(rest.slice(2).map((l) => Number(/^ {2}pid (\d+) /.exec(l)![1])).sort()).toEqual(
+      [qemu.pid!, flock.pid!, ...e.holders!.filter((h) => h.command === 'sleep 1000').map((h) => h.pid)].sort(),
+    );
+  });
+
+  it('status --lockspace DIR: each lock file names its holders (pid and command) in the table, and in --json', async () => {
+    const dir = join(fx.tmp.dir, 'locks');
+    mkdirSync(dir, { mode: 0o700 });
+    const { argv, ready } = touchThen(fx.tmp.dir, 'sleep 1000');
+    const run = await runs.start(['run', '--lockspace', dir, '--exclusive', fx.path, '--', ...argv], { ready });
+    const r = lockmgr(['status', '--json', '--lockspace', dir, fx.path]);
+    const e = (JSON.parse(r.stdout) as { entries: StatusEntry[] }).entries[0]!;
+    const files = e.lockspace!.locations;
+    expect(files.map((l) => l.what)).toEqual(['lock file (path)', 'lock file (inode)']);
+    for (const l of files) {
+      expect(l.holders!.holders.map((h) => [h.kind, h.mode, h.start, h.end])).toEqual([['OFD', 'exclusive', 0, 0], ['OFD', 'exclusive', 0, 0]]);
+      expect(l.holders!.holders.map((h) => h.pid)).toContain(run.child.pid);
+    }
+    const command = files[0]!.holders!.holders.find((h) => h.pid !== run.child.pid)!;
+    expect(command.command).toBe('sleep 1000');
+    const pids = [run.child.pid!, command.pid].sort((a, b) => a - b);
+    const table = lockmgr(['status', '--lockspace', dir, fx.path]).stdout.split('\n');
+    for (const l of files) {
+      const at = table.findIndex((line) => line.includes(l.path));
+      expect(table[at]).toBe(`  ${l.what.padEnd(20)}${l.path}: lease held exclusive (pid ${pids.join(', ')}), guard free`);
+      expect(table.slice(at + 1, at + 3).map((x) => x.replace(/^ +pid (\d+) +/, '$1 '))).toEqual(
+        pids.map((pid) => `${pid} ${pid === run.child.pid ? files[0]!.holders!.holders.find((h) => h.pid === pid)!.command : 'sleep 1000'}`),
+      );
+    }
+    // Every value starts in one column, a space after the longest label: none runs into its label.
+    const column = /^ {2}kind +/.exec(table[1]!)![0].length;
+    for (const line of table.slice(1).filter((x) => /^ {2}\S/.test(x))) expect([line, line[column - 1], line[column]]).toEqual([line, ' ', expect.stringMatching(/\S/)]);
   });
 });
