@@ -132,9 +132,9 @@ export function statusWhoRows(h: LockHolders, path: string, columns: number | un
   const width = commandWidth(columns, indent + pad.length);
   const held: string[] = [];
   for (const group of byPid(h.holders)) {
-    const fds = unique(group.flatMap((x) => (x.fds ?? []).map(String)));
     held.push(`${col(group[0]!.pid)}  ${abbreviate(group[0]!.command, width, path)}`);
-    held.push(`${pad}${unique(group.map(lockText)).join('; ')}${fds.length > 0 ? ` (fd ${fds.join(', ')})` : ''}`);
+    // Each lock on a line of its own, with the descriptors that hold it.
+    held.push(...unique(group.map((x) => `${pad}${lockText(x)}${x.fds !== null && x.fds.length > 0 ? ` (fd ${x.fds.join(', ')})` : ''}`)));
   }
   rows.push(['held by', held]);
   if (h.unreadable.length > 0) rows.push(['not named', h.unreadable.map((u) => unreadableLine(u, path, width))]);
