@@ -227,6 +227,44 @@ describe('busy and timeout errors carry holders and openers', () => {
     }
   });
 
+  it("LockManager 'wait': emitted once when a start begins to wait, with the busy error naming the holder; the start then gets the lease", async () => {
+    const h = await fx.peer.call<number>('open', fx.path);
+    await fx.peer.call('tryLock', h, 'exclusive', BYTE0);
+    const m = new LockManager();
+    try {
+      m.registerResource({ type: 'disk', path: fx.path, mode: 'exclusive' });
+      const waits: ResourceBusyError[] = [];
+      let release: Promise<unknown> | undefined;
+      m.on('wait', (busy) => {
+        waits.push(busy);
+        // The holder lets go only once the wait has been announced.
+        release = fx.peer.call('close', h);
+      });
+      await m.start('true', [], {}, { timeout: 60_000 });
+      await release;
+      expect(waits).toHaveLength(1);
+      expect(waits[0]).toBeInstanceOf(ResourceBusyError);
+      expect(waits[0]!.holders.map((x) => [x.pid, x.kind, x.mode])).toEqual([[fx.peer.child.pid, 'OFD', 'exclusive']]);
+      expect(waits[0]!.resource).toBe(fx.path);
+    } finally {
+      await m.free();
+    }
+    // Without a timeout or signal a start never waits, so never says so.
+    const h2 = await fx.peer.call<number>('open', fx.path);
+    await fx.peer.call('tryLock', h2, 'exclusive', BYTE0);
+    const n = new LockManager();
+    try {
+      n.registerResource({ type: 'disk', path: fx.path, mode: 'shared' });
+      let waited = 0;
+      n.on('wait', () => waited++);
+      await expect(n.start('true')).rejects.toBeInstanceOf(ResourceBusyError);
+      expect(waited).toBe(0);
+    } finally {
+      await n.free();
+      await fx.peer.call('close', h2);
+    }
+  });
+
   it("LockableFile.lock()'s LockTimeoutError names the holder, the waiters apart", async () => {
     const h = await fx.peer.call<number>('open', fx.path);
     await fx.peer.call('tryLock', h, 'exclusive', BYTE0);
