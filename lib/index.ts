@@ -3,7 +3,9 @@
 // README.md and docs/; nothing else is public.
 export {
   openLockable,
+  withLock,
   LockableFile,
+  HeldLock,
   type Access,
   type ByteRange,
   type LockConflict,
@@ -11,6 +13,7 @@ export {
   type LockOptions,
   type LockSyncOptions,
   type OpenOptions,
+  type WithLockOptions,
   type ResourceIdentity,
   type ResourceKind,
 } from './os/locks.js';

@@ -285,6 +285,23 @@ export class LockableFile implements Disposable {
     throw this.#lockError(-rv, mode, start, length);
   }
 
+  /**
+   * lock(), resolving to a handle that unlocks the range again: on release(),
+   * or at the end of a `using` / `await using` block (TypeScript 5.2+, or a
+   * Node with explicit resource management).
+   */
+  async hold(mode: LockMode, range?: ByteRange, options?: LockOptions): Promise<HeldLock> {
+    await this.lock(mode, range, options);
+    parseRange(range);
+    return new HeldLock(constructing, this, mode, rangeStart, rangeLength);
+  }
+
+  /** tryLock(), returning a handle that unlocks the range again (see hold()), or null when a conflicting lock is held. */
+  tryHold(mode: LockMode, range?: ByteRange): HeldLock | null {
+    if (!this.tryLock(mode, range)) return null;
+    return new HeldLock(constructing, this, mode, rangeStart, rangeLength);
+  }
+
   /** Releases the range. Unlocking what is not locked is a no-op. */
   unlock(range?: ByteRange): void {
     this.#check('unlock');
@@ -501,6 +518,75 @@ function typeError(path: string, type: number): LockManagerError {
     return new ResourceAccessError(`cannot lock '${path}': ${cause.message}`, { cause });
   }
   return new InvalidArgumentError(`'${path}' is a ${typeName(type)}; only regular files and block devices can be locked (it was not opened)`);
+}
+
+/**
+ * A lock taken with hold() or tryHold(). release() unlocks its range, as
+ * unlock(range) does: OFD locks of one open file description on overlapping
+ * ranges are one lock, so releasing one handle releases the overlap of the
+ * others too. Idempotent; a no-op once the file is closed (which released it).
+ */
+export class HeldLock implements Disposable, AsyncDisposable {
+  readonly file: LockableFile;
+  readonly mode: LockMode;
+  readonly start: number;
+  /** 0: to the end of the file and beyond. */
+  readonly length: number;
+  #released = false;
+
+  /** @internal */
+  constructor(token: symbol, file: LockableFile, mode: LockMode, start: number, length: number) {
+    if (token !== constructing) throw new InvalidStateError('use LockableFile.hold() or tryHold() to take a held lock');
+    this.file = file;
+    this.mode = mode;
+    this.start = start;
+    this.length = length;
+  }
+
+  get released(): boolean {
+    return this.#released || this.file.closed;
+  }
+
+  release(): void {
+    if (this.#released) return;
+    this.#released = true;
+    if (!this.file.closed) this.file.unlock({ start: this.start, length: this.length });
+  }
+
+  [Symbol.dispose](): void {
+    this.release();
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    this.release();
+  }
+}
+
+export interface WithLockOptions extends LockOptions {
+  /** The range to lock; default the whole file. */
+  range?: ByteRange;
+  /** How to open the file; default 'readwrite' for an exclusive lock, 'read' for a shared one. */
+  access?: Access;
+}
+
+/**
+ * Opens `path`, locks it (waiting as lock() does, within `timeout` / until
+ * `signal`), runs `fn` with the file, and always closes it (releasing the
+ * lock) when `fn` settles: the Web Locks API's request(name, options,
+ * callback), for a file. Resolves to what `fn` returns; rejects with what it
+ * throws, or with the open's or the wait's error (then `fn` never ran).
+ */
+export async function withLock<T>(path: string, mode: LockMode, fn: (file: LockableFile) => T | PromiseLike<T>, options?: WithLockOptions): Promise<T> {
+  checkOneOf(mode, ['exclusive', 'shared'] as const, 'mode');
+  if (typeof fn !== 'function') throw new InvalidArgumentError(`withLock needs a function to run holding the lock, got ${describe(fn)}`);
+  const opts: WithLockOptions = options === undefined ? NO_OPTIONS : checkOptions<WithLockOptions>(options, ['timeout', 'signal', 'range', 'access'], 'withLock options');
+  const file = openLockable(path, { access: opts.access ?? (mode === 'exclusive' ? 'readwrite' : 'read') });
+  try {
+    await file.lock(mode, opts.range, { timeout: opts.timeout, signal: opts.signal });
+    return await fn(file);
+  } finally {
+    file.close();
+  }
 }
 
 /**
