@@ -67,7 +67,7 @@ inline int64_t Int64Arg(const Napi::CallbackInfo& info, size_t i) {
   X(Clone3, "clone3") X(Clone, "clone") X(PidfdOpen, "pidfd_open") X(Mmap, "mmap")                  \
   X(Execve, "execve") X(Chdir, "chdir") X(Dup2, "dup2") X(Setsid, "setsid") X(Prctl, "prctl")       \
   X(CloseRange, "close_range") X(Pipe2, "pipe2") X(PidfdSendSignal, "pidfd_send_signal")            \
-  X(UvPollInit, "uv_poll_init") X(NapiInit, "napi_init") X(Fstat, "fstat") X(Fstatfs, "fstatfs")
+  X(UvPollInit, "uv_poll_init") X(NapiInit, "napi_init") X(Fstat, "fstat") X(Fstatfs, "fstatfs") X(Dup, "dup")
 
 enum Syscall : int {
 #define LOCKMGR_SYSCALL_ENUM(name, text) kSys##name,

@@ -345,6 +345,8 @@ export const ERRNO_CLASSES = {
   prctl: { '*': SpawnError },
   close_range: { '*': SpawnError },
   pidfd_send_signal: { EPERM: UnsupportedError, EINVAL: InvalidArgumentError },
+  // F_DUPFD_CLOEXEC of a caller's fd (openLockable(fd)); EINVAL: no fd number below RLIMIT_NOFILE.
+  dup: { EBADF: InvalidArgumentError, EMFILE: ResourceExhaustedError, EINVAL: ResourceExhaustedError },
 } as const satisfies Record<string, Readonly<Record<string, ErrorClass>>>;
 
 /** The system calls whose errors lockmgr maps. */

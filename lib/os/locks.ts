@@ -10,7 +10,8 @@
 // waiter thread (native/waiters.cc), never on the event loop or libuv's pool.
 // lockSync() is the one call that blocks its own thread in F_OFD_SETLKW, by
 // intent: for worker threads, scripts and benchmarks.
-import type { BigIntStats } from 'node:fs';
+import { readlinkSync, type BigIntStats } from 'node:fs';
+import type { FileHandle } from 'node:fs/promises';
 import {
   AbortError,
   InvalidArgumentError,
@@ -158,6 +159,10 @@ const constructing = Symbol('LockableFile');
 /** What an omitted options argument reads as: shared, so the common call allocates nothing for it. */
 const NO_OPTIONS: Readonly<Record<string, undefined>> = Object.freeze({});
 
+// The files opened from a caller's descriptor: a set, not a field, so that the
+// many files that are not pay nothing per held lock (docs/performance.md).
+const ADOPTED = new WeakSet<object>();
+
 /**
  * A file's identity. The key string is made when first read: most held locks
  * never need it, and each would otherwise carry ~40 B of string.
@@ -191,14 +196,20 @@ export class LockableFile implements Disposable {
   #waits: Set<PendingWait> | undefined = undefined;
 
   /** @internal */
-  constructor(token: symbol, fd: number, path: string, kind: ResourceKind, identity: ResourceIdentity, access: Access, created = false) {
+  constructor(token: symbol, fd: number, path: string, kind: ResourceKind, identity: ResourceIdentity, access: Access, created = false, adopted = false) {
     if (token !== constructing) throw new InvalidStateError('use openLockable() to open a lockable file');
     this.created = created;
+    if (adopted) ADOPTED.add(this);
     this.#fd = fd;
     this.path = path;
     this.kind = kind;
     this.identity = identity;
     this.access = access;
+  }
+
+  /** The descriptor is a duplicate of the caller's (openLockable(fd or FileHandle)): its open file description, and its locks, are shared with the caller's. */
+  get adopted(): boolean {
+    return ADOPTED.has(this);
   }
 
   /** The file descriptor (O_CLOEXEC). Hand it to a child to let the child carry the locks. */
@@ -420,6 +431,9 @@ export class LockableFile implements Disposable {
   }
 
   #closeFd(): void {
+    // The caller's fd keeps an adopted open file description, and with it
+    // every lock, alive: close() releases them as it promises.
+    if (this.adopted) native.setlk(this.#fd, UNLOCK, 0, 0);
     native.closeFd(this.#fd);
     this.#fd = -1;
   }
@@ -604,7 +618,22 @@ export async function withLock<T>(path: string, mode: LockMode, fn: (file: Locka
  * locked, ResourceAccessError when the open fails, the path is a directory or
  * (with `create`) the file is not a plausible lock file.
  */
-export function openLockable(path: string, options?: OpenOptions): LockableFile {
+export function openLockable(path: string, options?: OpenOptions): LockableFile;
+/**
+ * Locks what the caller already has open: a file descriptor, or a
+ * node:fs/promises FileHandle. The LockableFile works on a duplicate
+ * (F_DUPFD_CLOEXEC) of it, so its locks are the caller's open file
+ * description's: visible through the caller's fd, carried by it into a child.
+ * The caller keeps its fd and closes it as before; close() of the
+ * LockableFile releases every lock of that open file description (the
+ * caller's own included) and closes the duplicate only. `access` is how the fd
+ * was opened; `path` only names the file in messages (default: what
+ * /proc/self/fd says).
+ */
+export function openLockable(fd: number | FileHandle, options?: { path?: string }): LockableFile;
+export function openLockable(target: string | number | FileHandle, options?: OpenOptions | { path?: string }): LockableFile {
+  if (typeof target !== 'string') return adoptDescriptor(target, options as { path?: string } | undefined);
+  const path = target;
   checkPath(path);
   const opts: OpenOptions = options === undefined ? NO_OPTIONS : checkOptions<OpenOptions>(options, ['access', 'create'], 'openLockable options');
   const access = opts.access === undefined ? 'readwrite' : checkOneOf(opts.access, ['read', 'readwrite'] as const, 'access');
@@ -667,9 +696,54 @@ export function openLockable(path: string, options?: OpenOptions): LockableFile 
 }
 
 /** The LockableFile for an fd whose facts are in facts/ids. */
-function adopt(fd: number, path: string, access: Access, created: boolean): LockableFile {
+function adopt(fd: number, path: string, access: Access, created: boolean, adopted = false): LockableFile {
   if ((facts[MODE]! & S_IFMT) === S_IFBLK) {
-    return new LockableFile(constructing, fd, path, 'block-device', new Identity(ids[RDEV]!, 0n, true), access, created);
+    return new LockableFile(constructing, fd, path, 'block-device', new Identity(ids[RDEV]!, 0n, true), access, created, adopted);
   }
-  return new LockableFile(constructing, fd, path, 'file', new Identity(ids[DEV]!, ids[INO]!, false), access, created);
+  return new LockableFile(constructing, fd, path, 'file', new Identity(ids[DEV]!, ids[INO]!, false), access, created, adopted);
+}
+
+const { O_ACCMODE, O_RDONLY, O_RDWR, O_PATH } = constants.open;
+
+/** openLockable(fd | FileHandle): the caller's open file description, checked as a path's would be, through a duplicate. */
+function adoptDescriptor(target: number | FileHandle, options: { path?: string } | undefined): LockableFile {
+  const opts = options === undefined ? NO_OPTIONS : checkOptions<{ path?: string }>(options, ['path'], 'openLockable options');
+  let fd: number;
+  if (typeof target === 'number') {
+    if (!Number.isInteger(target) || target < 0 || target > 0x7fffffff) throw new InvalidArgumentError(`fd must be an integer >= 0, got ${describe(target)}`);
+    fd = target;
+  } else if (target !== null && typeof target === 'object' && typeof (target as { fd?: unknown }).fd === 'number' && typeof (target as { close?: unknown }).close === 'function') {
+    fd = target.fd;
+    // A closed FileHandle says -1.
+    if (fd < 0) throw new InvalidArgumentError('the FileHandle is closed');
+  } else {
+    throw new InvalidArgumentError(`openLockable needs a path, a file descriptor or a FileHandle, got ${describe(target)}`);
+  }
+  if (opts.path !== undefined && typeof opts.path !== 'string') throw new InvalidArgumentError(`path must be a string, got ${describe(opts.path)}`);
+  let path = opts.path;
+  if (path === undefined) {
+    try {
+      path = readlinkSync(`/proc/self/fd/${fd}`);
+    } catch {
+      path = `fd ${fd}`;
+    }
+  }
+  const flags = native.statusFlags(fd);
+  if (flags < 0) {
+    if (-flags === EBADF) throw new InvalidArgumentError(`fd ${fd} is not an open file descriptor`);
+    throw fromErrno('fcntl', -flags, path, `cannot read the flags of fd ${fd} ('${path}')`);
+  }
+  if ((flags & O_PATH) !== 0) throw new InvalidArgumentError(`fd ${fd} ('${path}') was opened with O_PATH, which cannot lock: open the file for reading`);
+  const mode = flags & O_ACCMODE;
+  if (mode !== O_RDONLY && mode !== O_RDWR) throw new InvalidArgumentError(`fd ${fd} ('${path}') was opened write-only; locks need it open for reading (shared) or reading and writing`);
+  const access: Access = mode === O_RDWR ? 'readwrite' : 'read';
+  const rv = native.statFd(fd, facts, ids);
+  if (rv < 0) throw fromErrno('open', -rv, path, `cannot stat fd ${fd} ('${path}')`);
+  const type = facts[MODE]! & S_IFMT;
+  if (type !== S_IFREG && type !== S_IFBLK) throw typeError(path, type);
+  const pseudo = type === S_IFREG ? (PSEUDO_FILESYSTEMS.get(facts[FS_TYPE]!) ?? null) : null;
+  if (pseudo !== null) throw new InvalidArgumentError(`'${path}' is on ${pseudo}, a pseudo filesystem of kernel interfaces; only regular files (of a real filesystem) and block devices can be locked`);
+  const dup = native.dupFd(fd);
+  if (dup < 0) throw nativeError(dup, `cannot duplicate fd ${fd} ('${path}')`, path);
+  return adopt(dup, path, access, false, true);
 }
