@@ -12,6 +12,7 @@ import { openLockspace } from '../lockspaces/index.js';
 import type { LockspaceDriver } from '../lockspaces/driver.js';
 import { AbortError, InvalidArgumentError, InvalidStateError, LockManagerError, LockTimeoutError, UnsupportedError, holdersOf, type ProcessInfo, type ResourceBusyError } from '../os/errors.js';
 import type { ExitStatus, SpawnOptions, SupervisedProcess } from '../os/supervise.js';
+import { CHANNELS, publish, traced } from '../os/trace.js';
 import { checkOptions, checkSignal, checkTimeout, describe } from '../os/validate.js';
 import { ResourceSet, type Resource } from './resources.js';
 import { StateMachine, WITH_CHILD, type ManagerState } from './states.js';
@@ -647,6 +648,9 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
 
   /** Emits an event; a listener that throws becomes a 'warning' instead of breaking the state machine. */
   #emitSafe<K extends keyof LockManagerEvents>(event: K, ...args: LockManagerEvents[K]): void {
+    // diagnostics_channel sees lock loss and the child's exit whether or not the manager's owner listens.
+    if (event === 'lock-failure' && traced(CHANNELS.lockLost)) publish(CHANNELS.lockLost, { manager: this, ...(args[0] as LockFailure) });
+    if (event === 'exit' && traced(CHANNELS.childExit)) publish(CHANNELS.childExit, { manager: this, pid: this.#child?.pid, ...(args[0] as ExitStatus) });
     try {
       (this.emit as (e: K, ...a: LockManagerEvents[K]) => boolean)(event, ...args);
     } catch (err) {

@@ -27,6 +27,7 @@ import {
 } from './errors.js';
 import { constants, failedSyscall, native, nativeError } from './native.js';
 import { holdersWords, lockHolders } from './proc-locks.js';
+import { CHANNELS, publish, traced } from './trace.js';
 import { cancelWait, ensureWakeSignal, startWait, watchAbort } from './waits.js';
 import { checkOffset, checkOneOf, checkOptions, checkPath, checkSignal, checkTimeout, describe } from './validate.js';
 
@@ -228,7 +229,10 @@ export class LockableFile implements Disposable {
     const type = lockType(mode);
     parseRange(range);
     const rv = native.setlk(this.#fd, type, rangeStart, rangeLength);
-    if (rv === 0) return true;
+    if (rv === 0) {
+      if (traced(CHANNELS.grant)) this.#traceLock(CHANNELS.grant, mode, rangeStart, rangeLength, false);
+      return true;
+    }
     if (rv === BUSY || rv === BUSY_OLD) return false;
     throw this.#lockError(-rv, mode, rangeStart, rangeLength);
   }
@@ -251,9 +255,13 @@ export class LockableFile implements Disposable {
       const signal = checkSignal(opts.signal);
       if (signal?.aborted) throw abortError(signal);
       const rv = native.setlk(this.#fd, type, start, length);
-      if (rv === 0) return Promise.resolve();
+      if (rv === 0) {
+        if (traced(CHANNELS.grant)) this.#traceLock(CHANNELS.grant, mode, start, length, false);
+        return Promise.resolve();
+      }
       if (rv !== BUSY && rv !== BUSY_OLD) throw this.#lockError(-rv, mode, start, length);
       if (timeout === 0) throw this.#timeoutError(mode, start, length, 0);
+      if (traced(CHANNELS.wait)) this.#traceLock(CHANNELS.wait, mode, start, length, undefined, timeout);
       return this.#wait(type, mode, start, length, timeout, signal);
     } catch (err) {
       return Promise.reject(err as Error);
@@ -283,13 +291,20 @@ export class LockableFile implements Disposable {
     } else {
       // With a deadline, a free lock must not pay for arming the timer.
       rv = native.setlk(this.#fd, type, start, length);
-      if (rv === 0) return;
+      if (rv === 0) {
+        if (traced(CHANNELS.grant)) this.#traceLock(CHANNELS.grant, mode, start, length, false);
+        return;
+      }
       if (rv !== BUSY && rv !== BUSY_OLD) throw this.#lockError(-rv, mode, start, length);
       if (timeout === 0) throw this.#timeoutError(mode, start, length, 0);
+      if (traced(CHANNELS.wait)) this.#traceLock(CHANNELS.wait, mode, start, length, undefined, timeout);
       ensureWakeSignal();
       rv = native.lockSync(this.#fd, type, start, length, timeout);
     }
-    if (rv === 0) return;
+    if (rv === 0) {
+      if (traced(CHANNELS.grant)) this.#traceLock(CHANNELS.grant, mode, start, length, true);
+      return;
+    }
     if (rv === -ETIMEDOUT) throw this.#timeoutError(mode, start, length, timeout ?? 0);
     // timer_create (ResourceExhaustedError for EAGAIN), or the lock itself.
     if (failedSyscall() !== 'fcntl') throw nativeError(rv, `cannot wait for ${article(mode)} lock on ${rangeText(start, length)} of '${this.path}'`, this.path);
@@ -319,6 +334,7 @@ export class LockableFile implements Disposable {
     parseRange(range);
     const rv = native.setlk(this.#fd, UNLOCK, rangeStart, rangeLength);
     if (rv !== 0) throw fromErrno('fcntl', -rv, this.path, `cannot unlock ${rangeText(rangeStart, rangeLength)} of '${this.path}'`);
+    if (traced(CHANNELS.release)) publish(CHANNELS.release, { file: this, path: this.path, fd: this.#fd, start: rangeStart, length: rangeLength, closed: false });
   }
 
   /** The lock that would block `mode` on the range (F_OFD_GETLK), or null. Our own locks never conflict. */
@@ -336,6 +352,7 @@ export class LockableFile implements Disposable {
   close(): void {
     if (this.#closed) return;
     this.#closed = true;
+    if (traced(CHANNELS.release)) publish(CHANNELS.release, { file: this, path: this.path, fd: this.#fd, start: 0, length: 0, closed: true });
     if (this.#waits === undefined || this.#waits.size === 0) {
       this.#closeFd();
       return;
@@ -366,8 +383,10 @@ export class LockableFile implements Disposable {
     file.#waits?.delete(wait);
     wait.unwatch?.();
     if (!wait.settled) {
-      if (errno === 0) wait.resolve();
-      else if (errno === ECANCELED && wait.signal?.aborted) wait.reject(abortError(wait.signal));
+      if (errno === 0) {
+        if (traced(CHANNELS.grant)) file.#traceLock(CHANNELS.grant, wait.mode, wait.start, wait.length, true);
+        wait.resolve();
+      } else if (errno === ECANCELED && wait.signal?.aborted) wait.reject(abortError(wait.signal));
       else if (errno === ETIMEDOUT) wait.reject(file.#timeoutError(wait.mode, wait.start, wait.length, wait.timeout ?? 0));
       else wait.reject(file.#lockError(errno, wait.mode, wait.start, wait.length));
     }
@@ -381,6 +400,10 @@ export class LockableFile implements Disposable {
       (this.#waits ??= new Set()).add(wait);
       if (signal !== undefined) wait.unwatch = watchAbort(signal, () => cancelWait(wait.id));
     });
+  }
+
+  #traceLock(ch: typeof CHANNELS.grant, mode: LockMode, start: number, length: number, waited: boolean | undefined, timeout?: number): void {
+    publish(ch, { file: this, path: this.path, fd: this.#fd, mode, start, length, waited, timeout });
   }
 
   #conflict(type: number, start: number, length: number): LockConflict | null {
@@ -697,10 +720,12 @@ export function openLockable(target: string | number | FileHandle, options?: Ope
 
 /** The LockableFile for an fd whose facts are in facts/ids. */
 function adopt(fd: number, path: string, access: Access, created: boolean, adopted = false): LockableFile {
-  if ((facts[MODE]! & S_IFMT) === S_IFBLK) {
-    return new LockableFile(constructing, fd, path, 'block-device', new Identity(ids[RDEV]!, 0n, true), access, created, adopted);
-  }
-  return new LockableFile(constructing, fd, path, 'file', new Identity(ids[DEV]!, ids[INO]!, false), access, created, adopted);
+  const file =
+    (facts[MODE]! & S_IFMT) === S_IFBLK
+      ? new LockableFile(constructing, fd, path, 'block-device', new Identity(ids[RDEV]!, 0n, true), access, created, adopted)
+      : new LockableFile(constructing, fd, path, 'file', new Identity(ids[DEV]!, ids[INO]!, false), access, created, adopted);
+  if (traced(CHANNELS.open)) publish(CHANNELS.open, { file, path, fd, access, kind: file.kind, created, adopted });
+  return file;
 }
 
 const { O_ACCMODE, O_RDONLY, O_RDWR, O_PATH } = constants.open;
