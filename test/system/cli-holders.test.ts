@@ -2,11 +2,11 @@
 // timeouts, `status` (table and --json), --conflict-exit-code, and untrusted
 // text (paths, command lines) escaped on every line it prints.
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdirSync } from 'node:fs';
+import { chmodSync, existsSync, mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import type { StatusEntry } from '../../lib/cli/main.js';
-import { lockFixture, makeFile, waitUntil } from '../helpers.js';
+import { isRoot, lockFixture, makeFile, waitUntil } from '../helpers.js';
 import { BIN, backgroundRuns, lockmgr, touchThen } from '../harness/cli.js';
 
 const fx = lockFixture();
@@ -276,5 +276,27 @@ describe('holders that are not lockmgr, named by the real binary', () => {
     // Every value starts in one column, a space after the longest label: none runs into its label.
     const column = /^ {2}kind +/.exec(table[1]!)![0].length;
     for (const line of table.slice(1).filter((x) => /^ {2}\S/.test(x))) expect([line, line[column - 1], line[column]]).toEqual([line, ' ', expect.stringMatching(/\S/)]);
+  });
+});
+
+describe.skipIf(!isRoot || !have('setpriv'))('a holder this user may not inspect', () => {
+  it('as nobody, a busy run and status report the lock as held by a process lockmgr cannot name, and why; never drop it', async () => {
+    // The observer must reach the file: a world-searchable directory, a world-readable file.
+    chmodSync(fx.tmp.dir, 0o755);
+    chmodSync(fx.path, 0o644);
+    const h = await holder();
+    const asNobody = (args: string[]) =>
+      spawnSync('setpriv', ['--reuid', '65534', '--regid', '65534', '--clear-groups', process.execPath, BIN, ...args], { encoding: 'utf8', timeout: 60_000 });
+    const r = asNobody(['run', '--shared', fx.path, '--', 'true']);
+    expect(r.status).toBe(75);
+    expect(r.stderr.trimEnd().split('\n')).toEqual([
+      `lockmgr: ${fx.path} is busy: an exclusive OFD lock on byte 0 is held by`,
+      expect.stringMatching(/^  a process lockmgr cannot name: an exclusive OFD lock on byte 0; held by a process this user may not inspect: .*could not be read/),
+    ]);
+    expect(r.stderr).not.toContain(String(h.pid));
+    const s = asNobody(['status', fx.path]);
+    expect(s.status).toBe(0);
+    expect(s.stdout).toContain('  lease (byte 0)      held exclusive (by a process not named here: see below)');
+    expect(s.stdout).toMatch(/^ {2}not named +a process lockmgr cannot name: an exclusive OFD lock on byte 0; /m);
   });
 });
