@@ -171,7 +171,7 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
         // spawn, or for the child's pid before it execs). A migration target
         // takes only the guard now; the source still holds the leases.
         take: async (s) => {
-          const opts = { wait, timeout: left(), signal: s ?? signal, onBusy: this.#onBusy };
+          const opts = { wait, timeout: left(), signal: s ?? signal, onBusy: this.#busyListener() };
           if (this.#incoming) await this.#resources.guard(opts);
           else await this.#resources.acquire(this.#resources.values(), opts);
           if (abandoned()) throw new AbortError('start() was abandoned: free() was called', { cause: signal.reason });
@@ -572,16 +572,24 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
    */
   async #acquireUnless(stop: AbortSignal, resources: Iterable<Resource>, options: { wait: boolean; timeout?: number; signal?: AbortSignal; checkGuard?: boolean }): Promise<void> {
     try {
-      await this.#resources.acquire(resources, { ...options, onBusy: this.#onBusy, signal: options.signal === undefined ? stop : AbortSignal.any([options.signal, stop]) });
+      await this.#resources.acquire(resources, { ...options, onBusy: this.#busyListener(), signal: options.signal === undefined ? stop : AbortSignal.any([options.signal, stop]) });
     } catch (err) {
       if (stop.aborted) throw stop.reason as Error;
       throw err;
     }
   }
 
+  /**
+   * The lockspace's onBusy, only while someone listens for 'wait': naming who
+   * is in the way scans /proc, which a wait nobody reports must not pay for.
+   */
+  #busyListener(): ((busy: ResourceBusyError) => void) | undefined {
+    return this.listenerCount('wait') > 0 ? this.#onBusy : undefined;
+  }
+
   /** A wait for a busy lease begins: the 'wait' event says who is in the way. */
   readonly #onBusy = (busy: ResourceBusyError): void => {
-    if (this.listenerCount('wait') > 0) this.#emitSafe('wait', busy);
+    this.#emitSafe('wait', busy);
   };
 
   #abortRun(why: string): void {

@@ -742,7 +742,7 @@ function adoptDescriptor(target: number | FileHandle, options: { path?: string }
     // A closed FileHandle says -1.
     if (fd < 0) throw new InvalidArgumentError('the FileHandle is closed');
   } else {
-    throw new InvalidArgumentError(`openLockable needs a path, a file descriptor or a FileHandle, got ${describe(target)}`);
+    throw new InvalidArgumentError(`path must be a string, a file descriptor or a FileHandle, got ${describe(target)}`);
   }
   if (opts.path !== undefined && typeof opts.path !== 'string') throw new InvalidArgumentError(`path must be a string, got ${describe(opts.path)}`);
   let path = opts.path;

@@ -68,7 +68,7 @@ describe('openLockable(fd)', () => {
     closeSync(fd);
     expect(() => openLockable(fd)).toThrow(/is not an open file descriptor/);
     for (const bad of [-1, 1.5, Number.NaN, 2 ** 31]) expect(() => openLockable(bad)).toThrow(InvalidArgumentError);
-    expect(() => openLockable({} as never)).toThrow(/needs a path, a file descriptor or a FileHandle/);
+    expect(() => openLockable({} as never)).toThrow(/path must be a string, a file descriptor or a FileHandle, got an object/);
     const w = openSync(fx.path, 'w');
     expect(() => openLockable(w)).toThrow(/write-only/);
     closeSync(w);

@@ -179,7 +179,7 @@ describe('lockmgr run', () => {
       ['path', true, 'exclusive', 'free'],
       ['inode', true, 'exclusive', 'free'],
     ]);
-    expect(lockmgr('status', '--lockspace', dir, fx.path).stdout).toMatch(/lock file \(path\) +\/.*: lease held exclusive, guard free/);
+    expect(lockmgr('status', '--lockspace', dir, fx.path).stdout).toMatch(new RegExp(`lock file \\(path\\) +/.*: lease held exclusive \\(pid (\\d+, )*${child.pid}(, \\d+)*\\), guard free`));
     child.kill('SIGTERM');
     await new Promise((res) => child.once('exit', res));
     expect(readdirSync(dir)).toEqual([]);
