@@ -243,3 +243,18 @@ export function syscallsOnPaths(args: readonly string[], paths: readonly string[
 export function opensUnderStrace(source: string, paths: readonly string[]): string[] | null {
   return syscallsOnPaths(['--input-type=module', '-e', source], paths);
 }
+
+/** The lock a third party finds on one byte of `file` (F_OFD_GETLK for a write lock): its mode, or 'free' (also when the file does not exist). */
+export function lockAt(file: string, byte: number): 'exclusive' | 'shared' | 'free' {
+  let f;
+  try {
+    f = openLockable(file, { access: 'read' });
+  } catch {
+    return 'free';
+  }
+  try {
+    return f.getConflict('exclusive', { start: byte, length: 1 })?.mode ?? 'free';
+  } finally {
+    f.close();
+  }
+}

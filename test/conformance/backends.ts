@@ -11,12 +11,12 @@ import { spawnSync } from 'node:child_process';
 import { mkdirSync, rmSync, unlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { openLockable, type LockManager, type LockspaceOptions, type ResourceMode, type ResourceRef, type ResourceSpec } from '../../lib/index.js';
+import { type LockManager, type LockspaceOptions, type ResourceMode, type ResourceRef, type ResourceSpec } from '../../lib/index.js';
 import type { Capabilities } from '../../lib/lockspaces/driver.js';
 import { indirectLockspace } from '../../lib/lockspaces/indirect.js';
 import { diskResourceName, leaseOwners, leaseResourceName } from '../../lib/lockspaces/sanlock-client.js';
 import { SanlockCluster, sanlockUnavailable } from '../harness/sanlock.js';
-import { waitUntil } from '../helpers.js';
+import { lockAt, waitUntil } from '../helpers.js';
 
 export type Host = 'A' | 'B';
 export type Seen = 'exclusive' | 'shared' | 'free';
@@ -113,23 +113,6 @@ function diskResource(path: string): PoolResource {
   };
 }
 
-/** The lock a third party sees on `range` of an OFD lease file: F_OFD_GETLK for a write lock. */
-function seenOn(file: string, start: number): Seen {
-  let f;
-  try {
-    f = openLockable(file, { access: 'read' });
-  } catch {
-    // A lock file that does not exist is held by nobody.
-    return 'free';
-  }
-  try {
-    const c = f.getConflict('exclusive', { start, length: 1 });
-    return c === null ? 'free' : c.mode;
-  } finally {
-    f.close();
-  }
-}
-
 /** The strongest of what several lock files show. */
 function strongest(seen: Seen[]): Seen {
   return seen.includes('exclusive') ? 'exclusive' : seen.includes('shared') ? 'shared' : 'free';
@@ -187,11 +170,11 @@ abstract class OfdBackend implements Backend {
   }
 
   #seen(r: PoolResource): Seen {
-    return strongest(this.files(r).map((f) => seenOn(f, 0)));
+    return strongest(this.files(r).map((f) => lockAt(f, 0)));
   }
 
   observeGuard(r: PoolResource): Seen {
-    return strongest(this.files(r).map((f) => seenOn(f, 1)));
+    return strongest(this.files(r).map((f) => lockAt(f, 1)));
   }
 
   holderNamed(h: { supervisor: number; vm: number }): RegExp {

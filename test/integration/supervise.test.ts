@@ -549,7 +549,7 @@ describe.each([
 
 test('where clone3 is ENOSYS (seccomp, old kernels) spawns fall back to clone + pidfd_open by themselves', () => {
   const shim = compileShim('deny-ofd', dir); // its DENY_CLONE3 filter
-  const supervise = JSON.stringify(new URL('../os/supervise.js', distUrl).href);
+  const supervise = JSON.stringify(new URL('./os/supervise.js', distUrl).href);
   const script = `import { spawnSupervised, SpawnError } from ${JSON.stringify(distUrl)};
     import { supervisionInfo } from ${supervise};
     const out = {};

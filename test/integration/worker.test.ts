@@ -88,7 +88,8 @@ it('terminating workers while results are being delivered never crashes the proc
     }
     console.log(JSON.stringify('survived'));`;
   expect(runScript(script)).toBe('survived');
-});
+  // 120 workers one after another: a minute or more on a loaded 2-core machine. A hang guard only.
+}, 300_000);
 
 it('blocking waits keep working in workers loaded after the first one that loaded the addon has ended', () => {
   // Only workers load lockmgr here, so Node may unload the addon between them.

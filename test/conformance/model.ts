@@ -1,14 +1,17 @@
-// Property-based tests of LockManager (fast-check): random call sequences are
-// run against a real manager (real files, a real child process, a real second
-// lock holder) and against a small reference model of the state machine,
-// written from docs/contract.md. After every call: the state, the registered
-// resources and the locks an observer sees on each file must be the model's,
+// Property-based tests of LockManager (fast-check), a row of the conformance
+// suite run against every lockspace (model-{direct,indirect,sanlock}.test.ts):
+// random call sequences are run against a real manager (real disks of the
+// backend's pool, a real child process, a real second lease holder: other
+// managers with VMs of their own) and against a small reference model of the
+// state machine, written from docs/contract.md. After every call: the state,
+// the registered resources and the leases a third party sees on each disk
+// (Backend.observe) must be the model's,
 // and every rejection must be the documented error class for that call in
 // that state. After every sequence: nothing leaks (fds back at the baseline,
-// no child, no lock on the test files).
+// no child, the whole pool free).
 //
 // Environment: LOCKMGR_FC_SEED (fast-check's seed; default a fresh one,
-// printed), LOCKMGR_FC_RUNS (default 150), and for a replay LOCKMGR_FC_PATH
+// printed), LOCKMGR_FC_RUNS (default: the backend file's), and for a replay LOCKMGR_FC_PATH
 // (fast-check's counterexample path) with LOCKMGR_FC_REPLAY_PATH (fc.commands'
 // replayPath). A failure prints all of them as one line to paste:
 // LOCKMGR_FC_SEED=<seed> LOCKMGR_FC_PATH=<path> LOCKMGR_FC_REPLAY_PATH=<replayPath>
@@ -17,22 +20,11 @@
 // child's exit event after it was killed or exited.
 import fc from 'fast-check';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import {
-  InvalidArgumentError,
-  InvalidStateError,
-  LockManager,
-  LockManagerError,
-  ResourceBusyError,
-  SpawnError,
-  openLockable,
-  type LockableFile,
-  type ManagerState,
-  type ResourceMode,
-} from '../../lib/index.js';
-import { locksOn } from '../../lib/os/proc-locks.js';
-import { fdCount, makeFile, tempDir } from '../helpers.js';
+import { InvalidArgumentError, InvalidStateError, LockManager, LockManagerError, ResourceBusyError, SpawnError, type ManagerState, type ResourceMode } from '../../lib/index.js';
+import { fdCount } from '../helpers.js';
 import { childrenOf } from '../harness/process-helpers.js';
 import { seedFrom } from '../harness/seeded.js';
+import type { Backend } from './backends.js';
 
 type LockMode = 'exclusive' | 'shared';
 type ErrorName = 'InvalidArgumentError' | 'InvalidStateError' | 'ResourceBusyError' | 'SpawnError';
@@ -51,7 +43,7 @@ interface Model {
   resources: Map<number, ResourceMode>;
   /** The target named by prepareMigrate(). */
   targetUri: string | null;
-  /** The lock the other holder has on byte 0 of each file. */
+  /** The lease the other holder has on each file. */
   external: Map<number, LockMode>;
 }
 
@@ -71,11 +63,10 @@ const busy = (m: Model, i: number, mode: ResourceMode): boolean => {
 
 interface Real {
   mgr: LockManager;
+  b: Backend;
   paths: string[];
-  /** The other lock holder: one open file description per file. */
-  external: LockableFile[];
-  /** Sees the locks on byte 0 of each file. */
-  observers: LockableFile[];
+  /** The other lease holder: a manager with a VM of its own per file it holds. */
+  external: Array<LockManager | null>;
 }
 
 type Outcome = { ok: unknown } | { error: ErrorName | ErrorName[] };
@@ -103,8 +94,8 @@ function expectOutcome(actual: { ok: unknown } | { error: unknown }, expected: O
   expect(err).toBeInstanceOf(ERRORS[err.name as ErrorName]);
 }
 
-/** After every command: the real manager and the files look like the model. */
-function checkAgainstModel(m: Model, r: Real, what: string): void {
+/** After every command: the real manager and the leases look like the model. */
+async function checkAgainstModel(m: Model, r: Real, what: string): Promise<void> {
   expect(r.mgr.state, `${what}: state`).toBe(m.state);
   const expected = m.state === 'freed' ? [] : [...m.resources].map(([i, mode]) => [r.paths[i], mode, holds(m)]).sort();
   const actual = r.mgr.resources.map((x) => [x.path, x.mode, x.held]).sort();
@@ -114,7 +105,7 @@ function checkAgainstModel(m: Model, r: Real, what: string): void {
     if (holds(m) && m.resources.has(i)) modes.push(lockModeOf(m.resources.get(i)!));
     if (m.external.has(i)) modes.push(m.external.get(i)!);
     const strongest = modes.includes('exclusive') ? 'exclusive' : modes.length > 0 ? 'shared' : null;
-    expect(r.observers[i]!.getConflict('exclusive', { start: 0, length: 1 })?.mode ?? null, `${what}: lock on byte 0 of file ${i}`).toBe(strongest);
+    expect(await r.b.observe(r.b.disks[i]!), `${what}: the lease of file ${i}`).toBe(strongest ?? 'free');
   }
 }
 
@@ -140,7 +131,7 @@ abstract class Command implements fc.AsyncCommand<Model, Real> {
     const key = `${this.constructor.name} in ${m.state}: ${'ok' in actual ? 'ok' : (actual.error as Error).name}`;
     tally.set(key, (tally.get(key) ?? 0) + 1);
     if ('ok' in expected) this.apply(m);
-    checkAgainstModel(m, r, this.toString());
+    await checkAgainstModel(m, r, this.toString());
   }
 }
 
@@ -158,7 +149,7 @@ class Register extends Command {
     m.resources.set(this.i, this.mode);
   }
   call(r: Real): Promise<unknown> {
-    return Promise.resolve().then(() => r.mgr.registerResource({ type: 'disk', path: r.paths[this.i]!, mode: this.mode }));
+    return Promise.resolve().then(() => r.mgr.registerResource(r.b.disks[this.i]!.spec(this.mode)));
   }
   toString(): string {
     return `registerResource(file${this.i}, ${this.mode})`;
@@ -209,7 +200,7 @@ class Acquire extends Command {
     m.resources.set(this.i, this.mode);
   }
   call(r: Real): Promise<unknown> {
-    return r.mgr.acquireResource({ type: 'disk', path: r.paths[this.i]!, mode: this.mode });
+    return r.mgr.acquireResource(r.b.disks[this.i]!.spec(this.mode));
   }
   toString(): string {
     return `acquireResource(file${this.i}, ${this.mode})`;
@@ -380,10 +371,13 @@ class ChildDies extends Command {
   }
 }
 
-/** Another lock holder (another open file description) takes, or fails to take, byte 0 of a file. */
+/** Another lease holder (a manager with a VM of its own) takes, or fails to take, a file's lease. */
 class ExternalLock extends Command {
   constructor(readonly i: number, readonly mode: LockMode) {
     super();
+  }
+  override check(m: Readonly<Model>): boolean {
+    return !m.external.has(this.i);
   }
   #blocked(m: Model): boolean {
     const mine = m.resources.get(this.i);
@@ -395,11 +389,21 @@ class ExternalLock extends Command {
   apply(m: Model): void {
     if (!this.#blocked(m)) m.external.set(this.i, this.mode);
   }
-  call(r: Real): Promise<unknown> {
-    return Promise.resolve(r.external[this.i]!.tryLock(this.mode, { start: 0, length: 1 }));
+  async call(r: Real): Promise<unknown> {
+    const other = new LockManager({ lockspace: r.b.lockspace('A') });
+    other.registerResource(r.b.disks[this.i]!.spec(this.mode));
+    try {
+      await other.start('sleep', ['1000'], { stdio: 'ignore' });
+    } catch (err) {
+      await other.free();
+      if (err instanceof ResourceBusyError) return false;
+      throw err;
+    }
+    r.external[this.i] = other;
+    return true;
   }
   toString(): string {
-    return `other.tryLock(file${this.i}, ${this.mode})`;
+    return `other.take(file${this.i}, ${this.mode})`;
   }
 }
 
@@ -413,11 +417,14 @@ class ExternalUnlock extends Command {
   apply(m: Model): void {
     m.external.delete(this.i);
   }
-  call(r: Real): Promise<unknown> {
-    return Promise.resolve(r.external[this.i]!.unlock({ start: 0, length: 1 }));
+  async call(r: Real): Promise<unknown> {
+    const other = r.external[this.i];
+    r.external[this.i] = null;
+    await other?.free();
+    return undefined;
   }
   toString(): string {
-    return `other.unlock(file${this.i})`;
+    return `other.free(file${this.i})`;
   }
 }
 
@@ -487,66 +494,55 @@ const commands = [
 
 // ---------------------------------------------------------------------------
 
-describe('LockManager against its reference model (fast-check)', () => {
-  let tmp: ReturnType<typeof tempDir>;
-  let paths: string[];
-  let external: LockableFile[];
-  let observers: LockableFile[];
+/** The model row of the conformance suite against one backend; `runs`: its default number of sequences (LOCKMGR_FC_RUNS overrides). */
+export function modelConformance(b: Backend, runs: number): void {
+  const why = b.unavailable();
+  if (why !== null) console.warn(`model conformance (${b.name}) skipped: ${why}`);
+  describe.skipIf(why !== null)(`LockManager against its reference model (fast-check): ${b.name}`, () => {
+    beforeAll(() => b.setup(), 120_000);
+    afterAll(() => b.teardown(), 60_000);
 
-  beforeAll(() => {
-    tmp = tempDir();
-    paths = Array.from({ length: FILES }, (_, i) => makeFile(tmp.dir, `disk${i}.img`));
-    external = paths.map((p) => openLockable(p));
-    observers = paths.map((p) => openLockable(p, { access: 'read' }));
+    it('every call sequence matches the model, every rejection is the documented class, and nothing leaks', async () => {
+      const seed = seedFrom('LOCKMGR_FC_SEED');
+      const numRuns = Number(process.env.LOCKMGR_FC_RUNS ?? runs);
+      const path = process.env.LOCKMGR_FC_PATH || undefined;
+      const replayPath = process.env.LOCKMGR_FC_REPLAY_PATH || undefined;
+      const file = `test/conformance/model-${b.name}.test.ts`;
+      console.log(`model (${b.name}): fast-check seed ${seed}, ${numRuns} runs (replay with LOCKMGR_FC_SEED=${seed})${path === undefined ? '' : `, from path ${path}`}`);
+      const paths = Array.from({ length: FILES }, (_, i) => b.disks[i]!.path);
+      const warm = new LockManager({ lockspace: b.lockspace('A') });
+      await warm.start('true', [], { stdio: 'ignore' });
+      await warm.free();
+      // The backend's own children (sanlock daemons) are the baseline: no VM is left beside them.
+      const baseline = { fds: fdCount(), children: childrenOf() };
+      let sequences = 0;
+      let calls = 0;
+      const details = await fc.check(
+        fc.asyncProperty(fc.commands(commands, { maxCommands: 40, size: 'large', replayPath }), async (cmds) => {
+          const real: Real = { mgr: new LockManager({ lockspace: b.lockspace('A') }), b, paths, external: paths.map(() => null) };
+          const model: Model = { state: 'new', resources: new Map(), targetUri: null, external: new Map() };
+          try {
+            await fc.asyncModelRun(() => ({ model, real }), cmds);
+            sequences++;
+            calls += [...cmds].length;
+          } finally {
+            await real.mgr.free();
+            for (const other of real.external) await other?.free();
+          }
+          expect(fdCount(), 'fds').toBe(baseline.fds);
+          expect(childrenOf(), 'children').toEqual(baseline.children);
+          // Nothing held by anyone (sanlock: written free on the storage).
+          await b.settle();
+        }),
+        { seed: seed | 0, numRuns, path, endOnFailure: path !== undefined },
+      );
+      if (details.failed) {
+        const failingReplayPath = details.counterexample === null ? undefined : /replayPath="([^"]*)"/.exec(fc.stringify(details.counterexample))?.[1];
+        const replay = [`LOCKMGR_FC_SEED=${seed}`, details.counterexamplePath === null ? '' : `LOCKMGR_FC_PATH=${details.counterexamplePath}`, failingReplayPath === undefined ? '' : `LOCKMGR_FC_REPLAY_PATH=${failingReplayPath}`].filter((x) => x !== '').join(' ');
+        expect.fail(`${fc.defaultReportMessage(details) ?? 'the property failed'}\nreplay: ${replay} npx vitest run ${file}`);
+      }
+      console.log(`model (${b.name}): ${sequences} sequences, ${calls} calls, all as the model says:\n${[...tally].sort().map(([k, n]) => `  ${k}: ${n}`).join('\n')}`);
+      if (path === undefined) expect(sequences).toBe(numRuns);
+    }, 1_800_000);
   });
-  afterAll(() => {
-    for (const f of [...external, ...observers]) f.close();
-    tmp.cleanup();
-  });
-
-  it('every call sequence matches the model, every rejection is the documented class, and nothing leaks', async () => {
-    const seed = seedFrom('LOCKMGR_FC_SEED');
-    const numRuns = Number(process.env.LOCKMGR_FC_RUNS ?? 150);
-    const path = process.env.LOCKMGR_FC_PATH || undefined;
-    const replayPath = process.env.LOCKMGR_FC_REPLAY_PATH || undefined;
-    console.log(`model.test: fast-check seed ${seed}, ${numRuns} runs (replay with LOCKMGR_FC_SEED=${seed})${path === undefined ? '' : `, from path ${path}`}`);
-    // Warm up what the first spawn sets up once per process, so the fd baseline is fair.
-    const warm = new LockManager();
-    await warm.start('true', [], { stdio: 'ignore' });
-    await warm.free();
-    const baseline = { fds: fdCount(), children: childrenOf() };
-    expect(baseline.children).toEqual([]);
-    let sequences = 0;
-    let calls = 0;
-    const details = await fc.check(
-      fc.asyncProperty(fc.commands(commands, { maxCommands: 40, size: 'large', replayPath }), async (cmds) => {
-        const real: Real = { mgr: new LockManager(), paths, external, observers };
-        const model: Model = { state: 'new', resources: new Map(), targetUri: null, external: new Map() };
-        try {
-          await fc.asyncModelRun(() => ({ model, real }), cmds);
-          sequences++;
-          calls += [...cmds].length;
-        } finally {
-          await real.mgr.free();
-          for (const f of external) f.unlock({ start: 0, length: 1 });
-        }
-        // Nothing leaks: fds back at the baseline, no child (not even a zombie), no lock on any test file.
-        expect(fdCount(), 'fds').toBe(baseline.fds);
-        expect(childrenOf(), 'children').toEqual([]);
-        for (const p of paths) expect(locksOn(p), `locks on ${p}`).toEqual([]);
-      }),
-      // A path replays that counterexample first and stops at its failure.
-      // (fast-check takes a 32-bit signed seed.)
-      { seed: seed | 0, numRuns, path, endOnFailure: path !== undefined },
-    );
-    if (details.failed) {
-      // The failing sequence prints as 'cmd,cmd,... /*replayPath="..."*/': fc.commands needs that back to rebuild it.
-      const failingReplayPath = details.counterexample === null ? undefined : /replayPath="([^"]*)"/.exec(fc.stringify(details.counterexample))?.[1];
-      const replay = [`LOCKMGR_FC_SEED=${seed}`, details.counterexamplePath === null ? '' : `LOCKMGR_FC_PATH=${details.counterexamplePath}`, failingReplayPath === undefined ? '' : `LOCKMGR_FC_REPLAY_PATH=${failingReplayPath}`].filter((x) => x !== '').join(' ');
-      expect.fail(`${fc.defaultReportMessage(details) ?? 'the property failed'}\nreplay: ${replay} npx vitest run test/unit/model.test.ts`);
-    }
-    console.log(`model.test: ${sequences} sequences, ${calls} calls, all as the model says:\n${[...tally].sort().map(([k, n]) => `  ${k}: ${n}`).join('\n')}`);
-    // A replay (LOCKMGR_FC_PATH) runs the one sequence at that path.
-    if (path === undefined) expect(sequences).toBe(numRuns);
-  });
-});
+}
