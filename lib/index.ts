@@ -3,7 +3,9 @@
 // README.md and docs/; nothing else is public.
 export {
   openLockable,
+  withLock,
   LockableFile,
+  HeldLock,
   type Access,
   type ByteRange,
   type LockConflict,
@@ -11,6 +13,7 @@ export {
   type LockOptions,
   type LockSyncOptions,
   type OpenOptions,
+  type WithLockOptions,
   type ResourceIdentity,
   type ResourceKind,
 } from './os/locks.js';
@@ -39,6 +42,13 @@ export {
   InternalError,
   SpawnError,
   type LockHolder,
+  type LockHolders,
+  type LockHolderProcess,
+  type FileOpener,
+  type UnreadableHolder,
+  type LockKind,
+  type HoldersOptions,
+  type LockTimeoutOptions,
   type ProcessInfo,
   type ResourceBusyOptions,
   type SystemError,
@@ -67,6 +77,6 @@ export {
 } from './manager/manager.js';
 export type { Capabilities, Capability } from './lockspaces/driver.js';
 export type { DirectLockspaceConfig, IndirectLockspaceConfig, SanlockLockspaceConfig } from './lockspaces/index.js';
-export { locksOn, parseProcLocks, processesWithOpen, type ProcLock, type ProcLockKind } from './os/proc-locks.js';
+export { lockHolders, locksOn, parseProcLocks, processesWithOpen, type LockHoldersOptions, type ProcLock, type ProcLockKind } from './os/proc-locks.js';
 export { QEMU_PERMISSIONS, qemuDiskArgs, qemuLockState, type QemuDiskOptions, type QemuLockState, type QemuPermission } from './os/qemu.js';
 export * as sanlock from './lockspaces/sanlock-public.js';

@@ -68,7 +68,7 @@ inline int64_t Int64Arg(const Napi::CallbackInfo& info, size_t i) {
   X(Execve, "execve") X(Chdir, "chdir") X(Dup2, "dup2") X(Setsid, "setsid") X(Prctl, "prctl")       \
   X(CloseRange, "close_range") X(Pipe2, "pipe2") X(PidfdSendSignal, "pidfd_send_signal")            \
   X(UvPollInit, "uv_poll_init") X(NapiInit, "napi_init") X(Fstat, "fstat") X(Fstatfs, "fstatfs")      \
-  X(PidfdGetfd, "pidfd_getfd") X(Kcmp, "kcmp") X(Ioctl, "ioctl")
+  X(PidfdGetfd, "pidfd_getfd") X(Kcmp, "kcmp") X(Ioctl, "ioctl") X(Dup, "dup")
 
 enum Syscall : int {
 #define LOCKMGR_SYSCALL_ENUM(name, text) kSys##name,

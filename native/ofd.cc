@@ -224,6 +224,22 @@ Napi::Value ReopenFd(const Napi::CallbackInfo& info) {
   return Int(info.Env(), rv);
 }
 
+// dupFd(fd) -> fd | -errno: a new descriptor (F_DUPFD_CLOEXEC) of a caller's
+// open file description, whose locks are the caller's too; tracked like ours.
+// Its status flags are the caller's and stay untouched.
+Napi::Value DupFd(const Napi::CallbackInfo& info) {
+  int fd = fcntl(Int32Arg(info, 0), F_DUPFD_CLOEXEC, 0);
+  if (fd < 0) return Int(info.Env(), Fail(kSysDup, errno));
+  Track(GetAddonData(info.Env()), fd);
+  return Int(info.Env(), fd);
+}
+
+// statusFlags(fd) -> the F_GETFL flags | -errno: how a caller's fd was opened.
+Napi::Value StatusFlags(const Napi::CallbackInfo& info) {
+  int fl = fcntl(Int32Arg(info, 0), F_GETFL);
+  return Int(info.Env(), fl < 0 ? Fail(kSysFcntl, errno) : fl);
+}
+
 // createFile(path) -> fd | -errno: a new lock file, or EEXIST. O_EXCL makes
 // "we created it" a fact; O_NOFOLLOW refuses a symlink planted at the name.
 Napi::Value CreateFile(const Napi::CallbackInfo& info) {
@@ -349,6 +365,8 @@ void TrackLockFd(Napi::Env env, int fd) { Track(GetAddonData(env), fd); }
 
 void InitOfd(Napi::Env env, Napi::Object exports, Napi::Object constants) {
   constants["lock"] = Constants(env, {{"SHARED", kShared}, {"EXCLUSIVE", kExclusive}, {"UNLOCK", kUnlock}});
+  // statusFlags' access bits.
+  constants["open"] = Constants(env, {{"O_ACCMODE", O_ACCMODE}, {"O_RDONLY", O_RDONLY}, {"O_WRONLY", O_WRONLY}, {"O_RDWR", O_RDWR}, {"O_PATH", O_PATH}});
   // Where openPath/statFd put each fact, and the file-type bits lib/ decides on.
   constants["stat"] = Constants(env, {{"MODE", kStatMode},
                                       {"UID", kStatUid},
@@ -383,7 +401,8 @@ void InitOfd(Napi::Env env, Napi::Object exports, Napi::Object constants) {
   exports["setlk"] = setlk;
   Export(env, exports,
          {{"openPath", OpenPath}, {"reopenFd", ReopenFd}, {"createFile", CreateFile}, {"statFd", StatFd}, {"getlk", GetLk}, {"closeFd", CloseFd},
-          {"retireFd", RetireFd}, {"kcmp", Kcmp}, {"loopStatus", LoopStatus}, {"strerror", StrError}});
+          {"retireFd", RetireFd}, {"kcmp", Kcmp}, {"loopStatus", LoopStatus}, {"dupFd", DupFd}, {"statusFlags", StatusFlags},
+          {"strerror", StrError}});
 }
 
 }  // namespace lockmgr

@@ -1,92 +1,103 @@
 // The lockmgr command line: `run` holds leases around a command, `status` says
 // who holds what. docs/cli.md documents the flags, exit codes and --json.
-import { EXIT, fail, stdio, type Output } from './args.js';
-import { run } from './run.js';
-import { status } from './status.js';
-import { LOCKSPACE_SPEC_HELP, LOCKSPACE_TOOLS } from '../lockspaces/index.js';
+//
+// This file loads nothing that loads the native addon: each subcommand is
+// imported when it runs, so `lockmgr --help`, `--version` and usage errors
+// work (and are quick) even where the addon cannot be loaded.
+import { readFileSync } from 'node:fs';
+import { LOCKSPACE_TOOLS } from '../lockspaces/tools.js';
+import { EXIT, escapedWriter, fail, stdio, usage, wantsHelp, type Output } from './args.js';
+import { RUN_HELP, STATUS_HELP } from './help.js';
+import { parseRun, parseStatus } from './parse.js';
 
 export { EXIT, exitCodeFor, type Output } from './args.js';
 export type { StatusEntry } from './status.js';
 
-const VERSION = '0.1.0';
+/** The package's version, from its package.json. */
+export function version(): string {
+  return (JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string }).version;
+}
 
-export const HELP = `usage:
-  lockmgr run [--exclusive PATH]... [--shared PATH]... [--readonly PATH]...
-              [--lockspace SPEC] [--wait SECONDS] [--lifetime child|supervisor] [--qemu-compatible]
-              [--verify-interval SECONDS] [--on-lock-failure poweroff|pause|ignore]
-              [--name NAME] [--uuid UUID] [--id ID] [--uri URI] -- COMMAND [ARG...]
-  lockmgr run --adopt PID [--exclusive PATH]... [--shared PATH]... [--readonly PATH]...
-              [--lockspace SPEC] [--verify-interval SECONDS] [--on-lock-failure ACTION]
-  lockmgr status [--json] [--lockspace SPEC] PATH...
-${LOCKSPACE_TOOLS.map((t) => `  ${t.usage}\n`).join('')}  lockmgr --help | --version
+const width = Math.max(...['run', 'status', ...LOCKSPACE_TOOLS.map((t) => t.name)].map((n) => n.length)) + 3;
 
-run     Acquires every resource (all or nothing, in one canonical order), runs
-        COMMAND holding the leases, forwards SIGTERM, SIGINT and SIGHUP to it
-        (SIGINT and SIGHUP only when they did not come from the terminal),
-        releases the leases after it has been reaped, and exits with its exit
-        status (128 + the signal number if a signal killed it).
-        --lockspace SPEC     where the leases live: ${LOCKSPACE_SPEC_HELP}
-        --wait SECONDS       wait for busy resources (default: fail at once)
-        --lifetime child     the command keeps its leases if lockmgr dies (default)
-        --lifetime supervisor the command is killed if lockmgr dies
-        --qemu-compatible    also take QEMU's permission locks, so qemu-img and
-                             qemu-io refuse to write or resize the images;
-                             a QEMU run as COMMAND must open each image through
-                             the descriptor in $LOCKMGR_QEMU_FD(S): -add-fd
-                             fd=N,set=N -blockdev driver=file,filename=/dev/fdset/N
-        --adopt PID          take over a running process whose supervisor is gone,
-                             with the leases it holds (name each, in its mode),
-                             instead of running a command; exits 0 once it exits
-        --verify-interval SECONDS check that every lease is still held this often;
-                             0 never. Default: 10 where the lockspace declares
-                             that its leases can be lost (losable), else never
-        --on-lock-failure ACTION what to do with the command when a lease is
-                             found lost: poweroff (SIGKILL, the default), pause
-                             (SIGSTOP) or ignore; always reported on stderr
-status  For each PATH: the lease (byte 0), the migration guard (byte 1), QEMU's
-        permission locks (bytes 100-299), the locks in /proc/locks, and the
-        processes that have the file open. --json prints one JSON document.
+export const HELP = `usage: lockmgr COMMAND [OPTION]... [ARG]...
+
+commands:
+  ${'run'.padEnd(width)}hold leases on disks while a command runs
+  ${'status'.padEnd(width)}say who holds what on each disk, and who else has it open
+${LOCKSPACE_TOOLS.map((t) => `  ${t.name.padEnd(width)}${t.summary}\n`).join('')}
+  lockmgr COMMAND --help    (or lockmgr help COMMAND) for the command's options
+
+options:
+  -h, --help     print this help
+  -V, --version  print the version
 
 exit status:
   0    success (run: the command's own exit status)
-  64   usage error: unknown flag, bad value, missing command
-  66   a resource cannot be opened: missing, not permitted, a directory
+  64   usage error: unknown option, bad value, missing command
+  66   a PATH cannot be used: missing, not permitted, a directory, a FIFO or character device
   69   unsupported: the filesystem or kernel cannot lock, or a feature is absent
   70   internal error
   71   a system limit: too many open files (ulimit -n), processes or threads,
        a full disk; raise the limit or use fewer disks (retrying will not help)
-  75   busy: a resource is held by someone else (or the wait ran out); try again
+  75   busy: a resource is held by someone else, or --wait ran out (run: see --conflict-exit-code)
   126  the command exists but cannot be executed
   127  the command was not found
+
+Details and examples: docs/cli.md
 `;
 
+const HELPS: Readonly<Record<string, string>> = { run: RUN_HELP, status: STATUS_HELP };
 
 export async function main(argv: readonly string[], out: Output = stdio): Promise<number> {
   const [command, ...rest] = argv;
   try {
     switch (command) {
       case 'run':
-        return await run(rest, out);
-      case 'status':
-        return await status(rest, out);
+      case 'status': {
+        // The command line is checked (and --help answered) before the
+        // subcommand, and with it the native addon, is loaded.
+        if (wantsHelp(rest)) {
+          out.out(HELPS[command]!);
+          return EXIT.ok;
+        }
+        if (command === 'run') {
+          const args = parseRun(rest);
+          return await (await import('./run.js')).run(args, out);
+        }
+        const args = parseStatus(rest);
+        return await (await import('./status.js')).status(args, out);
+      }
       case '--help':
       case '-h':
-      case 'help':
-        out.out(HELP);
-        return EXIT.ok;
+      case 'help': {
+        const topic = rest[0];
+        if (topic === undefined) {
+          out.out(HELP);
+          return EXIT.ok;
+        }
+        if (HELPS[topic] !== undefined) {
+          out.out(HELPS[topic]);
+          return EXIT.ok;
+        }
+        const tool = LOCKSPACE_TOOLS.find((t) => t.name === topic);
+        if (tool !== undefined) return await tool.run(['--help'], escapedWriter(out));
+        throw usage(`no help for '${topic}': the commands are run, status${LOCKSPACE_TOOLS.map((t) => `, ${t.name}`).join('')}`);
+      }
       case '--version':
-        out.out(`lockmgr ${VERSION}\n`);
+      case '-V':
+        out.out(`lockmgr ${version()}\n`);
         return EXIT.ok;
+      case undefined:
+        throw usage('a command is needed: run, status');
       default: {
-        // A lockspace's own set-up commands: lib/lockspaces/index.ts.
+        // A lockspace's own set-up commands: lib/lockspaces/tools.ts.
         const tool = LOCKSPACE_TOOLS.find((t) => t.name === command);
-        if (tool !== undefined) return await tool.run(rest, (t) => out.out(t));
-        out.err(`lockmgr: ${command === undefined ? 'a command is needed' : `unknown command '${command}'`}\n\n${HELP}`);
-        return EXIT.usage;
+        if (tool !== undefined) return await tool.run(rest, escapedWriter(out));
+        throw usage(command.startsWith('-') ? `unknown option '${command}'` : `unknown command '${command}'`);
       }
     }
   } catch (err) {
     return fail(err, out);
   }
 }
-

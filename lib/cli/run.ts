@@ -2,10 +2,13 @@
 import { readFileSync } from 'node:fs';
 import { constants as osConstants } from 'node:os';
 import { openLockspace, parseLockspaceSpec } from '../lockspaces/index.js';
-import { LockManager, type ExitStatus, type LockFailureAction, type LockLifetime, type LockspaceOptions, type ManagerParams, type ResourceMode, type ResourceSpec } from '../manager/manager.js';
-import { ResourceExhaustedError } from '../os/errors.js';
+import { LockManager, type ExitStatus, type LockspaceOptions, type ResourceSpec } from '../manager/manager.js';
+import { LockManagerError, LockTimeoutError, ResourceExhaustedError, type ResourceBusyError } from '../os/errors.js';
 import { describeProcess } from '../os/proc-locks.js';
-import { EXIT, fail, parse, usage, type Output } from './args.js';
+import { EXIT, exitCodeFor, fail, isConflict, type Output } from './args.js';
+import type { RunArgs } from './parse.js';
+import { conflictLines, waitingLine } from './report.js';
+import { escapeControl, linesText, secondsText } from './text.js';
 
 const FORWARDED = ['SIGINT', 'SIGTERM', 'SIGHUP'] as const;
 
@@ -16,111 +19,112 @@ const FORWARDED = ['SIGINT', 'SIGTERM', 'SIGHUP'] as const;
  * says otherwise. A check is a few syscalls per lease file.
  */
 export const DEFAULT_VERIFY_SECONDS = 10;
-const ACTIONS = ['poweroff', 'pause', 'ignore'] as const satisfies readonly LockFailureAction[];
 
-function seconds(value: string, flag: string, min: 'zero' | 'positive'): number {
-  const n = Number(value);
-  if (value.trim() === '' || !Number.isFinite(n) || n < 0 || (min === 'positive' && n === 0)) {
-    throw usage(`${flag} needs a number of seconds ${min === 'zero' ? '>= 0' : '> 0'}, got '${value}'`);
-  }
-  return n;
+/** The lockspace and the lease checks of a run or an adoption: on by default where the lockspace says its leases can be lost (a capability, never its kind). */
+function watchOptions(r: RunArgs): { lockspace: LockspaceOptions | undefined; verifyInterval: number | undefined; onLockFailure: RunArgs['onLockFailure'] } {
+  const lockspace = r.lockspace === undefined ? undefined : parseLockspaceSpec(r.lockspace, process.cwd());
+  const seconds = r.verifySeconds ?? (openLockspace(lockspace).capabilities.losable ? DEFAULT_VERIFY_SECONDS : 0);
+  return { lockspace, verifyInterval: seconds === 0 ? undefined : Math.max(1, Math.round(seconds * 1000)), onLockFailure: r.onLockFailure };
 }
 
-type RunValues = {
-  adopt?: string;
-  exclusive?: string[];
-  shared?: string[];
-  readonly?: string[];
-  lockspace?: string;
-  wait?: string;
-  lifetime?: string;
-  'verify-interval'?: string;
-  'on-lock-failure'?: string;
-  'qemu-compatible'?: boolean;
-  name?: string;
-  uuid?: string;
-  id?: string;
-  uri?: string;
-};
-
-/** --lockspace, --verify-interval and --on-lock-failure, for a run and an adoption alike. */
-function watchOptions(values: RunValues): { lockspace: LockspaceOptions | undefined; verifyInterval: number | undefined; onLockFailure: LockFailureAction | undefined } {
-  const action = values['on-lock-failure'];
-  if (action !== undefined && !(ACTIONS as readonly string[]).includes(action)) {
-    throw usage(`--on-lock-failure needs one of ${ACTIONS.join(', ')}, got '${action}'`);
-  }
-  const lockspace = values.lockspace === undefined ? undefined : parseLockspaceSpec(values.lockspace, process.cwd());
-  // On by default where the lockspace says its leases can be lost (a
-  // capability, never its kind); --verify-interval 0 turns it off.
-  let verifySeconds = values['verify-interval'] === undefined ? undefined : seconds(values['verify-interval'], '--verify-interval', 'zero');
-  verifySeconds ??= openLockspace(lockspace).capabilities.losable ? DEFAULT_VERIFY_SECONDS : 0;
-  const verifyInterval = verifySeconds === 0 ? undefined : Math.max(1, Math.round(verifySeconds * 1000));
-  return { lockspace, verifyInterval, onLockFailure: action as LockFailureAction | undefined };
+/** The same error with the API's name for a resource's path replaced by the flag the user typed. */
+function inFlagTerms(err: unknown, flag: string): unknown {
+  if (!(err instanceof LockManagerError) || !/\bresource\.path\b/.test(err.message)) return err;
+  const Class = err.constructor as new (m: string, o: { cause: unknown }) => LockManagerError;
+  return new Class(err.message.replace(/\bresource\.path\b/g, `${flag} PATH`), { cause: err });
 }
 
-export async function run(argv: readonly string[], out: Output): Promise<number> {
-  const dash = argv.indexOf('--');
-  const { values, positionals } = parse(dash < 0 ? argv : argv.slice(0, dash), {
-    adopt: { type: 'string' },
-    exclusive: { type: 'string', multiple: true },
-    shared: { type: 'string', multiple: true },
-    readonly: { type: 'string', multiple: true },
-    lockspace: { type: 'string' },
-    wait: { type: 'string' },
-    lifetime: { type: 'string' },
-    'verify-interval': { type: 'string' },
-    'on-lock-failure': { type: 'string' },
-    'qemu-compatible': { type: 'boolean' },
-    name: { type: 'string' },
-    uuid: { type: 'string' },
-    id: { type: 'string' },
-    uri: { type: 'string' },
-  });
-  if (values.adopt === undefined && dash < 0) throw usage("run needs '--' before the command");
-  if (positionals.length > 0) throw usage(`unexpected argument '${positionals[0]}'${dash < 0 ? '' : " before '--'"}`);
-  if (values.adopt !== undefined) return adopt(values, dash >= 0, out);
-  const [command, ...args] = argv.slice(dash + 1);
-  if (command === undefined) throw usage("run needs a command after '--'");
-  const timeout = values.wait === undefined ? undefined : seconds(values.wait, '--wait', 'zero') * 1000;
-  const { lockspace, verifyInterval, onLockFailure } = watchOptions(values);
-  const params: ManagerParams = {};
-  if (values.name !== undefined) params.name = values.name;
-  if (values.uuid !== undefined) params.uuid = values.uuid;
-  if (values.uri !== undefined) params.uri = values.uri;
-  if (values.id !== undefined) {
-    if (!/^\d+$/.test(values.id)) throw usage(`--id needs an integer >= 0, got '${values.id}'`);
-    params.id = Number(values.id);
+/**
+ * `--wait`: one line when a wait begins (what, held by whom), and on a
+ * terminal a second line with the seconds waited so far, rewritten each
+ * second and cleared when the wait ends.
+ */
+class WaitDisplay {
+  #started = 0;
+  #timer: NodeJS.Timeout | null = null;
+  readonly #out: Output;
+  readonly #seconds: string;
+
+  constructor(out: Output, seconds: string) {
+    this.#out = out;
+    this.#seconds = seconds;
   }
-  const mgr = new LockManager({
-    params,
-    lockLifetime: values.lifetime as LockLifetime | undefined,
-    lockspace,
-    verifyInterval,
-    onLockFailure,
-  });
+
+  begin(busy: ResourceBusyError): void {
+    this.end();
+    this.#out.err(linesText([waitingLine(busy, this.#seconds)]));
+    if ((this.#out.terminal?.('err') ?? null) === null) return;
+    this.#started = Date.now();
+    const tick = () => this.#out.err(`\r\x1b[K  waited ${Math.floor((Date.now() - this.#started) / 1000)} s`);
+    tick();
+    this.#timer = setInterval(tick, 1000);
+    this.#timer.unref();
+  }
+
+  end(): void {
+    if (this.#timer === null) return;
+    clearInterval(this.#timer);
+    this.#timer = null;
+    this.#out.err('\r\x1b[K');
+  }
+}
+
+/** Prints a failure; a busy resource or a wait that ran out names the processes in the way. */
+function report(err: unknown, out: Output, run: RunArgs | undefined): number {
+  if (run === undefined || !isConflict(err)) return fail(err, out);
+  const waited = err instanceof LockTimeoutError ? secondsText(run.timeout ?? err.timeout) : undefined;
+  const lines = conflictLines(err, { waited, columns: out.terminal?.('err')?.columns });
+  if (lines === null) {
+    out.err(`lockmgr: ${escapeControl(waited === undefined ? err.message : `gave up after ${waited}: ${err.message}`)}\n`);
+  } else {
+    out.err(linesText(lines));
+  }
+  return run.conflictExit;
+}
+
+/** Runs a checked command line (parseRun in parse.ts, which main.ts calls before loading this file). */
+export async function run(r: RunArgs, out: Output): Promise<number> {
+  if (r.adopt !== undefined) return adopt(r, out);
+  let mgr: LockManager;
+  try {
+    mgr = new LockManager({ params: r.params, lockLifetime: r.lifetime, ...watchOptions(r) });
+  } catch (err) {
+    return fail(err, out);
+  }
   let warned = false;
   let limited = false;
+  const display = new WaitDisplay(out, r.timeout === undefined ? '' : secondsText(r.timeout));
   try {
-    const qemuCompatible = values['qemu-compatible'] === true;
-    for (const mode of ['exclusive', 'shared', 'readonly'] as const satisfies readonly ResourceMode[]) {
-      for (const path of values[mode] ?? []) mgr.registerResource({ type: 'disk', path, mode, qemuCompatible });
+    for (const res of r.resources) {
+      try {
+        mgr.registerResource({ type: 'disk', path: res.path, mode: res.mode, qemuCompatible: r.qemuCompatible });
+      } catch (err) {
+        // Whatever is wrong with a PATH (missing, a FIFO, not permitted), it is
+        // the same mistake as in `status`, with the same exit status.
+        // (The same file named twice in two modes, by two paths, stays a usage error.)
+        const e = inFlagTerms(err, res.flag);
+        const code = exitCodeFor(e);
+        fail(e, out);
+        return code === EXIT.usage && !/is already registered/.test((e as Error).message) ? EXIT.noResource : code;
+      }
     }
-    const exited = new Promise<ExitStatus>((resolve) => mgr.once('exit', resolve));
-    mgr.on('orphans', (o) => {
-      out.err(
-        `lockmgr: ${command} exited, but the lease on ${o.resource} stays held by ${o.processes.map(describeProcess).join(', ')}, ` +
-          `which it started and which still has the lease open; it ends when they exit or close it (see lockmgr status ${o.resource})\n`,
-      );
-    });
-    mgr.on('lock-failure', (f) => {
-      const what = f.action === 'poweroff' ? `killing ${command} (SIGKILL)` : f.action === 'pause' ? `stopping ${command} (SIGSTOP)` : `${command} runs on`;
-      out.err(`lockmgr: lock lost: ${f.reason}; --on-lock-failure ${f.action}: ${what}\n`);
-    });
+    const exited = new Promise<ExitStatus>((res) => mgr.once('exit', res));
     mgr.on('warning', (w) => {
       warned = true;
       if (w instanceof ResourceExhaustedError) limited = true;
-      out.err(`lockmgr: warning: ${w.message}\n`);
+      out.err(`lockmgr: warning: ${escapeControl(w.message)}\n`);
     });
+    mgr.on('orphans', (o) => {
+      out.err(
+        `lockmgr: ${escapeControl(r.command)} exited, but the lease on ${escapeControl(o.resource)} stays held by ${escapeControl(o.processes.map(describeProcess).join(', '))}, ` +
+          `which it started and which still has the lease open; it ends when they exit or close it (see lockmgr status ${escapeControl(o.resource)})\n`,
+      );
+    });
+    mgr.on('lock-failure', (f) => {
+      const what = f.action === 'poweroff' ? `killing ${r.command} (SIGKILL)` : f.action === 'pause' ? `stopping ${r.command} (SIGSTOP)` : `${r.command} runs on`;
+      out.err(`lockmgr: ${escapeControl(`lock lost: ${f.reason}; --on-lock-failure ${f.action}: ${what}`)}\n`);
+    });
+    mgr.on('wait', (busy) => display.begin(busy));
     // Installed before start(): a signal that arrives while the leases are
     // being acquired, or just as the command is spawned, must not kill lockmgr
     // with its default action and leave a fresh child behind. It stops the
@@ -142,10 +146,12 @@ export async function run(argv: readonly string[], out: Output): Promise<number>
     const bySignal = (signal: NodeJS.Signals) => 128 + (osConstants.signals[signal] ?? 0);
     try {
       try {
-        await mgr.start(command, args, { stdio: 'inherit' }, timeout === undefined ? undefined : { timeout });
+        await mgr.start(r.command, r.args, { stdio: 'inherit' }, r.timeout === undefined ? undefined : { timeout: r.timeout });
       } catch (err) {
         if (early !== undefined) return bySignal(early);
         throw err;
+      } finally {
+        display.end();
       }
       const status = await exited;
       if (early !== undefined) return bySignal(early);
@@ -157,42 +163,35 @@ export async function run(argv: readonly string[], out: Output): Promise<number>
       for (const s of FORWARDED) process.off(s, forward);
     }
   } catch (err) {
-    return fail(err, out);
+    return report(err, out, r);
   } finally {
+    display.end();
     await mgr.free();
   }
 }
 
 /**
- * `lockmgr run --adopt PID`: a new supervisor for a VM whose supervisor is
- * gone (LockManager.adopt). It takes over the leases the VM holds, forwards
- * SIGTERM, SIGINT and SIGHUP to it, and exits 0 once it has exited: the VM is
- * not lockmgr's child, so its exit status went to its parent.
+ * `lockmgr run --adopt PID`: a new supervisor for a process whose lockmgr is
+ * gone (LockManager.adopt). It takes over the leases the process holds,
+ * forwards SIGTERM, SIGINT and SIGHUP to it, and exits 0 once it has exited:
+ * the process is not lockmgr's child, so its exit status went to its parent.
  */
-async function adopt(values: RunValues, command: boolean, out: Output): Promise<number> {
-  if (command) throw usage("--adopt takes no command: the process runs already (drop '-- COMMAND')");
-  if (!/^\d+$/.test(values.adopt!) || Number(values.adopt) < 1) throw usage(`--adopt needs a process id (an integer > 0), got '${values.adopt}'`);
-  for (const flag of ['wait', 'lifetime', 'name', 'uuid', 'id', 'uri'] as const) {
-    if (values[flag] !== undefined) throw usage(`--${flag} cannot be used with --adopt: the process runs already, under the lifetime 'child'`);
-  }
-  const resources: ResourceSpec[] = [];
-  for (const mode of ['exclusive', 'shared', 'readonly'] as const satisfies readonly ResourceMode[]) {
-    for (const path of values[mode] ?? []) resources.push({ type: 'disk', path, mode, qemuCompatible: values['qemu-compatible'] === true });
-  }
-  if (resources.length === 0) throw usage('--adopt needs every resource the process holds, each with its mode (--exclusive, --shared, --readonly PATH)');
+async function adopt(r: RunArgs, out: Output): Promise<number> {
+  const resources: ResourceSpec[] = r.resources.map((res) => ({ type: 'disk', path: res.path, mode: res.mode, qemuCompatible: r.qemuCompatible }));
   let mgr: LockManager;
   try {
-    mgr = await LockManager.adopt(Number(values.adopt), { resources, ...watchOptions(values) });
+    mgr = await LockManager.adopt(r.adopt!, { resources, ...watchOptions(r) });
   } catch (err) {
-    return fail(err, out);
+    return report(err, out, r);
   }
   let warned = false;
   mgr.on('warning', (w) => {
     warned = true;
-    out.err(`lockmgr: warning: ${w.message}\n`);
+    out.err(`lockmgr: warning: ${escapeControl(w.message)}\n`);
   });
+  mgr.on('lock-failure', (f) => out.err(`lockmgr: ${escapeControl(`lock lost: ${f.reason}; --on-lock-failure ${f.action}`)}\n`));
   const exited = new Promise<ExitStatus>((resolve) => mgr.once('exit', resolve));
-  // Not in our process group: whatever signal reaches lockmgr is meant for the VM too.
+  // Not in our process group: whatever signal reaches lockmgr is meant for the process too.
   const forward = (signal: NodeJS.Signals) => {
     if (mgr.state === 'running' || mgr.state === 'stopping') mgr.signal(signal);
   };
@@ -218,4 +217,3 @@ function inForegroundGroup(): boolean {
     return false;
   }
 }
-

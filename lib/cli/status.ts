@@ -1,12 +1,15 @@
 // `lockmgr status`: who holds what on each PATH (docs/cli.md).
 import type { ByteStatus, LeaseStatus, LockspaceDriver } from '../lockspaces/driver.js';
 import { openLockspace, parseLockspaceSpec } from '../lockspaces/index.js';
-import type { LockHolder, LockManagerError, ProcessInfo } from '../os/errors.js';
+import type { FileOpener, LockHolder, LockHolderProcess, LockHolders, LockManagerError, ProcessInfo, UnreadableHolder } from '../os/errors.js';
 import { openDiskFile } from '../os/disks.js';
 import type { LockableFile } from '../os/locks.js';
-import { describeProcess, locksOn, ofdLockHolders, processesWithOpen, type LockHolderProcess, type ProcLock } from '../os/proc-locks.js';
+import { lockHolders, locksOn, supervisedByLockmgr, type ProcLock } from '../os/proc-locks.js';
 import { qemuLockState, type QemuPermission } from '../os/qemu.js';
-import { EXIT, parse, usage, type Output } from './args.js';
+import { EXIT, fail, type Output } from './args.js';
+import type { StatusArgs } from './parse.js';
+import { leaseHolderLines, statusWhoRows } from './report.js';
+import { linesText, safeJson } from './text.js';
 
 type ByteState = 'free' | 'exclusive' | 'shared';
 
@@ -19,6 +22,7 @@ export const STATUS_JSON_VERSION = 1;
 
 /** The --json schema, one entry per PATH (docs/cli.md). Version 1: fields are only ever added. */
 export interface StatusEntry {
+  /** The PATH as given, made absolute. */
   path: string;
   kind?: 'file' | 'block-device';
   identity?: string;
@@ -30,13 +34,20 @@ export interface StatusEntry {
   lockFiles?: Array<{ path: string; source: string; identity: string; exists: boolean; lease: { byte: 0; state: ByteState; holder: LockHolder | null }; migrationGuard: { byte: 1; state: ByteState } }>;
   qemu?: { held: QemuPermission[]; unshared: QemuPermission[] };
   locks?: Array<Omit<ProcLock, 'ino'> & { ino: string }>;
-  openBy?: ProcessInfo[];
   /**
-   * The processes that hold the lease (an OFD lock on byte 0 of the image or,
-   * with --lockspace, of its lock files), from /proc/PID/fdinfo; `orphan`:
-   * no lockmgr supervises it (docs/contract.md, "Orphans").
+   * Every process that holds a lock on the file, one entry per lock (from
+   * /proc/PID/fdinfo and /proc/locks); `orphan`: neither it nor an ancestor
+   * runs lockmgr, so no lockmgr supervises the lease it holds (docs/contract.md, "Orphans").
    */
-  holders?: Array<LockHolderProcess & { file: string }>;
+  holders?: LockHolderProcess[];
+  /** The other processes that have it open, those waiting for a lock marked. */
+  openers?: FileOpener[];
+  /** Locks whose holder could not be named from here, and why. */
+  unreadable?: UnreadableHolder[];
+  /** false: this kernel lists no locks in fdinfo; OFD and flock holders are among `openers`. */
+  fdinfoAvailable?: boolean;
+  /** Every process that has the file open, holders included (this status process never). */
+  openBy?: ProcessInfo[];
   error?: { code: string; message: string };
 }
 
@@ -60,6 +71,13 @@ function lockFilesOf(status: LeaseStatus): StatusEntry['lockFiles'] {
   }));
 }
 
+/** The holders and openers, as everyone but this status process sees them: processes once each. */
+function openByOf(h: LockHolders): ProcessInfo[] {
+  const seen = new Map<number, ProcessInfo>();
+  for (const p of [...h.holders, ...h.openers]) if (p.pid !== process.pid && !seen.has(p.pid)) seen.set(p.pid, { pid: p.pid, command: p.command });
+  return [...seen.values()].sort((a, b) => a.pid - b.pid);
+}
+
 async function inspect(path: string, space: LockspaceDriver | undefined): Promise<StatusEntry> {
   // A block device through the kernel's own device node, as every lockspace locks it.
   const file = openDiskFile(path, 'read');
@@ -70,6 +88,8 @@ async function inspect(path: string, space: LockspaceDriver | undefined): Promis
     // QEMU locks the node it opened; for a block device that is the canonical
     // node whenever QEMU was given any path udev made (symlinks to it).
     const qemu = qemuLockState(file.path);
+    // Every lock on the file and who holds it; this process's probe is left out.
+    const who = lockHolders(file.fd, null, undefined, { conflict: lease.holder });
     return {
       path,
       kind: file.kind,
@@ -79,28 +99,28 @@ async function inspect(path: string, space: LockspaceDriver | undefined): Promis
       ...(lockspace === undefined ? {} : { lockspace, ...(lockFilesOf(lockspace) ? { lockFiles: lockFilesOf(lockspace) } : {}) }),
       qemu: { held: qemu.held, unshared: qemu.unshared },
       locks: [...locksOn(file.path), ...(file.path === path ? [] : locksOn(path))].map((l) => ({ ...l, ino: String(l.ino) })),
-      openBy: processesWithOpen(path, { excludeSelf: true }),
-      holders: holdersOf([file.path, ...(lockspace?.locations ?? []).filter((l) => l.exists && l.guard !== null).map((l) => l.path)]),
+      holders: who.holders.map((h) => ({ ...h, orphan: !supervisedByLockmgr(h.pid) })),
+      openers: who.openers,
+      unreadable: who.unreadable,
+      fdinfoAvailable: who.fdinfoAvailable,
+      openBy: openByOf(who),
     };
   } finally {
     file.close();
   }
 }
 
-/** Who holds byte 0 of each file, each process once (the first file it holds). */
-function holdersOf(files: string[]): Array<LockHolderProcess & { file: string }> {
-  const found = new Map<number, LockHolderProcess & { file: string }>();
-  for (const file of new Set(files)) for (const h of ofdLockHolders(file, 0)) if (!found.has(h.pid)) found.set(h.pid, { ...h, file });
-  return [...found.values()];
-}
-
-export async function status(argv: readonly string[], out: Output): Promise<number> {
-  const { values, positionals } = parse(argv, { json: { type: 'boolean' }, lockspace: { type: 'string' } });
-  if (positionals.length === 0) throw usage('status needs at least one PATH');
-  const space = values.lockspace === undefined ? undefined : openLockspace(parseLockspaceSpec(values.lockspace, process.cwd()));
+/** Prints the status of a checked command line (parseStatus in parse.ts). */
+export async function status(values: StatusArgs, out: Output): Promise<number> {
+  let space: LockspaceDriver | undefined;
+  try {
+    space = values.lockspace === undefined ? undefined : openLockspace(parseLockspaceSpec(values.lockspace, process.cwd()));
+  } catch (err) {
+    return fail(err, out);
+  }
   let code: number = EXIT.ok;
   const entries: StatusEntry[] = [];
-  for (const path of positionals) {
+  for (const path of values.paths) {
     try {
       entries.push(await inspect(path, space));
     } catch (err) {
@@ -110,40 +130,52 @@ export async function status(argv: readonly string[], out: Output): Promise<numb
       entries.push({ path, error: { code: e.code ?? 'ERR_INTERNAL', message: e.message } });
     }
   }
-  if (values.json) out.out(`${JSON.stringify({ version: STATUS_JSON_VERSION, entries }, null, 2)}\n`);
-  else out.out(entries.map(table).join('\n'));
+  if (values.json) out.out(`${safeJson({ version: STATUS_JSON_VERSION, entries })}\n`);
+  else out.out(entries.map((e) => linesText(table(e, out.terminal?.('out')?.columns))).join('\n'));
   return code;
 }
 
 const heldText = (b: ByteStatus | { state: string; host?: string }): string =>
   b.state === 'free' ? 'free' : `held ${b.state === 'held' ? '' : b.state}${'host' in b && b.host !== undefined ? ` by ${b.host}` : ''}`.replace('held  by', 'held by').trimEnd();
 
-function table(e: StatusEntry): string {
-  if (e.error) return `${e.path}\n  error  ${e.error.message}\n`;
-  const indent = (lines: string[]): string => lines.join(`\n${' '.repeat(width + 2)}`);
-  const rows: Array<[string, string]> = [
-    ['kind', `${e.kind} (${e.identity})`],
+/** The pids whose locks cover `byte` (OFD and POSIX: the ones that can hold a lease). */
+function pidsOn(e: StatusEntry, byte: number): number[] {
+  return [...new Set((e.holders ?? []).filter((h) => h.kind !== 'FLOCK' && h.start <= byte && (h.end === null || h.end >= byte)).map((h) => h.pid))];
+}
+
+/** The lines of one entry's table (unescaped: the caller escapes each). */
+function table(e: StatusEntry, columns: number | undefined): string[] {
+  if (e.error) return [e.path, `  error  ${e.error.message}`];
+  const leasePids = pidsOn(e, 0);
+  const leaseUnnamed = (e.unreadable ?? []).some((u) => u.kind !== 'FLOCK' && u.start === 0);
+  const leaseText = `${heldText(e.lease!)}${leasePids.length > 0 ? ` by pid ${leasePids.join(', ')}` : leaseUnnamed ? ' (by a process not named here: see below)' : ''}`;
+  const rows: Array<[string, string[]]> = [
+    ['kind', [`${e.kind} (${e.identity})`]],
     // With --lockspace the lease is where that lockspace keeps it (below); the image's own bytes are still shown.
-    [e.lockspace ? 'image byte 0' : 'lease (byte 0)', heldText(e.lease!)],
-    [e.lockspace ? 'image byte 1' : 'migration guard', heldText(e.migrationGuard!)],
-    ...(e.lockspace?.locations ?? []).map((l): [string, string] => [
-      l.what,
-      `${l.path}: ${l.exists ? `lease ${heldText(l.lease)}${l.guard === null ? '' : `, guard ${heldText(l.guard)}`}` : 'absent (free)'}`,
-    ]),
-    ['QEMU holds', e.qemu!.held.join(', ') || '-'],
-    ['QEMU does not share', e.qemu!.unshared.join(', ') || '-'],
-    ['held by', '\0holders'],
-    ['open by', '\0open'],
-    ['locks', '\0locks'],
+    [e.lockspace ? 'image byte 0' : 'lease (byte 0)', [e.lockspace ? heldText(e.lease!) : leaseText]],
+    [e.lockspace ? 'image byte 1' : 'migration guard', [heldText(e.migrationGuard!)]],
+    ...(e.lockspace?.locations ?? []).map((l): [string, string[]] => {
+      const pids = [...new Set(l.holders?.holders.map((h) => h.pid) ?? [])];
+      const lease = `lease ${heldText(l.lease)}${pids.length > 0 ? ` (pid ${pids.join(', ')})` : ''}`;
+      return [
+        l.what,
+        [
+          `${l.path}: ${l.exists ? `${lease}${l.guard === null ? '' : `, guard ${heldText(l.guard)}`}` : 'absent (free)'}`,
+          // Who holds it, named from the lock's file (pid and command line).
+          ...(l.holders === undefined ? [] : leaseHolderLines(l.holders, l.path, columns, 22)),
+        ],
+      ];
+    }),
+    ['QEMU holds', [e.qemu!.held.join(', ')]],
+    ['QEMU does not share', [e.qemu!.unshared.join(', ')]],
   ];
+  rows.push(...statusWhoRows({ holders: e.holders!, openers: e.openers!, unreadable: e.unreadable!, fdinfoAvailable: e.fdinfoAvailable! }, e.path, columns, 22));
+  rows.push(['locks', e.locks!.map((l) => `${l.kind} ${l.type} ${l.start}-${l.end ?? 'EOF'}${l.pid > 0 ? ` pid ${l.pid}` : ''}${l.blocked ? ' (waiting)' : ''}`)]);
   const width = Math.max(...rows.map(([k]) => k.length)) + 1;
-  const value = (v: string): string => {
-    if (v === '\0holders') {
-      return indent(e.holders!.map((h) => `${describeProcess(h)} ${h.type === 'WRITE' ? 'exclusive' : 'shared'}${h.orphan ? ', orphan: no lockmgr supervises it' : ''}`)) || '-';
-    }
-    if (v === '\0open') return indent(e.openBy!.map(describeProcess)) || '-';
-    if (v === '\0locks') return indent(e.locks!.map((l) => `${l.kind} ${l.type} ${l.start}-${l.end ?? 'EOF'}${l.pid > 0 ? ` pid ${l.pid}` : ''}${l.blocked ? ' (waiting)' : ''}`)) || '-';
-    return v;
-  };
-  return `${e.path}\n${rows.map(([k, v]) => `  ${k.padEnd(width)}${value(v)}`).join('\n')}\n`;
+  const lines = [e.path];
+  for (const [k, vs] of rows) {
+    const values = vs.length === 0 || vs.every((v) => v === '') ? ['-'] : vs;
+    lines.push(`  ${k.padEnd(width)}${values[0]}`, ...values.slice(1).map((v) => `${' '.repeat(width + 2)}${v}`));
+  }
+  return lines;
 }

@@ -1,6 +1,6 @@
 // What every lockspace says alike: the one global order, deadlines, and the
 // error that tells what an all-or-nothing acquire released again.
-import { LockTimeoutError, ResourceBusyError } from '../os/errors.js';
+import { LockTimeoutError, ResourceBusyError, holdersOf } from '../os/errors.js';
 import { checkOneOf } from '../os/validate.js';
 import type { ResourceMode } from './driver.js';
 
@@ -22,16 +22,15 @@ export function withRollback(err: unknown, back: readonly string[]): unknown {
   const suffix = `; released again: ${back.join(', ')}`;
   if (err instanceof ResourceBusyError) {
     return new ResourceBusyError(`${err.message}${suffix}`, {
+      ...holdersOf(err),
       holder: err.holder,
-      resource: err.resource ?? undefined,
-      candidates: err.candidates,
       rolledBack: [...back],
       migrationInProgress: err.migrationInProgress,
       cause: err.cause,
     });
   }
   if (err instanceof LockTimeoutError) {
-    return new LockTimeoutError(`${err.message}${suffix}`, { timeout: err.timeout, holder: err.holder, cause: err });
+    return new LockTimeoutError(`${err.message}${suffix}`, { ...holdersOf(err), timeout: err.timeout, holder: err.holder, cause: err });
   }
   return err;
 }

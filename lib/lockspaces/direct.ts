@@ -4,7 +4,7 @@
 import { InvalidArgumentError } from '../os/errors.js';
 import { checkOptions, describe } from '../os/validate.js';
 import type { Capabilities, LeaseStatus, LockspaceConfig, ResourceMode, ResourceName } from './driver.js';
-import { byteStatus, fixedSlot, OFD_CAPABILITIES, OfdLease, OfdLockspace, openDiskFile, openLoopBacking } from './ofd.js';
+import { byteStatus, fixedSlot, leaseHolders, OFD_CAPABILITIES, OfdLease, OfdLockspace, openDiskFile, openLoopBacking } from './ofd.js';
 import { inspectNamedLease, openNamedLease } from './named-lease.js';
 
 export interface DirectLockspaceConfig {
@@ -58,7 +58,7 @@ export class DirectLockspace extends OfdLockspace {
     if (name.type === 'lease') return inspectNamedLease(name);
     const file = openDiskFile(name.path, 'read');
     try {
-      return { lockspace: 'direct', locations: [{ what: 'image', path: file.path, exists: true, lease: byteStatus(file, 0), guard: byteStatus(file, 1) }] };
+      return { lockspace: 'direct', locations: [{ what: 'image', path: file.path, exists: true, lease: byteStatus(file, 0), guard: byteStatus(file, 1), holders: leaseHolders(file) }] };
     } finally {
       file.close();
     }

@@ -3,7 +3,7 @@
 // declares USES_STATE and friends). The manager (lib/manager) dispatches
 // through it and decides from capabilities, never from a kind; no file outside
 // lib/lockspaces names a backend. docs/architecture.md is this file in prose.
-import type { ProcessInfo } from '../os/errors.js';
+import type { LockHolders, ProcessInfo, ResourceBusyError } from '../os/errors.js';
 import type { LockableFile } from '../os/locks.js';
 import type { ExitStatus, SpawnOptions, SupervisedProcess } from '../os/supervise.js';
 
@@ -103,6 +103,8 @@ export interface TakeOptions {
   wait: boolean;
   timeout?: number;
   signal?: AbortSignal;
+  /** With wait: called before each wait for a busy lease, with the busy error it would have been (who is in the way). */
+  onBusy?: (busy: ResourceBusyError) => void;
 }
 
 /** What stops a start before the command runs. */
@@ -136,8 +138,12 @@ export interface StartPlan {
 export interface LeaseStatus {
   /** The lockspace, in a few words ('direct', 'indirect (dir /var/lib/lockmgr)'). */
   lockspace: string;
-  /** Each place the lease lives, with what holds it now. */
-  locations: Array<{ what: string; path: string; exists: boolean; lease: ByteStatus; guard: ByteStatus | null; detail?: Record<string, unknown> }>;
+  /**
+   * Each place the lease lives, with what holds it now. `holders`: where the
+   * lease is a byte-range lock on a file, the processes holding byte 0 (and
+   * the file's other openers), so that status can name them.
+   */
+  locations: Array<{ what: string; path: string; exists: boolean; lease: ByteStatus; guard: ByteStatus | null; holders?: LockHolders; detail?: Record<string, unknown> }>;
 }
 
 export interface ByteStatus {

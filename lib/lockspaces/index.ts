@@ -7,7 +7,6 @@ import { checkOneOf, checkOptions, describe } from '../os/validate.js';
 import { directLockspace, type DirectLockspaceConfig } from './direct.js';
 import type { LockspaceDriver } from './driver.js';
 import { indirectLockspace, type IndirectLockspaceConfig } from './indirect.js';
-import { SANLOCK_HELP, sanlockCommand } from './sanlock-admin.js';
 import { sanlockLockspace, type SanlockLockspaceConfig } from './sanlock.js';
 
 export type { DirectLockspaceConfig, IndirectLockspaceConfig, SanlockLockspaceConfig };
@@ -46,21 +45,4 @@ export function parseLockspaceSpec(spec: string, cwd: string, flag = '--lockspac
   return { kind: 'indirect', dir: resolve(cwd, spec) };
 }
 
-/** How --lockspace SPEC is written, for the CLI's help (continuation lines indented to its column). */
-export const LOCKSPACE_SPEC_HELP = `'direct' (the default: on the
-                             images themselves), a directory of lock files
-                             (indirect), or sanlock:NAME:PATH:HOSTID
-                             (docs/lockspaces.md)`;
-
-/** Commands a lockspace adds to the CLI for setting up its storage (`lockmgr <name> ...`). */
-export interface LockspaceTool {
-  name: string;
-  /** One line of `lockmgr --help`. */
-  usage: string;
-  help: string;
-  run(args: readonly string[], out: (text: string) => void): Promise<number>;
-}
-
-export const LOCKSPACE_TOOLS: readonly LockspaceTool[] = [
-  { name: 'sanlock', usage: 'lockmgr sanlock init|join|leave|joined|add-disk|add-lease ...   (lockmgr sanlock --help)', help: SANLOCK_HELP, run: sanlockCommand },
-];
+export { LOCKSPACE_SPEC_HELP, LOCKSPACE_TOOLS, type LockspaceTool } from './tools.js';

@@ -13,7 +13,7 @@ import { checkOptions, checkPath, describe } from '../os/validate.js';
 import type { Capabilities, LeaseStatus, LockspaceConfig, ResourceMode, ResourceName } from './driver.js';
 import { checkLockDir, LockFileSlot } from './lock-files.js';
 import { inspectNamedLease, openNamedLease } from './named-lease.js';
-import { byteStatus, canonicalBlockNode, OFD_CAPABILITIES, OfdLease, OfdLockspace, openDiskFile, openLoopBacking } from './ofd.js';
+import { byteStatus, canonicalBlockNode, leaseHolders, OFD_CAPABILITIES, OfdLease, OfdLockspace, openDiskFile, openLoopBacking } from './ofd.js';
 
 export interface IndirectLockspaceConfig {
   kind: 'indirect';
@@ -249,7 +249,7 @@ export class IndirectLockspace extends OfdLockspace {
           return { what: `lock file (${f.source})`, path: f.path, exists: false, lease: { state: 'free', holder: null }, guard: { state: 'free', holder: null }, detail: { source: f.source, identity: f.identity } };
         }
         try {
-          return { what: `lock file (${f.source})`, path: f.path, exists: true, lease: byteStatus(file, 0), guard: byteStatus(file, 1), detail: { source: f.source, identity: f.identity } };
+          return { what: `lock file (${f.source})`, path: f.path, exists: true, lease: byteStatus(file, 0), guard: byteStatus(file, 1), holders: leaseHolders(file), detail: { source: f.source, identity: f.identity } };
         } finally {
           file.close();
         }

@@ -9,7 +9,7 @@ import { openLockable } from '../os/locks.js';
 import { checkOptions, checkPath, describe } from '../os/validate.js';
 import type { LeaseStatus, ResourceMode } from './driver.js';
 import { checkLockDir, isErrno, LockFileSlot, statError } from './lock-files.js';
-import { byteStatus, OfdLease } from './ofd.js';
+import { byteStatus, leaseHolders, OfdLease } from './ofd.js';
 
 /** A named lease, libvirt's `<lease>`: the lock file `<path>/<lockspace>/<key>`. */
 export interface LeaseResourceSpec {
@@ -66,7 +66,7 @@ export function inspectNamedLease(spec: LeaseResourceSpec): LeaseStatus {
     return { lockspace: 'lease file', locations: [{ what: 'lease file', path, exists: false, lease: { state: 'free', holder: null }, guard: { state: 'free', holder: null } }] };
   }
   try {
-    return { lockspace: 'lease file', locations: [{ what: 'lease file', path, exists: true, lease: byteStatus(file, 0), guard: byteStatus(file, 1) }] };
+    return { lockspace: 'lease file', locations: [{ what: 'lease file', path, exists: true, lease: byteStatus(file, 0), guard: byteStatus(file, 1), holders: leaseHolders(file) }] };
   } finally {
     file.close();
   }

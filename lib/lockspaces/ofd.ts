@@ -26,9 +26,9 @@
 // given the lease fds, so the leases are its own too and outlive a killed
 // supervisor (lockLifetime 'child'), and any running process can be attached.
 import { lstatSync, readdirSync, readFileSync, statSync } from 'node:fs';
-import { AbortError, InvalidArgumentError, InvalidStateError, LockTimeoutError, ResourceAccessError, ResourceBusyError, type LockHolder, type ProcessInfo } from '../os/errors.js';
+import { AbortError, InvalidArgumentError, InvalidStateError, LockTimeoutError, ResourceAccessError, ResourceBusyError, holdersOf, type LockHolder, type LockHolders, type ProcessInfo } from '../os/errors.js';
 import { lockableFromFd, openLockable, type ByteRange, type LockableFile, type LockMode } from '../os/locks.js';
-import { commandLine, describeProcess, fdinfoLocks, fdsOf, processesSharing, processesWithOpen, sharersOf, type ProcLock } from '../os/proc-locks.js';
+import { describeProcess, fdsOf, holdersWords, lockHolders, parseFdinfoLocks, processesSharing, sharersOf, type ProcLock } from '../os/proc-locks.js';
 import { canonicalBlockNode, loopBacking, openDiskFile } from '../os/disks.js';
 
 import { attachProcess, spawnSupervised, type ExitStatus, type SupervisedProcess } from '../os/supervise.js';
@@ -226,82 +226,111 @@ function sharersOrSelf(path: string, except: number): boolean {
 }
 
 /**
- * Who has the lease file open, in words. Nobody outside this process: the
- * conflict is ours (another manager here), or its holder let go between the
- * conflict and this scan (it exited: 13 of 187 busy errors in a fail-fast race
- * said "in this process" for that); `stillHeld` re-probes to tell them apart.
+ * Who is in the way when the kernel's records name nobody: the holder let go
+ * between the conflict and the scan (it exited: 13 of 187 busy errors in a
+ * fail-fast race once said "in this process" for that), the conflict is ours
+ * (another manager here), or the holder is out of sight. A re-probe tells them apart.
  */
-function who(path: string, slot?: LeaseSlot, stillHeld?: () => boolean): { candidates: ProcessInfo[]; text: string; gone: boolean } {
-  const candidates = processesWithOpen(path, { excludeSelf: true });
-  if (candidates.length > 0) {
-    return { candidates, gone: false, text: `${candidates.length === 1 ? 'pid' : 'one of pids'} ${candidates.map(describeProcess).join(', ')} (OFD locks record no pid: these have it open)` };
-  }
-  if (slot !== undefined && stillHeld?.() === false) {
-    return { candidates, gone: true, text: 'a holder that has just let go (it exited or closed the file; nobody else has it open now): try again' };
-  }
-  if (slot === undefined || openInSelfBesides(slot)) return { candidates, gone: false, text: 'another open file description in this process' };
-  return { candidates, gone: false, text: 'a process this one cannot see (on another host sharing the storage, or one it may not inspect)' };
+function nobodyWords(slot: LeaseSlot, mode: LockMode): string {
+  if (conflictOf(slot, mode, LEASE_RANGE) === null) return 'a holder that has just let go (it exited or closed the file; nobody else has it open now): try again';
+  if (openInSelfBesides(slot)) return 'another open file description in this process';
+  return 'a process this one cannot see (on another host sharing the storage, or one it may not inspect)';
 }
 
 /**
- * The busy error for a lease someone else holds: the conflicting lock, and
- * who has the lease file open, from F_OFD_GETLK and /proc.
+ * Who holds the lock that is in the way of `mode` on `range` of a slot's file,
+ * from the kernel's records (lockHolders: fdinfo, /proc/locks), and who else
+ * has it open. Never throws: an error path must not fail for want of /proc.
+ */
+function whoHolds(slot: LeaseSlot, mode: LockMode, range: Readonly<ByteRange>, conflict: LockHolder | null): LockHolders {
+  try {
+    return lockHolders(slot.file.closed ? slot.path : slot.file.fd, mode, range, { conflict });
+  } catch {
+    return { holders: [], openers: [], unreadable: [], fdinfoAvailable: false };
+  }
+}
+
+function conflictOf(slot: LeaseSlot, mode: LockMode, range: Readonly<ByteRange>): LockHolder | null {
+  try {
+    return slot.file.closed ? null : slot.file.getConflict(mode, range);
+  } catch {
+    return null;
+  }
+}
+
+const lockFileOf = (lease: OfdLease, slot: LeaseSlot): string | undefined => (slot.path === lease.path ? undefined : slot.path);
+
+/**
+ * The busy error for a lease someone else holds: the conflicting lock
+ * (F_OFD_GETLK), the processes that hold it and the others that have the
+ * lease file open (lockHolders).
  */
 export function busyError(lease: OfdLease, slot: LeaseSlot = lease.slots[0]!): ResourceBusyError {
-  const conflict = (): LockHolder | null => {
-    try {
-      return slot.file.getConflict(lockModeOf(lease.mode), LEASE_RANGE);
-    } catch {
-      return null;
-    }
-  };
-  const holder = conflict();
+  const mode = lockModeOf(lease.mode);
+  const holder = conflictOf(slot, mode, LEASE_RANGE);
   busyHooks.afterConflict?.();
-  let candidates: ProcessInfo[];
-  let by: string;
-  if (holder !== null && holder.pid > 0) {
-    candidates = [{ pid: holder.pid, command: commandLine(holder.pid) }];
-    by = `pid ${describeProcess(candidates[0]!)}`;
-  } else {
-    ({ candidates, text: by } = who(slot.path, slot, () => conflict() !== null));
-  }
+  const found = whoHolds(slot, mode, LEASE_RANGE, holder);
+  const words = holdersWords(found, slot.path);
+  const { also } = words;
+  const named = found.holders.length > 0 || found.unreadable.length > 0 || (!found.fdinfoAvailable && found.openers.length > 0);
+  const by = named ? words.by : nobodyWords(slot, mode);
   const how = holder === null ? 'held' : `held ${heldAs(holder.mode)}`;
   const where = slot.path === lease.path ? '' : ` (its lock file ${slot.path})`;
   const migrating = guardHeld(slot, lease.mode);
   // What a multi-resource acquire released again is added by withRollback().
-  return new ResourceBusyError(`${lease.path}${where} is ${how} by ${by}${migrating ? `; ${MIGRATING}` : ''}`, {
+  return new ResourceBusyError(`${lease.path}${where} is ${how} by ${by}${also}${migrating ? `; ${MIGRATING}` : ''}`, {
     holder,
     resource: lease.path,
-    candidates,
+    lockFile: lockFileOf(lease, slot),
+    ...found,
     migrationInProgress: migrating,
   });
 }
 
-/** A fresh acquirer found the guard held in its way: the resource is being handed over. */
-function migrationBusy(lease: OfdLease, slot: LeaseSlot): ResourceBusyError {
-  const { candidates, text } = who(slot.path);
-  return new ResourceBusyError(`${lease.path} cannot be acquired: ${MIGRATING}, held by ${text}`, {
-    resource: lease.path,
-    candidates,
-    migrationInProgress: true,
-  });
+/** A busy error for the handover guard (byte 1): a migration target holds it. */
+function guardBusy(lease: OfdLease, slot: LeaseSlot, message: (by: string) => string): ResourceBusyError {
+  const mode = lockModeOf(lease.mode);
+  const holder = conflictOf(slot, mode, GUARD_RANGE);
+  const found = whoHolds(slot, mode, GUARD_RANGE, holder);
+  const { by, also } = holdersWords(found, slot.path);
+  return new ResourceBusyError(`${message(by)}${also}`, { holder, resource: lease.path, lockFile: lockFileOf(lease, slot), ...found, migrationInProgress: true });
 }
 
-/** Takes one slot's lease byte, or throws a complete busy or timeout error. */
-async function takeSlot(lease: OfdLease, slot: LeaseSlot, wait: boolean, deadline: number | undefined, signal: AbortSignal | undefined, timeout?: number): Promise<void> {
-  let ok: boolean;
-  try {
-    ok = await slot.take(lockModeOf(lease.mode), LEASE_RANGE, { wait, timeout: remaining(deadline), signal });
-  } catch (err) {
-    if (!(err instanceof LockTimeoutError)) throw err;
-    // Name who is in the way, as a busy error does.
-    const candidates = processesWithOpen(slot.path, { excludeSelf: true });
-    const by = candidates.length > 0 ? `; it is open in ${candidates.map(describeProcess).join(', ')}` : '';
-    const migrating = guardHeld(slot, lease.mode) ? `; ${MIGRATING}` : '';
-    throw new LockTimeoutError(`${err.message}${by}${migrating}`, { timeout: err.timeout, holder: err.holder, cause: err });
+/** A fresh acquirer found the guard held in its way: the resource is being handed over. */
+function migrationBusy(lease: OfdLease, slot: LeaseSlot): ResourceBusyError {
+  return guardBusy(lease, slot, (by) => `${lease.path} cannot be acquired: ${MIGRATING}, held by ${by}`);
+}
+
+/**
+ * Takes one slot's lease byte, or throws a complete busy or timeout error.
+ * Before a wait, onBusy learns who is in the way.
+ */
+async function takeSlot(lease: OfdLease, slot: LeaseSlot, options: TakeOptions, deadline: number | undefined): Promise<void> {
+  const mode = lockModeOf(lease.mode);
+  let ok = false;
+  if (options.wait && options.onBusy !== undefined) {
+    ok = await slot.take(mode, LEASE_RANGE, { wait: false });
+    if (!ok) options.onBusy(busyError(lease, slot));
   }
-  if (!ok) throw busyError(lease, slot);
-  await takeClass(lease, slot, wait, deadline, signal, timeout);
+  if (!ok) {
+    try {
+      ok = await slot.take(mode, LEASE_RANGE, { wait: options.wait, timeout: remaining(deadline), signal: options.signal });
+    } catch (err) {
+      if (!(err instanceof LockTimeoutError)) throw err;
+      // The file's own timeout error names who is in the way; add the lease's words.
+      const migrating = guardHeld(slot, lease.mode) ? `; ${MIGRATING}` : '';
+      throw new LockTimeoutError(`${err.message}${migrating}`, {
+        ...holdersOf(err),
+        resource: lease.path,
+        lockFile: lockFileOf(lease, slot),
+        timeout: err.timeout,
+        holder: err.holder,
+        cause: err,
+      });
+    }
+    if (!ok) throw busyError(lease, slot);
+  }
+  await takeClass(lease, slot, options.wait, deadline, options.signal, options.timeout);
 }
 
 /** How often a waiting class check looks again, at most (it starts at 10 ms and doubles). */
@@ -329,10 +358,15 @@ async function takeClass(lease: OfdLease, slot: LeaseSlot, wait: boolean, deadli
       if (!wait) throw classBusy(lease, slot, cls.theirMode);
       const left = remaining(deadline);
       if (left !== undefined && left <= 0) {
-        const { text } = who(slot.path);
-        throw new LockTimeoutError(`${lease.path}: still held ${cls.theirMode} when the timeout ran out (readonly and shared leases exclude each other); it is open in ${text}`, {
+        const holder = conflictOf(slot, 'exclusive', cls.theirs);
+        const found = whoHolds(slot, 'exclusive', cls.theirs, holder);
+        const { by, also } = holdersWords(found, slot.path);
+        throw new LockTimeoutError(`${lease.path}: still held ${cls.theirMode} by ${by} when the timeout ran out (readonly and shared leases exclude each other)${also}`, {
+          ...found,
+          resource: lease.path,
+          lockFile: lockFileOf(lease, slot),
           timeout,
-          holder: slot.file.getConflict('exclusive', cls.theirs),
+          holder,
         });
       }
       await pauseFor(Math.min(pause, left ?? pause), signal);
@@ -368,12 +402,16 @@ function releaseSlot(lease: Lease, slot: LeaseSlot, keep = false): void {
 }
 
 function classBusy(lease: OfdLease, slot: LeaseSlot, theirMode: ResourceMode): ResourceBusyError {
-  const { candidates, text } = who(slot.path);
+  const range = classOf(lease.mode)!.theirs;
+  const holder = conflictOf(slot, 'exclusive', range);
+  const found = whoHolds(slot, 'exclusive', range, holder);
+  const { by, also } = holdersWords(found, slot.path);
   const where = slot.path === lease.path ? '' : ` (its lock file ${slot.path})`;
-  return new ResourceBusyError(`${lease.path}${where} is held ${theirMode} by ${text}: a ${lease.mode} lease and a ${theirMode} one exclude each other`, {
-    holder: slot.file.getConflict('exclusive', classOf(lease.mode)!.theirs),
+  return new ResourceBusyError(`${lease.path}${where} is held ${theirMode} by ${by}: a ${lease.mode} lease and a ${theirMode} one exclude each other${also}`, {
+    holder,
     resource: lease.path,
-    candidates,
+    lockFile: lockFileOf(lease, slot),
+    ...found,
   });
 }
 
@@ -435,7 +473,7 @@ function adoptDescription(holder: SupervisedProcess, like: LockableFile, mode: R
   const file = lockableFromFd(holder.takeFd(match.fd), where, match.access === 'readwrite' ? 'readwrite' : 'read');
   let ours: ProcLock[] = [];
   try {
-    ours = fdinfoLocks(readFileSync(`/proc/self/fdinfo/${file.fd}`, 'utf8'));
+    ours = parseFdinfoLocks(readFileSync(`/proc/self/fdinfo/${file.fd}`, 'utf8'));
   } catch {
     ours = [];
   }
@@ -445,6 +483,11 @@ function adoptDescription(holder: SupervisedProcess, like: LockableFile, mode: R
     throw new InvalidStateError(`process ${holder.pid} let go of its ${mode} lease on ${what} while it was being adopted`);
   }
   return file;
+}
+
+/** The processes holding a lease's byte 0 (this process's probe `file` left out), and the file's other openers. */
+export function leaseHolders(file: LockableFile): LockHolders {
+  return lockHolders(file.fd, 'exclusive', { start: 0, length: 1 });
 }
 
 /** What OFD lockspaces can do. */
@@ -501,7 +544,7 @@ export abstract class OfdLockspace implements LockspaceDriver {
     const taken: Step[] = [];
     try {
       for (const step of lockOrder(todo)) {
-        await takeSlot(step.lease, step.slot, options.wait, deadline, options.signal, options.timeout);
+        await takeSlot(step.lease, step.slot, options, deadline);
         taken.push(step);
         const n = left.get(step.lease)! - 1;
         left.set(step.lease, n);
@@ -565,12 +608,7 @@ export abstract class OfdLockspace implements LockspaceDriver {
       for (const step of lockOrder(leases as readonly OfdLease[])) {
         const { lease, slot } = step;
         if (!(await slot.take(lockModeOf(lease.mode), GUARD_RANGE, { wait: options.wait, timeout: remaining(deadline), signal: options.signal }))) {
-          const { candidates, text } = who(slot.path);
-          throw new ResourceBusyError(`${lease.path}: another migration of it is in progress: its handover guard (byte 1) is held by ${text}`, {
-            resource: lease.path,
-            candidates,
-            migrationInProgress: true,
-          });
+          throw guardBusy(lease, slot, (by) => `${lease.path}: another migration of it is in progress: its handover guard (byte 1) is held by ${by}`);
         }
         taken.push(step);
       }

@@ -301,7 +301,7 @@ export class SanlockLockspace implements LockspaceDriver {
     const taken: SanlockLease[] = [];
     try {
       for (const lease of [...(leases as readonly SanlockLease[])].sort((a, b) => byKey(a.key, b.key))) {
-        await lease.owned.take({ wait: options.wait, timeout: deadline === undefined ? undefined : Math.max(0, deadline - Date.now()), signal: options.signal });
+        await lease.owned.take({ wait: options.wait, timeout: deadline === undefined ? undefined : Math.max(0, deadline - Date.now()), signal: options.signal, onBusy: options.onBusy });
         taken.push(lease);
       }
     } catch (err) {
@@ -453,6 +453,7 @@ export class SanlockLockspace implements LockspaceDriver {
         const deadline = o.timeout === undefined ? undefined : Date.now() + o.timeout;
         let delay = RETRY_MIN_MS;
         let transient = 0;
+        let announced = false;
         for (;;) {
           const lver = this.#incoming.get(address.resource) ?? -1;
           const r = await acquireFor(pid, address, offset, shared, lver);
@@ -497,7 +498,11 @@ export class SanlockLockspace implements LockspaceDriver {
           if (!o.wait || (deadline !== undefined && Date.now() >= deadline)) {
             const busy = await this.#busy(disk, address, offset, r.rv, shared);
             if (!o.wait) throw busy;
-            throw new LockTimeoutError(`${disk}: the sanlock lease was not free within ${o.timeout} ms: ${busy.message}`, { timeout: o.timeout!, cause: busy });
+            throw new LockTimeoutError(`${disk}: the sanlock lease was not free within ${o.timeout} ms: ${busy.message}`, { timeout: o.timeout!, resource: disk, cause: busy });
+          }
+          if (!announced && o.onBusy !== undefined) {
+            announced = true;
+            o.onBusy(await this.#busy(disk, address, offset, r.rv, shared));
           }
           const left = deadline === undefined ? delay : Math.min(delay, Math.max(0, deadline - Date.now()));
           await sleep(left, o.signal);

@@ -10,9 +10,10 @@ import { fileURLToPath } from 'node:url';
 import type { Capability } from '../lockspaces/driver.js';
 import { openLockspace } from '../lockspaces/index.js';
 import type { LockspaceDriver } from '../lockspaces/driver.js';
-import { AbortError, InvalidArgumentError, InvalidStateError, LockManagerError, LockTimeoutError, ResourceBusyError, UnsupportedError, type ProcessInfo } from '../os/errors.js';
+import { AbortError, InvalidArgumentError, InvalidStateError, LockManagerError, LockTimeoutError, ResourceBusyError, UnsupportedError, holdersOf, type ProcessInfo } from '../os/errors.js';
 import { describeProcess, processStartTime, watchingParent } from '../os/proc-locks.js';
 import { attachProcess, type ExitStatus, type SpawnOptions, type SupervisedProcess } from '../os/supervise.js';
+import { CHANNELS, publish, traced } from '../os/trace.js';
 import { checkOptions, checkSignal, checkTimeout, describe } from '../os/validate.js';
 import { ResourceSet, type Resource } from './resources.js';
 import { StateMachine, WITH_CHILD, type ManagerState } from './states.js';
@@ -189,7 +190,7 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
         // spawn, or for the child's pid before it execs). A migration target
         // takes only the guard now; the source still holds the leases.
         take: async (s) => {
-          const opts = { wait, timeout: left(), signal: s ?? signal };
+          const opts = { wait, timeout: left(), signal: s ?? signal, onBusy: this.#busyListener() };
           if (this.#incoming) await this.#resources.guard(opts);
           else await this.#resources.acquire(this.#resources.values(), opts);
           if (abandoned()) throw new AbortError('start() was abandoned: free() was called', { cause: signal.reason });
@@ -427,7 +428,7 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
         await this.#acquireUnless(stop, this.#resources.values(), { wait: true, timeout, signal, checkGuard: false });
       } catch (err) {
         if (err instanceof LockTimeoutError) {
-          throw new LockTimeoutError(`completeMigrateIn: the source (${uri}) did not let go in time: ${err.message}`, { timeout: err.timeout, holder: err.holder, cause: err });
+          throw new LockTimeoutError(`completeMigrateIn: the source (${uri}) did not let go in time: ${err.message}`, { ...holdersOf(err), timeout: err.timeout, holder: err.holder, cause: err });
         }
         throw err;
       }
@@ -674,12 +675,25 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
    */
   async #acquireUnless(stop: AbortSignal, resources: Iterable<Resource>, options: { wait: boolean; timeout?: number; signal?: AbortSignal; checkGuard?: boolean }): Promise<void> {
     try {
-      await this.#resources.acquire(resources, { ...options, signal: options.signal === undefined ? stop : AbortSignal.any([options.signal, stop]) });
+      await this.#resources.acquire(resources, { ...options, onBusy: this.#busyListener(), signal: options.signal === undefined ? stop : AbortSignal.any([options.signal, stop]) });
     } catch (err) {
       if (stop.aborted) throw stop.reason as Error;
       throw err;
     }
   }
+
+  /**
+   * The lockspace's onBusy, only while someone listens for 'wait': naming who
+   * is in the way scans /proc, which a wait nobody reports must not pay for.
+   */
+  #busyListener(): ((busy: ResourceBusyError) => void) | undefined {
+    return this.listenerCount('wait') > 0 ? this.#onBusy : undefined;
+  }
+
+  /** A wait for a busy lease begins: the 'wait' event says who is in the way. */
+  readonly #onBusy = (busy: ResourceBusyError): void => {
+    this.#emitSafe('wait', busy);
+  };
 
   #abortRun(why: string): void {
     this.#runAbort?.abort(new InvalidStateError(`${why} while it was waiting; nothing was acquired`));
@@ -755,6 +769,9 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
 
   /** Emits an event; a listener that throws becomes a 'warning' instead of breaking the state machine. */
   #emitSafe<K extends keyof LockManagerEvents>(event: K, ...args: LockManagerEvents[K]): void {
+    // diagnostics_channel sees lock loss and the child's exit whether or not the manager's owner listens.
+    if (event === 'lock-failure' && traced(CHANNELS.lockLost)) publish(CHANNELS.lockLost, { manager: this, ...(args[0] as LockFailure) });
+    if (event === 'exit' && traced(CHANNELS.childExit)) publish(CHANNELS.childExit, { manager: this, pid: this.#child?.pid, ...(args[0] as ExitStatus) });
     try {
       (this.emit as (e: K, ...a: LockManagerEvents[K]) => boolean)(event, ...args);
     } catch (err) {

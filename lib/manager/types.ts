@@ -1,7 +1,7 @@
 // The LockManager's public types (docs/contract.md).
 import type { ResourceMode } from '../lockspaces/driver.js';
 import type { LockspaceOptions } from '../lockspaces/index.js';
-import type { LockManagerError, ProcessInfo } from '../os/errors.js';
+import type { LockManagerError, ProcessInfo, ResourceBusyError } from '../os/errors.js';
 import type { ExitStatus } from '../os/supervise.js';
 import type { ManagerState } from './states.js';
 
@@ -129,5 +129,11 @@ export interface LockManagerEvents {
   exit: [status: ExitStatus];
   'lock-failure': [failure: LockFailure];
   warning: [warning: LockManagerError];
+  /**
+   * A wait for a busy resource begins (start(), acquireResource() or a
+   * migration step that was given a timeout or signal): `busy` is the error
+   * it would have failed with, naming who is in the way. Once per lease waited for.
+   */
+  wait: [busy: ResourceBusyError];
 }
 

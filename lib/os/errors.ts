@@ -40,31 +40,125 @@ export interface LockHolder {
   pid: number;
 }
 
-/** A process that has a resource open: a candidate holder of an OFD lock. */
+/** A process that has a resource open, with its command line. */
 export interface ProcessInfo {
   pid: number;
-  /** Its command line, arguments joined by spaces. */
+  /** Its command line, arguments joined by spaces ('' if it could not be read). */
   command: string;
 }
 
-export interface ResourceBusyOptions {
+/** The kind of a lock as the kernel keeps it: an OFD lock (F_OFD_SETLK), a classic POSIX record lock (F_SETLK, lockf), or a flock(2) lock. */
+export type LockKind = 'OFD' | 'POSIX' | 'FLOCK';
+
+/**
+ * A process that holds a lock, named by the kernel itself: the lock appears
+ * in /proc/PID/fdinfo of one of its descriptors (OFD and flock locks belong to
+ * an open file description, so every process that shares it is a holder), or
+ * /proc/locks records it as the owner (a POSIX lock).
+ */
+export interface LockHolderProcess extends ProcessInfo {
+  kind: LockKind;
+  mode: 'exclusive' | 'shared';
+  /** First byte of the locked range. */
+  start: number;
+  /** Last byte of the locked range, inclusive; null: to the end of the file, however large it grows. */
+  end: number | null;
+  /** Its descriptors that share the holding open file description; null when its /proc/PID/fd could not be read (a POSIX owner of another user). */
+  fds: number[] | null;
+  /** `lockmgr status` only: neither it nor an ancestor runs lockmgr (an orphan that holds a lease its supervisor left behind). */
+  orphan?: boolean;
+}
+
+/** A process that has the file open and holds none of the locks asked about: a reader, a waiter. */
+export interface FileOpener extends ProcessInfo {
+  /** Its descriptors of the file. */
+  fds: number[];
+  /** One of its threads is blocked waiting for a lock on the file (F_SETLKW, F_OFD_SETLKW, flock); null when that could not be read. */
+  waiting: boolean | null;
+}
+
+/** A lock the kernel reports whose holder could not be named from here. */
+export interface UnreadableHolder {
+  kind: LockKind;
+  mode: 'exclusive' | 'shared';
+  start: number;
+  end: number | null;
+  /** The pid the kernel records, when it records one: a POSIX lock's owner, the process that took a flock lock (perhaps gone since). null for an OFD lock. */
+  pid: number | null;
+  command: string;
+  /**
+   * 'permission': some processes' /proc/PID/fd may not be read by this user (other users' processes);
+   * 'namespace': no process visible here holds it (a holder in another pid namespace, or one that holds the file only through a memory mapping or an fd in flight);
+   * 'no-fdinfo': this kernel does not list locks in /proc/PID/fdinfo.
+   */
+  reason: 'permission' | 'namespace' | 'no-fdinfo';
+  /** The reason in words. */
+  detail: string;
+}
+
+/** Who holds the locks on a file, from the kernel's own records (lockHolders() in lib/os/proc-locks.ts). */
+export interface LockHolders {
+  /** The processes holding the locks asked about (the conflicting ones, for a busy error). */
+  holders: LockHolderProcess[];
+  /** The other processes that have the file open (waiters, readers), never the asking process itself. */
+  openers: FileOpener[];
+  /** Locks whose holder could not be named from here, and why. */
+  unreadable: UnreadableHolder[];
+  /**
+   * false when this kernel lists no locks in /proc/PID/fdinfo (before Linux
+   * 4.1) or /proc/self/fdinfo cannot be read: then holders lists only POSIX
+   * owners, and openers are the candidates.
+   */
+  fdinfoAvailable: boolean;
+}
+
+/** What a busy or timeout error says of who is in the way. */
+export interface HoldersOptions {
+  /** The path of the resource. */
+  resource?: string;
+  /** The file whose lock is in the way, when it is not the resource itself (an indirect lockspace's lock file). */
+  lockFile?: string;
+  holders?: LockHolderProcess[];
+  openers?: FileOpener[];
+  unreadable?: UnreadableHolder[];
+  fdinfoAvailable?: boolean;
+  /** @deprecated Processes that have the resource open: now `holders` and `openers`. Default: both, by pid. */
+  candidates?: ProcessInfo[];
+}
+
+export interface ResourceBusyOptions extends HoldersOptions {
   cause?: unknown;
   holder?: LockHolder | null;
-  /** The path of the resource that was busy. */
-  resource?: string;
-  /** Processes that have the resource open (OFD locks record no pid). */
-  candidates?: ProcessInfo[];
   /** Paths whose locks this call took and released again before failing. */
   rolledBack?: string[];
   /** A migration target holds the handover guard (byte 1). */
   migrationInProgress?: boolean;
 }
 
-/** A conflicting lock is held. `holder` and `candidates` say what is known of who holds it. */
+/** The holders' and openers' processes, once each: what `candidates` always listed. */
+function candidatesOf(o: HoldersOptions | undefined): ProcessInfo[] {
+  if (o?.candidates !== undefined) return o.candidates;
+  const seen = new Map<number, ProcessInfo>();
+  for (const p of [...(o?.holders ?? []), ...(o?.openers ?? [])]) if (!seen.has(p.pid)) seen.set(p.pid, { pid: p.pid, command: p.command });
+  return [...seen.values()];
+}
+
+/**
+ * A conflicting lock is held. `holder` is the conflicting lock as F_OFD_GETLK
+ * reports it; `holders` the processes that hold it, named from the kernel's
+ * records; `openers` the other processes that have the file open.
+ */
 export class ResourceBusyError extends LockManagerError {
   override readonly code = 'ERR_RESOURCE_BUSY';
   readonly holder: LockHolder | null;
   readonly resource: string | null;
+  /** The lock file whose lock is in the way, when the resource's lease lives in one. */
+  readonly lockFile: string | null;
+  readonly holders: LockHolderProcess[];
+  readonly openers: FileOpener[];
+  readonly unreadable: UnreadableHolder[];
+  readonly fdinfoAvailable: boolean;
+  /** @deprecated The processes of `holders` and `openers`, once each (before lockmgr named holders exactly, every process with the file open). */
   readonly candidates: ProcessInfo[];
   readonly rolledBack: string[];
   /** A migration target holds the resource's handover guard: it is being handed to another manager. */
@@ -73,23 +167,62 @@ export class ResourceBusyError extends LockManagerError {
     super(message, options);
     this.holder = options?.holder ?? null;
     this.resource = options?.resource ?? null;
-    this.candidates = options?.candidates ?? [];
+    this.lockFile = options?.lockFile ?? null;
+    this.holders = options?.holders ?? [];
+    this.openers = options?.openers ?? [];
+    this.unreadable = options?.unreadable ?? [];
+    this.fdinfoAvailable = options?.fdinfoAvailable ?? true;
+    this.candidates = candidatesOf(options);
     this.rolledBack = options?.rolledBack ?? [];
     this.migrationInProgress = options?.migrationInProgress ?? false;
   }
 }
 
-/** A wait for a lock ran out of time. The lock is not held. */
+export interface LockTimeoutOptions extends HoldersOptions {
+  timeout: number;
+  holder?: LockHolder | null;
+  cause?: unknown;
+}
+
+/** A wait for a lock ran out of time. The lock is not held. `holders` and `openers` are as at that moment. */
 export class LockTimeoutError extends LockManagerError {
   override readonly code = 'ERR_LOCK_TIMEOUT';
   readonly timeout: number;
   /** The conflicting lock at the moment the wait gave up, if one was still there. */
   readonly holder: LockHolder | null;
-  constructor(message: string, options: { timeout: number; holder?: LockHolder | null; cause?: unknown }) {
+  readonly resource: string | null;
+  readonly lockFile: string | null;
+  readonly holders: LockHolderProcess[];
+  readonly openers: FileOpener[];
+  readonly unreadable: UnreadableHolder[];
+  readonly fdinfoAvailable: boolean;
+  /** @deprecated The processes of `holders` and `openers`, once each. */
+  readonly candidates: ProcessInfo[];
+  constructor(message: string, options: LockTimeoutOptions) {
     super(message, options);
     this.timeout = options.timeout;
     this.holder = options.holder ?? null;
+    this.resource = options.resource ?? null;
+    this.lockFile = options.lockFile ?? null;
+    this.holders = options.holders ?? [];
+    this.openers = options.openers ?? [];
+    this.unreadable = options.unreadable ?? [];
+    this.fdinfoAvailable = options.fdinfoAvailable ?? true;
+    this.candidates = candidatesOf(options);
   }
+}
+
+/** The holder fields of a busy or timeout error, to carry them into a new one (a rollback, a wrapping message). */
+export function holdersOf(err: ResourceBusyError | LockTimeoutError): HoldersOptions {
+  return {
+    resource: err.resource ?? undefined,
+    lockFile: err.lockFile ?? undefined,
+    holders: err.holders,
+    openers: err.openers,
+    unreadable: err.unreadable,
+    fdinfoAvailable: err.fdinfoAvailable,
+    candidates: err.candidates,
+  };
 }
 
 /** A wait was aborted through its AbortSignal. `cause` is the signal's reason. The lock is not held. */
@@ -215,6 +348,8 @@ export const ERRNO_CLASSES = {
   close_range: { '*': SpawnError },
   pidfd_send_signal: { EPERM: UnsupportedError, EINVAL: InvalidArgumentError },
   pidfd_getfd: { ...EXHAUSTED, EPERM: UnsupportedError, ESRCH: InvalidStateError, EBADF: InvalidStateError, ENOSYS: UnsupportedError },
+  // F_DUPFD_CLOEXEC of a caller's fd (openLockable(fd)); EINVAL: no fd number below RLIMIT_NOFILE.
+  dup: { EBADF: InvalidArgumentError, EMFILE: ResourceExhaustedError, EINVAL: ResourceExhaustedError },
 } as const satisfies Record<string, Readonly<Record<string, ErrorClass>>>;
 
 /** The system calls whose errors lockmgr maps. */

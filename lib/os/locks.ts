@@ -10,7 +10,8 @@
 // waiter thread (native/waiters.cc), never on the event loop or libuv's pool.
 // lockSync() is the one call that blocks its own thread in F_OFD_SETLKW, by
 // intent: for worker threads, scripts and benchmarks.
-import type { BigIntStats } from 'node:fs';
+import { readlinkSync, type BigIntStats } from 'node:fs';
+import type { FileHandle } from 'node:fs/promises';
 import {
   AbortError,
   InvalidArgumentError,
@@ -21,9 +22,12 @@ import {
   fromErrno,
   systemError,
   type LockHolder,
+  type LockHolders,
   type LockManagerError,
 } from './errors.js';
 import { constants, failedSyscall, native, nativeError } from './native.js';
+import { holdersWords, lockHolders } from './proc-locks.js';
+import { CHANNELS, publish, traced } from './trace.js';
 import { cancelWait, ensureWakeSignal, startWait, watchAbort } from './waits.js';
 import { checkOffset, checkOneOf, checkOptions, checkPath, checkSignal, checkTimeout, describe } from './validate.js';
 
@@ -156,6 +160,10 @@ const constructing = Symbol('LockableFile');
 /** What an omitted options argument reads as: shared, so the common call allocates nothing for it. */
 const NO_OPTIONS: Readonly<Record<string, undefined>> = Object.freeze({});
 
+// The files opened from a caller's descriptor: a set, not a field, so that the
+// many files that are not pay nothing per held lock (docs/performance.md).
+const ADOPTED = new WeakSet<object>();
+
 /**
  * A file's identity. The key string is made when first read: most held locks
  * never need it, and each would otherwise carry ~40 B of string.
@@ -189,14 +197,20 @@ export class LockableFile implements Disposable {
   #waits: Set<PendingWait> | undefined = undefined;
 
   /** @internal */
-  constructor(token: symbol, fd: number, path: string, kind: ResourceKind, identity: ResourceIdentity, access: Access, created = false) {
+  constructor(token: symbol, fd: number, path: string, kind: ResourceKind, identity: ResourceIdentity, access: Access, created = false, adopted = false) {
     if (token !== constructing) throw new InvalidStateError('use openLockable() to open a lockable file');
     this.created = created;
+    if (adopted) ADOPTED.add(this);
     this.#fd = fd;
     this.path = path;
     this.kind = kind;
     this.identity = identity;
     this.access = access;
+  }
+
+  /** The descriptor is a duplicate of the caller's (openLockable(fd or FileHandle)): its open file description, and its locks, are shared with the caller's. */
+  get adopted(): boolean {
+    return ADOPTED.has(this);
   }
 
   /** The file descriptor (O_CLOEXEC). Hand it to a child to let the child carry the locks. */
@@ -215,7 +229,10 @@ export class LockableFile implements Disposable {
     const type = lockType(mode);
     parseRange(range);
     const rv = native.setlk(this.#fd, type, rangeStart, rangeLength);
-    if (rv === 0) return true;
+    if (rv === 0) {
+      if (traced(CHANNELS.grant)) this.#traceLock(CHANNELS.grant, mode, rangeStart, rangeLength, false);
+      return true;
+    }
     if (rv === BUSY || rv === BUSY_OLD) return false;
     throw this.#lockError(-rv, mode, rangeStart, rangeLength);
   }
@@ -238,9 +255,13 @@ export class LockableFile implements Disposable {
       const signal = checkSignal(opts.signal);
       if (signal?.aborted) throw abortError(signal);
       const rv = native.setlk(this.#fd, type, start, length);
-      if (rv === 0) return Promise.resolve();
+      if (rv === 0) {
+        if (traced(CHANNELS.grant)) this.#traceLock(CHANNELS.grant, mode, start, length, false);
+        return Promise.resolve();
+      }
       if (rv !== BUSY && rv !== BUSY_OLD) throw this.#lockError(-rv, mode, start, length);
       if (timeout === 0) throw this.#timeoutError(mode, start, length, 0);
+      if (traced(CHANNELS.wait)) this.#traceLock(CHANNELS.wait, mode, start, length, undefined, timeout);
       return this.#wait(type, mode, start, length, timeout, signal);
     } catch (err) {
       return Promise.reject(err as Error);
@@ -270,17 +291,41 @@ export class LockableFile implements Disposable {
     } else {
       // With a deadline, a free lock must not pay for arming the timer.
       rv = native.setlk(this.#fd, type, start, length);
-      if (rv === 0) return;
+      if (rv === 0) {
+        if (traced(CHANNELS.grant)) this.#traceLock(CHANNELS.grant, mode, start, length, false);
+        return;
+      }
       if (rv !== BUSY && rv !== BUSY_OLD) throw this.#lockError(-rv, mode, start, length);
       if (timeout === 0) throw this.#timeoutError(mode, start, length, 0);
+      if (traced(CHANNELS.wait)) this.#traceLock(CHANNELS.wait, mode, start, length, undefined, timeout);
       ensureWakeSignal();
       rv = native.lockSync(this.#fd, type, start, length, timeout);
     }
-    if (rv === 0) return;
+    if (rv === 0) {
+      if (traced(CHANNELS.grant)) this.#traceLock(CHANNELS.grant, mode, start, length, true);
+      return;
+    }
     if (rv === -ETIMEDOUT) throw this.#timeoutError(mode, start, length, timeout ?? 0);
     // timer_create (ResourceExhaustedError for EAGAIN), or the lock itself.
     if (failedSyscall() !== 'fcntl') throw nativeError(rv, `cannot wait for ${article(mode)} lock on ${rangeText(start, length)} of '${this.path}'`, this.path);
     throw this.#lockError(-rv, mode, start, length);
+  }
+
+  /**
+   * lock(), resolving to a handle that unlocks the range again: on release(),
+   * or at the end of a `using` / `await using` block (TypeScript 5.2+, or a
+   * Node with explicit resource management).
+   */
+  async hold(mode: LockMode, range?: ByteRange, options?: LockOptions): Promise<HeldLock> {
+    await this.lock(mode, range, options);
+    parseRange(range);
+    return new HeldLock(constructing, this, mode, rangeStart, rangeLength);
+  }
+
+  /** tryLock(), returning a handle that unlocks the range again (see hold()), or null when a conflicting lock is held. */
+  tryHold(mode: LockMode, range?: ByteRange): HeldLock | null {
+    if (!this.tryLock(mode, range)) return null;
+    return new HeldLock(constructing, this, mode, rangeStart, rangeLength);
   }
 
   /** Releases the range. Unlocking what is not locked is a no-op. */
@@ -289,6 +334,7 @@ export class LockableFile implements Disposable {
     parseRange(range);
     const rv = native.setlk(this.#fd, UNLOCK, rangeStart, rangeLength);
     if (rv !== 0) throw fromErrno('fcntl', -rv, this.path, `cannot unlock ${rangeText(rangeStart, rangeLength)} of '${this.path}'`);
+    if (traced(CHANNELS.release)) publish(CHANNELS.release, { file: this, path: this.path, fd: this.#fd, start: rangeStart, length: rangeLength, closed: false });
   }
 
   /** The lock that would block `mode` on the range (F_OFD_GETLK), or null. Our own locks never conflict. */
@@ -306,6 +352,7 @@ export class LockableFile implements Disposable {
   close(): void {
     if (this.#closed) return;
     this.#closed = true;
+    if (traced(CHANNELS.release)) publish(CHANNELS.release, { file: this, path: this.path, fd: this.#fd, start: 0, length: 0, closed: true });
     if (this.#waits === undefined || this.#waits.size === 0) {
       this.#closeFd();
       return;
@@ -336,8 +383,10 @@ export class LockableFile implements Disposable {
     file.#waits?.delete(wait);
     wait.unwatch?.();
     if (!wait.settled) {
-      if (errno === 0) wait.resolve();
-      else if (errno === ECANCELED && wait.signal?.aborted) wait.reject(abortError(wait.signal));
+      if (errno === 0) {
+        if (traced(CHANNELS.grant)) file.#traceLock(CHANNELS.grant, wait.mode, wait.start, wait.length, true);
+        wait.resolve();
+      } else if (errno === ECANCELED && wait.signal?.aborted) wait.reject(abortError(wait.signal));
       else if (errno === ETIMEDOUT) wait.reject(file.#timeoutError(wait.mode, wait.start, wait.length, wait.timeout ?? 0));
       else wait.reject(file.#lockError(errno, wait.mode, wait.start, wait.length));
     }
@@ -351,6 +400,10 @@ export class LockableFile implements Disposable {
       (this.#waits ??= new Set()).add(wait);
       if (signal !== undefined) wait.unwatch = watchAbort(signal, () => cancelWait(wait.id));
     });
+  }
+
+  #traceLock(ch: typeof CHANNELS.grant, mode: LockMode, start: number, length: number, waited: boolean | undefined, timeout?: number): void {
+    publish(ch, { file: this, path: this.path, fd: this.#fd, mode, start, length, waited, timeout });
   }
 
   #conflict(type: number, start: number, length: number): LockConflict | null {
@@ -375,21 +428,35 @@ export class LockableFile implements Disposable {
 
   #timeoutError(mode: LockMode, start: number, length: number, timeout: number): LockTimeoutError {
     let holder: LockHolder | null = null;
+    let found: LockHolders | undefined;
     if (!this.#closed) {
       try {
         holder = this.#conflict(mode === 'exclusive' ? EXCLUSIVE : SHARED, start, length);
+        // Who: from the kernel's records (fdinfo, /proc/locks), off the fast path.
+        found = lockHolders(this.#fd, mode, { start, length }, { conflict: holder });
       } catch {
-        holder = null;
+        // The error must not fail for want of /proc.
       }
     }
-    const still = holder === null ? '' : `; still in the way: ${holderText(holder)}`;
-    return new LockTimeoutError(
-      `timed out after ${timeout} ms waiting for ${article(mode)} lock on ${rangeText(start, length)} of '${this.path}'${still}`,
-      { timeout, holder },
-    );
+    let still = '';
+    if (found !== undefined && (holder !== null || found.holders.length > 0)) {
+      const { by, also } = holdersWords(found, this.path);
+      still = `; still held by ${by}${also}`;
+    } else if (holder !== null) {
+      still = `; still in the way: ${holderText(holder)}`;
+    }
+    return new LockTimeoutError(`timed out after ${timeout} ms waiting for ${article(mode)} lock on ${rangeText(start, length)} of '${this.path}'${still}`, {
+      timeout,
+      holder,
+      resource: this.path,
+      ...found,
+    });
   }
 
   #closeFd(): void {
+    // The caller's fd keeps an adopted open file description, and with it
+    // every lock, alive: close() releases them as it promises.
+    if (this.adopted) native.setlk(this.#fd, UNLOCK, 0, 0);
     native.closeFd(this.#fd);
     this.#fd = -1;
   }
@@ -491,6 +558,75 @@ function typeError(path: string, type: number): LockManagerError {
 }
 
 /**
+ * A lock taken with hold() or tryHold(). release() unlocks its range, as
+ * unlock(range) does: OFD locks of one open file description on overlapping
+ * ranges are one lock, so releasing one handle releases the overlap of the
+ * others too. Idempotent; a no-op once the file is closed (which released it).
+ */
+export class HeldLock implements Disposable, AsyncDisposable {
+  readonly file: LockableFile;
+  readonly mode: LockMode;
+  readonly start: number;
+  /** 0: to the end of the file and beyond. */
+  readonly length: number;
+  #released = false;
+
+  /** @internal */
+  constructor(token: symbol, file: LockableFile, mode: LockMode, start: number, length: number) {
+    if (token !== constructing) throw new InvalidStateError('use LockableFile.hold() or tryHold() to take a held lock');
+    this.file = file;
+    this.mode = mode;
+    this.start = start;
+    this.length = length;
+  }
+
+  get released(): boolean {
+    return this.#released || this.file.closed;
+  }
+
+  release(): void {
+    if (this.#released) return;
+    this.#released = true;
+    if (!this.file.closed) this.file.unlock({ start: this.start, length: this.length });
+  }
+
+  [Symbol.dispose](): void {
+    this.release();
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    this.release();
+  }
+}
+
+export interface WithLockOptions extends LockOptions {
+  /** The range to lock; default the whole file. */
+  range?: ByteRange;
+  /** How to open the file; default 'readwrite' for an exclusive lock, 'read' for a shared one. */
+  access?: Access;
+}
+
+/**
+ * Opens `path`, locks it (waiting as lock() does, within `timeout` / until
+ * `signal`), runs `fn` with the file, and always closes it (releasing the
+ * lock) when `fn` settles: the Web Locks API's request(name, options,
+ * callback), for a file. Resolves to what `fn` returns; rejects with what it
+ * throws, or with the open's or the wait's error (then `fn` never ran).
+ */
+export async function withLock<T>(path: string, mode: LockMode, fn: (file: LockableFile) => T | PromiseLike<T>, options?: WithLockOptions): Promise<T> {
+  checkOneOf(mode, ['exclusive', 'shared'] as const, 'mode');
+  if (typeof fn !== 'function') throw new InvalidArgumentError(`withLock needs a function to run holding the lock, got ${describe(fn)}`);
+  const opts: WithLockOptions = options === undefined ? NO_OPTIONS : checkOptions<WithLockOptions>(options, ['timeout', 'signal', 'range', 'access'], 'withLock options');
+  const file = openLockable(path, { access: opts.access ?? (mode === 'exclusive' ? 'readwrite' : 'read') });
+  try {
+    await file.lock(mode, opts.range, { timeout: opts.timeout, signal: opts.signal });
+    return await fn(file);
+  } finally {
+    file.close();
+  }
+}
+
+/**
  * Opens a regular file or block device for locking; the fd is O_CLOEXEC |
  * O_NOCTTY. What the path names is decided before it is opened for I/O (an
  * O_PATH descriptor and fstat): a character device, FIFO or socket is never
@@ -505,7 +641,22 @@ function typeError(path: string, type: number): LockManagerError {
  * locked, ResourceAccessError when the open fails, the path is a directory or
  * (with `create`) the file is not a plausible lock file.
  */
-export function openLockable(path: string, options?: OpenOptions): LockableFile {
+export function openLockable(path: string, options?: OpenOptions): LockableFile;
+/**
+ * Locks what the caller already has open: a file descriptor, or a
+ * node:fs/promises FileHandle. The LockableFile works on a duplicate
+ * (F_DUPFD_CLOEXEC) of it, so its locks are the caller's open file
+ * description's: visible through the caller's fd, carried by it into a child.
+ * The caller keeps its fd and closes it as before; close() of the
+ * LockableFile releases every lock of that open file description (the
+ * caller's own included) and closes the duplicate only. `access` is how the fd
+ * was opened; `path` only names the file in messages (default: what
+ * /proc/self/fd says).
+ */
+export function openLockable(fd: number | FileHandle, options?: { path?: string }): LockableFile;
+export function openLockable(target: string | number | FileHandle, options?: OpenOptions | { path?: string }): LockableFile {
+  if (typeof target !== 'string') return adoptDescriptor(target, options as { path?: string } | undefined);
+  const path = target;
   checkPath(path);
   const opts: OpenOptions = options === undefined ? NO_OPTIONS : checkOptions<OpenOptions>(options, ['access', 'create'], 'openLockable options');
   const access = opts.access === undefined ? 'readwrite' : checkOneOf(opts.access, ['read', 'readwrite'] as const, 'access');
@@ -568,11 +719,58 @@ export function openLockable(path: string, options?: OpenOptions): LockableFile 
 }
 
 /** The LockableFile for an fd whose facts are in facts/ids. */
-function adopt(fd: number, path: string, access: Access, created: boolean): LockableFile {
-  if ((facts[MODE]! & S_IFMT) === S_IFBLK) {
-    return new LockableFile(constructing, fd, path, 'block-device', new Identity(ids[RDEV]!, 0n, true), access, created);
+function adopt(fd: number, path: string, access: Access, created: boolean, adopted = false): LockableFile {
+  const file =
+    (facts[MODE]! & S_IFMT) === S_IFBLK
+      ? new LockableFile(constructing, fd, path, 'block-device', new Identity(ids[RDEV]!, 0n, true), access, created, adopted)
+      : new LockableFile(constructing, fd, path, 'file', new Identity(ids[DEV]!, ids[INO]!, false), access, created, adopted);
+  if (traced(CHANNELS.open)) publish(CHANNELS.open, { file, path, fd, access, kind: file.kind, created, adopted });
+  return file;
+}
+
+const { O_ACCMODE, O_RDONLY, O_RDWR, O_PATH } = constants.open;
+
+/** openLockable(fd | FileHandle): the caller's open file description, checked as a path's would be, through a duplicate. */
+function adoptDescriptor(target: number | FileHandle, options: { path?: string } | undefined): LockableFile {
+  const opts = options === undefined ? NO_OPTIONS : checkOptions<{ path?: string }>(options, ['path'], 'openLockable options');
+  let fd: number;
+  if (typeof target === 'number') {
+    if (!Number.isInteger(target) || target < 0 || target > 0x7fffffff) throw new InvalidArgumentError(`fd must be an integer >= 0, got ${describe(target)}`);
+    fd = target;
+  } else if (target !== null && typeof target === 'object' && typeof (target as { fd?: unknown }).fd === 'number' && typeof (target as { close?: unknown }).close === 'function') {
+    fd = target.fd;
+    // A closed FileHandle says -1.
+    if (fd < 0) throw new InvalidArgumentError('the FileHandle is closed');
+  } else {
+    throw new InvalidArgumentError(`path must be a string, a file descriptor or a FileHandle, got ${describe(target)}`);
   }
-  return new LockableFile(constructing, fd, path, 'file', new Identity(ids[DEV]!, ids[INO]!, false), access, created);
+  if (opts.path !== undefined && typeof opts.path !== 'string') throw new InvalidArgumentError(`path must be a string, got ${describe(opts.path)}`);
+  let path = opts.path;
+  if (path === undefined) {
+    try {
+      path = readlinkSync(`/proc/self/fd/${fd}`);
+    } catch {
+      path = `fd ${fd}`;
+    }
+  }
+  const flags = native.statusFlags(fd);
+  if (flags < 0) {
+    if (-flags === EBADF) throw new InvalidArgumentError(`fd ${fd} is not an open file descriptor`);
+    throw fromErrno('fcntl', -flags, path, `cannot read the flags of fd ${fd} ('${path}')`);
+  }
+  if ((flags & O_PATH) !== 0) throw new InvalidArgumentError(`fd ${fd} ('${path}') was opened with O_PATH, which cannot lock: open the file for reading`);
+  const mode = flags & O_ACCMODE;
+  if (mode !== O_RDONLY && mode !== O_RDWR) throw new InvalidArgumentError(`fd ${fd} ('${path}') was opened write-only; locks need it open for reading (shared) or reading and writing`);
+  const access: Access = mode === O_RDWR ? 'readwrite' : 'read';
+  const rv = native.statFd(fd, facts, ids);
+  if (rv < 0) throw fromErrno('open', -rv, path, `cannot stat fd ${fd} ('${path}')`);
+  const type = facts[MODE]! & S_IFMT;
+  if (type !== S_IFREG && type !== S_IFBLK) throw typeError(path, type);
+  const pseudo = type === S_IFREG ? (PSEUDO_FILESYSTEMS.get(facts[FS_TYPE]!) ?? null) : null;
+  if (pseudo !== null) throw new InvalidArgumentError(`'${path}' is on ${pseudo}, a pseudo filesystem of kernel interfaces; only regular files (of a real filesystem) and block devices can be locked`);
+  const dup = native.dupFd(fd);
+  if (dup < 0) throw nativeError(dup, `cannot duplicate fd ${fd} ('${path}')`, path);
+  return adopt(dup, path, access, false, true);
 }
 
 /**

@@ -37,6 +37,8 @@ export interface NativeConstants {
     readonly S_IFSOCK: number;
     readonly S_IFLNK: number;
   };
+  /** statusFlags' access bits. */
+  readonly open: { readonly O_ACCMODE: number; readonly O_RDONLY: number; readonly O_WRONLY: number; readonly O_RDWR: number; readonly O_PATH: number };
   /** How a watched process ended (initSpawn's onExit kind). */
   readonly exit: { readonly UNKNOWN: number; readonly CODE: number; readonly SIGNAL: number; readonly ERROR: number };
   /** spawn() flags. */
@@ -83,6 +85,10 @@ export interface Native {
   /** F_OFD_GETLK into out = [type, start, length, pid]; type UNLOCK = no conflict. */
   getlk(fd: number, type: number, start: number, length: number, out: Float64Array): number;
   closeFd(fd: number): number;
+  /** F_DUPFD_CLOEXEC: a new fd of the caller's open file description (failedSyscall 'dup'). */
+  dupFd(fd: number): number;
+  /** F_GETFL: the fd's status flags (constants.open for the access bits). */
+  statusFlags(fd: number): number;
   /** Replaces fd with an O_PATH placeholder: its open file description (and its locks) go, the number stays taken. */
   retireFd(fd: number): number;
   /** kcmp(KCMP_FILE): 0 when pid's fd and otherPid's otherFd are one open file description, 1 or 2 when not, or -errno. */

@@ -8,9 +8,9 @@
 // 100-101 read-write and 100 read-only; qemu-nbd also refuses resize (203); a
 // VM with share-rw=off also refuses write (201). Our byte-0 lease is outside
 // this range and never disturbs QEMU.
-import { InvalidArgumentError, ResourceBusyError, type ProcessInfo } from './errors.js';
+import { InvalidArgumentError, ResourceBusyError, type LockHolders, type ProcessInfo } from './errors.js';
 import { openLockable, type LockableFile } from './locks.js';
-import { describeProcess, locksOn, processesWithOpen, type ProcLock } from './proc-locks.js';
+import { holdersWords, lockHolders, locksOn, processesWithOpen, type ProcLock } from './proc-locks.js';
 
 export const QEMU_PERMISSIONS = ['consistent-read', 'write', 'write-unchanged', 'resize', 'graph-mod'] as const;
 export type QemuPermission = (typeof QEMU_PERMISSIONS)[number];
@@ -103,10 +103,17 @@ export function takeQemuLocks(file: LockableFile, path: string, profile: QemuPro
   const conflict = qemuConflict(file, profile);
   if (conflict === null) return;
   undo(bytes.length);
-  const candidates = processesWithOpen(path, { excludeSelf: true });
-  const who = candidates.length > 0 ? ` (in use by ${candidates.map(describeProcess).join(', ')})` : '';
+  // Who: the holders of that permission's byte, from the kernel's records.
+  const byte = byteOf(conflict.reason === 'held' ? QEMU_PERM_BASE : QEMU_SHARED_BASE, conflict.permission);
+  let found: LockHolders = { holders: [], openers: [], unreadable: [], fdinfoAvailable: false };
+  try {
+    found = lockHolders(file.fd, 'exclusive', byte, { conflict: file.getConflict('exclusive', byte) });
+  } catch {
+    // The error must not fail for want of /proc.
+  }
+  const { by, also } = holdersWords(found, path);
   const what = conflict.reason === 'held' ? `holds the QEMU "${conflict.permission}" permission` : `refuses to share the QEMU "${conflict.permission}" permission`;
-  throw new ResourceBusyError(`${path}: another process ${what}${who}`, { resource: path, candidates });
+  throw new ResourceBusyError(`${path}: another process ${what} (held by ${by}${also})`, { resource: path, ...found });
 }
 
 export function releaseQemuLocks(file: LockableFile, profile: QemuProfile): void {

@@ -66,8 +66,8 @@ for (const lockspace of ['direct', 'indirect'] as const) {
       expect(r.stderr).toContain(`stays held by ${orphan} (sleep 1000)`);
       expect(second.stderr).toContain(`${orphan} (sleep 1000)`);
       const e = status(...flags(), fx.path);
-      expect(e.holders).toEqual([expect.objectContaining({ pid: orphan, command: 'sleep 1000', type: 'WRITE', orphan: true })]);
-      expect(lockmgr('status', ...flags(), fx.path).stdout).toMatch(new RegExp(`held by +${orphan} \\(sleep 1000\\) exclusive, orphan: no lockmgr supervises it`));
+      expect(e.holders).toEqual([expect.objectContaining({ pid: orphan, command: 'sleep 1000', mode: 'exclusive', start: 0, orphan: true })]);
+      expect(lockmgr('status', ...flags(), fx.path).stdout).toMatch(new RegExp(`held by\\s+${orphan}\\s+sleep 1000\\s+\\(orphan: no lockmgr supervises it\\)`));
       // When the orphan goes, the kernel drops the lock with its last fd.
       process.kill(orphan, 'SIGKILL');
       await waitUntil(() => !processExists(orphan), 10_000, 'the orphan to exit');
@@ -84,7 +84,10 @@ for (const lockspace of ['direct', 'indirect'] as const) {
       const server = readPid(pidFile);
       expect(r.stderr).toContain(`stays held by ${server} (qemu-nbd --fork`);
       expect(lockmgr('run', ...flags(), '--exclusive', fx.path, '--', 'true').code).toBe(75);
-      expect(status(...flags(), fx.path).holders).toEqual([expect.objectContaining({ pid: server, orphan: true })]);
+      // One entry per lock (the lease, and whatever QEMU bytes qemu-nbd took itself): all the server's, an orphan.
+      const held = status(...flags(), fx.path).holders!;
+      expect(held.length).toBeGreaterThan(0);
+      expect([...new Set(held.map((h) => `${h.pid} ${h.orphan}`))]).toEqual([`${server} true`]);
     });
 
     it('a supervisor killed with SIGKILL: its command keeps the lease, status names it as an orphan, a second run is refused', async () => {
@@ -98,7 +101,8 @@ for (const lockspace of ['direct', 'indirect'] as const) {
       child.kill('SIGKILL');
       await exited;
       const after = status(...flags(), fx.path).holders!;
-      expect(after).toEqual([expect.objectContaining({ pid: cmd, command: 'sleep 1000', orphan: true })]);
+      expect(after.length).toBeGreaterThan(0);
+      expect([...new Set(after.map((h) => `${h.pid} ${h.command} ${h.orphan}`))]).toEqual([`${cmd} sleep 1000 true`]);
       const second = lockmgr('run', ...flags(), '--exclusive', fx.path, '--', 'true');
       expect(second.code).toBe(75);
       expect(second.stderr).toContain(`${cmd} (sleep 1000)`);
