@@ -118,7 +118,7 @@ export function leaseHolderLines(h: LockHolders, path: string, columns: number |
   const col = pidColumn([...h.holders.map((x) => x.pid), ...h.unreadable.flatMap((u) => (u.pid === null ? [] : [u.pid]))]);
   const width = commandWidth(columns, indent + 2 + col(0).length + 2);
   return [
-    ...byPid(h.holders).map((group) => `  ${col(group[0]!.pid)}  ${abbreviate(group[0]!.command, width, path)}`),
+    ...byPid(h.holders).map((group) => `  ${col(group[0]!.pid)}  ${abbreviate(group[0]!.command, width, path)}${group[0]!.orphan === true ? '  (orphan: no lockmgr supervises it)' : ''}`),
     ...h.unreadable.map((u) => `  ${unreadableLine(u, path, width)}`),
   ];
 }

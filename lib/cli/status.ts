@@ -71,6 +71,11 @@ function lockFilesOf(status: LeaseStatus): StatusEntry['lockFiles'] {
   }));
 }
 
+/** Each holder marked `orphan` when neither it nor an ancestor runs lockmgr (docs/contract.md, "Orphans"). */
+function markOrphans(h: LockHolders): LockHolders {
+  return { ...h, holders: h.holders.map((x) => ({ ...x, orphan: !supervisedByLockmgr(x.pid) })) };
+}
+
 /** The holders and openers, as everyone but this status process sees them: processes once each. */
 function openByOf(h: LockHolders): ProcessInfo[] {
   const seen = new Map<number, ProcessInfo>();
@@ -81,7 +86,9 @@ function openByOf(h: LockHolders): ProcessInfo[] {
 async function inspect(path: string, space: LockspaceDriver | undefined): Promise<StatusEntry> {
   // A block device through the kernel's own device node, as every lockspace locks it.
   const file = openDiskFile(path, 'read');
-  const lockspace = space === undefined ? undefined : await space.inspect({ type: 'disk', path });
+  const inspected = space === undefined ? undefined : await space.inspect({ type: 'disk', path });
+  // Each lock file's holders marked too: an orphan holds the lease wherever the lockspace keeps it.
+  const lockspace = inspected === undefined ? undefined : { ...inspected, locations: inspected.locations.map((l) => (l.holders === undefined ? l : { ...l, holders: markOrphans(l.holders) })) };
   try {
     const byte = (start: number) => byteState(file, start);
     const lease = byte(0);
@@ -99,7 +106,7 @@ async function inspect(path: string, space: LockspaceDriver | undefined): Promis
       ...(lockspace === undefined ? {} : { lockspace, ...(lockFilesOf(lockspace) ? { lockFiles: lockFilesOf(lockspace) } : {}) }),
       qemu: { held: qemu.held, unshared: qemu.unshared },
       locks: [...locksOn(file.path), ...(file.path === path ? [] : locksOn(path))].map((l) => ({ ...l, ino: String(l.ino) })),
-      holders: who.holders.map((h) => ({ ...h, orphan: !supervisedByLockmgr(h.pid) })),
+      holders: markOrphans(who).holders,
       openers: who.openers,
       unreadable: who.unreadable,
       fdinfoAvailable: who.fdinfoAvailable,

@@ -272,7 +272,8 @@ export function busyError(lease: OfdLease, slot: LeaseSlot = lease.slots[0]!): R
   const found = whoHolds(slot, mode, LEASE_RANGE, holder);
   const words = holdersWords(found, slot.path);
   const { also } = words;
-  const named = found.holders.length > 0 || found.unreadable.length > 0 || (!found.fdinfoAvailable && found.openers.length > 0);
+  // Nobody named as a holder: the conflict may have gone meanwhile (a holder that exited), which a re-probe tells.
+  const named = found.holders.length > 0 || (found.unreadable.length > 0 && conflictOf(slot, mode, LEASE_RANGE) !== null) || (!found.fdinfoAvailable && found.openers.length > 0);
   const by = named ? words.by : nobodyWords(slot, mode);
   const how = holder === null ? 'held' : `held ${heldAs(holder.mode)}`;
   const where = slot.path === lease.path ? '' : ` (its lock file ${slot.path})`;

@@ -91,7 +91,7 @@ for (const lockspace of ['direct', 'indirect'] as const) {
       await b.free();
       await a.free();
       expect(err).toBeInstanceOf(ResourceBusyError);
-      expect((err as Error).message).toContain('another open file description in this process');
+      expect((err as Error).message).toMatch(/by this process \(pid \d+\)/);
     });
   });
 }
