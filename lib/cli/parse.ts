@@ -1,7 +1,14 @@
 // The command lines of run and status, checked before anything heavy is
 // loaded: a usage error never needs the native addon. Every mistake is a
 // usage error in the user's terms (the flag they typed, never an API name).
-import { resolve } from 'node:path';
+/**
+ * A PATH as the user gave it, made absolute without normalising it: a peer
+ * that names a lock file after the path as written (virtlockd) must meet the
+ * same string ('/a//b' stays '/a//b').
+ */
+function absolute(p: string): string {
+  return p === '' || p.startsWith('/') ? p : `${process.cwd().replace(/\/$/, '')}/${p}`;
+}
 import type { LockFailureAction, LockLifetime, ManagerParams, ResourceMode } from '../manager/types.js';
 import { checkParam } from '../manager/validation.js';
 import { EXIT, parse, usage } from './args.js';
@@ -54,7 +61,7 @@ export function parseRun(argv: readonly string[]): RunArgs {
     uri: { type: 'string' },
   }, 'run');
   if (positionals.length > 0) throw usage(`unexpected argument '${positionals[0]}': the command goes after '--' (lockmgr run --exclusive PATH -- COMMAND)`, 'run');
-  const resources = MODES.flatMap((mode) => (values[mode] ?? []).map((p) => ({ mode, flag: `--${mode}`, path: p === '' ? p : resolve(p) })));
+  const resources = MODES.flatMap((mode) => (values[mode] ?? []).map((p) => ({ mode, flag: `--${mode}`, path: absolute(p) })));
   for (const r of resources) if (r.path === '') throw usage(`${r.flag} needs a PATH, got ''`, 'run');
   if (resources.length === 0) throw usage('nothing to lock: name at least one resource with --exclusive, --shared or --readonly PATH', 'run');
   for (const [i, r] of resources.entries()) {
@@ -125,5 +132,5 @@ export interface StatusArgs {
 export function parseStatus(argv: readonly string[]): StatusArgs {
   const { values, positionals } = parse(argv, { json: { type: 'boolean' }, lockspace: { type: 'string' } }, 'status');
   if (positionals.length === 0) throw usage('a PATH is needed: lockmgr status PATH...', 'status');
-  return { paths: positionals.map((p) => (p === '' ? p : resolve(p))), json: values.json === true, lockspace: values.lockspace };
+  return { paths: positionals.map(absolute), json: values.json === true, lockspace: values.lockspace };
 }

@@ -450,16 +450,22 @@ function adoptDescription(holder: SupervisedProcess, like: LockableFile, mode: R
   const lock = lockModeOf(mode);
   const target = { dev: like.identity.dev, ino: like.identity.ino, block: like.kind === 'block-device' };
   const open = fdsOf(holder.pid, target);
-  const match = open.find((f) => holdsRange(f.locks, lock, LEASE_RANGE));
+  // Byte 0 in the mode's lock, and for shared and readonly the mode's own class byte: they read-lock byte 0 alike.
+  const cls = classOf(mode);
+  const holdsMode = (locks: readonly ProcLock[], m: ResourceMode): boolean => {
+    const c = classOf(m);
+    return holdsRange(locks, lockModeOf(m), LEASE_RANGE) && (c === null || holdsRange(locks, 'shared', c.mine));
+  };
+  const match = open.find((f) => holdsMode(f.locks, mode));
   const what = where === resource ? resource : `${resource} (its lock file ${where})`;
   if (match === undefined) {
-    const other = open.find((f) => holdsRange(f.locks, lock === 'exclusive' ? 'shared' : 'exclusive', LEASE_RANGE));
+    const other = (['exclusive', 'shared', 'readonly'] as const).find((m) => m !== mode && open.some((f) => holdsMode(f.locks, m)));
     const why =
       open.length === 0
         ? 'it does not have it open'
         : other !== undefined
-          ? `it holds it ${lock === 'exclusive' ? 'shared' : 'exclusively'}, not ${mode}`
-          : `none of its ${open.length} descriptor(s) of it holds byte 0`;
+          ? `it holds it ${other === 'exclusive' ? 'exclusively' : other}, not ${mode}`
+          : `none of its ${open.length} descriptor(s) of it holds byte 0${cls === null ? '' : ` and byte ${cls.mine.start}`}`;
     throw new InvalidArgumentError(`process ${holder.pid} does not hold ${mode === 'exclusive' ? 'an' : 'a'} ${mode} lease on ${what}: ${why}`);
   }
   // Its supervisor still alive, or another adopter: two managers of one VM would each release the other's lease.

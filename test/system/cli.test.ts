@@ -4,7 +4,8 @@ import { chmodSync, existsSync, mkdirSync, readFileSync, readdirSync, readlinkSy
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterEach, describe, expect, it } from 'vitest';
-import { LockManager } from '../../lib/index.js';
+import { LockManager, openLockable } from '../../lib/index.js';
+import { lockFileName } from '../../lib/lockspaces/indirect.js';
 import type { StatusEntry } from '../../lib/cli/main.js';
 import { lockFixture, makeFile, waitUntil } from '../helpers.js';
 
@@ -57,6 +58,22 @@ function status(...paths: string[]): { code: number | null; entries: StatusEntry
 }
 
 describe('lockmgr run', () => {
+  it("a PATH is used as typed ('/dir//disk.img' stays so): a peer that names its lock file after that spelling, as virtlockd does, refuses the run", () => {
+    const dir = join(fx.tmp.dir, 'spelling-locks');
+    mkdirSync(dir, { mode: 0o700 });
+    const spelled = fx.path.replace(/\/([^/]+)$/, '//$1');
+    // virtlockd's lock file for that spelling, held as it holds it (a write lock on byte 0).
+    const peer = openLockable(join(dir, lockFileName(spelled)), { create: true });
+    try {
+      expect(peer.tryLock('exclusive', { start: 0, length: 1 })).toBe(true);
+      const r = lockmgr('run', '--lockspace', dir, '--exclusive', spelled, '--', 'true');
+      expect(r.code, r.stderr).toBe(75);
+      expect(r.stderr).toContain(lockFileName(spelled));
+    } finally {
+      peer.close();
+    }
+  });
+
   it("exits with the command's exit code, holding the lease while it runs and releasing it after", () => {
     const r = lockmgr('run', '--exclusive', fx.path, '--', process.execPath, BIN, 'status', '--json', fx.path);
     expect(r.code).toBe(0);
