@@ -331,7 +331,7 @@ async function takeSlot(lease: OfdLease, slot: LeaseSlot, options: TakeOptions, 
     }
     if (!ok) throw busyError(lease, slot);
   }
-  await takeClass(lease, slot, options.wait, deadline, options.signal, options.timeout);
+  await takeClass(lease, slot, options.wait, deadline, options.signal, options.timeout, options.onBusy);
 }
 
 /** How often a waiting class check looks again, at most (it starts at 10 ms and doubles). */
@@ -345,10 +345,19 @@ const CLASS_POLL_MAX_MS = 250;
  * write lock that would wait for the other class to leave. On failure byte 0
  * is released again.
  */
-async function takeClass(lease: OfdLease, slot: LeaseSlot, wait: boolean, deadline: number | undefined, signal: AbortSignal | undefined, timeout = 0): Promise<void> {
+async function takeClass(
+  lease: OfdLease,
+  slot: LeaseSlot,
+  wait: boolean,
+  deadline: number | undefined,
+  signal: AbortSignal | undefined,
+  timeout = 0,
+  onBusy?: (busy: ResourceBusyError) => void,
+): Promise<void> {
   const cls = classOf(lease.mode);
   if (cls === null) return;
   let pause = 10;
+  let told = onBusy === undefined;
   try {
     for (;;) {
       // Nobody write-locks a class byte: a read lock on one fails only under a whole-file deleter, which take() waits out.
@@ -369,6 +378,11 @@ async function takeClass(lease: OfdLease, slot: LeaseSlot, wait: boolean, deadli
           timeout,
           holder,
         });
+      }
+      if (!told) {
+        // A wait begins: who is in the way, as for byte 0 (the CLI's waiting line).
+        told = true;
+        onBusy!(classBusy(lease, slot, cls.theirMode));
       }
       await pauseFor(Math.min(pause, left ?? pause), signal);
       pause = Math.min(pause * 2, CLASS_POLL_MAX_MS);

@@ -101,6 +101,16 @@ describe('a busy resource names its holders', () => {
     expect(r.stderr).not.toMatch(/\d ms\b/);
   });
 
+  it('--wait behind a readonly holder (a shared lease waits on its class byte): the same waiting line, naming the reader', async () => {
+    const h = await holder(fx.path, ['--readonly']);
+    const r = lockmgr(['run', '--wait', '0.3', '--shared', fx.path, '--', 'true']);
+    expect(r.code).toBe(75);
+    const lines = r.stderr.trimEnd().split('\n');
+    expect(lines[0]).toMatch(new RegExp(`^lockmgr: waiting up to 0\\.3 s for ${fx.path}, held by pid \\d+ `));
+    expect(lines[0]).toContain(`pid ${h.pid} (`);
+    expect(r.stderr).toContain('gave up after 0.3 s');
+  });
+
   it('--wait that gets the lock: the waiting line, then the command runs', async () => {
     const h = await holder();
     const waiter = spawn(process.execPath, [BIN, 'run', '--wait', '60', '--exclusive', fx.path, '--', 'sh', '-c', 'echo ran'], { stdio: ['ignore', 'pipe', 'pipe'] });
