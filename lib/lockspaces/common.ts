@@ -1,6 +1,6 @@
 // What every lockspace says alike: the one global order, deadlines, and the
 // error that tells what an all-or-nothing acquire released again.
-import { LockTimeoutError, ResourceBusyError, holdersOf } from '../os/errors.js';
+import { AbortError, LockTimeoutError, ResourceBusyError, holdersOf } from '../os/errors.js';
 import { checkOneOf } from '../os/validate.js';
 import type { ResourceMode } from './driver.js';
 
@@ -12,6 +12,22 @@ export const byKey = (a: string, b: string): number => (a < b ? -1 : a > b ? 1 :
 export const remaining = (deadline: number | undefined): number | undefined => (deadline === undefined ? undefined : Math.max(0, deadline - Date.now()));
 
 export const deadlineOf = (timeout: number | undefined): number | undefined => (timeout === undefined ? undefined : Date.now() + timeout);
+
+/** A timer pause that an abort ends early, with AbortError saying `what` was aborted. */
+export function pauseFor(ms: number, signal: AbortSignal | undefined, what = 'the wait'): Promise<void> {
+  return new Promise((resolve, reject) => {
+    if (signal?.aborted) return reject(new AbortError(`${what} was aborted`, { cause: signal.reason }));
+    const onAbort = () => {
+      clearTimeout(timer);
+      reject(new AbortError(`${what} was aborted`, { cause: signal!.reason }));
+    };
+    const timer = setTimeout(() => {
+      signal?.removeEventListener('abort', onAbort);
+      resolve();
+    }, ms);
+    signal?.addEventListener('abort', onAbort, { once: true });
+  });
+}
 
 /**
  * The same busy or timeout error, saying which resources an all-or-nothing

@@ -26,13 +26,13 @@
 // given the lease fds, so the leases are its own too and outlive a killed
 // supervisor (lockLifetime 'child'), and any running process can be attached.
 import { lstatSync, readdirSync, readFileSync, statSync } from 'node:fs';
-import { AbortError, InvalidArgumentError, InvalidStateError, LockTimeoutError, ResourceAccessError, ResourceBusyError, holdersOf, type LockHolder, type LockHolders, type ProcessInfo } from '../os/errors.js';
+import { InvalidArgumentError, InvalidStateError, LockTimeoutError, ResourceAccessError, ResourceBusyError, holdersOf, type LockHolder, type LockHolders, type ProcessInfo } from '../os/errors.js';
 import { lockableFromFd, openLockable, type ByteRange, type LockableFile, type LockMode } from '../os/locks.js';
 import { describeProcess, fdsOf, holdersWords, lockHolders, parseFdinfoLocks, processesSharing, sharersOf, type ProcLock } from '../os/proc-locks.js';
 import { canonicalBlockNode, loopBacking, openDiskFile } from '../os/disks.js';
 
 import { attachProcess, spawnSupervised, type ExitStatus, type SupervisedProcess } from '../os/supervise.js';
-import { byKey, checkMode, deadlineOf, remaining, rolledBack } from './common.js';
+import { byKey, checkMode, deadlineOf, pauseFor, remaining, rolledBack } from './common.js';
 import type { Capabilities, Lease, LeaseStatus, LockspaceConfig, LockspaceDriver, ResourceMode, ResourceName, StartPlan, TakeOptions } from './driver.js';
 
 export { canonicalBlockNode, openDiskFile };
@@ -391,22 +391,6 @@ async function takeClass(
     slot.release(LEASE_RANGE);
     throw err;
   }
-}
-
-/** A timer pause that an abort ends early, with AbortError. */
-function pauseFor(ms: number, signal: AbortSignal | undefined): Promise<void> {
-  return new Promise((resolve, reject) => {
-    if (signal?.aborted) return reject(new AbortError('the wait was aborted', { cause: signal.reason }));
-    const onAbort = () => {
-      clearTimeout(timer);
-      reject(new AbortError('the wait was aborted', { cause: signal!.reason }));
-    };
-    const timer = setTimeout(() => {
-      signal?.removeEventListener('abort', onAbort);
-      resolve();
-    }, ms);
-    signal?.addEventListener('abort', onAbort, { once: true });
-  });
 }
 
 /** Releases one slot's lease: the class byte first, since an indirect slot deletes its file only when its last byte goes. */

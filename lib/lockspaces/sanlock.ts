@@ -20,7 +20,7 @@ import { AbortError, InvalidArgumentError, LockTimeoutError, ResourceAccessError
 import type { LockableFile } from '../os/locks.js';
 import { native, nativeError } from '../os/native.js';
 import { checkOptions } from '../os/validate.js';
-import { byKey, checkMode, deadlineOf, rolledBack } from './common.js';
+import { byKey, checkMode, deadlineOf, pauseFor, rolledBack } from './common.js';
 import type { Capabilities, Lease, LeaseStatus, LockspaceConfig, LockspaceDriver, ResourceMode, ResourceName, StartLimits, StartPlan, TakeOptions } from './driver.js';
 import { leaseFilePath } from './named-lease.js';
 import { openDiskFile } from './ofd.js';
@@ -67,20 +67,8 @@ const HUNG_GRACE_MS = 2000;
 /** After free(), an abort or a hung daemon: how long the gate still waits for the daemon to forget the helper. */
 const INTERRUPTED_FORGET_MS = 1000;
 
-function sleep(ms: number, signal: AbortSignal | undefined): Promise<void> {
-  return new Promise((resolve, reject) => {
-    if (signal?.aborted) return reject(new AbortError('The wait for a sanlock lease was aborted', { cause: signal.reason }));
-    const onAbort = () => {
-      clearTimeout(t);
-      reject(new AbortError('The wait for a sanlock lease was aborted', { cause: signal!.reason }));
-    };
-    const t = setTimeout(() => {
-      signal?.removeEventListener('abort', onAbort);
-      resolve();
-    }, ms);
-    signal?.addEventListener('abort', onAbort, { once: true });
-  });
-}
+/** The sanlock waits' pause: AbortError says the wait for a sanlock lease was aborted. */
+const sleep = (ms: number, signal: AbortSignal | undefined): Promise<void> => pauseFor(ms, signal, 'The wait for a sanlock lease');
 
 /** p, or 'late' after ms (the daemon call goes on: a native thread cannot be interrupted). */
 function within<T>(p: Promise<T>, ms: number): Promise<T | 'late'> {

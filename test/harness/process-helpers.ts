@@ -2,6 +2,7 @@
 // this process's fds, and reading a child's output. Counters shared with the
 // other suites (threads, polling) live in ./helpers.ts.
 import { readFileSync, readdirSync, readlinkSync } from 'node:fs';
+import type { ChildProcess } from 'node:child_process';
 import type { Readable } from 'node:stream';
 
 /** The state letter of /proc/PID/stat (R, S, Z, ...), or null when there is no such process. */
@@ -103,4 +104,29 @@ export function within<T>(promise: Promise<T>, ms: number, what: string): Promis
     timer = setTimeout(() => reject(new Error(`still waiting after ${ms} ms: ${what}`)), ms);
   });
   return Promise.race([promise, guard]).finally(() => clearTimeout(timer));
+}
+
+/**
+ * Ends each child's whole process group (it was spawned detached: flock(1),
+ * for one, does not pass SIGTERM on to its command), SIGKILL after 5 s, waits
+ * for the child's exit, then SIGKILLs whatever of the group is left. Empties
+ * the list.
+ */
+export async function endGroups(children: ChildProcess[]): Promise<void> {
+  for (const c of children.splice(0)) {
+    if (c.exitCode !== null || c.signalCode !== null) continue;
+    const gone = new Promise((r) => c.once('exit', r));
+    const kill = (signal: NodeJS.Signals) => {
+      try {
+        process.kill(-c.pid!, signal);
+      } catch {
+        // Gone already.
+      }
+    };
+    kill('SIGTERM');
+    const timer = setTimeout(() => kill('SIGKILL'), 5000);
+    await gone;
+    clearTimeout(timer);
+    kill('SIGKILL');
+  }
 }

@@ -11,6 +11,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { LockManager, LockTimeoutError, ResourceBusyError, lockHolders, type LockHolders } from '../../lib/index.js';
 import { holdersWords } from '../../lib/os/proc-locks.js';
 import { isRoot, lockFixture, waitUntil } from '../helpers.js';
+import { endGroups } from '../harness/process-helpers.js';
 
 const fx = lockFixture({ peer: true });
 const BIN = fileURLToPath(new URL('../../bin/lockmgr.js', import.meta.url));
@@ -23,25 +24,7 @@ const haveFlock = spawnSync('sh', ['-c', 'command -v flock']).status === 0;
 const BYTE0 = { start: 0, length: 1 };
 
 const children: ChildProcess[] = [];
-afterEach(async () => {
-  for (const c of children.splice(0)) {
-    if (c.exitCode !== null || c.signalCode !== null) continue;
-    const gone = new Promise((r) => c.once('exit', r));
-    // The whole process group: flock(1) does not pass SIGTERM on to its command.
-    const kill = (signal: NodeJS.Signals) => {
-      try {
-        process.kill(-c.pid!, signal);
-      } catch {
-        // Gone already.
-      }
-    };
-    kill('SIGTERM');
-    const timer = setTimeout(() => kill('SIGKILL'), 5000);
-    await gone;
-    clearTimeout(timer);
-    kill('SIGKILL');
-  }
-});
+afterEach(() => endGroups(children));
 
 function start(command: string, args: string[], options: { stdin?: 'pipe' | 'ignore' } = {}): ChildProcess {
   // In a process group of its own, killed whole after the test: a command a holder started must not outlive it.

@@ -7,6 +7,7 @@ import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import type { StatusEntry } from '../../lib/cli/main.js';
 import { isRoot, lockFixture, makeFile, waitUntil } from '../helpers.js';
+import { endGroups } from '../harness/process-helpers.js';
 import { BIN, backgroundRuns, lockmgr, touchThen } from '../harness/cli.js';
 
 const fx = lockFixture();
@@ -19,23 +20,7 @@ const havePython = spawnSync(PYTHON, ['-c', 'import fcntl']).status === 0;
 // Holders that are not lockmgr, each in a process group of its own, ended
 // whole after the test (flock(1) does not pass SIGTERM on to its command).
 const others: ChildProcess[] = [];
-afterEach(async () => {
-  for (const c of others.splice(0)) {
-    if (c.exitCode !== null || c.signalCode !== null) continue;
-    const gone = new Promise((r) => c.once('exit', r));
-    const kill = (signal: NodeJS.Signals) => {
-      try {
-        process.kill(-c.pid!, signal);
-      } catch {
-        // Gone already.
-      }
-    };
-    kill('SIGTERM');
-    const timer = setTimeout(() => kill('SIGKILL'), 5000);
-    await gone;
-    clearTimeout(timer);
-  }
-});
+afterEach(() => endGroups(others));
 
 function startOther(command: string, args: string[]): ChildProcess {
   const child = spawn(command, args, { stdio: ['pipe', 'ignore', 'inherit'], detached: true });
