@@ -258,3 +258,13 @@ export function lockAt(file: string, byte: number): 'exclusive' | 'shared' | 'fr
     f.close();
   }
 }
+
+let nameSeq = 0;
+/**
+ * A name no other call gets: the pid tells concurrent processes apart, the
+ * clock a later test file in a reused worker process, the counter calls in one
+ * millisecond. No randomness, so nothing a failure would need to replay.
+ */
+export function uniqueName(prefix: string): string {
+  return `${prefix}-${process.pid}-${Date.now().toString(36)}-${++nameSeq}`;
+}

@@ -16,7 +16,7 @@ import type { Capabilities } from '../../lib/lockspaces/driver.js';
 import { indirectLockspace } from '../../lib/lockspaces/indirect.js';
 import { diskResourceName, leaseOwners, leaseResourceName } from '../../lib/lockspaces/sanlock-client.js';
 import { SanlockCluster, sanlockUnavailable } from '../harness/sanlock.js';
-import { lockAt, waitUntil } from '../helpers.js';
+import { lockAt, uniqueName, waitUntil } from '../helpers.js';
 
 export type Host = 'A' | 'B';
 export type Seen = 'exclusive' | 'shared' | 'free';
@@ -80,7 +80,7 @@ class Pool {
   readonly leaseDir: string;
 
   constructor(prefix: string) {
-    this.root = join(tmpdir(), `${prefix}-${process.pid}-${Math.random().toString(36).slice(2, 8)}`);
+    this.root = join(tmpdir(), uniqueName(prefix));
     this.leaseDir = join(this.root, 'leases');
     this.disks = [0, 1, 2, 3].map((i) => diskResource(join(this.root, 'disks', `d${i}.img`)));
     const base = { type: 'lease' as const, lockspace: LEASE_LOCKSPACE, key: LEASE_KEY, path: this.leaseDir };

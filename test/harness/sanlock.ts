@@ -12,7 +12,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { SanlockLockspaceConfig } from '../../lib/lockspaces/index.js';
 import { createDiskLease, createNamedLease, initStorage, joinLockspace, sanlockLibraryError } from '../../lib/lockspaces/sanlock-client.js';
-import { isRoot, waitUntil } from '../helpers.js';
+import { isRoot, uniqueName, waitUntil } from '../helpers.js';
 
 /** Why sanlock tests cannot run here, or null: only what is truly absent (not root, no daemon, no client library, no losetup). */
 export function sanlockUnavailable(): string | null {
@@ -39,7 +39,7 @@ export class SanlockCluster {
   constructor(options: { lockspace: string; hosts?: number; prefix?: string }) {
     this.lockspace = options.lockspace;
     this.hosts = options.hosts ?? 2;
-    this.root = join(tmpdir(), `${options.prefix ?? 'lockmgr-sanlock'}-${process.pid}-${Math.random().toString(36).slice(2, 8)}`);
+    this.root = join(tmpdir(), uniqueName(options.prefix ?? 'lockmgr-sanlock'));
     process.env.SANLOCK_RUN_DIR = this.runDir(1);
   }
 

@@ -18,7 +18,7 @@ import { delimiter, join, posix } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { makeFile, tempDir } from '../helpers.js';
+import { makeFile, tempDir, uniqueName } from '../helpers.js';
 
 const root = fileURLToPath(new URL('../..', import.meta.url));
 const pkg = JSON.parse(readFileSync(join(root, 'package.json'), 'utf8')) as { engines: { node: string } };
@@ -132,7 +132,7 @@ console.log(JSON.stringify(out));
 function runQuickStart(app: string, env: NodeJS.ProcessEnv) {
   const script = join(app, 'quick-start.mjs');
   writeFileSync(script, quickStart);
-  const r = spawnSync('node', [script, makeFile(tmp.dir, `disk-${Math.random().toString(36).slice(2)}.img`)], { cwd: app, env, encoding: 'utf8' });
+  const r = spawnSync('node', [script, makeFile(tmp.dir, `${uniqueName('disk')}.img`)], { cwd: app, env, encoding: 'utf8' });
   expect(r.stderr).toBe('');
   expect(r.status).toBe(0);
   return JSON.parse(r.stdout);
