@@ -259,6 +259,11 @@ function fdinfoLocks(pid: number, fd: number): ProcLock[] | null {
   } catch {
     return null;
   }
+  return locksInFdinfo(text);
+}
+
+/** Every lock an fdinfo text lists, one "lock:" line each, as /proc/locks would show it. */
+function locksInFdinfo(text: string): ProcLock[] {
   return parseProcLocks(
     text
       .split('\n')
@@ -562,11 +567,7 @@ export function fdsOf(pid: number, target: { dev: bigint; ino: bigint; block: bo
 
 /** The OFD locks an fdinfo text lists ("lock:\t1: OFDLCK ADVISORY  WRITE -1 fe:00:2146410 0 0"). */
 export function parseFdinfoLocks(info: string): ProcLock[] {
-  const lines = info
-    .split('\n')
-    .filter((l) => l.startsWith('lock:'))
-    .map((l) => l.slice('lock:'.length).trim());
-  return parseProcLocks(lines.join('\n')).filter((l) => l.kind === 'OFDLCK' && !l.blocked);
+  return locksInFdinfo(info).filter((l) => l.kind === 'OFDLCK' && !l.blocked);
 }
 
 function accessOf(info: string): ProcFd['access'] {
@@ -697,56 +698,6 @@ export function sharersOf(fds: readonly number[], options: { bornSince?: bigint 
         if (named.has(t.fd) || !sameFile(st, t.st) || native.kcmp(process.pid, t.fd, pid, Number(theirs)) !== 0) continue;
         named.add(t.fd);
         found.get(t.fd)!.push({ pid, command: commandLine(pid) });
-      }
-    }
-  }
-  return found;
-}
-
-/** A process that holds an OFD lock on a file, from its /proc/PID/fdinfo lock lines. */
-export interface OfdLockHolder extends OpenBy {
-  type: string;
-  /**
-   * No ancestor of it (nor itself) has lockmgr loaded: whoever supervised the
-   * lease is gone, or it was left to this process (docs/contract.md, "Orphans").
-   */
-  orphan: boolean;
-}
-
-/**
- * The processes whose fds carry an OFD lock on byte `start` of the file at
- * `path`: each fd's /proc/PID/fdinfo lists the locks its open file
- * description owns, which names the holders exactly (where /proc/locks says
- * pid -1). Lower bound, as processesWithOpen().
- */
-export function ofdLockHolders(path: string, start: number): OfdLockHolder[] {
-  let target: BigIntStats;
-  try {
-    target = statSync(path, { bigint: true });
-  } catch {
-    return [];
-  }
-  const found: OfdLockHolder[] = [];
-  for (const entry of readdirSync('/proc')) {
-    const pid = Number(entry);
-    if (!Number.isInteger(pid) || pid === process.pid) continue;
-    let fds: string[];
-    try {
-      fds = readdirSync(`/proc/${pid}/fd`);
-    } catch {
-      continue;
-    }
-    for (const fd of fds) {
-      let lock: ProcLock | undefined;
-      try {
-        if (!sameFile(statSync(`/proc/${pid}/fd/${fd}`, { bigint: true }), target)) continue;
-        lock = parseFdinfoLocks(readFileSync(`/proc/${pid}/fdinfo/${fd}`, 'utf8')).find((l) => l.start <= start && (l.end === null || l.end >= start));
-      } catch {
-        continue;
-      }
-      if (lock !== undefined) {
-        found.push({ pid, command: commandLine(pid), type: lock.type, orphan: !supervisedByLockmgr(pid) });
-        break;
       }
     }
   }
