@@ -8,7 +8,8 @@
 // (Debian's libvirt refuses to start without it, even with user = "root").
 // Daemons and virsh enter it with nsenter, which execs: the pid spawned is the
 // program's own. Nothing outside the namespace changes; the namespace and its
-// mounts go with its last process.
+// mounts go with its last process, and if the test process dies, the holder
+// kills every process in the namespace (SWEEP_ON_TERM).
 import { execFile, spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -32,6 +33,7 @@ export function libvirtUnavailable(): string | null {
     ['qemu-system-x86_64', 'qemu-system-x86'],
     ['unshare', 'util-linux'],
     ['nsenter', 'util-linux'],
+    ['setpriv', 'util-linux'],
   ];
   for (const [bin, pkg] of bins) if (!onPath(bin)) return `${bin} is not installed (apt-get install ${pkg})`;
   if (!libvirtModule('lock-driver/lockd.so')) return "libvirt's lockd lock driver is not installed (apt-get install libvirt-daemon)";
@@ -86,6 +88,26 @@ async function stopProcess(child: ChildProcess | undefined, what: string): Promi
   }
 }
 
+/**
+ * The end of the namespace holder's script: on SIGTERM it SIGKILLs every
+ * other process in its mount namespace (libvirtd, virtlockd, QEMU, a virsh),
+ * twice over against a fork in between, then exits. The kernel sends that
+ * SIGTERM when the test process dies (holderCommand), so a killed runner
+ * leaves no daemon, domain or mount behind.
+ */
+export const SWEEP_ON_TERM = [
+  'sweep() { me=$(readlink /proc/$$/ns/mnt); for round in 1 2; do for p in /proc/[0-9]*; do pid=${p#/proc/}; [ "$pid" = $$ ] && continue; [ "$(readlink "$p/ns/mnt" 2>/dev/null)" = "$me" ] && kill -KILL "$pid" 2>/dev/null; done; done; exit 0; }',
+  'trap sweep TERM',
+  'echo ready',
+  // A builtin wait, so the trap runs at once.
+  'sleep infinity & wait',
+];
+
+/** The holder's argv: a parent-death SIGTERM (kept across unshare's exec of sh), then a private mount namespace. */
+export function holderCommand(script: string): string[] {
+  return ['setpriv', '--pdeathsig', 'TERM', 'unshare', '--mount', 'sh', '-c', script];
+}
+
 export class LibvirtHost {
   readonly root: string;
   readonly conf: string;
@@ -131,10 +153,10 @@ export class LibvirtHost {
       'ln -s /run /var/run',
       'mkdir -p /var/tmp /var/lib/libvirt /var/cache/libvirt /var/log/libvirt',
       ...binds,
-      'echo ready',
-      'exec sleep infinity',
+      ...SWEEP_ON_TERM,
     ].join('\n');
-    const holder = spawn('unshare', ['--mount', 'sh', '-c', script], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const [bin, ...args] = holderCommand(script);
+    const holder = spawn(bin!, args, { stdio: ['ignore', 'pipe', 'pipe'] });
     this.holder = holder;
     let text = '';
     holder.stdout.setEncoding('utf8');

@@ -7,17 +7,18 @@
 // directory, then in its direct mode (byte 0 of the image) against lockmgr's
 // direct lockspace. docs/lockspaces.md, "libvirt and virtlockd", says what is
 // observed here.
-import { execFile } from 'node:child_process';
+import { execFile, spawn, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { existsSync, linkSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, realpathSync, statSync, symlinkSync, truncateSync, unlinkSync, writeFileSync } from 'node:fs';
+import { existsSync, linkSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, realpathSync, statSync, symlinkSync, truncateSync, unlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { LockManager, ResourceBusyError, type DirectLockspaceConfig, type IndirectLockspaceConfig } from '../../lib/index.js';
 
 type LockspaceConfig = DirectLockspaceConfig | IndirectLockspaceConfig;
-import { domainXml, LibvirtHost, libvirtUnavailable, type Run } from '../harness/libvirt.js';
-import { openFds, procState, zombieChildren } from '../harness/process-helpers.js';
+import { domainXml, holderCommand, LibvirtHost, libvirtUnavailable, SWEEP_ON_TERM, type Run } from '../harness/libvirt.js';
+import { firstJsonLine, openFds, procStat, procState, within, zombieChildren } from '../harness/process-helpers.js';
+import { isRoot, waitUntil } from '../helpers.js';
 
 const why = libvirtUnavailable();
 if (why !== null) console.warn(`skipping the libvirt interop tests: ${why}`);
@@ -349,5 +350,57 @@ describe.skipIf(why !== null)('against real libvirt and virtlockd', { timeout: 2
     expect(treeHash('/etc/libvirt')).toBe(etcBefore);
     expect(existsSync(root)).toBe(false);
     expect(openFds()).toEqual(fdsBefore);
+  });
+});
+
+// A runner killed mid-test (a CI timeout, ^C) must not leave libvirtd,
+// virtlockd or a QEMU running: the namespace holder gets SIGTERM from the
+// kernel when its parent dies and kills everything in its namespace. Shown
+// here without libvirt: a stand-in runner starts the holder as LibvirtHost
+// does, a "daemon" it spawns into the namespace and a daemonized process
+// there (as libvirtd's QEMU is), and is SIGKILLed.
+const nsWhy = !isRoot ? 'not root (mount namespaces need root)' : ['unshare', 'nsenter', 'setpriv'].find((b) => spawnSync('sh', ['-c', `command -v ${b}`]).status !== 0);
+describe.skipIf(nsWhy !== undefined)('the libvirt namespace after a killed runner', () => {
+  if (nsWhy !== undefined) console.warn(`skipping the killed-runner namespace test: ${nsWhy} is missing`);
+
+  it('kills every process in the namespace when the runner dies', async () => {
+    const argv = holderCommand(['set -e', 'mount --make-rprivate /', ...SWEEP_ON_TERM].join('\n'));
+    const runner = spawn(
+      process.execPath,
+      [
+        '--input-type=module',
+        '-e',
+        `
+import { spawn, execFileSync } from 'node:child_process';
+const [bin, ...args] = JSON.parse(process.argv[1]);
+const holder = spawn(bin, args, { stdio: ['ignore', 'pipe', 'inherit'] });
+holder.stdout.setEncoding('utf8');
+let text = '';
+holder.stdout.on('data', (d) => {
+  text += d;
+  if (!text.includes('ready\\n')) return;
+  const enter = ['-t', String(holder.pid), '-m', '--'];
+  const daemon = spawn('nsenter', [...enter, 'sleep', '1000'], { stdio: 'ignore' });
+  const orphan = Number(execFileSync('nsenter', [...enter, 'sh', '-c', 'setsid sleep 1001 </dev/null >/dev/null 2>&1 & echo $!'], { encoding: 'utf8' }));
+  console.log(JSON.stringify({ holder: holder.pid, daemon: daemon.pid, orphan }));
+});
+`,
+        JSON.stringify(argv),
+      ],
+      { stdio: ['ignore', 'pipe', 'inherit'] },
+    );
+    const exited = new Promise((r) => runner.once('exit', r));
+    const pids = await within(firstJsonLine<{ holder: number; daemon: number; orphan: number }>(runner.stdout!), 30_000, 'the stand-in runner to start its namespace');
+    const ns = (pid: number): string => readlinkSync(`/proc/${pid}/ns/mnt`);
+    await waitUntil(() => procState(pids.daemon) !== null && ns(pids.daemon) === ns(pids.holder), 10_000, 'the daemon to enter the namespace');
+    expect(ns(pids.holder)).not.toBe(ns(process.pid));
+    expect(ns(pids.orphan)).toBe(ns(pids.holder));
+    expect(procStat(pids.orphan)[1]).not.toBe(String(pids.holder));
+
+    runner.kill('SIGKILL');
+    await exited;
+    // Reparented to init, which reaps them: gone, not zombies of ours.
+    for (const [what, pid] of Object.entries(pids)) await waitUntil(() => procState(pid) === null || procState(pid) === 'Z', 30_000, `the ${what} (${pid}) to be killed`);
+    await waitUntil(() => Object.values(pids).every((pid) => procState(pid) === null), 30_000, 'init to reap them');
   });
 });
