@@ -9,24 +9,14 @@
 // lock()). Where ours falls on that curve is how many cold pages a Node
 // process's resume amounts to here.
 import { fileURLToPath } from 'node:url';
-import { compileC, median, percentile, runTogether, scratchFile } from './lib.mjs';
+import { compileC, handoffLatencies, median, percentile, runTogether, scratchFile } from './lib.mjs';
 
 const quick = process.argv.includes('--quick');
 const handoff = fileURLToPath(new URL('./handoff.mjs', import.meta.url));
 
 async function p50(cmd, path, n, extra) {
   const outs = await runTogether([0, 1].map((role) => [...cmd, path, String(role), String(n), ...extra]));
-  const rel = [];
-  const acq = [];
-  for (const out of outs) {
-    for (const line of out.trim().split('\n')) {
-      const [kind, i, ns] = line.split(' ');
-      (kind === 'r' ? rel : acq)[Number(i)] = BigInt(ns);
-    }
-  }
-  const xs = [];
-  for (let i = Math.floor(n / 10); i < n; i++) xs.push(Number(acq[i] - rel[i]) / 1e3);
-  return percentile(xs, 50);
+  return percentile(handoffLatencies(outs, n), 50);
 }
 
 const bin = compileC('handoff');

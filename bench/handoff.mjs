@@ -18,7 +18,7 @@
 import { fstatSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { openLockable } from '../dist/index.js';
-import { blockedOn, compileC, median, pause, percentile, runTogether, scratchFile } from './lib.mjs';
+import { blockedOn, compileC, handoffLatencies, median, pause, percentile, runTogether, scratchFile } from './lib.mjs';
 
 const BYTE0 = { start: 0, length: 1 };
 const self = fileURLToPath(import.meta.url);
@@ -52,23 +52,9 @@ async function child(path, role, n, sync) {
   process.stdout.write(t.map((x, i) => `${i % 2 === role ? 'r' : 'a'} ${i} ${x}\n`).join(''));
 }
 
-/** Handoff latencies in µs from the two children's stamps, without the first tenth (warm-up). */
-function latencies(outs, n) {
-  const rel = new Array(n);
-  const acq = new Array(n);
-  for (const out of outs) {
-    for (const line of out.trim().split('\n')) {
-      const [kind, i, ns] = line.split(' ');
-      (kind === 'r' ? rel : acq)[Number(i)] = BigInt(ns);
-    }
-  }
-  const xs = [];
-  for (let i = Math.floor(n / 10); i < n; i++) xs.push(Number(acq[i] - rel[i]) / 1e3);
-  return xs;
-}
 
 async function round(cmd, path, n, extra) {
-  return latencies(await runTogether([0, 1].map((role) => [...cmd, path, String(role), String(n), ...extra])), n);
+  return handoffLatencies(await runTogether([0, 1].map((role) => [...cmd, path, String(role), String(n), ...extra])), n);
 }
 
 export async function run({ quick = false } = {}) {

@@ -18,6 +18,24 @@ export function percentile(xs, p) {
   return s[Math.min(s.length - 1, Math.ceil((p / 100) * s.length) - 1)];
 }
 
+/**
+ * Handoff latencies in µs from two children's stamps ("r I NS" at release in
+ * one, "a I NS" at acquire in the other), without the first tenth (warm-up).
+ */
+export function handoffLatencies(outs, n) {
+  const rel = new Array(n);
+  const acq = new Array(n);
+  for (const out of outs) {
+    for (const line of out.trim().split('\n')) {
+      const [kind, i, ns] = line.split(' ');
+      (kind === 'r' ? rel : acq)[Number(i)] = BigInt(ns);
+    }
+  }
+  const xs = [];
+  for (let i = Math.floor(n / 10); i < n; i++) xs.push(Number(acq[i] - rel[i]) / 1e3);
+  return xs;
+}
+
 /** Compiles bench/c/NAME.c to bench/c/NAME.bin with cc -O2 when it or a header there is newer; returns its path. */
 export function compileC(name) {
   const dir = join(here, 'c');
