@@ -26,38 +26,22 @@
 // given the lease fds, so the leases are its own too and outlive a killed
 // supervisor (lockLifetime 'child'), and any running process can be attached.
 import { lstatSync, readdirSync, readFileSync, statSync } from 'node:fs';
-import { InvalidArgumentError, InvalidStateError, LockTimeoutError, ResourceAccessError, ResourceBusyError, holdersOf, type LockHolder, type LockHolders, type ProcessInfo } from '../os/errors.js';
+import { InvalidArgumentError, InvalidStateError, LockTimeoutError, ResourceBusyError, holdersOf, type LockHolder, type LockHolders, type ProcessInfo } from '../os/errors.js';
 import { lockableFromFd, openLockable, type ByteRange, type LockableFile, type LockMode } from '../os/locks.js';
 import { describeProcess, fdsOf, holdersWords, lockHolders, parseFdinfoLocks, processesSharing, sharersOf, type ProcLock } from '../os/proc-locks.js';
-import { canonicalBlockNode, loopBacking, openDiskFile } from '../os/disks.js';
+import { canonicalBlockNode, openDiskFile, openLoopBacking } from '../os/disks.js';
 
 import { attachProcess, spawnSupervised, type ExitStatus, type SupervisedProcess } from '../os/supervise.js';
 import { byKey, checkMode, deadlineOf, pauseFor, remaining, rolledBack } from './common.js';
 import type { Capabilities, Lease, LeaseStatus, LockspaceConfig, LockspaceDriver, ResourceMode, ResourceName, StartPlan, TakeOptions } from './driver.js';
 
-export { canonicalBlockNode, openDiskFile };
+export { canonicalBlockNode, openDiskFile, openLoopBacking };
 
 export const LEASE_RANGE: Readonly<ByteRange> = Object.freeze({ start: 0, length: 1 });
 export const GUARD_RANGE: Readonly<ByteRange> = Object.freeze({ start: 1, length: 1 });
 export const PIN_RANGE: Readonly<ByteRange> = Object.freeze({ start: 2, length: 1 });
 export const SHARED_CLASS_RANGE: Readonly<ByteRange> = Object.freeze({ start: 3, length: 1 });
 export const READONLY_CLASS_RANGE: Readonly<ByteRange> = Object.freeze({ start: 4, length: 1 });
-
-/**
- * The backing file of a loop device `image`, opened for its lease, or null
- * when `image` is not a loop device: its lease must cover both (the loop
- * device writes the file). Checked to be the inode the loop device is bound to.
- */
-export function openLoopBacking(image: LockableFile, access: 'read' | 'readwrite'): LockableFile | null {
-  const backing = loopBacking(image);
-  if (backing === null) return null;
-  const file = openDiskFile(backing.path, access);
-  if (file.kind === 'file' && (file.identity.dev !== backing.dev || file.identity.ino !== backing.ino)) {
-    file.close();
-    throw new ResourceAccessError(`the backing file '${backing.path}' of loop device '${image.path}' was replaced while its lease was being opened; try again`);
-  }
-  return file;
-}
 
 /** The class byte a mode takes, and the one it must find free; null for exclusive (byte 0 says it all). */
 function classOf(mode: ResourceMode): { mine: Readonly<ByteRange>; theirs: Readonly<ByteRange>; theirMode: ResourceMode } | null {
