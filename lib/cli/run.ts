@@ -120,9 +120,10 @@ export async function run(r: RunArgs, out: Output): Promise<number> {
       const qemu = o.through.includes('qemu');
       const what = lease && qemu ? "the lease and QEMU's locks on" : lease ? 'the lease on' : "QEMU's locks on";
       const open = lease && qemu ? 'the lease and the QEMU descriptor (LOCKMGR_QEMU_FD)' : lease ? 'the lease' : 'the QEMU descriptor (LOCKMGR_QEMU_FD)';
+      const one = lease && !qemu;
       out.err(
-        `lockmgr: ${escapeControl(r.command)} exited, but ${what} ${escapeControl(o.resource)} stay${lease && !qemu ? 's' : ''} held by ${escapeControl(o.processes.map(describeProcess).join(', '))}, ` +
-          `which it started and which still has ${open} open; it ends when they exit or close it (see lockmgr status ${escapeControl(o.resource)})\n`,
+        `lockmgr: ${escapeControl(r.command)} exited, but ${what} ${escapeControl(o.resource)} stay${one ? 's' : ''} held by ${escapeControl(o.processes.map(describeProcess).join(', '))}, ` +
+          `which it started and which still has ${open} open; ${one ? 'it ends' : 'they end'} when they exit or close it (see lockmgr status ${escapeControl(o.resource)})\n`,
       );
     });
     mgr.on('lock-failure', (f) => {
