@@ -215,8 +215,8 @@ function sharersOrSelf(path: string, except: number): boolean {
  * fail-fast race once said "in this process" for that), the conflict is ours
  * (another manager here), or the holder is out of sight. A re-probe tells them apart.
  */
-function nobodyWords(slot: LeaseSlot, mode: LockMode): string {
-  if (conflictOf(slot, mode, LEASE_RANGE) === null) return 'a holder that has just let go (it exited or closed the file; nobody else has it open now): try again';
+function nobodyWords(slot: LeaseSlot, mode: LockMode, range: Readonly<ByteRange>): string {
+  if (conflictOf(slot, mode, range) === null) return 'a holder that has just let go (it exited or closed the file; nobody else has it open now): try again';
   if (openInSelfBesides(slot)) return 'another open file description in this process';
   return 'a process this one cannot see (on another host sharing the storage, or one it may not inspect)';
 }
@@ -232,6 +232,18 @@ function whoHolds(slot: LeaseSlot, mode: LockMode, range: Readonly<ByteRange>, c
   } catch {
     return { holders: [], openers: [], unreadable: [], fdinfoAvailable: false };
   }
+}
+
+/**
+ * Who holds `range` in the way of `mode` (whoHolds), in words. Nobody named
+ * as a holder: the conflict may have gone meanwhile (a holder that exited),
+ * which a re-probe tells (nobodyWords). Every busy error of a slot names its holder so.
+ */
+function holderWords(slot: LeaseSlot, mode: LockMode, range: Readonly<ByteRange>, holder: LockHolder | null): { found: LockHolders; by: string; also: string } {
+  const found = whoHolds(slot, mode, range, holder);
+  const words = holdersWords(found, slot.path);
+  const named = found.holders.length > 0 || (found.unreadable.length > 0 && conflictOf(slot, mode, range) !== null) || (!found.fdinfoAvailable && found.openers.length > 0);
+  return { found, by: named ? words.by : nobodyWords(slot, mode, range), also: words.also };
 }
 
 function conflictOf(slot: LeaseSlot, mode: LockMode, range: Readonly<ByteRange>): LockHolder | null {
@@ -253,12 +265,7 @@ export function busyError(lease: OfdLease, slot: LeaseSlot = lease.slots[0]!): R
   const mode = lockModeOf(lease.mode);
   const holder = conflictOf(slot, mode, LEASE_RANGE);
   busyHooks.afterConflict?.();
-  const found = whoHolds(slot, mode, LEASE_RANGE, holder);
-  const words = holdersWords(found, slot.path);
-  const { also } = words;
-  // Nobody named as a holder: the conflict may have gone meanwhile (a holder that exited), which a re-probe tells.
-  const named = found.holders.length > 0 || (found.unreadable.length > 0 && conflictOf(slot, mode, LEASE_RANGE) !== null) || (!found.fdinfoAvailable && found.openers.length > 0);
-  const by = named ? words.by : nobodyWords(slot, mode);
+  const { found, by, also } = holderWords(slot, mode, LEASE_RANGE, holder);
   const how = holder === null ? 'held' : `held ${heldAs(holder.mode)}`;
   const where = slot.path === lease.path ? '' : ` (its lock file ${slot.path})`;
   const migrating = guardHeld(slot, lease.mode);
@@ -276,8 +283,7 @@ export function busyError(lease: OfdLease, slot: LeaseSlot = lease.slots[0]!): R
 function guardBusy(lease: OfdLease, slot: LeaseSlot, message: (by: string) => string): ResourceBusyError {
   const mode = lockModeOf(lease.mode);
   const holder = conflictOf(slot, mode, GUARD_RANGE);
-  const found = whoHolds(slot, mode, GUARD_RANGE, holder);
-  const { by, also } = holdersWords(found, slot.path);
+  const { found, by, also } = holderWords(slot, mode, GUARD_RANGE, holder);
   return new ResourceBusyError(`${message(by)}${also}`, { holder, resource: lease.path, lockFile: lockFileOf(lease, slot), ...found, migrationInProgress: true });
 }
 
@@ -353,8 +359,7 @@ async function takeClass(
       const left = remaining(deadline);
       if (left !== undefined && left <= 0) {
         const holder = conflictOf(slot, 'exclusive', cls.theirs);
-        const found = whoHolds(slot, 'exclusive', cls.theirs, holder);
-        const { by, also } = holdersWords(found, slot.path);
+        const { found, by, also } = holderWords(slot, 'exclusive', cls.theirs, holder);
         throw new LockTimeoutError(`${lease.path}: still held ${cls.theirMode} by ${by} when the timeout ran out (readonly and shared leases exclude each other)${also}`, {
           ...found,
           resource: lease.path,
@@ -387,8 +392,8 @@ function releaseSlot(lease: Lease, slot: LeaseSlot, keep = false): void {
 function classBusy(lease: OfdLease, slot: LeaseSlot, theirMode: ResourceMode): ResourceBusyError {
   const range = classOf(lease.mode)!.theirs;
   const holder = conflictOf(slot, 'exclusive', range);
-  const found = whoHolds(slot, 'exclusive', range, holder);
-  const { by, also } = holdersWords(found, slot.path);
+  busyHooks.afterConflict?.();
+  const { found, by, also } = holderWords(slot, 'exclusive', range, holder);
   const where = slot.path === lease.path ? '' : ` (its lock file ${slot.path})`;
   return new ResourceBusyError(`${lease.path}${where} is held ${theirMode} by ${by}: a ${lease.mode} lease and a ${theirMode} one exclude each other${also}`, {
     holder,
