@@ -101,11 +101,11 @@ export async function run(r: RunArgs, out: Output): Promise<number> {
       } catch (err) {
         // Whatever is wrong with a PATH (missing, a FIFO, not permitted), it is
         // the same mistake as in `status`, with the same exit status.
-        // (The same file named twice in two modes, by two paths, stays a usage error.)
+        // (The same file named twice in two modes, by two paths, or one disk by two names, stays a usage error.)
         const e = inFlagTerms(err, res.flag);
         const code = exitCodeFor(e);
         fail(e, out);
-        return code === EXIT.usage && !/is already registered/.test((e as Error).message) ? EXIT.noResource : code;
+        return code === EXIT.usage && !/is already registered|are the same disk/.test((e as Error).message) ? EXIT.noResource : code;
       }
     }
     const exited = new Promise<ExitStatus>((res) => mgr.once('exit', res));
@@ -115,9 +115,15 @@ export async function run(r: RunArgs, out: Output): Promise<number> {
       out.err(`lockmgr: warning: ${escapeControl(w.message)}\n`);
     });
     mgr.on('orphans', (o) => {
+      // A process that kept only the QEMU descriptor holds QEMU's locks on the disk, not the lease.
+      const lease = o.through.includes('lease');
+      const qemu = o.through.includes('qemu');
+      const what = lease && qemu ? "the lease and QEMU's locks on" : lease ? 'the lease on' : "QEMU's locks on";
+      const open = lease && qemu ? 'the lease and the QEMU descriptor (LOCKMGR_QEMU_FD)' : lease ? 'the lease' : 'the QEMU descriptor (LOCKMGR_QEMU_FD)';
+      const one = lease && !qemu;
       out.err(
-        `lockmgr: ${escapeControl(r.command)} exited, but the lease on ${escapeControl(o.resource)} stays held by ${escapeControl(o.processes.map(describeProcess).join(', '))}, ` +
-          `which it started and which still has the lease open; it ends when they exit or close it (see lockmgr status ${escapeControl(o.resource)})\n`,
+        `lockmgr: ${escapeControl(r.command)} exited, but ${what} ${escapeControl(o.resource)} stay${one ? 's' : ''} held by ${escapeControl(o.processes.map(describeProcess).join(', '))}, ` +
+          `which it started and which still has ${open} open; ${one ? 'it ends' : 'they end'} when they exit or close it (see lockmgr status ${escapeControl(o.resource)})\n`,
       );
     });
     mgr.on('lock-failure', (f) => {

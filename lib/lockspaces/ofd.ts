@@ -26,38 +26,22 @@
 // given the lease fds, so the leases are its own too and outlive a killed
 // supervisor (lockLifetime 'child'), and any running process can be attached.
 import { lstatSync, readdirSync, readFileSync, statSync } from 'node:fs';
-import { InvalidArgumentError, InvalidStateError, LockTimeoutError, ResourceAccessError, ResourceBusyError, holdersOf, type LockHolder, type LockHolders, type ProcessInfo } from '../os/errors.js';
+import { InvalidArgumentError, InvalidStateError, LockTimeoutError, ResourceBusyError, holdersOf, type LockHolder, type LockHolders, type ProcessInfo } from '../os/errors.js';
 import { lockableFromFd, openLockable, type ByteRange, type LockableFile, type LockMode } from '../os/locks.js';
 import { describeProcess, fdsOf, holdersWords, lockHolders, parseFdinfoLocks, processesSharing, sharersOf, type ProcLock } from '../os/proc-locks.js';
-import { canonicalBlockNode, loopBacking, openDiskFile } from '../os/disks.js';
+import { canonicalBlockNode, openDiskFile, openLoopBacking } from '../os/disks.js';
 
 import { attachProcess, spawnSupervised, type ExitStatus, type SupervisedProcess } from '../os/supervise.js';
 import { byKey, checkMode, deadlineOf, pauseFor, remaining, rolledBack } from './common.js';
 import type { Capabilities, Lease, LeaseStatus, LockspaceConfig, LockspaceDriver, ResourceMode, ResourceName, StartPlan, TakeOptions } from './driver.js';
 
-export { canonicalBlockNode, openDiskFile };
+export { canonicalBlockNode, openDiskFile, openLoopBacking };
 
 export const LEASE_RANGE: Readonly<ByteRange> = Object.freeze({ start: 0, length: 1 });
 export const GUARD_RANGE: Readonly<ByteRange> = Object.freeze({ start: 1, length: 1 });
 export const PIN_RANGE: Readonly<ByteRange> = Object.freeze({ start: 2, length: 1 });
 export const SHARED_CLASS_RANGE: Readonly<ByteRange> = Object.freeze({ start: 3, length: 1 });
 export const READONLY_CLASS_RANGE: Readonly<ByteRange> = Object.freeze({ start: 4, length: 1 });
-
-/**
- * The backing file of a loop device `image`, opened for its lease, or null
- * when `image` is not a loop device: its lease must cover both (the loop
- * device writes the file). Checked to be the inode the loop device is bound to.
- */
-export function openLoopBacking(image: LockableFile, access: 'read' | 'readwrite'): LockableFile | null {
-  const backing = loopBacking(image);
-  if (backing === null) return null;
-  const file = openDiskFile(backing.path, access);
-  if (file.kind === 'file' && (file.identity.dev !== backing.dev || file.identity.ino !== backing.ino)) {
-    file.close();
-    throw new ResourceAccessError(`the backing file '${backing.path}' of loop device '${image.path}' was replaced while its lease was being opened; try again`);
-  }
-  return file;
-}
 
 /** The class byte a mode takes, and the one it must find free; null for exclusive (byte 0 says it all). */
 function classOf(mode: ResourceMode): { mine: Readonly<ByteRange>; theirs: Readonly<ByteRange>; theirMode: ResourceMode } | null {
@@ -231,8 +215,8 @@ function sharersOrSelf(path: string, except: number): boolean {
  * fail-fast race once said "in this process" for that), the conflict is ours
  * (another manager here), or the holder is out of sight. A re-probe tells them apart.
  */
-function nobodyWords(slot: LeaseSlot, mode: LockMode): string {
-  if (conflictOf(slot, mode, LEASE_RANGE) === null) return 'a holder that has just let go (it exited or closed the file; nobody else has it open now): try again';
+function nobodyWords(slot: LeaseSlot, mode: LockMode, range: Readonly<ByteRange>): string {
+  if (conflictOf(slot, mode, range) === null) return 'a holder that has just let go (it exited or closed the file; nobody else has it open now): try again';
   if (openInSelfBesides(slot)) return 'another open file description in this process';
   return 'a process this one cannot see (on another host sharing the storage, or one it may not inspect)';
 }
@@ -248,6 +232,18 @@ function whoHolds(slot: LeaseSlot, mode: LockMode, range: Readonly<ByteRange>, c
   } catch {
     return { holders: [], openers: [], unreadable: [], fdinfoAvailable: false };
   }
+}
+
+/**
+ * Who holds `range` in the way of `mode` (whoHolds), in words. Nobody named
+ * as a holder: the conflict may have gone meanwhile (a holder that exited),
+ * which a re-probe tells (nobodyWords). Every busy error of a slot names its holder so.
+ */
+function holderWords(slot: LeaseSlot, mode: LockMode, range: Readonly<ByteRange>, holder: LockHolder | null): { found: LockHolders; by: string; also: string } {
+  const found = whoHolds(slot, mode, range, holder);
+  const words = holdersWords(found, slot.path);
+  const named = found.holders.length > 0 || (found.unreadable.length > 0 && conflictOf(slot, mode, range) !== null) || (!found.fdinfoAvailable && found.openers.length > 0);
+  return { found, by: named ? words.by : nobodyWords(slot, mode, range), also: words.also };
 }
 
 function conflictOf(slot: LeaseSlot, mode: LockMode, range: Readonly<ByteRange>): LockHolder | null {
@@ -269,12 +265,7 @@ export function busyError(lease: OfdLease, slot: LeaseSlot = lease.slots[0]!): R
   const mode = lockModeOf(lease.mode);
   const holder = conflictOf(slot, mode, LEASE_RANGE);
   busyHooks.afterConflict?.();
-  const found = whoHolds(slot, mode, LEASE_RANGE, holder);
-  const words = holdersWords(found, slot.path);
-  const { also } = words;
-  // Nobody named as a holder: the conflict may have gone meanwhile (a holder that exited), which a re-probe tells.
-  const named = found.holders.length > 0 || (found.unreadable.length > 0 && conflictOf(slot, mode, LEASE_RANGE) !== null) || (!found.fdinfoAvailable && found.openers.length > 0);
-  const by = named ? words.by : nobodyWords(slot, mode);
+  const { found, by, also } = holderWords(slot, mode, LEASE_RANGE, holder);
   const how = holder === null ? 'held' : `held ${heldAs(holder.mode)}`;
   const where = slot.path === lease.path ? '' : ` (its lock file ${slot.path})`;
   const migrating = guardHeld(slot, lease.mode);
@@ -292,8 +283,7 @@ export function busyError(lease: OfdLease, slot: LeaseSlot = lease.slots[0]!): R
 function guardBusy(lease: OfdLease, slot: LeaseSlot, message: (by: string) => string): ResourceBusyError {
   const mode = lockModeOf(lease.mode);
   const holder = conflictOf(slot, mode, GUARD_RANGE);
-  const found = whoHolds(slot, mode, GUARD_RANGE, holder);
-  const { by, also } = holdersWords(found, slot.path);
+  const { found, by, also } = holderWords(slot, mode, GUARD_RANGE, holder);
   return new ResourceBusyError(`${message(by)}${also}`, { holder, resource: lease.path, lockFile: lockFileOf(lease, slot), ...found, migrationInProgress: true });
 }
 
@@ -369,8 +359,7 @@ async function takeClass(
       const left = remaining(deadline);
       if (left !== undefined && left <= 0) {
         const holder = conflictOf(slot, 'exclusive', cls.theirs);
-        const found = whoHolds(slot, 'exclusive', cls.theirs, holder);
-        const { by, also } = holdersWords(found, slot.path);
+        const { found, by, also } = holderWords(slot, 'exclusive', cls.theirs, holder);
         throw new LockTimeoutError(`${lease.path}: still held ${cls.theirMode} by ${by} when the timeout ran out (readonly and shared leases exclude each other)${also}`, {
           ...found,
           resource: lease.path,
@@ -403,8 +392,8 @@ function releaseSlot(lease: Lease, slot: LeaseSlot, keep = false): void {
 function classBusy(lease: OfdLease, slot: LeaseSlot, theirMode: ResourceMode): ResourceBusyError {
   const range = classOf(lease.mode)!.theirs;
   const holder = conflictOf(slot, 'exclusive', range);
-  const found = whoHolds(slot, 'exclusive', range, holder);
-  const { by, also } = holdersWords(found, slot.path);
+  busyHooks.afterConflict?.();
+  const { found, by, also } = holderWords(slot, 'exclusive', range, holder);
   const where = slot.path === lease.path ? '' : ` (its lock file ${slot.path})`;
   return new ResourceBusyError(`${lease.path}${where} is held ${theirMode} by ${by}: a ${lease.mode} lease and a ${theirMode} one exclude each other${also}`, {
     holder,

@@ -657,8 +657,8 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
     // The child is reaped: only now may its leases go (invariant 2), and not
     // those that something it started still shares (docs/contract.md, "Orphans").
     try {
-      for (const [r, processes] of this.#resources.releaseExited({ bornSince: this.#childBorn ?? undefined })) {
-        this.#emitSafe('orphans', { resource: r.path, processes });
+      for (const [r, { processes, through }] of this.#resources.releaseExited({ bornSince: this.#childBorn ?? undefined })) {
+        this.#emitSafe('orphans', { resource: r.path, processes, through });
       }
     } catch (err) {
       this.#warn(err);
@@ -737,7 +737,9 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
     if (fds.length === 0 || (options.env !== undefined && (typeof options.env !== 'object' || options.env === null))) return options;
     if (options.keepFds !== undefined && !Array.isArray(options.keepFds)) return options;
     const env = { ...(options.env ?? process.env), LOCKMGR_QEMU_FD: String(fds[0]), LOCKMGR_QEMU_FDS: fds.join(' ') };
-    return { ...options, env, keepFds: [...(options.keepFds ?? []), ...fds] };
+    // A loop device's backing file too, unnamed (QEMU opens the device): QEMU's locks on it are then the child's as well, as the lease's are.
+    const backing = this.#resources.values().flatMap((r) => (r.qemuBacking === undefined ? [] : [r.qemuBacking.fd]));
+    return { ...options, env, keepFds: [...(options.keepFds ?? []), ...fds, ...backing] };
   }
 
   #startVerify(): void {

@@ -4,7 +4,9 @@
 // all-or-nothing acquire (the lockspace's, then QEMU's locks on the image),
 // release, the migration guard and verification.
 import { InvalidArgumentError, ResourceAccessError, ResourceExhaustedError, type ProcessInfo } from '../os/errors.js';
+import { loopBacking, openLoopBacking, type LoopBacking } from '../os/disks.js';
 import { openLockable, type LockableFile } from '../os/locks.js';
+import { sharersOf } from '../os/proc-locks.js';
 import { QEMU_PROFILES, releaseQemuLocks, takeQemuLocks, type QemuProfile } from '../os/qemu.js';
 import { withRollback } from '../lockspaces/common.js';
 import type { Capabilities, Lease, LockspaceDriver, ResourceMode, ResourceName, TakeOptions } from '../lockspaces/driver.js';
@@ -27,6 +29,14 @@ export interface Resource {
    * QEMU uses only a descriptor of the access mode it asks for.
    */
   readonly qemuImage: LockableFile | undefined;
+  /**
+   * With qemuImage on a loop device: its backing file, opened the same way
+   * for the same locks, so that a QEMU opening the file directly is refused
+   * too. The child inherits it as it does the lease's descriptors.
+   */
+  readonly qemuBacking: LockableFile | undefined;
+  /** The file a loop device writes, to tell two names of one disk apart; null otherwise. */
+  readonly backing: LoopBacking | null;
   /** How it was registered, for inquire(). */
   readonly spec: TokenResource;
   held: boolean;
@@ -46,22 +56,62 @@ export function qemuProfile(mode: ResourceMode): QemuProfile {
   return mode === 'exclusive' ? QEMU_PROFILES.exclusiveWriter : mode === 'shared' ? QEMU_PROFILES.sharedWriter : QEMU_PROFILES.reader;
 }
 
-/**
- * A second open file description of the image `lease` opened (through
- * /proc/self/fd: the same inode, whatever happened to the path since).
- */
-function openQemuImage(image: LockableFile, mode: ResourceMode): LockableFile {
-  const path = `/proc/self/fd/${image.fd}`;
-  if (mode === 'readonly') return openLockable(path, { access: 'read' });
+/** Opens for QEMU's locks: read-write unless readonly, or read-only where writing is not permitted. */
+function openForQemu<T>(open: (access: 'read' | 'readwrite') => T, mode: ResourceMode): T {
+  if (mode === 'readonly') return open('read');
   try {
-    return openLockable(path, { access: 'readwrite' });
+    return open('readwrite');
   } catch (err) {
-    // An image nobody may write (immutable, a read-only mount): QEMU could not
+    // A file nobody may write (immutable, a read-only mount): QEMU could not
     // write it either, and QEMU's locks are read locks, which read access carries.
-    if (err instanceof ResourceAccessError) return openLockable(path, { access: 'read' });
+    if (err instanceof ResourceAccessError) return open('read');
     throw err;
   }
 }
+
+/**
+ * A second open file description of the image `lease` opened (through
+ * /proc/self/fd: the same inode, whatever happened to the path since), and of
+ * a loop device's backing file: QEMU's locks go on both, all or nothing.
+ */
+function openQemuFiles(image: LockableFile, mode: ResourceMode): { qemuImage: LockableFile; qemuBacking: LockableFile | undefined } {
+  const qemuImage = openForQemu((access) => openLockable(`/proc/self/fd/${image.fd}`, { access }), mode);
+  try {
+    return { qemuImage, qemuBacking: openForQemu((access) => openLoopBacking(qemuImage, access), mode) ?? undefined };
+  } catch (err) {
+    qemuImage.close();
+    throw err;
+  }
+}
+
+/** The files QEMU's locks of a resource are on. */
+const qemuFilesOf = (r: Resource): LockableFile[] => (r.qemu === undefined ? [] : [r.qemuImage, r.qemuBacking].filter((f) => f !== undefined && !f.closed) as LockableFile[]);
+
+/** What a loop device writes; null for anything else (an unreadable binding was refused by the lockspace already, or is not a lease of ours). */
+function backingOf(lease: Lease): LoopBacking | null {
+  try {
+    return lease.image === null ? null : loopBacking(lease.image);
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * Why a new resource (`path`, `image`, `backing`) is the same disk as `r`
+ * under another name, or null: a loop device and its backing file, or two
+ * loop devices of one file. Their leases would collide in one manager (a run
+ * waiting on itself forever), and the two names are one disk to lock anyway.
+ */
+function sameDisk(r: Resource, path: string, image: LockableFile | null, backing: LoopBacking | null): string | null {
+  const over = (b: LoopBacking | null, f: LockableFile | null): boolean => b !== null && f !== null && f.kind === 'file' && f.identity.dev === b.dev && f.identity.ino === b.ino;
+  if (over(r.backing, image)) return `${r.path} is a loop device over ${path}`;
+  if (over(backing, r.lease.image)) return `${path} is a loop device over ${r.path}`;
+  if (r.backing !== null && backing !== null && r.backing.dev === backing.dev && r.backing.ino === backing.ino) return `both are loop devices over ${backing.path}`;
+  return null;
+}
+
+/** What orphans of a resource still have open: its lease's descriptions, QEMU's descriptors (qemuDescriptors), or both. */
+export type OrphanedThrough = 'lease' | 'qemu';
 
 /**
  * A resource's identity within a manager: the image file itself (so two paths
@@ -121,9 +171,11 @@ export class ResourceSet {
       }
       return existing;
     }
-    let qemuImage: LockableFile | undefined;
+    const backing = backingOf(lease);
+    let qemuFiles: ReturnType<typeof openQemuFiles> | undefined;
     try {
-      if (qemuCompatible && lease.image !== null) qemuImage = openQemuImage(lease.image, mode);
+      this.#checkOneName(lease, backing);
+      if (qemuCompatible && lease.image !== null) qemuFiles = openQemuFiles(lease.image, mode);
     } catch (err) {
       lease.close();
       throw err;
@@ -136,8 +188,10 @@ export class ResourceSet {
       guarded: false,
       hotplugged: hotplug,
       spec: tokenOf(spec, lease, mode),
-      qemu: qemuImage === undefined ? undefined : qemuProfile(mode),
-      qemuImage,
+      qemu: qemuFiles === undefined ? undefined : qemuProfile(mode),
+      qemuImage: qemuFiles?.qemuImage,
+      qemuBacking: qemuFiles?.qemuBacking,
+      backing,
     };
     this.#byIdentity.set(identityOf(lease), r);
     return r;
@@ -157,9 +211,36 @@ export class ResourceSet {
       lease.close({ keepLocks: true });
       throw new InvalidArgumentError(`'${lease.path}' is named twice (the same ${lease.kind === 'lease' ? 'lease' : 'file'} as '${existing.path}')`);
     }
-    const r: Resource = { path: lease.path, mode, lease, held: true, guarded: false, hotplugged: false, spec: tokenOf(spec, lease, mode), qemu: undefined, qemuImage: undefined };
+    const backing = backingOf(lease);
+    try {
+      this.#checkOneName(lease, backing);
+    } catch (err) {
+      lease.close({ keepLocks: true });
+      throw err;
+    }
+    const r: Resource = {
+      path: lease.path,
+      mode,
+      lease,
+      held: true,
+      guarded: false,
+      hotplugged: false,
+      spec: tokenOf(spec, lease, mode),
+      qemu: undefined,
+      qemuImage: undefined,
+      qemuBacking: undefined,
+      backing,
+    };
     this.#byIdentity.set(id, r);
     return r;
+  }
+
+  /** InvalidArgumentError when a new lease is a registered disk under another name (sameDisk). */
+  #checkOneName(lease: Lease, backing: LoopBacking | null): void {
+    for (const r of this.values()) {
+      const why = sameDisk(r, lease.path, lease.image, backing);
+      if (why !== null) throw new InvalidArgumentError(`${r.path} and ${lease.path} are the same disk: ${why}`);
+    }
   }
 
   /** The resource a reference names (by its spec, its path, or the file's identity), or undefined. */
@@ -185,6 +266,7 @@ export class ResourceSet {
     this.release(r);
     r.lease.close();
     r.qemuImage?.close();
+    r.qemuBacking?.close();
     const key = identityOf(r.lease);
     if (this.#byIdentity.get(key) === r) this.#byIdentity.delete(key);
   }
@@ -194,6 +276,7 @@ export class ResourceSet {
     for (const r of this.#byIdentity.values()) {
       r.lease.close(options);
       r.qemuImage?.close();
+      r.qemuBacking?.close();
     }
     this.#byIdentity.clear();
   }
@@ -211,18 +294,21 @@ export class ResourceSet {
       todo.map((r) => r.lease),
       { ...options, checkGuard: (options.checkGuard ?? true) && this.#space.capabilities.handoverGuard },
     );
-    const withQemu: Resource[] = [];
+    const taken: Array<{ file: LockableFile; profile: QemuProfile }> = [];
+    let at: Resource | undefined;
     try {
       for (const r of todo) {
-        if (r.qemu === undefined || r.qemuImage === undefined) continue;
-        takeQemuLocks(r.qemuImage, r.path, r.qemu);
-        withQemu.push(r);
+        at = r;
+        for (const file of qemuFilesOf(r)) {
+          // A loop device's backing file is named as itself: that is where QEMU's conflict is.
+          takeQemuLocks(file, file === r.qemuImage ? r.path : file.path, r.qemu!);
+          taken.push({ file, profile: r.qemu! });
+        }
       }
     } catch (err) {
-      for (const r of withQemu.reverse()) releaseQemuLocks(r.qemuImage!, r.qemu!);
+      for (const t of taken.reverse()) releaseQemuLocks(t.file, t.profile);
       for (const r of [...todo].reverse()) this.#space.release(r.lease);
-      const failed = (err as { resource?: string | null }).resource ?? null;
-      throw withRollback(err, todo.map((r) => r.path).filter((p) => p !== failed));
+      throw withRollback(err, todo.filter((r) => r !== at).map((r) => r.path));
     }
     for (const r of todo) r.held = true;
   }
@@ -235,25 +321,29 @@ export class ResourceSet {
   release(r: Resource, options: { keepFiles?: boolean } = {}): void {
     if (!r.held) return;
     r.held = false;
-    if (r.qemu !== undefined && r.qemuImage !== undefined && !r.qemuImage.closed) releaseQemuLocks(r.qemuImage, r.qemu);
+    for (const file of qemuFilesOf(r)) releaseQemuLocks(file, r.qemu!);
     this.#space.release(r.lease, options);
   }
 
   /**
    * After the supervised process was reaped: releases every held resource,
-   * except those whose lease descriptions processes it started still share
-   * (found in one pass over /proc): unlocking would unlock theirs, so those
-   * are left to them (abandon) and returned. If the look fails (out of fds),
-   * every lease is left to the kernel, which is right either way (released at
-   * our close when nobody shares it; only lock files may stay, for the next
-   * user to reuse), and the error is thrown after.
+   * except those whose lease descriptions, or QEMU descriptors, processes it
+   * started still share (found by kcmp over /proc): unlocking would unlock
+   * theirs, so those are left to them (abandon, and our QEMU descriptors
+   * closed without unlocking) and returned with what they share. If the look
+   * fails (out of fds), every lease is left to the kernel, which is right
+   * either way (released at our close when nobody shares it; only lock files
+   * may stay, for the next user to reuse), and the error is thrown after.
    */
-  releaseExited(options: { bornSince?: bigint }): Map<Resource, ProcessInfo[]> {
+  releaseExited(options: { bornSince?: bigint }): Map<Resource, { processes: ProcessInfo[]; through: OrphanedThrough[] }> {
     const held = this.values().filter((r) => r.held);
-    const orphans = new Map<Resource, ProcessInfo[]>();
+    const orphans = new Map<Resource, { processes: ProcessInfo[]; through: OrphanedThrough[] }>();
     let sharers: Map<Lease, ProcessInfo[]>;
+    let qemuSharers: Map<number, ProcessInfo[]>;
     try {
       sharers = this.#space.sharers(held.map((r) => r.lease), options);
+      const qemuFds = held.flatMap((r) => qemuFilesOf(r).map((f) => f.fd));
+      qemuSharers = qemuFds.length === 0 ? new Map() : sharersOf(qemuFds, options);
     } catch (err) {
       for (const r of held) {
         r.held = false;
@@ -265,11 +355,15 @@ export class ResourceSet {
       );
     }
     for (const r of held) {
-      const procs = sharers.get(r.lease) ?? [];
-      if (procs.length === 0) continue;
+      const byLease = sharers.get(r.lease) ?? [];
+      const byQemu = qemuFilesOf(r).flatMap((f) => qemuSharers.get(f.fd) ?? []);
+      if (byLease.length + byQemu.length === 0) continue;
       r.held = false;
       this.#space.abandon(r.lease);
-      orphans.set(r, procs);
+      for (const f of qemuFilesOf(r)) f.close();
+      const processes = new Map([...byLease, ...byQemu].map((p) => [p.pid, p]));
+      const through: OrphanedThrough[] = [...(byLease.length > 0 ? ['lease' as const] : []), ...(byQemu.length > 0 ? ['qemu' as const] : [])];
+      orphans.set(r, { processes: [...processes.values()], through });
     }
     return orphans;
   }

@@ -114,12 +114,15 @@ export interface VerifyResult {
 /**
  * A lease the supervised process left behind: when it was reaped, other
  * processes (ones it started: a daemon, a background job) still had the
- * lease's open file descriptions, and so its locks. The manager did not
- * unlock it: the lease stays held until the last of them exits or closes it.
+ * lease's open file descriptions, or the resource's QEMU descriptor
+ * (qemuDescriptors), and so their locks. The manager unlocked neither: each
+ * stays held until the last of them exits or closes it.
  */
 export interface Orphans {
   resource: string;
   processes: ProcessInfo[];
+  /** What they still have open: 'lease' (the lease's descriptions), 'qemu' (the QEMU descriptor, with QEMU's locks), or both. */
+  through: Array<'lease' | 'qemu'>;
 }
 
 export interface LockManagerEvents {

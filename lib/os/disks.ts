@@ -88,3 +88,19 @@ export function loopBacking(file: LockableFile): LoopBacking | null {
   }
   return { path, dev, ino, offset };
 }
+
+/**
+ * The backing file of a loop device `image`, opened for locking, or null
+ * when `image` is not a loop device: a lease, and QEMU's locks, must cover
+ * both (the loop device writes the file). Checked to be the inode the loop device is bound to.
+ */
+export function openLoopBacking(image: LockableFile, access: 'read' | 'readwrite'): LockableFile | null {
+  const backing = loopBacking(image);
+  if (backing === null) return null;
+  const file = openDiskFile(backing.path, access);
+  if (file.kind === 'file' && (file.identity.dev !== backing.dev || file.identity.ino !== backing.ino)) {
+    file.close();
+    throw new ResourceAccessError(`the backing file '${backing.path}' of loop device '${image.path}' was replaced while it was being opened for locking; try again`);
+  }
+  return file;
+}

@@ -2,7 +2,7 @@ import { execFileSync } from 'node:child_process';
 import { existsSync, mkdirSync, rmSync, statSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { LockManager, ResourceAccessError, ResourceBusyError, openLockable } from '../../lib/index.js';
+import { InvalidArgumentError, LockManager, ResourceAccessError, ResourceBusyError, openLockable } from '../../lib/index.js';
 import { locksOn } from '../../lib/os/proc-locks.js';
 import { Peer, isRoot, tempDir } from '../helpers.js';
 
@@ -184,6 +184,36 @@ describe.skipIf(!canLoop)('a loop device and its backing file (real losetup)', (
         await refused(backing, 'exclusive');
         await s1.free();
         await s2.free();
+      });
+
+      // Both names in one manager once waited forever on their own backing-file lease (issue 14, review defect 7).
+      it('one disk by two names in one manager (the loop device and its file, two loop devices of it) is refused at registration, in every mode, naming both', async () => {
+        const [one, two] = [devices[0]!, devices[1] ?? attach(backing)];
+        for (const mode of ['exclusive', 'shared', 'readonly'] as const) {
+          for (const [first, second, why] of [
+            [one, backing, `${one} is a loop device over ${backing}`],
+            [backing, one, `${one} is a loop device over ${backing}`],
+            [one, two, `both are loop devices over ${backing}`],
+          ] as const) {
+            const m = manager();
+            m.registerResource({ type: 'disk', path: first, mode });
+            let err: unknown;
+            try {
+              m.registerResource({ type: 'disk', path: second, mode });
+            } catch (e) {
+              err = e;
+            }
+            expect(err, `${mode} ${first} ${second}`).toBeInstanceOf(InvalidArgumentError);
+            expect((err as Error).message).toBe(`${first} and ${second} are the same disk: ${why}`);
+            // The refused name left nothing registered; the first still starts, holding the disk.
+            expect(m.resources.map((r) => r.path)).toEqual([first]);
+            await m.start('true', []);
+            expect(m.state).not.toBe('new');
+            await m.free();
+          }
+        }
+        // Nothing of either is left locked.
+        expect([...locksOn(one), ...locksOn(two), ...locksOn(backing)]).toEqual([]);
       });
     });
   }

@@ -44,11 +44,11 @@ for (const lockspace of ['direct', 'indirect'] as const) {
     };
     const flags = () => (lockspace === 'direct' ? [] : ['--lockspace', join(fx.tmp.dir, 'locks')]);
 
-    /** A real holder: `lockmgr run --exclusive IMG -- sleep`, both pids once the lease is held. */
-    async function holder(): Promise<number[]> {
+    /** A real holder: `lockmgr run --MODE IMG -- sleep`, both pids once the lease is held. */
+    async function holder(mode: 'exclusive' | 'readonly' = 'exclusive'): Promise<number[]> {
       options();
       const pidFile = join(fx.tmp.dir, 'holder.pid');
-      const c = spawn(process.execPath, [BIN, 'run', ...flags(), '--exclusive', fx.path, '--', 'sh', '-c', `echo $$ > ${pidFile}; exec sleep 1000`], { stdio: 'ignore' });
+      const c = spawn(process.execPath, [BIN, 'run', ...flags(), `--${mode}`, fx.path, '--', 'sh', '-c', `echo $$ > ${pidFile}; exec sleep 1000`], { stdio: 'ignore' });
       children.push(c);
       await waitUntil(() => existsSync(pidFile) && readFileSync(pidFile, 'utf8').endsWith('\n'), 10_000, 'the holder to start');
       return [c.pid!, Number(readFileSync(pidFile, 'utf8'))];
@@ -74,6 +74,30 @@ for (const lockspace of ['direct', 'indirect'] as const) {
       busyHooks.afterConflict = undefined;
       const again = new LockManager(options());
       again.registerResource({ type: 'disk', path: fx.path, mode: 'exclusive' });
+      await again.start('true', []);
+      await again.free();
+    });
+
+    // The class byte's busy error (a shared lease against a readonly one) once
+    // skipped the re-probe and said "in this process" for a holder that had gone.
+    it('a readonly holder exits between the class conflict and the scan: a shared acquirer is told it has just let go', async () => {
+      const pids = await holder('readonly');
+      let ran = 0;
+      busyHooks.afterConflict = () => {
+        ran++;
+        for (const p of pids) process.kill(p, 'SIGKILL');
+        waitDeadSync(pids);
+      };
+      const m = new LockManager(options());
+      m.registerResource({ type: 'disk', path: fx.path, mode: 'shared' });
+      const err = await m.start('true', []).catch((e: unknown) => e);
+      await m.free();
+      expect(ran).toBe(1);
+      expect(err).toBeInstanceOf(ResourceBusyError);
+      expect((err as Error).message).toContain('is held readonly by a holder that has just let go (it exited or closed the file; nobody else has it open now): try again');
+      busyHooks.afterConflict = undefined;
+      const again = new LockManager(options());
+      again.registerResource({ type: 'disk', path: fx.path, mode: 'shared' });
       await again.start('true', []);
       await again.free();
     });

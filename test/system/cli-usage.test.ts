@@ -2,17 +2,19 @@
 // relative to the working directory, one exit status per mistake, flags named
 // as typed, and all of it without the native addon where no lock is needed.
 import { execFileSync } from 'node:child_process';
-import { mkdirSync, readFileSync, readdirSync, statSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, readdirSync, statSync } from 'node:fs';
 import { dirname, join, relative, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
 import type { StatusEntry } from '../../lib/cli/main.js';
-import { lockFixture, makeFile } from '../helpers.js';
+import { isRoot, lockFixture, makeFile } from '../helpers.js';
 import { lockmgr } from '../harness/cli.js';
 
 const fx = lockFixture();
 const pkg = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string };
 // node-gyp-build looks for LOCKMGR_PREBUILD's directory instead of the package's, and PREBUILDS_ONLY skips build/Release: no addon can be found.
+const canLoop = isRoot && existsSync('/dev/loop-control');
+if (!canLoop) console.warn('skipping the loop-device usage test: losetup needs root');
 const NO_ADDON = { LOCKMGR_PREBUILD: '/nonexistent', PREBUILDS_ONLY: '1' };
 
 /** One line on stderr, ending with a pointer to the right --help; nothing on stdout. */
@@ -162,5 +164,31 @@ describe('paths: relative ones are taken from the working directory; one mistake
 
   it('the same PATH as two modes is a usage error', () => {
     expectUsageError(lockmgr(['run', '--exclusive', fx.path, '--shared', fx.path, '--', 'true']), /is given as both --exclusive and --shared/, 'lockmgr run --help');
+  });
+
+  // It once failed on its own lease (and with --wait waited on itself forever): issue 14, review defect 7.
+  it.skipIf(!canLoop)('a loop device and its own backing file, as two PATHs, are one disk: a usage error naming both, in any mode, even with --wait', () => {
+    const file = makeFile(fx.tmp.dir, 'looped.img');
+    const loop = execFileSync('losetup', ['-f', '--show', file], { encoding: 'utf8' }).trim();
+    try {
+      for (const args of [
+        ['--exclusive', loop, '--exclusive', file],
+        ['--wait', '3600', '--exclusive', loop, '--exclusive', file],
+        ['--shared', loop, '--readonly', file],
+      ]) {
+        const r = lockmgr(['run', ...args, '--', 'true']);
+        expect({ args, code: r.code, stdout: r.stdout, stderr: r.stderr }).toEqual({
+          args,
+          code: 64,
+          stdout: '',
+          stderr: `lockmgr: ${loop} and ${file} are the same disk: ${loop} is a loop device over ${file}\n`,
+        });
+      }
+      // Nothing was left held: either name runs.
+      expect(lockmgr(['run', '--exclusive', file, '--', 'true']).code).toBe(0);
+      expect(lockmgr(['run', '--exclusive', loop, '--', 'true']).code).toBe(0);
+    } finally {
+      execFileSync('losetup', ['-d', loop]);
+    }
   });
 });

@@ -1,12 +1,13 @@
 // Interop with QEMU's own image locks, against Debian's real qemu-img, qemu-io
 // and qemu-nbd (installed by .ci/run).
 import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { existsSync, truncateSync, writeFileSync } from 'node:fs';
+import { existsSync, readdirSync, readlinkSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { LockManager, ResourceBusyError, qemuLockState } from '../../lib/index.js';
 import type { StatusEntry } from '../../lib/cli/main.js';
+import { locksOn } from '../../lib/os/proc-locks.js';
 import { isRoot, tempDir, waitUntil } from '../helpers.js';
 
 const haveQemu = ['qemu-img', 'qemu-io', 'qemu-nbd'].every((t) => spawnSync('sh', ['-c', `command -v ${t}`]).status === 0);
@@ -147,5 +148,96 @@ describe.skipIf(!haveQemu).each(targets)('QEMU interop on $name', ({ block }) =>
     await m.shutdown({ graceMs: 1000 });
     expect(qemuLockState(image)).toMatchObject({ held: [], unshared: [] });
     expect(qemu('qemu-io', '-f', 'raw', '-c', 'write 0 512', image).code).toBe(0);
+  });
+});
+
+// A loop device writes its backing file: QEMU's locks taken on the device must
+// be on the file too, or a QEMU opening the file directly writes under a VM
+// that holds the device (issue 14, review defect 3).
+describe.skipIf(!haveQemu || !canLoop)('QEMU locks on a loop device cover its backing file (real losetup, qemu-io, qemu-nbd)', () => {
+  let tmp: ReturnType<typeof tempDir>;
+  let file: string;
+  let loop = '';
+  const managers: LockManager[] = [];
+  const servers: ChildProcess[] = [];
+
+  beforeAll(() => {
+    tmp = tempDir();
+    file = join(tmp.dir, 'backing.img');
+    writeFileSync(file, '');
+    truncateSync(file, 4 * 1024 * 1024);
+    loop = execFileSync('losetup', ['-f', '--show', file], { encoding: 'utf8' }).trim();
+  });
+  afterAll(() => {
+    if (loop !== '') execFileSync('losetup', ['-d', loop]);
+    tmp.cleanup();
+  });
+  afterEach(async () => {
+    for (const m of managers.splice(0)) await m.free();
+    for (const s of servers.splice(0)) {
+      const gone = new Promise((r) => s.once('exit', r));
+      s.kill('SIGKILL');
+      await gone;
+    }
+  });
+
+  const expected = {
+    exclusive: { held: ['consistent-read', 'write'], unshared: ['write', 'resize'] },
+    shared: { held: ['consistent-read', 'write'], unshared: ['resize'] },
+    readonly: { held: ['consistent-read'], unshared: ['write', 'resize'] },
+  } as const;
+
+  for (const mode of ['exclusive', 'shared', 'readonly'] as const) {
+    it(`${mode}: the backing file carries the same QEMU locks as the device, so qemu-io on the file is refused as on the device; released together`, async () => {
+      const m = new LockManager();
+      managers.push(m);
+      m.registerResource({ type: 'disk', path: loop, mode, qemuCompatible: true });
+      await m.start('sleep', ['1000']);
+      expect(qemuLockState(loop)).toMatchObject(expected[mode]);
+      expect(qemuLockState(file)).toMatchObject(expected[mode]);
+      // The child has the backing file's description too, as it has the lease's: QEMU's locks on it are its own as well.
+      const pid = m.getChild().pid;
+      const theirs = readdirSync(`/proc/${pid}/fd`).map((fd) => {
+        try {
+          return readlinkSync(`/proc/${pid}/fd/${fd}`);
+        } catch {
+          return '';
+        }
+      });
+      expect(theirs).toContain(file);
+      for (const target of [file, loop]) {
+        if (mode === 'shared') {
+          const resize = qemu('qemu-img', 'resize', '-f', 'raw', target, '8M');
+          expect(resize.code, target).not.toBe(0);
+          expect(resize.out).toContain('Failed to get "resize" lock');
+        } else {
+          const write = qemu('qemu-io', '-f', 'raw', '-c', 'write 0 512', target);
+          expect(write.code, target).not.toBe(0);
+          expect(write.out).toContain('Failed to get "write" lock');
+        }
+      }
+      await m.shutdown({ graceMs: 1000 });
+      expect(qemuLockState(file)).toMatchObject({ held: [], unshared: [] });
+      expect(qemuLockState(loop)).toMatchObject({ held: [], unshared: [] });
+      expect(qemu('qemu-io', '-f', 'raw', '-c', 'write 0 512', file).code).toBe(0);
+    });
+  }
+
+  it('QEMU writing the backing file: acquiring the device qemu-compatibly fails naming the file and QEMU, and holds nothing on either', async () => {
+    const sock = join(tmp.dir, 'nbd.sock');
+    const server = spawn('qemu-nbd', ['-f', 'raw', '-k', sock, file], { stdio: 'ignore' });
+    servers.push(server);
+    await waitUntil(() => qemuLockState(file).held.includes('write'), 10_000, 'qemu-nbd to lock the backing file');
+    const m = new LockManager();
+    managers.push(m);
+    m.registerResource({ type: 'disk', path: loop, mode: 'exclusive', qemuCompatible: true });
+    const err = (await m.start('sleep', ['1000']).catch((e: unknown) => e)) as ResourceBusyError;
+    expect(err).toBeInstanceOf(ResourceBusyError);
+    expect(err.message).toMatch(new RegExp(`^${file}: another process holds the QEMU "write" permission \\(held by .*${server.pid} \\(qemu-nbd `));
+    expect(m.resources[0]!.held).toBe(false);
+    // All or nothing: neither the lease nor QEMU's bytes stayed on the device, and the file has only qemu-nbd's.
+    expect(locksOn(loop)).toEqual([]);
+    expect(qemuLockState(file)).toMatchObject({ held: ['consistent-read', 'write'], unshared: ['resize'] });
+    expect(locksOn(file).filter((l) => l.start < 100)).toEqual([]);
   });
 });
