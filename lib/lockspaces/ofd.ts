@@ -28,7 +28,7 @@
 import { lstatSync, readdirSync, readFileSync, statSync } from 'node:fs';
 import { InvalidArgumentError, InvalidStateError, LockTimeoutError, ResourceAccessError, ResourceBusyError, holdersOf, type LockHolder, type LockHolders, type ProcessInfo } from '../os/errors.js';
 import { lockableFromFd, openLockable, type ByteRange, type LockableFile, type LockMode } from '../os/locks.js';
-import { describeProcess, fdsOf, holdersWords, lockHolders, parseFdinfoLocks, processesSharing, sharersOf, type ProcLock } from '../os/proc-locks.js';
+import { describeProcess, fdsOf, holdersWords, lockHolders, parseFdinfoLocks, processesSharing, runsLockmgr, sharersOf, watchedBy, type ProcLock } from '../os/proc-locks.js';
 import { canonicalBlockNode, loopBacking, openDiskFile } from '../os/disks.js';
 
 import { attachProcess, spawnSupervised, type ExitStatus, type SupervisedProcess } from '../os/supervise.js';
@@ -466,13 +466,15 @@ function adoptDescription(holder: SupervisedProcess, like: LockableFile, mode: R
           : `none of its ${open.length} descriptor(s) of it holds byte 0${cls === null ? '' : ` and byte ${cls.mine.start}`}`;
     throw new InvalidArgumentError(`process ${holder.pid} does not hold ${mode === 'exclusive' ? 'an' : 'a'} ${mode} lease on ${what}: ${why}`);
   }
-  // Its supervisor still alive, or another adopter: two managers of one VM would each release the other's lease.
-  const sharing = processesSharing(holder.pid, match.fd, target);
-  if (sharing.length > 0) {
+  // Its supervisor still alive, or another adopter: two managers of one VM
+  // would each release the other's lease. Other sharers (a helper the VM
+  // daemonized) are its own: they stay, and are orphans if they outlive it.
+  const managers = processesSharing(holder.pid, match.fd, target).filter((p) => runsLockmgr(p.pid) || watchedBy(p.pid).includes(holder.pid));
+  if (managers.length > 0) {
     throw new ResourceBusyError(
-      `the ${mode} lease of process ${holder.pid} on ${what} is held through the same open file description by ${sharing.map(describeProcess).join(', ')} too: ` +
-        'another manager (its supervisor, or an earlier adopt()) still manages it; adopt a process only once that one is gone',
-      { resource, candidates: sharing },
+      `process ${holder.pid} still has a supervisor: ${managers.map(describeProcess).join(', ')} shares its ${mode} lease on ${what}; ` +
+        'a process can be taken over only once its supervisor is gone',
+      { resource, candidates: managers },
     );
   }
   const file = lockableFromFd(holder.takeFd(match.fd), where, match.access === 'readwrite' ? 'readwrite' : 'read');
