@@ -4,7 +4,7 @@ import { openLockspace, parseLockspaceSpec } from '../lockspaces/index.js';
 import type { FileOpener, LockHolder, LockHolderProcess, LockHolders, LockManagerError, ProcessInfo, UnreadableHolder } from '../os/errors.js';
 import { openDiskFile } from '../os/disks.js';
 import type { LockableFile } from '../os/locks.js';
-import { lockHolders, locksOn, supervisedByLockmgr, type ProcLock } from '../os/proc-locks.js';
+import { lockHolders, lockmgrWatchers, locksOn, runsLockmgr, sameDescription, supervisedByLockmgr, type ProcLock } from '../os/proc-locks.js';
 import { qemuLockState, type QemuPermission } from '../os/qemu.js';
 import { EXIT, fail, type Output } from './args.js';
 import type { StatusArgs } from './parse.js';
@@ -36,8 +36,8 @@ export interface StatusEntry {
   locks?: Array<Omit<ProcLock, 'ino'> & { ino: string }>;
   /**
    * Every process that holds a lock on the file, one entry per lock (from
-   * /proc/PID/fdinfo and /proc/locks); `orphan`: neither it nor an ancestor
-   * runs lockmgr, so no lockmgr supervises the lease it holds (docs/contract.md, "Orphans").
+   * /proc/PID/fdinfo and /proc/locks); `orphan`: no live lockmgr supervises
+   * the lease it holds (markOrphans; docs/contract.md, "Orphans").
    */
   holders?: LockHolderProcess[];
   /** The other processes that have it open, those waiting for a lock marked. */
@@ -71,9 +71,21 @@ function lockFilesOf(status: LeaseStatus): StatusEntry['lockFiles'] {
   }));
 }
 
-/** Each holder marked `orphan` when neither it nor an ancestor runs lockmgr (docs/contract.md, "Orphans"). */
+/**
+ * Each holder marked `orphan` when no live lockmgr supervises the lease it
+ * holds (docs/contract.md, "Orphans"): it neither runs lockmgr nor descends
+ * from a process that does (a command, QEMU's own locks), its lock's open file
+ * description is shared with no process that runs lockmgr (a command's
+ * daemon while its `run` lives; an adopted VM), and no lockmgr watches it
+ * through a pidfd (an adopted VM whose leases the lock service keeps).
+ */
 function markOrphans(h: LockHolders): LockHolders {
-  return { ...h, holders: h.holders.map((x) => ({ ...x, orphan: !supervisedByLockmgr(x.pid) })) };
+  const managers = h.holders.filter((x) => x.fds !== null && runsLockmgr(x.pid));
+  const shared = (x: LockHolderProcess): boolean =>
+    (x.fds ?? []).some((fd) => managers.some((m) => m.pid !== x.pid && m.fds!.some((mfd) => sameDescription(x.pid, fd, m.pid, mfd))));
+  const supervised = new Map<number, boolean>();
+  const supervisedPid = (pid: number): boolean => supervised.get(pid) ?? supervised.set(pid, supervisedByLockmgr(pid) || lockmgrWatchers(pid).length > 0).get(pid)!;
+  return { ...h, holders: h.holders.map((x) => ({ ...x, orphan: !(shared(x) || supervisedPid(x.pid)) })) };
 }
 
 /** The holders and openers, as everyone but this status process sees them: processes once each. */

@@ -65,7 +65,7 @@ export interface LockHolderProcess extends ProcessInfo {
   end: number | null;
   /** Its descriptors that share the holding open file description; null when its /proc/PID/fd could not be read (a POSIX owner of another user). */
   fds: number[] | null;
-  /** `lockmgr status` only: neither it nor an ancestor runs lockmgr (an orphan that holds a lease its supervisor left behind). */
+  /** `lockmgr status` only: no live lockmgr supervises the lease it holds (an orphan that holds a lease its supervisor left behind). */
   orphan?: boolean;
 }
 
