@@ -3,8 +3,8 @@ import { readFileSync } from 'node:fs';
 import { constants as osConstants } from 'node:os';
 import { openLockspace, parseLockspaceSpec } from '../lockspaces/index.js';
 import { LockManager, type ExitStatus, type LockspaceOptions, type ResourceSpec } from '../manager/manager.js';
-import { LockManagerError, LockTimeoutError, ResourceExhaustedError, type ResourceBusyError } from '../os/errors.js';
-import { describeProcess } from '../os/proc-locks.js';
+import { LockManagerError, LockTimeoutError, ResourceExhaustedError, type ProcessInfo, type ResourceBusyError } from '../os/errors.js';
+import { commandLine, describeProcess } from '../os/proc-locks.js';
 import { EXIT, exitCodeFor, fail, isConflict, type Output } from './args.js';
 import type { RunArgs } from './parse.js';
 import { conflictLines, waitingLine } from './report.js';
@@ -69,6 +69,15 @@ class WaitDisplay {
   }
 }
 
+/** The notice that a command exited but processes it started keep a lease ('orphans', docs/contract.md). */
+function orphansNotice(who: string, out: Output): (o: { resource: string; processes: ProcessInfo[] }) => void {
+  return (o) =>
+    out.err(
+      `lockmgr: ${who} exited, but the lease on ${escapeControl(o.resource)} stays held by ${escapeControl(o.processes.map(describeProcess).join(', '))}, ` +
+        `which it started and which still has the lease open; it ends when they exit or close it (see lockmgr status ${escapeControl(o.resource)})\n`,
+    );
+}
+
 /** Prints a failure; a busy resource or a wait that ran out names the processes in the way. */
 function report(err: unknown, out: Output, run: RunArgs | undefined): number {
   if (run === undefined || !isConflict(err)) return fail(err, out);
@@ -114,12 +123,7 @@ export async function run(r: RunArgs, out: Output): Promise<number> {
       if (w instanceof ResourceExhaustedError) limited = true;
       out.err(`lockmgr: warning: ${escapeControl(w.message)}\n`);
     });
-    mgr.on('orphans', (o) => {
-      out.err(
-        `lockmgr: ${escapeControl(r.command)} exited, but the lease on ${escapeControl(o.resource)} stays held by ${escapeControl(o.processes.map(describeProcess).join(', '))}, ` +
-          `which it started and which still has the lease open; it ends when they exit or close it (see lockmgr status ${escapeControl(o.resource)})\n`,
-      );
-    });
+    mgr.on('orphans', orphansNotice(escapeControl(r.command), out));
     mgr.on('lock-failure', (f) => {
       const what = f.action === 'poweroff' ? `killing ${r.command} (SIGKILL)` : f.action === 'pause' ? `stopping ${r.command} (SIGSTOP)` : `${r.command} runs on`;
       out.err(`lockmgr: ${escapeControl(`lock lost: ${f.reason}; --on-lock-failure ${f.action}: ${what}`)}\n`);
@@ -184,11 +188,13 @@ async function adopt(r: RunArgs, out: Output): Promise<number> {
   } catch (err) {
     return report(err, out, r);
   }
+  const pid = r.adopt!;
   let warned = false;
   mgr.on('warning', (w) => {
     warned = true;
     out.err(`lockmgr: warning: ${escapeControl(w.message)}\n`);
   });
+  mgr.on('orphans', orphansNotice(`process ${pid}`, out));
   mgr.on('lock-failure', (f) => out.err(`lockmgr: ${escapeControl(`lock lost: ${f.reason}; --on-lock-failure ${f.action}`)}\n`));
   const exited = new Promise<ExitStatus>((resolve) => mgr.once('exit', resolve));
   // Not in our process group: whatever signal reaches lockmgr is meant for the process too.
@@ -196,6 +202,8 @@ async function adopt(r: RunArgs, out: Output): Promise<number> {
     if (mgr.state === 'running' || mgr.state === 'stopping') mgr.signal(signal);
   };
   for (const s of FORWARDED) process.on(s, forward);
+  // Says it took over: a script waiting for that may go on, and signal lockmgr.
+  out.err(`lockmgr: took over process ${escapeControl(describeProcess({ pid, command: commandLine(pid) }))} and its leases on ${escapeControl(r.resources.map((x) => x.path).join(', '))}\n`);
   try {
     await exited;
     return warned ? EXIT.internal : EXIT.ok;

@@ -460,7 +460,9 @@ function adoptDescription(holder: SupervisedProcess, like: LockableFile, mode: R
     const other = (['exclusive', 'shared', 'readonly'] as const).find((m) => m !== mode && open.some((f) => holdsMode(f.locks, m)));
     const why =
       open.length === 0
-        ? 'it does not have it open'
+        ? where === resource
+          ? 'it does not have it open'
+          : 'it does not have that lock file open (did its lockmgr keep its locks elsewhere, in another lockspace?)'
         : other !== undefined
           ? `it holds it ${other === 'exclusive' ? 'exclusively' : other}, not ${mode}`
           : `none of its ${open.length} descriptor(s) of it holds byte 0${cls === null ? '' : ` and byte ${cls.mine.start}`}`;
