@@ -87,7 +87,7 @@ function whoLines(h: LockHolders, path: string, columns: number | undefined): st
 export function conflictLines(err: ResourceBusyError | LockTimeoutError, options: { waited?: string; columns?: number } = {}): string[] | null {
   const path = err.resource ?? '';
   if (path === '' || (err.holders.length === 0 && err.unreadable.length === 0 && err.openers.length === 0)) return null;
-  const where = err.lockFile === null ? '' : ` (its lock file ${err.lockFile})`;
+  const where = err.lockFile === null ? '' : ` (its ${err.lockFileRole} ${err.lockFile})`;
   const locks = unique([...err.holders, ...err.unreadable].map(lockText));
   const what = locks.length === 1 ? `${locks[0]} is` : locks.length === 0 ? 'a lock is' : 'conflicting locks are';
   const head =
@@ -104,7 +104,7 @@ export function conflictLines(err: ResourceBusyError | LockTimeoutError, options
 /** The one line printed when a wait begins: what, for how long, held by whom. */
 export function waitingLine(busy: ResourceBusyError, seconds: string): string {
   const path = busy.resource ?? '';
-  const where = busy.lockFile === null ? '' : ` (its lock file ${busy.lockFile})`;
+  const where = busy.lockFile === null ? '' : ` (its ${busy.lockFileRole} ${busy.lockFile})`;
   if (path === '' || busy.holders.length + busy.unreadable.length === 0) return `lockmgr: waiting up to ${seconds}: ${busy.message}`;
   const { by } = holdersWords({ ...busy, openers: [] }, busy.lockFile ?? path);
   return `lockmgr: waiting up to ${seconds} for ${path}${where}, held by ${by}`;
