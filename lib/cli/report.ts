@@ -2,9 +2,28 @@
 // when a wait begins, and the holders in `status`. Built from the errors'
 // structured fields (holders, openers, unreadable), never from their messages;
 // escaped on output (text.ts).
-import type { FileOpener, LockHolderProcess, LockHolders, LockTimeoutError, ResourceBusyError, UnreadableHolder } from '../os/errors.js';
+import { LockManagerError, type FileOpener, type LockHolderProcess, type LockHolders, type LockTimeoutError, type ResourceBusyError, type UnreadableHolder } from '../os/errors.js';
 import { abbreviate, holdersWords, lockWords } from '../os/proc-locks.js';
 import { QEMU_PERMISSIONS, QEMU_PERM_BASE, QEMU_SHARED_BASE } from '../os/qemu.js';
+
+/**
+ * The same error in the command line's words where the API's would show:
+ * its name for a resource's path becomes the flag the user typed (`flag`),
+ * advice only an API caller can follow becomes what the user can do.
+ */
+export function inCliWords(err: unknown, flag?: string): unknown {
+  if (!(err instanceof LockManagerError)) return err;
+  const words: Array<[RegExp, string]> = [
+    // The same disk twice, by two paths (the same spelling twice is a usage error before this).
+    [/ is already (?:registered|held) (exclusive|shared|readonly), not (exclusive|shared|readonly); release it first/, ' is already given as --$1, not --$2: name each disk once, in one mode'],
+    [/ \(joinLockspace\(\), or lockmgr sanlock join\)/, ' (lockmgr sanlock join)'],
+  ];
+  if (flag !== undefined) words.unshift([/\bresource\.path\b/g, `${flag} PATH`]);
+  const message = words.reduce((m, [re, to]) => m.replace(re, to), err.message);
+  if (message === err.message) return err;
+  const Class = err.constructor as new (m: string, o: { cause: unknown }) => LockManagerError;
+  return new Class(message, { cause: err });
+}
 
 type Lock = Pick<LockHolderProcess, 'kind' | 'mode' | 'start' | 'end'>;
 

@@ -3,11 +3,11 @@ import { readFileSync } from 'node:fs';
 import { constants as osConstants } from 'node:os';
 import { openLockspace, parseLockspaceSpec } from '../lockspaces/index.js';
 import { LockManager, type ExitStatus, type LockspaceOptions, type ResourceSpec } from '../manager/manager.js';
-import { LockManagerError, LockTimeoutError, ResourceExhaustedError, type ProcessInfo, type ResourceBusyError } from '../os/errors.js';
+import { LockTimeoutError, ResourceExhaustedError, type ProcessInfo, type ResourceBusyError } from '../os/errors.js';
 import { commandLine, describeProcess } from '../os/proc-locks.js';
 import { EXIT, exitCodeFor, fail, isConflict, type Output } from './args.js';
 import type { RunArgs } from './parse.js';
-import { conflictLines, waitingLine } from './report.js';
+import { conflictLines, inCliWords, waitingLine } from './report.js';
 import { escapeControl, linesText, secondsText } from './text.js';
 
 const FORWARDED = ['SIGINT', 'SIGTERM', 'SIGHUP'] as const;
@@ -25,13 +25,6 @@ function watchOptions(r: RunArgs): { lockspace: LockspaceOptions | undefined; ve
   const lockspace = r.lockspace === undefined ? undefined : parseLockspaceSpec(r.lockspace, process.cwd());
   const seconds = r.verifySeconds ?? (openLockspace(lockspace).capabilities.losable ? DEFAULT_VERIFY_SECONDS : 0);
   return { lockspace, verifyInterval: seconds === 0 ? undefined : Math.max(1, Math.round(seconds * 1000)), onLockFailure: r.onLockFailure };
-}
-
-/** The same error with the API's name for a resource's path replaced by the flag the user typed. */
-function inFlagTerms(err: unknown, flag: string): unknown {
-  if (!(err instanceof LockManagerError) || !/\bresource\.path\b/.test(err.message)) return err;
-  const Class = err.constructor as new (m: string, o: { cause: unknown }) => LockManagerError;
-  return new Class(err.message.replace(/\bresource\.path\b/g, `${flag} PATH`), { cause: err });
 }
 
 /**
@@ -80,7 +73,7 @@ function orphansNotice(who: string, out: Output): (o: { resource: string; proces
 
 /** Prints a failure; a busy resource or a wait that ran out names the processes in the way. */
 function report(err: unknown, out: Output, run: RunArgs | undefined): number {
-  if (run === undefined || !isConflict(err)) return fail(err, out);
+  if (run === undefined || !isConflict(err)) return fail(inCliWords(err), out);
   const waited = err instanceof LockTimeoutError ? secondsText(run.timeout ?? err.timeout) : undefined;
   const lines = conflictLines(err, { waited, columns: out.terminal?.('err')?.columns });
   if (lines === null) {
@@ -111,10 +104,10 @@ export async function run(r: RunArgs, out: Output): Promise<number> {
         // Whatever is wrong with a PATH (missing, a FIFO, not permitted), it is
         // the same mistake as in `status`, with the same exit status.
         // (The same file named twice in two modes, by two paths, stays a usage error.)
-        const e = inFlagTerms(err, res.flag);
+        const e = inCliWords(err, res.flag);
         const code = exitCodeFor(e);
         fail(e, out);
-        return code === EXIT.usage && !/is already registered/.test((e as Error).message) ? EXIT.noResource : code;
+        return code === EXIT.usage && !/is already (registered|held)/.test((err as Error).message) ? EXIT.noResource : code;
       }
     }
     const exited = new Promise<ExitStatus>((res) => mgr.once('exit', res));
