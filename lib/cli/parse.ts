@@ -87,6 +87,7 @@ export function parseRun(argv: readonly string[]): RunArgs {
   }
   const action = values['on-lock-failure'];
   if (action !== undefined && !(ACTIONS as readonly string[]).includes(action)) throw usage(`--on-lock-failure needs one of ${ACTIONS.join(', ')}, got '${action}'`, 'run');
+  if (action !== undefined && verifySeconds === 0) throw usage('--on-lock-failure needs the lease checks that --verify-interval 0 turns off: drop one of them', 'run');
   let conflictExit: number = EXIT.busy;
   const e = values['conflict-exit-code'];
   if (e !== undefined) {

@@ -2,7 +2,7 @@
 import { readFileSync } from 'node:fs';
 import { constants as osConstants } from 'node:os';
 import { openLockspace, parseLockspaceSpec } from '../lockspaces/index.js';
-import { LockManager, type ExitStatus, type LockspaceOptions, type ResourceSpec } from '../manager/manager.js';
+import { LockManager, type ExitStatus, type LockFailure, type LockspaceOptions, type ResourceSpec } from '../manager/manager.js';
 import { LockTimeoutError, ResourceExhaustedError, type ProcessInfo, type ResourceBusyError } from '../os/errors.js';
 import { commandLine, describeProcess } from '../os/proc-locks.js';
 import { EXIT, exitCodeFor, fail, isConflict, type Output } from './args.js';
@@ -23,7 +23,8 @@ export const DEFAULT_VERIFY_SECONDS = 10;
 /** The lockspace and the lease checks of a run or an adoption: on by default where the lockspace says its leases can be lost (a capability, never its kind). */
 function watchOptions(r: RunArgs): { lockspace: LockspaceOptions | undefined; verifyInterval: number | undefined; onLockFailure: RunArgs['onLockFailure'] } {
   const lockspace = r.lockspace === undefined ? undefined : parseLockspaceSpec(r.lockspace, process.cwd());
-  const seconds = r.verifySeconds ?? (openLockspace(lockspace).capabilities.losable ? DEFAULT_VERIFY_SECONDS : 0);
+  // --on-lock-failure asks for the checks: without --verify-interval they run at the default interval.
+  const seconds = r.verifySeconds ?? (r.onLockFailure !== undefined || openLockspace(lockspace).capabilities.losable ? DEFAULT_VERIFY_SECONDS : 0);
   return { lockspace, verifyInterval: seconds === 0 ? undefined : Math.max(1, Math.round(seconds * 1000)), onLockFailure: r.onLockFailure };
 }
 
@@ -69,6 +70,20 @@ function orphansNotice(who: string, out: Output): (o: { resource: string; proces
       `lockmgr: ${who} exited, but the lease on ${escapeControl(o.resource)} stays held by ${escapeControl(o.processes.map(describeProcess).join(', '))}, ` +
         `which it started and which still has the lease open; it ends when they exit or close it (see lockmgr status ${escapeControl(o.resource)})\n`,
     );
+}
+
+/**
+ * The notice of a lost lease and what was done to `who`, once per lease: the
+ * checks find it lost again each interval (--on-lock-failure ignore).
+ */
+function lockLostNotice(who: string, out: Output): (f: LockFailure) => void {
+  const told = new Set<string>();
+  return (f) => {
+    if (told.has(f.resource)) return;
+    told.add(f.resource);
+    const what = f.action === 'poweroff' ? `killing ${who} (SIGKILL)` : f.action === 'pause' ? `stopping ${who} (SIGSTOP)` : `${who} runs on`;
+    out.err(`lockmgr: ${escapeControl(`lock lost: ${f.reason}; --on-lock-failure ${f.action}: ${what}`)}\n`);
+  };
 }
 
 /** Prints a failure; a busy resource or a wait that ran out names the processes in the way. */
@@ -117,10 +132,7 @@ export async function run(r: RunArgs, out: Output): Promise<number> {
       out.err(`lockmgr: warning: ${escapeControl(w.message)}\n`);
     });
     mgr.on('orphans', orphansNotice(escapeControl(r.command), out));
-    mgr.on('lock-failure', (f) => {
-      const what = f.action === 'poweroff' ? `killing ${r.command} (SIGKILL)` : f.action === 'pause' ? `stopping ${r.command} (SIGSTOP)` : `${r.command} runs on`;
-      out.err(`lockmgr: ${escapeControl(`lock lost: ${f.reason}; --on-lock-failure ${f.action}: ${what}`)}\n`);
-    });
+    mgr.on('lock-failure', lockLostNotice(r.command, out));
     mgr.on('wait', (busy) => display.begin(busy));
     // Installed before start(): a signal that arrives while the leases are
     // being acquired, or just as the command is spawned, must not kill lockmgr
@@ -188,7 +200,7 @@ async function adopt(r: RunArgs, out: Output): Promise<number> {
     out.err(`lockmgr: warning: ${escapeControl(w.message)}\n`);
   });
   mgr.on('orphans', orphansNotice(`process ${pid}`, out));
-  mgr.on('lock-failure', (f) => out.err(`lockmgr: ${escapeControl(`lock lost: ${f.reason}; --on-lock-failure ${f.action}`)}\n`));
+  mgr.on('lock-failure', lockLostNotice(`process ${pid}`, out));
   const exited = new Promise<ExitStatus>((resolve) => mgr.once('exit', resolve));
   // Not in our process group: whatever signal reaches lockmgr is meant for the process too.
   const forward = (signal: NodeJS.Signals) => {
