@@ -16,7 +16,8 @@ export function inCliWords(err: unknown, flag?: string): unknown {
   const words: Array<[RegExp, string]> = [
     // The same disk twice, by two paths (the same spelling twice is a usage error before this).
     [/ is already (?:registered|held) (exclusive|shared|readonly), not (exclusive|shared|readonly); release it first/, ' is already given as --$1, not --$2: name each disk once, in one mode'],
-    [/ \(joinLockspace\(\), or lockmgr sanlock join\)/, ' (lockmgr sanlock join)'],
+    // "(anApiCall(), or lockmgr COMMAND)": the user has only the command.
+    [/ \(\w+\(\), or (lockmgr [^)]+)\)/, ' ($1)'],
   ];
   if (flag !== undefined) words.unshift([/\bresource\.path\b/g, `${flag} PATH`]);
   const message = words.reduce((m, [re, to]) => m.replace(re, to), err.message);
