@@ -12,8 +12,17 @@ import { lockFixture, makeFile, waitUntil } from '../helpers.js';
 const fx = lockFixture();
 const BIN = fileURLToPath(new URL('../../bin/lockmgr.js', import.meta.url));
 const running: ChildProcess[] = [];
+/** Commands whose lockmgr a test SIGKILLed (init's children now), killed by pid after each test, whatever it failed at. */
+const leftovers: number[] = [];
 
 afterEach(async () => {
+  for (const pid of leftovers.splice(0)) {
+    try {
+      process.kill(pid, 'SIGKILL');
+    } catch {
+      // Gone already.
+    }
+  }
   for (const c of running.splice(0)) {
     if (c.exitCode !== null || c.signalCode !== null) continue;
     // SIGTERM, which lockmgr forwards: a SIGKILLed lockmgr would leave its
@@ -209,6 +218,7 @@ describe('lockmgr run', () => {
     // sh exec'd into sleep: the command is lockmgr's one child.
     const vm = Number(readFileSync(`/proc/${first.child.pid}/task/${first.child.pid}/children`, 'utf8').trim());
     expect(vm).toBeGreaterThan(0);
+    leftovers.push(vm);
     first.child.kill('SIGKILL');
     await first.exit;
     expect(status(fx.path).entries[0]!.lease!.state).toBe('exclusive');
