@@ -75,7 +75,7 @@ function limitHint(err: ResourceExhaustedError): string {
     } catch {
       // The hint goes without the number.
     }
-    return `this process may not open more files (ulimit -n${limit}); each disk needs up to three descriptors (the image and, in a lock directory, two lock files): raise 'ulimit -n' or give fewer disks. Nothing was left held or created`;
+    return `this process may not open more files (ulimit -n${limit}); each disk needs a descriptor for its image, and two for its lock files with --lockspace DIR; --qemu-compatible adds one, a loop device its backing file's (and their lock files): raise 'ulimit -n' or give fewer disks. Nothing was left held or created`;
   }
   if (code === 'ENFILE') return 'the system-wide limit of open files is reached (fs.file-max); nothing was left held or created';
   if (code === 'ENOSPC' || code === 'EDQUOT') return 'the filesystem of the lock directory is full or over quota; nothing was left held or created';

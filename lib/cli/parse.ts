@@ -10,7 +10,7 @@ function absolute(p: string): string {
   return p === '' || p.startsWith('/') ? p : `${process.cwd().replace(/\/$/, '')}/${p}`;
 }
 import type { LockFailureAction, LockLifetime, ManagerParams, ResourceMode } from '../manager/types.js';
-import { checkParam } from '../manager/validation.js';
+import { checkParam, MAX_TIMER_MS } from '../manager/validation.js';
 import { EXIT, parse, usage } from './args.js';
 
 const MODES = ['exclusive', 'shared', 'readonly'] as const satisfies readonly ResourceMode[];
@@ -75,14 +75,19 @@ export function parseRun(argv: readonly string[]): RunArgs {
     for (const flag of ['wait', 'lifetime', 'name', 'uuid', 'id', 'uri'] as const) {
       if (values[flag] !== undefined) throw usage(`--${flag} cannot be used with --adopt: the process runs already, under the lifetime 'child'`, 'run');
     }
+    if (values['qemu-compatible'] === true) throw usage("--qemu-compatible cannot be used with --adopt: QEMU's own locks cannot be taken over (yet)", 'run');
     adopt = Number(values.adopt);
   } else if (dash < 0) throw usage("the command is missing: put it after '--' (lockmgr run --exclusive PATH -- COMMAND)", 'run');
   const [command = '', ...args] = adopt === undefined ? argv.slice(dash + 1) : [];
   if (adopt === undefined && command === '') throw usage("the command is missing after '--'", 'run');
   const timeout = values.wait === undefined ? undefined : seconds(values.wait, '--wait') * 1000;
   const verifySeconds = values['verify-interval'] === undefined ? undefined : seconds(values['verify-interval'], '--verify-interval');
+  if (verifySeconds !== undefined && Math.round(verifySeconds * 1000) > MAX_TIMER_MS) {
+    throw usage(`--verify-interval must be at most ${Math.floor(MAX_TIMER_MS / 1000)} seconds (24 days), got '${values['verify-interval']}'`, 'run');
+  }
   const action = values['on-lock-failure'];
   if (action !== undefined && !(ACTIONS as readonly string[]).includes(action)) throw usage(`--on-lock-failure needs one of ${ACTIONS.join(', ')}, got '${action}'`, 'run');
+  if (action !== undefined && verifySeconds === 0) throw usage('--on-lock-failure needs the lease checks that --verify-interval 0 turns off: drop one of them', 'run');
   let conflictExit: number = EXIT.busy;
   const e = values['conflict-exit-code'];
   if (e !== undefined) {

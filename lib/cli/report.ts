@@ -2,9 +2,29 @@
 // when a wait begins, and the holders in `status`. Built from the errors'
 // structured fields (holders, openers, unreadable), never from their messages;
 // escaped on output (text.ts).
-import type { FileOpener, LockHolderProcess, LockHolders, LockTimeoutError, ResourceBusyError, UnreadableHolder } from '../os/errors.js';
+import { LockManagerError, type FileOpener, type LockHolderProcess, type LockHolders, type LockTimeoutError, type ResourceBusyError, type UnreadableHolder } from '../os/errors.js';
 import { abbreviate, holdersWords, lockWords } from '../os/proc-locks.js';
 import { QEMU_PERMISSIONS, QEMU_PERM_BASE, QEMU_SHARED_BASE } from '../os/qemu.js';
+
+/**
+ * The same error in the command line's words where the API's would show:
+ * its name for a resource's path becomes the flag the user typed (`flag`),
+ * advice only an API caller can follow becomes what the user can do.
+ */
+export function inCliWords(err: unknown, flag?: string): unknown {
+  if (!(err instanceof LockManagerError)) return err;
+  const words: Array<[RegExp, string]> = [
+    // The same disk twice, by two paths (the same spelling twice is a usage error before this).
+    [/ is already (?:registered|held) (exclusive|shared|readonly), not (exclusive|shared|readonly); release it first/, ' is already given as --$1, not --$2: name each disk once, in one mode'],
+    // "(anApiCall(), or lockmgr COMMAND)": the user has only the command.
+    [/ \(\w+\(\), or (lockmgr [^)]+)\)/, ' ($1)'],
+  ];
+  if (flag !== undefined) words.unshift([/\bresource\.path\b/g, `${flag} PATH`]);
+  const message = words.reduce((m, [re, to]) => m.replace(re, to), err.message);
+  if (message === err.message) return err;
+  const Class = err.constructor as new (m: string, o: { cause: unknown }) => LockManagerError;
+  return new Class(message, { cause: err });
+}
 
 type Lock = Pick<LockHolderProcess, 'kind' | 'mode' | 'start' | 'end'>;
 
@@ -87,7 +107,7 @@ function whoLines(h: LockHolders, path: string, columns: number | undefined): st
 export function conflictLines(err: ResourceBusyError | LockTimeoutError, options: { waited?: string; columns?: number } = {}): string[] | null {
   const path = err.resource ?? '';
   if (path === '' || (err.holders.length === 0 && err.unreadable.length === 0 && err.openers.length === 0)) return null;
-  const where = err.lockFile === null ? '' : ` (its lock file ${err.lockFile})`;
+  const where = err.lockFile === null ? '' : ` (its ${err.lockFileRole} ${err.lockFile})`;
   const locks = unique([...err.holders, ...err.unreadable].map(lockText));
   const what = locks.length === 1 ? `${locks[0]} is` : locks.length === 0 ? 'a lock is' : 'conflicting locks are';
   const head =
@@ -104,7 +124,7 @@ export function conflictLines(err: ResourceBusyError | LockTimeoutError, options
 /** The one line printed when a wait begins: what, for how long, held by whom. */
 export function waitingLine(busy: ResourceBusyError, seconds: string): string {
   const path = busy.resource ?? '';
-  const where = busy.lockFile === null ? '' : ` (its lock file ${busy.lockFile})`;
+  const where = busy.lockFile === null ? '' : ` (its ${busy.lockFileRole} ${busy.lockFile})`;
   if (path === '' || busy.holders.length + busy.unreadable.length === 0) return `lockmgr: waiting up to ${seconds}: ${busy.message}`;
   const { by } = holdersWords({ ...busy, openers: [] }, busy.lockFile ?? path);
   return `lockmgr: waiting up to ${seconds} for ${path}${where}, held by ${by}`;

@@ -2,12 +2,12 @@
 import { readFileSync } from 'node:fs';
 import { constants as osConstants } from 'node:os';
 import { openLockspace, parseLockspaceSpec } from '../lockspaces/index.js';
-import { LockManager, type ExitStatus, type LockspaceOptions, type ResourceSpec } from '../manager/manager.js';
-import { LockManagerError, LockTimeoutError, ResourceExhaustedError, type ResourceBusyError } from '../os/errors.js';
-import { describeProcess } from '../os/proc-locks.js';
+import { LockManager, type ExitStatus, type LockFailure, type LockspaceOptions, type Orphans, type ResourceSpec } from '../manager/manager.js';
+import { LockTimeoutError, ResourceExhaustedError, type ResourceBusyError } from '../os/errors.js';
+import { commandLine, describeProcess } from '../os/proc-locks.js';
 import { EXIT, exitCodeFor, fail, isConflict, type Output } from './args.js';
 import type { RunArgs } from './parse.js';
-import { conflictLines, waitingLine } from './report.js';
+import { conflictLines, inCliWords, waitingLine } from './report.js';
 import { escapeControl, linesText, secondsText } from './text.js';
 
 const FORWARDED = ['SIGINT', 'SIGTERM', 'SIGHUP'] as const;
@@ -23,15 +23,9 @@ export const DEFAULT_VERIFY_SECONDS = 10;
 /** The lockspace and the lease checks of a run or an adoption: on by default where the lockspace says its leases can be lost (a capability, never its kind). */
 function watchOptions(r: RunArgs): { lockspace: LockspaceOptions | undefined; verifyInterval: number | undefined; onLockFailure: RunArgs['onLockFailure'] } {
   const lockspace = r.lockspace === undefined ? undefined : parseLockspaceSpec(r.lockspace, process.cwd());
-  const seconds = r.verifySeconds ?? (openLockspace(lockspace).capabilities.losable ? DEFAULT_VERIFY_SECONDS : 0);
+  // --on-lock-failure asks for the checks: without --verify-interval they run at the default interval.
+  const seconds = r.verifySeconds ?? (r.onLockFailure !== undefined || openLockspace(lockspace).capabilities.losable ? DEFAULT_VERIFY_SECONDS : 0);
   return { lockspace, verifyInterval: seconds === 0 ? undefined : Math.max(1, Math.round(seconds * 1000)), onLockFailure: r.onLockFailure };
-}
-
-/** The same error with the API's name for a resource's path replaced by the flag the user typed. */
-function inFlagTerms(err: unknown, flag: string): unknown {
-  if (!(err instanceof LockManagerError) || !/\bresource\.path\b/.test(err.message)) return err;
-  const Class = err.constructor as new (m: string, o: { cause: unknown }) => LockManagerError;
-  return new Class(err.message.replace(/\bresource\.path\b/g, `${flag} PATH`), { cause: err });
 }
 
 /**
@@ -69,9 +63,39 @@ class WaitDisplay {
   }
 }
 
+/** The notice that a command exited but processes it started keep a lease ('orphans', docs/contract.md). */
+function orphansNotice(who: string, out: Output): (o: Orphans) => void {
+  return (o) => {
+    // A process that kept only the QEMU descriptor holds QEMU's locks on the disk, not the lease.
+    const lease = o.through.includes('lease');
+    const qemu = o.through.includes('qemu');
+    const what = lease && qemu ? "the lease and QEMU's locks on" : lease ? 'the lease on' : "QEMU's locks on";
+    const open = lease && qemu ? 'the lease and the QEMU descriptor (LOCKMGR_QEMU_FD)' : lease ? 'the lease' : 'the QEMU descriptor (LOCKMGR_QEMU_FD)';
+    const one = lease && !qemu;
+    out.err(
+      `lockmgr: ${who} exited, but ${what} ${escapeControl(o.resource)} stay${one ? 's' : ''} held by ${escapeControl(o.processes.map(describeProcess).join(', '))}, ` +
+        `which it started and which still has ${open} open; ${one ? 'it ends' : 'they end'} when they exit or close it (see lockmgr status ${escapeControl(o.resource)})\n`,
+    );
+  };
+}
+
+/**
+ * The notice of a lost lease and what was done to `who`, once per lease: the
+ * checks find it lost again each interval (--on-lock-failure ignore).
+ */
+function lockLostNotice(who: string, out: Output): (f: LockFailure) => void {
+  const told = new Set<string>();
+  return (f) => {
+    if (told.has(f.resource)) return;
+    told.add(f.resource);
+    const what = f.action === 'poweroff' ? `killing ${who} (SIGKILL)` : f.action === 'pause' ? `stopping ${who} (SIGSTOP)` : `${who} runs on`;
+    out.err(`lockmgr: ${escapeControl(`lock lost: ${f.reason}; --on-lock-failure ${f.action}: ${what}`)}\n`);
+  };
+}
+
 /** Prints a failure; a busy resource or a wait that ran out names the processes in the way. */
 function report(err: unknown, out: Output, run: RunArgs | undefined): number {
-  if (run === undefined || !isConflict(err)) return fail(err, out);
+  if (run === undefined || !isConflict(err)) return fail(inCliWords(err), out);
   const waited = err instanceof LockTimeoutError ? secondsText(run.timeout ?? err.timeout) : undefined;
   const lines = conflictLines(err, { waited, columns: out.terminal?.('err')?.columns });
   if (lines === null) {
@@ -102,10 +126,10 @@ export async function run(r: RunArgs, out: Output): Promise<number> {
         // Whatever is wrong with a PATH (missing, a FIFO, not permitted), it is
         // the same mistake as in `status`, with the same exit status.
         // (The same file named twice in two modes, by two paths, or one disk by two names, stays a usage error.)
-        const e = inFlagTerms(err, res.flag);
+        const e = inCliWords(err, res.flag);
         const code = exitCodeFor(e);
         fail(e, out);
-        return code === EXIT.usage && !/is already registered|are the same disk/.test((e as Error).message) ? EXIT.noResource : code;
+        return code === EXIT.usage && !/is already (registered|held)|are the same disk/.test((err as Error).message) ? EXIT.noResource : code;
       }
     }
     const exited = new Promise<ExitStatus>((res) => mgr.once('exit', res));
@@ -114,22 +138,8 @@ export async function run(r: RunArgs, out: Output): Promise<number> {
       if (w instanceof ResourceExhaustedError) limited = true;
       out.err(`lockmgr: warning: ${escapeControl(w.message)}\n`);
     });
-    mgr.on('orphans', (o) => {
-      // A process that kept only the QEMU descriptor holds QEMU's locks on the disk, not the lease.
-      const lease = o.through.includes('lease');
-      const qemu = o.through.includes('qemu');
-      const what = lease && qemu ? "the lease and QEMU's locks on" : lease ? 'the lease on' : "QEMU's locks on";
-      const open = lease && qemu ? 'the lease and the QEMU descriptor (LOCKMGR_QEMU_FD)' : lease ? 'the lease' : 'the QEMU descriptor (LOCKMGR_QEMU_FD)';
-      const one = lease && !qemu;
-      out.err(
-        `lockmgr: ${escapeControl(r.command)} exited, but ${what} ${escapeControl(o.resource)} stay${one ? 's' : ''} held by ${escapeControl(o.processes.map(describeProcess).join(', '))}, ` +
-          `which it started and which still has ${open} open; ${one ? 'it ends' : 'they end'} when they exit or close it (see lockmgr status ${escapeControl(o.resource)})\n`,
-      );
-    });
-    mgr.on('lock-failure', (f) => {
-      const what = f.action === 'poweroff' ? `killing ${r.command} (SIGKILL)` : f.action === 'pause' ? `stopping ${r.command} (SIGSTOP)` : `${r.command} runs on`;
-      out.err(`lockmgr: ${escapeControl(`lock lost: ${f.reason}; --on-lock-failure ${f.action}: ${what}`)}\n`);
-    });
+    mgr.on('orphans', orphansNotice(escapeControl(r.command), out));
+    mgr.on('lock-failure', lockLostNotice(r.command, out));
     mgr.on('wait', (busy) => display.begin(busy));
     // Installed before start(): a signal that arrives while the leases are
     // being acquired, or just as the command is spawned, must not kill lockmgr
@@ -190,18 +200,22 @@ async function adopt(r: RunArgs, out: Output): Promise<number> {
   } catch (err) {
     return report(err, out, r);
   }
+  const pid = r.adopt!;
   let warned = false;
   mgr.on('warning', (w) => {
     warned = true;
     out.err(`lockmgr: warning: ${escapeControl(w.message)}\n`);
   });
-  mgr.on('lock-failure', (f) => out.err(`lockmgr: ${escapeControl(`lock lost: ${f.reason}; --on-lock-failure ${f.action}`)}\n`));
+  mgr.on('orphans', orphansNotice(`process ${pid}`, out));
+  mgr.on('lock-failure', lockLostNotice(`process ${pid}`, out));
   const exited = new Promise<ExitStatus>((resolve) => mgr.once('exit', resolve));
   // Not in our process group: whatever signal reaches lockmgr is meant for the process too.
   const forward = (signal: NodeJS.Signals) => {
     if (mgr.state === 'running' || mgr.state === 'stopping') mgr.signal(signal);
   };
   for (const s of FORWARDED) process.on(s, forward);
+  // Says it took over: a script waiting for that may go on, and signal lockmgr.
+  out.err(`lockmgr: took over process ${escapeControl(describeProcess({ pid, command: commandLine(pid) }))} and its leases on ${escapeControl(r.resources.map((x) => x.path).join(', '))}\n`);
   try {
     await exited;
     return warned ? EXIT.internal : EXIT.ok;

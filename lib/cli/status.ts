@@ -2,9 +2,9 @@
 import type { ByteStatus, LeaseStatus, LockspaceDriver } from '../lockspaces/driver.js';
 import { openLockspace, parseLockspaceSpec } from '../lockspaces/index.js';
 import type { FileOpener, LockHolder, LockHolderProcess, LockHolders, LockManagerError, ProcessInfo, UnreadableHolder } from '../os/errors.js';
-import { openDiskFile } from '../os/disks.js';
+import { loopBacking, openDiskFile } from '../os/disks.js';
 import type { LockableFile } from '../os/locks.js';
-import { lockHolders, locksOn, supervisedByLockmgr, type ProcLock } from '../os/proc-locks.js';
+import { lockHolders, lockmgrWatchers, locksOn, runsLockmgr, sameDescription, supervisedByLockmgr, type ProcLock } from '../os/proc-locks.js';
 import { qemuLockState, type QemuPermission } from '../os/qemu.js';
 import { EXIT, fail, type Output } from './args.js';
 import type { StatusArgs } from './parse.js';
@@ -36,12 +36,17 @@ export interface StatusEntry {
   locks?: Array<Omit<ProcLock, 'ino'> & { ino: string }>;
   /**
    * Every process that holds a lock on the file, one entry per lock (from
-   * /proc/PID/fdinfo and /proc/locks); `orphan`: neither it nor an ancestor
-   * runs lockmgr, so no lockmgr supervises the lease it holds (docs/contract.md, "Orphans").
+   * /proc/PID/fdinfo and /proc/locks); `orphan`: no live lockmgr supervises
+   * the lease it holds (markOrphans; docs/contract.md, "Orphans").
    */
   holders?: LockHolderProcess[];
   /** The other processes that have it open, those waiting for a lock marked. */
   openers?: FileOpener[];
+  /**
+   * A loop device: its backing file, whose lease is the device's too (a run on
+   * either takes both): its byte 0 and who holds it, marked `orphan` as above.
+   */
+  backingFile?: { path: string; lease: { byte: 0; state: ByteState; holder: LockHolder | null }; holders: LockHolderProcess[] };
   /** Locks whose holder could not be named from here, and why. */
   unreadable?: UnreadableHolder[];
   /** false: this kernel lists no locks in fdinfo; OFD and flock holders are among `openers`. */
@@ -71,9 +76,35 @@ function lockFilesOf(status: LeaseStatus): StatusEntry['lockFiles'] {
   }));
 }
 
-/** Each holder marked `orphan` when neither it nor an ancestor runs lockmgr (docs/contract.md, "Orphans"). */
+/**
+ * Each holder marked `orphan` when no live lockmgr supervises the lease it
+ * holds (docs/contract.md, "Orphans"): it neither runs lockmgr nor descends
+ * from a process that does (a command, QEMU's own locks), its lock's open file
+ * description is shared with no process that runs lockmgr (a command's
+ * daemon while its `run` lives; an adopted VM), and no lockmgr watches it
+ * through a pidfd (an adopted VM whose leases the lock service keeps).
+ */
 function markOrphans(h: LockHolders): LockHolders {
-  return { ...h, holders: h.holders.map((x) => ({ ...x, orphan: !supervisedByLockmgr(x.pid) })) };
+  const managers = h.holders.filter((x) => x.fds !== null && runsLockmgr(x.pid));
+  const shared = (x: LockHolderProcess): boolean =>
+    (x.fds ?? []).some((fd) => managers.some((m) => m.pid !== x.pid && m.fds!.some((mfd) => sameDescription(x.pid, fd, m.pid, mfd))));
+  const supervised = new Map<number, boolean>();
+  const supervisedPid = (pid: number): boolean => supervised.get(pid) ?? supervised.set(pid, supervisedByLockmgr(pid) || lockmgrWatchers(pid).length > 0).get(pid)!;
+  return { ...h, holders: h.holders.map((x) => ({ ...x, orphan: !(shared(x) || supervisedPid(x.pid)) })) };
+}
+
+/** A loop device's backing file, its byte 0 and its holders; undefined for anything else. */
+function backingLease(device: LockableFile): StatusEntry['backingFile'] {
+  const bound = loopBacking(device);
+  if (bound === null) return undefined;
+  const file = openDiskFile(bound.path, 'read');
+  try {
+    const lease = byteState(file, 0);
+    const who = lockHolders(file.fd, 'exclusive', { start: 0, length: 1 }, { conflict: lease.holder });
+    return { path: file.path, lease: { byte: 0, ...lease }, holders: markOrphans(who).holders };
+  } finally {
+    file.close();
+  }
 }
 
 /** The holders and openers, as everyone but this status process sees them: processes once each. */
@@ -97,6 +128,7 @@ async function inspect(path: string, space: LockspaceDriver | undefined): Promis
     const qemu = qemuLockState(file.path);
     // Every lock on the file and who holds it; this process's probe is left out.
     const who = lockHolders(file.fd, null, undefined, { conflict: lease.holder });
+    const backingFile = backingLease(file);
     return {
       path,
       kind: file.kind,
@@ -108,6 +140,7 @@ async function inspect(path: string, space: LockspaceDriver | undefined): Promis
       locks: [...locksOn(file.path), ...(file.path === path ? [] : locksOn(path))].map((l) => ({ ...l, ino: String(l.ino) })),
       holders: markOrphans(who).holders,
       openers: who.openers,
+      ...(backingFile === undefined ? {} : { backingFile }),
       unreadable: who.unreadable,
       fdinfoAvailable: who.fdinfoAvailable,
       openBy: openByOf(who),
@@ -155,7 +188,13 @@ function table(e: StatusEntry, columns: number | undefined): string[] {
   if (e.error) return [e.path, `  error  ${e.error.message}`];
   const leasePids = pidsOn(e, 0);
   const leaseUnnamed = (e.unreadable ?? []).some((u) => u.kind !== 'FLOCK' && u.start === 0);
-  const leaseText = `${heldText(e.lease!)}${leasePids.length > 0 ? ` by pid ${leasePids.join(', ')}` : leaseUnnamed ? ' (by a process not named here: see below)' : ''}`;
+  let leaseText = `${heldText(e.lease!)}${leasePids.length > 0 ? ` by pid ${leasePids.join(', ')}` : leaseUnnamed ? ' (by a process not named here: see below)' : ''}`;
+  // A loop device's lease is held where its backing file's is.
+  const behind = e.backingFile;
+  if (behind !== undefined && e.lease!.state === 'free' && behind.lease.state !== 'free') {
+    const pids = [...new Set(behind.holders.map((h) => h.pid))];
+    leaseText = `${heldText(behind.lease)}${pids.length > 0 ? ` by pid ${pids.join(', ')}` : ''}, through its backing file ${behind.path}`;
+  }
   const rows: Array<[string, string[]]> = [
     ['kind', [`${e.kind} (${e.identity})`]],
     // With --lockspace the lease is where that lockspace keeps it (below); the image's own bytes are still shown.
@@ -173,6 +212,9 @@ function table(e: StatusEntry, columns: number | undefined): string[] {
         ],
       ];
     }),
+    ...(behind === undefined
+      ? []
+      : [['backing file', [`${behind.path}: lease ${heldText(behind.lease)}`, ...leaseHolderLines({ holders: behind.holders, openers: [], unreadable: [], fdinfoAvailable: true }, behind.path, columns, 22)]] as [string, string[]]]),
     ['QEMU holds', [e.qemu!.held.join(', ')]],
     ['QEMU does not share', [e.qemu!.unshared.join(', ')]],
   ];

@@ -38,7 +38,7 @@ export class DirectLockspace extends OfdLockspace {
       file.close();
       throw err;
     }
-    const slots = backing === null ? [fixedSlot(file)] : [fixedSlot(file), fixedSlot(backing)];
+    const slots = backing === null ? [fixedSlot(file, file.kind === 'block-device' ? 'device node' : undefined)] : [fixedSlot(file, 'device node'), fixedSlot(backing, 'backing file')];
     return new OfdLease(file.identity.key, name.path, file.kind, mode, slots, file);
   }
 
@@ -57,9 +57,14 @@ export class DirectLockspace extends OfdLockspace {
   async inspect(name: ResourceName): Promise<LeaseStatus> {
     if (name.type === 'lease') return inspectNamedLease(name);
     const file = openDiskFile(name.path, 'read');
+    let backing = null;
     try {
-      return { lockspace: 'direct', locations: [{ what: 'image', path: file.path, exists: true, lease: byteStatus(file, 0), guard: byteStatus(file, 1), holders: leaseHolders(file) }] };
+      backing = openLoopBacking(file, 'read');
+      const at = (f: typeof file, what: string) => ({ what, path: f.path, exists: true, lease: byteStatus(f, 0), guard: byteStatus(f, 1), holders: leaseHolders(f) });
+      // A loop device's lease is its backing file's too.
+      return { lockspace: 'direct', locations: backing === null ? [at(file, 'image')] : [at(file, 'image'), at(backing, 'backing file')] };
     } finally {
+      backing?.close();
       file.close();
     }
   }

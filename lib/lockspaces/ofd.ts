@@ -28,7 +28,7 @@
 import { lstatSync, readdirSync, readFileSync, statSync } from 'node:fs';
 import { InvalidArgumentError, InvalidStateError, LockTimeoutError, ResourceBusyError, holdersOf, type LockHolder, type LockHolders, type ProcessInfo } from '../os/errors.js';
 import { lockableFromFd, openLockable, type ByteRange, type LockableFile, type LockMode } from '../os/locks.js';
-import { describeProcess, fdsOf, holdersWords, lockHolders, parseFdinfoLocks, processesSharing, sharersOf, type ProcLock } from '../os/proc-locks.js';
+import { describeProcess, fdsOf, holdersWords, lockHolders, parseFdinfoLocks, processesSharing, runsLockmgr, sharersOf, watchedBy, type ProcLock } from '../os/proc-locks.js';
 import { canonicalBlockNode, openDiskFile, openLoopBacking } from '../os/disks.js';
 
 import { attachProcess, spawnSupervised, type ExitStatus, type SupervisedProcess } from '../os/supervise.js';
@@ -61,6 +61,8 @@ export interface LeaseSlot {
   readonly file: LockableFile;
   /** The file's path, for messages. */
   readonly path: string;
+  /** What the file is to the resource, for messages when it is not the resource's own path: 'lock file' unless said. */
+  readonly role?: string;
   /**
    * Its place in the one global lock order: the same string in every process
    * that locks this file (a file's identity; an indirect lock file's path).
@@ -132,10 +134,11 @@ export class OfdLease implements Lease {
 }
 
 /** A slot on a file that never moves: the image itself. */
-export function fixedSlot(file: LockableFile): LeaseSlot {
+export function fixedSlot(file: LockableFile, role?: string): LeaseSlot {
   return {
     file,
     path: file.path,
+    role,
     key: file.identity.key,
     async take(mode, range, o) {
       if (!o.wait) return file.tryLock(mode, range);
@@ -147,7 +150,7 @@ export function fixedSlot(file: LockableFile): LeaseSlot {
     },
     // Closing our fd leaves the description's locks to whoever else has it open (an adopted VM).
     close: () => file.close(),
-    adopted: (other) => fixedSlot(other),
+    adopted: (other) => fixedSlot(other, role),
   };
 }
 
@@ -254,7 +257,11 @@ function conflictOf(slot: LeaseSlot, mode: LockMode, range: Readonly<ByteRange>)
   }
 }
 
-const lockFileOf = (lease: OfdLease, slot: LeaseSlot): string | undefined => (slot.path === lease.path ? undefined : slot.path);
+/** The error fields that say which of a lease's files is in the way, when it is not the resource's own. */
+const lockFileOf = (lease: OfdLease, slot: LeaseSlot): { lockFile?: string; lockFileRole?: string } => (slot.path === lease.path ? {} : { lockFile: slot.path, lockFileRole: slot.role ?? 'lock file' });
+
+/** " (its lock file PATH)", " (its backing file PATH)", or '' for the resource's own file. */
+const whereWords = (resource: string, slot: Pick<LeaseSlot, 'path' | 'role'>): string => (slot.path === resource ? '' : ` (its ${slot.role ?? 'lock file'} ${slot.path})`);
 
 /**
  * The busy error for a lease someone else holds: the conflicting lock
@@ -267,13 +274,13 @@ export function busyError(lease: OfdLease, slot: LeaseSlot = lease.slots[0]!): R
   busyHooks.afterConflict?.();
   const { found, by, also } = holderWords(slot, mode, LEASE_RANGE, holder);
   const how = holder === null ? 'held' : `held ${heldAs(holder.mode)}`;
-  const where = slot.path === lease.path ? '' : ` (its lock file ${slot.path})`;
+  const where = whereWords(lease.path, slot);
   const migrating = guardHeld(slot, lease.mode);
   // What a multi-resource acquire released again is added by withRollback().
   return new ResourceBusyError(`${lease.path}${where} is ${how} by ${by}${also}${migrating ? `; ${MIGRATING}` : ''}`, {
     holder,
     resource: lease.path,
-    lockFile: lockFileOf(lease, slot),
+    ...lockFileOf(lease, slot),
     ...found,
     migrationInProgress: migrating,
   });
@@ -284,7 +291,7 @@ function guardBusy(lease: OfdLease, slot: LeaseSlot, message: (by: string) => st
   const mode = lockModeOf(lease.mode);
   const holder = conflictOf(slot, mode, GUARD_RANGE);
   const { found, by, also } = holderWords(slot, mode, GUARD_RANGE, holder);
-  return new ResourceBusyError(`${message(by)}${also}`, { holder, resource: lease.path, lockFile: lockFileOf(lease, slot), ...found, migrationInProgress: true });
+  return new ResourceBusyError(`${message(by)}${also}`, { holder, resource: lease.path, ...lockFileOf(lease, slot), ...found, migrationInProgress: true });
 }
 
 /** A fresh acquirer found the guard held in its way: the resource is being handed over. */
@@ -313,7 +320,7 @@ async function takeSlot(lease: OfdLease, slot: LeaseSlot, options: TakeOptions, 
       throw new LockTimeoutError(`${err.message}${migrating}`, {
         ...holdersOf(err),
         resource: lease.path,
-        lockFile: lockFileOf(lease, slot),
+        ...lockFileOf(lease, slot),
         timeout: err.timeout,
         holder: err.holder,
         cause: err,
@@ -363,7 +370,7 @@ async function takeClass(
         throw new LockTimeoutError(`${lease.path}: still held ${cls.theirMode} by ${by} when the timeout ran out (readonly and shared leases exclude each other)${also}`, {
           ...found,
           resource: lease.path,
-          lockFile: lockFileOf(lease, slot),
+          ...lockFileOf(lease, slot),
           timeout,
           holder,
         });
@@ -394,11 +401,11 @@ function classBusy(lease: OfdLease, slot: LeaseSlot, theirMode: ResourceMode): R
   const holder = conflictOf(slot, 'exclusive', range);
   busyHooks.afterConflict?.();
   const { found, by, also } = holderWords(slot, 'exclusive', range, holder);
-  const where = slot.path === lease.path ? '' : ` (its lock file ${slot.path})`;
+  const where = whereWords(lease.path, slot);
   return new ResourceBusyError(`${lease.path}${where} is held ${theirMode} by ${by}: a ${lease.mode} lease and a ${theirMode} one exclude each other${also}`, {
     holder,
     resource: lease.path,
-    lockFile: lockFileOf(lease, slot),
+    ...lockFileOf(lease, slot),
     ...found,
   });
 }
@@ -433,7 +440,7 @@ function holdsRange(locks: readonly ProcLock[], mode: LockMode, range: Readonly<
  * checked again on our own fd (/proc/self/fdinfo), which now names the same
  * description. InvalidArgumentError when the process holds no such lock.
  */
-function adoptDescription(holder: SupervisedProcess, like: LockableFile, mode: ResourceMode, resource: string, where: string): LockableFile {
+function adoptDescription(holder: SupervisedProcess, like: LockableFile, mode: ResourceMode, resource: string, slot: LeaseSlot): LockableFile {
   const lock = lockModeOf(mode);
   const target = { dev: like.identity.dev, ino: like.identity.ino, block: like.kind === 'block-device' };
   const open = fdsOf(holder.pid, target);
@@ -444,27 +451,31 @@ function adoptDescription(holder: SupervisedProcess, like: LockableFile, mode: R
     return holdsRange(locks, lockModeOf(m), LEASE_RANGE) && (c === null || holdsRange(locks, 'shared', c.mine));
   };
   const match = open.find((f) => holdsMode(f.locks, mode));
-  const what = where === resource ? resource : `${resource} (its lock file ${where})`;
+  const what = `${resource}${whereWords(resource, slot)}`;
   if (match === undefined) {
     const other = (['exclusive', 'shared', 'readonly'] as const).find((m) => m !== mode && open.some((f) => holdsMode(f.locks, m)));
     const why =
       open.length === 0
-        ? 'it does not have it open'
+        ? slot.path === resource
+          ? 'it does not have it open'
+          : `it does not have that ${slot.role ?? 'lock file'} open${slot.role === undefined ? ' (did its lockmgr keep its locks elsewhere, in another lockspace?)' : ''}`
         : other !== undefined
           ? `it holds it ${other === 'exclusive' ? 'exclusively' : other}, not ${mode}`
           : `none of its ${open.length} descriptor(s) of it holds byte 0${cls === null ? '' : ` and byte ${cls.mine.start}`}`;
     throw new InvalidArgumentError(`process ${holder.pid} does not hold ${mode === 'exclusive' ? 'an' : 'a'} ${mode} lease on ${what}: ${why}`);
   }
-  // Its supervisor still alive, or another adopter: two managers of one VM would each release the other's lease.
-  const sharing = processesSharing(holder.pid, match.fd, target);
-  if (sharing.length > 0) {
+  // Its supervisor still alive, or another adopter: two managers of one VM
+  // would each release the other's lease. Other sharers (a helper the VM
+  // daemonized) are its own: they stay, and are orphans if they outlive it.
+  const managers = processesSharing(holder.pid, match.fd, target).filter((p) => runsLockmgr(p.pid) || watchedBy(p.pid).includes(holder.pid));
+  if (managers.length > 0) {
     throw new ResourceBusyError(
-      `the ${mode} lease of process ${holder.pid} on ${what} is held through the same open file description by ${sharing.map(describeProcess).join(', ')} too: ` +
-        'another manager (its supervisor, or an earlier adopt()) still manages it; adopt a process only once that one is gone',
-      { resource, candidates: sharing },
+      `process ${holder.pid} still has a supervisor: ${managers.map(describeProcess).join(', ')} shares its ${mode} lease on ${what}; ` +
+        'a process can be taken over only once its supervisor is gone',
+      { resource, candidates: managers },
     );
   }
-  const file = lockableFromFd(holder.takeFd(match.fd), where, match.access === 'readwrite' ? 'readwrite' : 'read');
+  const file = lockableFromFd(holder.takeFd(match.fd), slot.path, match.access === 'readwrite' ? 'readwrite' : 'read');
   let ours: ProcLock[] = [];
   try {
     ours = parseFdinfoLocks(readFileSync(`/proc/self/fdinfo/${file.fd}`, 'utf8'));
@@ -654,7 +665,7 @@ export abstract class OfdLockspace implements LockspaceDriver {
     let image = fresh.image;
     try {
       for (const slot of fresh.slots) {
-        const file = adoptDescription(holder, slot.file, mode, fresh.path, slot.path);
+        const file = adoptDescription(holder, slot.file, mode, fresh.path, slot);
         slots.push(slot.adopted(file, LEASE_RANGE));
         if (slot.file === fresh.image) image = file;
       }

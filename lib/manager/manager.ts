@@ -377,7 +377,7 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
     // Two managers of one VM would each release the other's leases.
     const supervisor = watchingParent(pid);
     if (supervisor !== null) {
-      throw new ResourceBusyError(`adopt(): process ${pid} still has its supervisor, process ${describeProcess(supervisor)}: adopt a process only once its supervisor is gone`, {
+      throw new ResourceBusyError(`process ${pid} still has a supervisor: its parent ${describeProcess(supervisor)} watches it; a process can be taken over only once its supervisor is gone`, {
         candidates: [supervisor],
       });
     }
@@ -387,8 +387,8 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
     try {
       for (const spec of specs) await mgr.#resources.adopt(spec, child);
       const lost = await mgr.#resources.lost();
-      if (lost.length > 0) throw new InvalidStateError(`adopt(): process ${pid}'s lease on ${lost.map((r) => r.path).join(', ')} was found not held after it was taken over`);
-      if (child.exitStatus !== null) throw new InvalidStateError(`adopt(): process ${pid} exited while it was being adopted`);
+      if (lost.length > 0) throw new InvalidStateError(`process ${pid}'s lease on ${lost.map((r) => r.path).join(', ')} was found not held after it was taken over`);
+      if (child.exitStatus !== null) throw new InvalidStateError(`process ${pid} exited while it was being taken over`);
     } catch (err) {
       // Given up: our descriptors close, and the process keeps every lease it holds.
       mgr.#resources.clear({ keepLocks: true });
@@ -398,6 +398,8 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
     }
     mgr.#adopted = true;
     mgr.#child = child;
+    // Only processes started since can share its leases when it exits (its orphans).
+    mgr.#childBorn = processStartTime(pid);
     mgr.#runAbort = new AbortController();
     mgr.#stopped = child.exited.then(async (status) => mgr.#onExit(status, await mgr.#space.exitFailure(status).catch(() => null)));
     mgr.#sm.set('running');

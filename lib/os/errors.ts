@@ -65,7 +65,7 @@ export interface LockHolderProcess extends ProcessInfo {
   end: number | null;
   /** Its descriptors that share the holding open file description; null when its /proc/PID/fd could not be read (a POSIX owner of another user). */
   fds: number[] | null;
-  /** `lockmgr status` only: neither it nor an ancestor runs lockmgr (an orphan that holds a lease its supervisor left behind). */
+  /** `lockmgr status` only: no live lockmgr supervises the lease it holds (an orphan that holds a lease its supervisor left behind). */
   orphan?: boolean;
 }
 
@@ -118,6 +118,8 @@ export interface HoldersOptions {
   resource?: string;
   /** The file whose lock is in the way, when it is not the resource itself (an indirect lockspace's lock file). */
   lockFile?: string;
+  /** What `lockFile` is to the resource, for messages: 'lock file' (the default), 'backing file' (a loop device's), 'device node'. */
+  lockFileRole?: string;
   holders?: LockHolderProcess[];
   openers?: FileOpener[];
   unreadable?: UnreadableHolder[];
@@ -154,6 +156,8 @@ export class ResourceBusyError extends LockManagerError {
   readonly resource: string | null;
   /** The lock file whose lock is in the way, when the resource's lease lives in one. */
   readonly lockFile: string | null;
+  /** What `lockFile` is to the resource: 'lock file', 'backing file' (a loop device's), 'device node'. */
+  readonly lockFileRole: string;
   readonly holders: LockHolderProcess[];
   readonly openers: FileOpener[];
   readonly unreadable: UnreadableHolder[];
@@ -168,6 +172,7 @@ export class ResourceBusyError extends LockManagerError {
     this.holder = options?.holder ?? null;
     this.resource = options?.resource ?? null;
     this.lockFile = options?.lockFile ?? null;
+    this.lockFileRole = options?.lockFileRole ?? 'lock file';
     this.holders = options?.holders ?? [];
     this.openers = options?.openers ?? [];
     this.unreadable = options?.unreadable ?? [];
@@ -192,6 +197,8 @@ export class LockTimeoutError extends LockManagerError {
   readonly holder: LockHolder | null;
   readonly resource: string | null;
   readonly lockFile: string | null;
+  /** What `lockFile` is to the resource: 'lock file', 'backing file' (a loop device's), 'device node'. */
+  readonly lockFileRole: string;
   readonly holders: LockHolderProcess[];
   readonly openers: FileOpener[];
   readonly unreadable: UnreadableHolder[];
@@ -204,6 +211,7 @@ export class LockTimeoutError extends LockManagerError {
     this.holder = options.holder ?? null;
     this.resource = options.resource ?? null;
     this.lockFile = options.lockFile ?? null;
+    this.lockFileRole = options.lockFileRole ?? 'lock file';
     this.holders = options.holders ?? [];
     this.openers = options.openers ?? [];
     this.unreadable = options.unreadable ?? [];
@@ -217,6 +225,7 @@ export function holdersOf(err: ResourceBusyError | LockTimeoutError): HoldersOpt
   return {
     resource: err.resource ?? undefined,
     lockFile: err.lockFile ?? undefined,
+    lockFileRole: err.lockFileRole,
     holders: err.holders,
     openers: err.openers,
     unreadable: err.unreadable,

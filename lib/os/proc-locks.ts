@@ -615,32 +615,58 @@ export function processesSharing(pid: number, fd: number, target: { dev: bigint;
   return found;
 }
 
-/**
- * The parent of `pid` when it watches `pid` through a pidfd, as a lockmgr
- * supervisor does its VM from spawn to exit (/proc/PPID/fdinfo of a pidfd
- * names its "Pid:"); null otherwise: the parent is init or a subreaper that
- * inherited an orphan, or we may not look. A supervisor that is alive is
- * always its VM's parent: a child is reparented only when its parent dies.
- */
-export function watchingParent(pid: number): ProcessInfo | null {
-  const ppid = parentOf(pid);
-  if (ppid === null || ppid <= 1) return null;
+/** The processes `watcher` holds a pidfd of (/proc/WATCHER/fdinfo of a pidfd names its "Pid:"); empty if we may not look. */
+export function watchedBy(watcher: number): number[] {
   let fds: string[];
   try {
-    fds = readdirSync(`/proc/${ppid}/fd`);
+    fds = readdirSync(`/proc/${watcher}/fd`);
   } catch {
-    return null;
+    return [];
   }
+  const pids: number[] = [];
   for (const fd of fds) {
     try {
-      if (readlinkSync(`/proc/${ppid}/fd/${fd}`) !== 'anon_inode:[pidfd]') continue;
-      const m = /^Pid:\s+(-?\d+)$/m.exec(readFileSync(`/proc/${ppid}/fdinfo/${fd}`, 'utf8'));
-      if (m !== null && Number(m[1]) === pid) return { pid: ppid, command: commandLine(ppid) };
+      if (readlinkSync(`/proc/${watcher}/fd/${fd}`) !== 'anon_inode:[pidfd]') continue;
+      const m = /^Pid:\s+(-?\d+)$/m.exec(readFileSync(`/proc/${watcher}/fdinfo/${fd}`, 'utf8'));
+      if (m !== null && Number(m[1]) > 0) pids.push(Number(m[1]));
     } catch {
       // Closed meanwhile.
     }
   }
-  return null;
+  return pids;
+}
+
+/**
+ * The parent of `pid` when it watches `pid` through a pidfd, as a lockmgr
+ * supervisor does its VM from spawn to exit; null otherwise: the parent is
+ * init or a subreaper that inherited an orphan, or we may not look. A
+ * supervisor that is alive is always its VM's parent: a child is reparented
+ * only when its parent dies.
+ */
+export function watchingParent(pid: number): ProcessInfo | null {
+  const ppid = parentOf(pid);
+  if (ppid === null || ppid <= 1 || !watchedBy(ppid).includes(pid)) return null;
+  return { pid: ppid, command: commandLine(ppid) };
+}
+
+/**
+ * The processes with lockmgr loaded that watch `pid` through a pidfd: its
+ * supervisor, or one that adopted it (its parent is then init). One pass over
+ * every process's fds: for `status` and error paths only.
+ */
+export function lockmgrWatchers(pid: number): ProcessInfo[] {
+  const found: ProcessInfo[] = [];
+  for (const entry of readdirSync('/proc')) {
+    const other = Number(entry);
+    if (!Number.isInteger(other) || other === pid || other <= 1) continue;
+    if (watchedBy(other).includes(pid) && runsLockmgr(other)) found.push({ pid: other, command: commandLine(other) });
+  }
+  return found;
+}
+
+/** Whether fd `fd` of `pid` and fd `otherFd` of `other` are one open file description (kcmp; false when it cannot tell). */
+export function sameDescription(pid: number, fd: number, other: number, otherFd: number): boolean {
+  return native.kcmp(pid, fd, other, otherFd) === 0;
 }
 
 /** When a process started, in clock ticks since boot (/proc/PID/stat field 22), or null if it is gone. */
@@ -704,15 +730,20 @@ export function sharersOf(fds: readonly number[], options: { bornSince?: bigint 
   return found;
 }
 
+/** Whether the process has lockmgr's addon mapped: a lockmgr supervisor, or a program managing leases through the API. */
+export function runsLockmgr(pid: number): boolean {
+  try {
+    // build/Release/lockmgr.node or a prebuild (prebuilds/linux-x64/lockmgr.*.node).
+    return /\/lockmgr[^/\n]*\.node$/m.test(readFileSync(`/proc/${pid}/maps`, 'utf8'));
+  } catch {
+    return false;
+  }
+}
+
 /** Whether pid or one of its ancestors has lockmgr's addon mapped (a supervisor). */
 export function supervisedByLockmgr(pid: number): boolean {
   for (let p: number | null = pid, hops = 0; p !== null && p > 1 && hops < 64; p = parentOf(p), hops++) {
-    try {
-      // build/Release/lockmgr.node or a prebuild (prebuilds/linux-x64/lockmgr.*.node).
-      if (/\/lockmgr[^/\n]*\.node$/m.test(readFileSync(`/proc/${p}/maps`, 'utf8'))) return true;
-    } catch {
-      return false;
-    }
+    if (runsLockmgr(p)) return true;
   }
   return false;
 }

@@ -667,7 +667,7 @@ export function conformance(backend: Backend): void {
         const fds = fdCount();
         const err = (await LockManager.adopt(h.vm, { lockspace: backend.lockspace('A'), resources: specs }).catch((e: unknown) => e)) as ResourceBusyError;
         expect(err).toBeInstanceOf(ResourceBusyError);
-        expect(err.message).toContain(`still has its supervisor, process ${h.side.pid}`);
+        expect(err.message).toContain(`still has a supervisor: its parent ${h.side.pid}`);
         expect(err.candidates.map((c) => c.pid)).toEqual([h.side.pid]);
         expect(fdCount()).toBe(fds);
         expect(await h.side.call('state')).toBe('running');

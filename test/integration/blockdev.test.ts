@@ -1,11 +1,14 @@
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, rmSync, statSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { InvalidArgumentError, LockManager, ResourceAccessError, ResourceBusyError, openLockable } from '../../lib/index.js';
+import type { StatusEntry } from '../../lib/cli/main.js';
 import { locksOn } from '../../lib/os/proc-locks.js';
 import { Peer, isRoot, tempDir } from '../helpers.js';
 
+const BIN = fileURLToPath(new URL('../../bin/lockmgr.js', import.meta.url));
 const canLoop = isRoot && existsSync('/dev/loop-control');
 if (!canLoop) {
   console.warn(`skipping block-device tests: ${isRoot ? '/dev/loop-control is missing' : 'losetup needs root'}`);
@@ -148,6 +151,7 @@ describe.skipIf(!canLoop)('a loop device and its backing file (real losetup)', (
         expect(err, `${mode} ${path}`).toBeInstanceOf(ResourceBusyError);
         expect(m.resources[0]!.held).toBe(false);
         await m.free();
+        return err as ResourceBusyError;
       };
       afterAll(async () => {
         for (const m of managers.splice(0)) await m.free();
@@ -166,7 +170,19 @@ describe.skipIf(!canLoop)('a loop device and its backing file (real losetup)', (
       it('the backing file held: the loop device is busy, and it took nothing (all or nothing)', async () => {
         const loop = devices[0]!;
         const a = await holding(backing, 'exclusive');
-        await refused(loop, 'exclusive');
+        const err = await refused(loop, 'exclusive');
+        if (lockspace === 'direct') {
+          // The backing file is what it is, not a lock file.
+          expect(err.message).toContain(`${loop} (its backing file ${backing}) is held exclusively by`);
+          expect([err.lockFile, err.lockFileRole]).toEqual([backing, 'backing file']);
+          // status names the loop device's lease held, through its backing file, and by whom.
+          const r = spawnSync(process.execPath, [BIN, 'status', loop], { encoding: 'utf8', timeout: 30_000, killSignal: 'SIGKILL' });
+          expect(r.stdout, r.stderr).toMatch(new RegExp(`lease \\(byte 0\\) +held exclusive by pid ${process.pid}, \\d+, through its backing file ${backing}\n`));
+          const json = JSON.parse(spawnSync(process.execPath, [BIN, 'status', '--json', loop], { encoding: 'utf8', timeout: 30_000, killSignal: 'SIGKILL' }).stdout) as { entries: StatusEntry[] };
+          const behind = json.entries[0]!.backingFile!;
+          expect([behind.path, behind.lease.state]).toEqual([backing, 'exclusive']);
+          expect(behind.holders.map((h) => [h.pid, h.orphan])).toContainEqual([process.pid, false]);
+        }
         // Nothing of the refused lease is left locked on the loop device's node.
         expect(locksOn(loop)).toEqual([]);
         await a.free();

@@ -45,7 +45,7 @@ for (const lockspace of ['direct', 'indirect'] as const) {
       const r = runLimited(64, flags, paths);
       expect(r.code, r.stderr).toBe(71);
       expect(r.stderr).toMatch(/EMFILE: too many open files/);
-      expect(r.stderr).toContain("this process may not open more files (ulimit -n is 64); each disk needs up to three descriptors");
+      expect(r.stderr).toContain("this process may not open more files (ulimit -n is 64); each disk needs a descriptor for its image, and two for its lock files with --lockspace DIR;");
       expect(r.stderr).not.toMatch(/try again/);
       if (dir !== null) expect(readdirSync(dir)).toEqual([]);
       expect(readdirSync(fx.tmp.dir).sort()).toEqual(before);

@@ -11,6 +11,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import type { StatusEntry } from '../../lib/cli/main.js';
 import { LockManager, qemuLockState } from '../../lib/index.js';
 import type { Orphans } from '../../lib/manager/types.js';
+import { supervisedByLockmgr } from '../../lib/os/proc-locks.js';
 import { lockFixture, processExists, waitUntil } from '../helpers.js';
 
 const fx = lockFixture();
@@ -51,6 +52,45 @@ function readPid(file: string): number {
   expect(pid).toBeGreaterThan(1);
   leftovers.push(pid);
   return pid;
+}
+
+/** The file's pid, once the shell has written it whole. */
+async function pidIn(file: string): Promise<number> {
+  await waitUntil(() => existsSync(file) && readFileSync(file, 'utf8').endsWith('\n'), 10_000, `${file} to be written`);
+  return readPid(file);
+}
+
+/**
+ * `lockmgr run FLAGS --exclusive fx.path -- sh -c ...` in the background: a
+ * command that daemonizes a helper (its subshell exits, so the helper is no
+ * descendant of it or of lockmgr) and then runs on. Resolves once the helper
+ * is on its own.
+ */
+async function runWithDaemon(flags: string[]) {
+  const cmdFile = join(fx.tmp.dir, 'cmd.pid');
+  const daemonFile = join(fx.tmp.dir, 'daemon.pid');
+  const script = `( sleep 1000 </dev/null >/dev/null 2>&1 & echo $! > ${daemonFile} ); echo $$ > ${cmdFile}; exec sleep 1000`;
+  const run = spawn(process.execPath, [BIN, 'run', ...flags, '--exclusive', fx.path, '--', 'sh', '-c', script], { stdio: ['ignore', 'ignore', 'pipe'] });
+  let stderr = '';
+  run.stderr!.on('data', (d: Buffer) => (stderr += d));
+  const exit = new Promise<number | null>((resolve) => run.once('exit', (code) => resolve(code)));
+  const cmd = await pidIn(cmdFile);
+  const daemon = await pidIn(daemonFile);
+  await waitUntil(() => !supervisedByLockmgr(daemon), 10_000, 'the helper to be reparented away from the command');
+  return { run, exit, cmd, daemon, stderr: () => stderr };
+}
+
+/** `lockmgr run --adopt PID ...` in the background; resolves once it says it took over. */
+async function adopter(pid: number, flags: string[]) {
+  const child = spawn(process.execPath, [BIN, 'run', '--adopt', String(pid), ...flags, '--exclusive', fx.path], { stdio: ['ignore', 'ignore', 'pipe'] });
+  let stderr = '';
+  child.stderr!.on('data', (d: Buffer) => (stderr += d));
+  const exit = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+  let gone = false;
+  void exit.then(() => (gone = true));
+  await waitUntil(() => stderr.includes('took over') || gone, 30_000, 'the new lockmgr to take over');
+  expect(stderr, 'the new lockmgr took over').toMatch(new RegExp(`^lockmgr: took over process ${pid} \\(sleep 1000\\) and its leases on ${fx.path}\n`));
+  return { child, exit, stderr: () => stderr };
 }
 
 const haveQemuNbd = spawnSync('qemu-nbd', ['--version']).status === 0;
@@ -211,6 +251,39 @@ for (const lockspace of ['direct', 'indirect'] as const) {
       expect(mgr.resources[0]!.held).toBe(false);
       await mgr.free();
       expect(qemuLockState(fx.path)).toMatchObject({ held: ['consistent-read', 'write'], unshared: ['resize'] });
+    });
+
+    it('status: a daemon that shares the lease of a live run is no orphan; once the run is gone it is one', async () => {
+      const r = await runWithDaemon(flags());
+      const marks = () => [...new Set(leaseHolders(...flags(), fx.path).map((h) => `${h.pid} ${h.orphan}`))].sort();
+      expect(marks()).toEqual([`${r.cmd} false`, `${r.daemon} false`, `${r.run.pid} false`].sort());
+      process.kill(r.cmd, 'SIGKILL');
+      expect(await r.exit).toBe(128 + 9);
+      expect(r.stderr()).toContain(`stays held by ${r.daemon} (sleep 1000)`);
+      expect(marks()).toEqual([`${r.daemon} true`]);
+    });
+
+    it('run --adopt: the adopted command and its new lockmgr are no orphans; when it exits leaving a daemon with the lease, the notice, exit 0, and the daemon is the orphan', async () => {
+      const r = await runWithDaemon(flags());
+      r.run.kill('SIGKILL');
+      await r.exit;
+      if (lockspace === 'indirect') {
+        // Named with another lockspace, the command's lock files are not the ones it has open: refused, and said so.
+        const wrong = join(fx.tmp.dir, 'other-locks');
+        mkdirSync(wrong, { mode: 0o700 });
+        const w = lockmgr('run', '--adopt', String(r.cmd), '--lockspace', wrong, '--exclusive', fx.path);
+        expect(w.code, w.stderr).toBe(64);
+        expect(w.stderr).toContain('does not have that lock file open (did its lockmgr keep its locks elsewhere, in another lockspace?)');
+      }
+      const a = await adopter(r.cmd, flags());
+      const marks = () => [...new Set(leaseHolders(...flags(), fx.path).map((h) => `${h.pid} ${h.orphan}`))].sort();
+      // The daemon shares the lease with the new lockmgr too: supervised, as under the first one.
+      expect(marks()).toEqual([`${r.cmd} false`, `${r.daemon} false`, `${a.child.pid} false`].sort());
+      process.kill(r.cmd, 'SIGTERM');
+      expect(await a.exit, a.stderr()).toBe(0);
+      expect(a.stderr()).toContain(`lockmgr: process ${r.cmd} exited, but the lease on ${fx.path} stays held by ${r.daemon} (sleep 1000)`);
+      expect(marks()).toEqual([`${r.daemon} true`]);
+      expect(lockmgr('run', ...flags(), '--exclusive', fx.path, '--', 'true').code).toBe(75);
     });
 
     it('a command whose children exit with it releases as before (no orphans, no notice)', () => {

@@ -303,3 +303,18 @@ describe('bad arguments: InvalidArgumentError, nothing opened or held', () => {
     await expect(f.lock('shared', undefined, o as never)).rejects.toBeInstanceOf(InvalidArgumentError);
   });
 });
+
+describe('inCliWords: an API error in the command line\'s words', () => {
+  it('drops API calls and API-only advice, keeps the class, and leaves other errors alone', async () => {
+    const { inCliWords } = await import('../../lib/cli/report.js');
+    const { InvalidArgumentError, InvalidStateError } = await import('../../lib/os/errors.js');
+    const joined = inCliWords(new InvalidStateError('acquire: this host has not joined the lockspace (joinLockspace(), or lockmgr sanlock join): EINVAL')) as Error;
+    expect(joined).toBeInstanceOf(InvalidStateError);
+    expect(joined.message).toBe('acquire: this host has not joined the lockspace (lockmgr sanlock join): EINVAL');
+    const twice = inCliWords(new InvalidArgumentError("'/a' (the same file as '/b') is already registered exclusive, not shared; release it first")) as Error;
+    expect(twice.message).toBe("'/a' (the same file as '/b') is already given as --exclusive, not --shared: name each disk once, in one mode");
+    expect((inCliWords(new InvalidArgumentError('resource.path must be a string'), '--shared') as Error).message).toBe('--shared PATH must be a string');
+    const plain = new InvalidArgumentError('nothing to reword');
+    expect(inCliWords(plain)).toBe(plain);
+  });
+});
