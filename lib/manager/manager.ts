@@ -12,7 +12,7 @@ import { openLockspace } from '../lockspaces/index.js';
 import type { LockspaceDriver } from '../lockspaces/driver.js';
 import { AbortError, InvalidArgumentError, InvalidStateError, LockManagerError, LockTimeoutError, ResourceBusyError, UnsupportedError, holdersOf, type ProcessInfo } from '../os/errors.js';
 import { describeProcess, processStartTime, watchingParent } from '../os/proc-locks.js';
-import { attachProcess, type ExitStatus, type SpawnOptions, type SupervisedProcess } from '../os/supervise.js';
+import { attachProcess, checkSpawn, type ExitStatus, type SpawnOptions, type SupervisedProcess } from '../os/supervise.js';
 import { CHANNELS, publish, traced } from '../os/trace.js';
 import { checkOptions, checkSignal, checkTimeout, describe } from '../os/validate.js';
 import { ResourceSet, type Resource } from './resources.js';
@@ -156,6 +156,10 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
       throw new InvalidArgumentError(`start() needs a command, got ${describe(command)}`);
     }
     const spawnOpts = this.#spawnOptions(spawnOptions);
+    // Before any lease is taken, in every lockspace alike (sanlock spawns
+    // first, the others acquire first): bad arguments are never reported as
+    // a busy disk, and cost nothing.
+    if (command !== undefined) checkSpawn(command, args, spawnOpts);
     this.#startAbort = new AbortController();
     const abort = signal === undefined ? this.#startAbort.signal : AbortSignal.any([signal, this.#startAbort.signal]);
     // Assigned before 'starting' is emitted, and the work begins a microtask

@@ -332,7 +332,19 @@ function closeAll(fds: Iterable<number | null>): void {
  * when the command could not be executed, ResourceExhaustedError when out of
  * processes, fds or memory.
  */
-export function spawnSupervised(command: string, args?: readonly string[], options?: SpawnOptions): SupervisedProcess {
+interface SpawnRequest {
+  argv: string[];
+  cwd: string | undefined;
+  envp: string[];
+  path: string;
+  stdio: [StdioEntry, StdioEntry, StdioEntry];
+  keep: Int32Array;
+  pdeathsig: number;
+  flags: number;
+}
+
+/** spawnSupervised()'s arguments, checked: every InvalidArgumentError it throws comes from here, before anything is created. */
+function spawnRequest(command: unknown, args: unknown, options: unknown): SpawnRequest {
   if (typeof command !== 'string') throw new InvalidArgumentError(`command must be a string, got ${describe(command)}`);
   if (command === '') throw new InvalidArgumentError('command must not be empty');
   checkNoNul(command, 'command');
@@ -361,6 +373,20 @@ export function spawnSupervised(command: string, args?: readonly string[], optio
     throw new InvalidArgumentError(`newSession must be a boolean, got ${describe(opts.newSession)}`);
   }
   const flags = (opts.newSession ? constants.spawn.NEW_SESSION : 0) | (forceFallback() ? constants.spawn.FORCE_FALLBACK : 0);
+  return { argv, cwd, envp, path, stdio, keep, pdeathsig, flags };
+}
+
+/**
+ * Throws the InvalidArgumentError that spawnSupervised(command, args, options)
+ * would, and spawns nothing: a caller that takes locks before it spawns checks
+ * first, so bad arguments never cost a lock (or lose to a busy one).
+ */
+export function checkSpawn(command: unknown, args: unknown, options: unknown): void {
+  spawnRequest(command, args, options);
+}
+
+export function spawnSupervised(command: string, args?: readonly string[], options?: SpawnOptions): SupervisedProcess {
+  const { argv, cwd, envp, path, stdio, keep, pdeathsig, flags } = spawnRequest(command, args, options);
   registry();
 
   // Everything is valid: now create the child's stdio. The child's ends (and

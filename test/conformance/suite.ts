@@ -1075,7 +1075,7 @@ export function conformance(backend: Backend): void {
         for (const o of bad) expect(() => new LockManager({ lockspace, ...(o as object) }), JSON.stringify(o)).toThrow(InvalidArgumentError);
       });
 
-      it('start: InvalidArgumentError for bad arguments, before or after the leases were taken; state new; nothing held', async () => {
+      it('start: InvalidArgumentError for bad arguments, checked before any lease is taken; state new; nothing held', async () => {
         const m = t.a();
         m.registerResource(t.disk(0).spec('exclusive'));
         const bad: Array<() => Promise<void>> = [
@@ -1093,6 +1093,20 @@ export function conformance(backend: Backend): void {
         }
         await m.start('sleep', ['1000']);
         expect(m.state).toBe('running');
+      });
+
+      it('start: bad arguments with a disk held elsewhere are InvalidArgumentError, never busy (checked before any lease is taken, whichever the lockspace takes first)', async () => {
+        const d = t.disk(0);
+        const h = await t.holder('B', [d.spec('exclusive')]);
+        const m = t.a();
+        m.registerResource(d.spec('exclusive'));
+        const bad: Array<() => Promise<void>> = [() => m.start('sleep', ['a\0b']), () => m.start('sleep', ['1'], { env: { A: '\0' } }), () => m.start('sleep', ['1'], { stdio: 'sideways' as never })];
+        for (const call of bad) {
+          await expect(call()).rejects.toBeInstanceOf(InvalidArgumentError);
+          expect(m.state).toBe('new');
+        }
+        expect(await backend.observe(d)).toBe('exclusive');
+        expect(await h.side.call('state')).toBe('running');
       });
 
       it('calls in the wrong state: InvalidStateError, nothing changes', async () => {

@@ -103,7 +103,7 @@ describe('adopt() and the processes that share the lease', () => {
     const orphans = new Promise((resolve) => m.once('orphans', resolve));
     const exit = new Promise((resolve) => m.once('exit', resolve));
     vm.kill('SIGKILL');
-    expect(await orphans).toEqual({ resource: fx.path, processes: [{ pid: daemon, command: 'sleep 1000' }] });
+    expect(await orphans).toEqual({ resource: fx.path, processes: [{ pid: daemon, command: 'sleep 1000' }], through: ['lease'] });
     await exit;
     await m.free();
     // Still the helper's: a new exclusive holder is refused.

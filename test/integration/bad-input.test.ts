@@ -732,8 +732,8 @@ describe('argv and env with NUL bytes', () => {
     ['spawnSupervised: an env name with =', () => spawnSupervised('true', [], { env: { 'A=B': 'x' } }), /env has an invalid variable name "A=B"/],
     ['spawnSupervised: an empty env name', () => spawnSupervised('true', [], { env: { '': 'x' } }), /env has an invalid variable name ""/],
     ['spawnSupervised: PATH with a NUL byte', () => spawnSupervised('true', [], { env: { PATH: '/bin\0/usr/bin' } }), /env\.PATH must not contain a NUL byte/],
-    ['LockManager.start: an argument (leases taken, then released; state new)', () => freshStart((m) => m.start('echo', ['a\0b'])), /args\[0\] must not contain a NUL byte/],
-    ['LockManager.start: an env value (leases released; state new)', () => freshStart((m) => m.start('true', [], { env: { A: '\0' } })), /env\.A must not contain a NUL byte/],
+    ['LockManager.start: an argument (checked before any lease is taken; state new)', () => freshStart((m) => m.start('echo', ['a\0b'])), /args\[0\] must not contain a NUL byte/],
+    ['LockManager.start: an env value (checked before any lease is taken; state new)', () => freshStart((m) => m.start('true', [], { env: { A: '\0' } })), /env\.A must not contain a NUL byte/],
     ['LockManager.start: the command', () => freshStart((m) => m.start('tr\0ue')), /command must not contain a NUL byte/],
   ];
   for (const [label, fn, message] of nulCases) it(label, () => expectFailure(fn, { error: IAE, message }));
