@@ -201,6 +201,10 @@ describe.skipIf(why !== null)('sanlock lockspace', () => {
       // Host 1's VM holds the main lease and its own class, both sanlock-shared.
       const vm = a.getChild().pid;
       expect(heldOn(1).filter((l) => l.endsWith(`:SH p ${vm}`)).map((l) => l.split(':')[1])).toEqual(expect.arrayContaining([main, classResourceName(main, held)]));
+      // lockmgr status shows the class resources and who holds them.
+      const status = spawnSync(process.execPath, [bin, 'status', '--lockspace', `sanlock:${LS}:${cluster.loop}:1`, disk2], { encoding: 'utf8', env: cluster.env(1) });
+      expect(status.stdout).toMatch(new RegExp(`sanlock ${held} class +${LS}:${classResourceName(main, held)} on \\S+: lease held shared by host 1 \\(host1\\)`));
+      expect(status.stdout).toMatch(new RegExp(`sanlock ${wanted} class +${LS}:${classResourceName(main, wanted)} on \\S+: lease free`));
       const p = await host2();
       await p.call('create', { lockspace: host(2) });
       await p.call('register', { type: 'disk', path: disk2, mode: wanted });
@@ -420,7 +424,7 @@ describe.skipIf(why !== null)('sanlock lockspace', () => {
     expect(cli('joined', '--lockspace', LS, '--path', cluster.loop, '--host-id', '7').status).toBe(1);
     const add = cli('add-disk', '--lockspace', LS, '--path', cluster.loop, disk);
     expect(add.status).toBe(0);
-    expect(add.stdout).toMatch(/lease exists at offset \d+/);
+    expect(add.stdout).toMatch(/lease exists at offset \d+; class leases exist at offsets \d+ \(readonly\), \d+ \(shared\)/);
     const none = spawnSync(process.execPath, [join(import.meta.dirname, '..', '..', 'bin', 'lockmgr.js'), 'sanlock', 'joined', '--lockspace', LS, '--path', cluster.loop, '--host-id', '1'], { encoding: 'utf8', env: { ...process.env, SANLOCK_RUN_DIR: join(root, 'nowhere') } });
     expect(none.status).toBe(69);
     expect(none.stderr).toMatch(/no sanlock daemon answers/);
