@@ -10,7 +10,7 @@ import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { AbortError, InvalidArgumentError, LockManager, LockTimeoutError, ResourceAccessError, ResourceBusyError, SpawnError, InvalidStateError, UnsupportedError } from '../../lib/index.js';
-import { SANLOCK_NAMES_VERSION, classResourceName, createDiskLease, diskResourceName, initStorage, joinLockspace, leaveLockspace, lockspaceJoined, lockspaceState, lookupLease } from '../../lib/lockspaces/sanlock-client.js';
+import { SANLOCK_NAMES_VERSION, classResourceName, createDiskLease, diskResourceName, initStorage, joinLockspace, leaveLockspace, lockspaceJoined, lockspaceState, leaseOwners, lookupLease } from '../../lib/lockspaces/sanlock-client.js';
 import { SanlockCluster, sanlockUnavailable } from '../harness/sanlock.js';
 import { Peer, fdCount, managerPeerScript, processExists, threadCount, waitUntil } from '../helpers.js';
 
@@ -630,6 +630,29 @@ describe.skipIf(why !== null)('sanlock lockspace', () => {
     // The sanlock worker threads exit after a second idle.
     await waitUntil(() => threadCount() <= threads, 5000, 'idle sanlock workers to exit');
   });
+
+  it.skipIf(process.env.LOCKMGR_SANLOCK_FAILOVER !== '1')('host death of a shared writer: a reader acquires once that host is dead, its left-over class hold cleared (about 70 s; LOCKMGR_SANLOCK_FAILOVER=1)', async () => {
+    const main = diskResourceName(disk2);
+    const p = await host2();
+    await p.call('create', { lockspace: host(2) });
+    await p.call('register', { type: 'disk', path: disk2, mode: 'shared' });
+    const vm2 = await p.call<number>('start', 'sleep', ['1000']);
+    // Host 2 dies: its daemon stops renewing; its shared holds stay on the storage.
+    daemons[1]!.kill('SIGKILL');
+    await waitUntil(() => !cluster.daemonAlive(2), 5000, "host 2's daemon to die");
+    process.kill(vm2, 'SIGKILL');
+    const offset = (await lookupLease(LS, cluster.loop, classResourceName(main, 'shared')))!;
+    expect((await leaseOwners({ lockspace: LS, resource: classResourceName(main, 'shared'), path: cluster.loop }, offset)).map((o) => o.hostId)).toEqual([2]);
+    const m = manager(1);
+    m.registerResource({ type: 'disk', path: disk2, mode: 'readonly' });
+    const t0 = Date.now();
+    await m.start('sleep', ['1000'], {}, { timeout: 150_000 });
+    timings.classFailover = Date.now() - t0;
+    // The momentary exclusive acquire cleared the dead host's hold.
+    expect(await leaseOwners({ lockspace: LS, resource: classResourceName(main, 'shared'), path: cluster.loop }, offset)).toEqual([]);
+    await cleanupManagers();
+    await cluster.revive(2);
+  }, 200_000);
 
   it.skipIf(process.env.LOCKMGR_SANLOCK_FAILOVER !== '1')('host death: host 2 acquires once host 1 is dead (about 70 s; LOCKMGR_SANLOCK_FAILOVER=1)', async () => {
     const m = manager(1);
