@@ -54,7 +54,15 @@ const HELPER_TIMEOUT_MS = 10_000;
 const RETRY_MIN_MS = 50;
 const RETRY_MAX_MS = 1000;
 
-const BUSY = new Set<number>([RV.SANLK_ACQUIRE_IDLIVE, RV.EAGAIN, RV.EEXIST]);
+/**
+ * A paxos round lost to another host taking the same lease at the same moment
+ * (OWNED, OTHER: "acquired by another host in other ballot / in local
+ * commit"; SHRETRY), or a release or round still on the storage (EAGAIN):
+ * seen when two hosts take a shared lease at once. Worth a few quick retries
+ * even without a wait.
+ */
+const TRANSIENT = new Set<number>([RV.EAGAIN, RV.SANLK_ACQUIRE_OWNED, RV.SANLK_ACQUIRE_OTHER, RV.SANLK_ACQUIRE_SHRETRY]);
+const BUSY = new Set<number>([RV.SANLK_ACQUIRE_IDLIVE, RV.EEXIST, ...TRANSIENT]);
 /** How long exitFailure() waits for the daemon to drop an exited owner's leases. */
 const EXIT_RELEASE_MS = 5000;
 /** How often a fail-fast acquire retries EAGAIN, RETRY_MIN_MS apart. */
@@ -534,10 +542,10 @@ export class SanlockLockspace implements LockspaceDriver {
             );
           }
           if (!BUSY.has(r.rv)) throw errorFor(r.rv, 'sanlock_acquire', `${disk}: acquiring its sanlock lease for pid ${pid}`);
-          // EAGAIN also means "in transition" (a holder's release or a paxos
-          // round still on the storage): even a fail-fast acquire retries it briefly.
-          if (r.rv === RV.EAGAIN && !o.wait && transient++ < TRANSIENT_RETRIES) {
-            await sleep(RETRY_MIN_MS, o.signal);
+          // Even a fail-fast acquire retries these briefly (TRANSIENT); a shared one also
+          // IDLIVE: another host's shared acquire owns the leader for the moment of its round.
+          if ((TRANSIENT.has(r.rv) || (shared && r.rv === RV.SANLK_ACQUIRE_IDLIVE)) && !o.wait && transient++ < TRANSIENT_RETRIES) {
+            await sleep(this.#retryPause(transient), o.signal);
             continue;
           }
           if (!o.wait || (deadline !== undefined && Date.now() >= deadline)) {
@@ -602,6 +610,7 @@ export class SanlockLockspace implements LockspaceDriver {
   async #takeClass(pid: number, disk: string, cls: ClassLeases, o: TakeOptions, deadline: number | undefined, onHeld: (held: boolean) => void): Promise<void> {
     let pause = RETRY_MIN_MS;
     let told = o.onBusy === undefined;
+    let transient = 0;
     for (;;) {
       const r = await acquireFor(pid, cls.mine, cls.offsets.mine, true, -1);
       if (r.out.length > 0 && r.out[0]! >= 0) cls.offsets.mine = r.out[0]!;
@@ -621,8 +630,16 @@ export class SanlockLockspace implements LockspaceDriver {
       } else if (!BUSY.has(r.rv)) {
         throw errorFor(r.rv, 'sanlock_acquire', `${disk}: acquiring its ${cls.mode} class lease for pid ${pid}`);
       }
-      // Busy on the own class: the other class's holder is probing it (#classOwners), so it is in the way.
-      const busy = await this.#classBusy(disk, cls, owners ?? (await this.#ownersOf(cls.theirs, disk, cls, 'theirs')));
+      if (owners === null) {
+        // Busy on the own class: the other class's holder probes it (#classOwners), or a paxos
+        // round of another taker of the own class is on the storage (transient, as EAGAIN on the main lease).
+        owners = await this.#ownersOf(cls.theirs, disk, cls, 'theirs');
+        if (owners.length === 0 && !o.wait && transient++ < TRANSIENT_RETRIES) {
+          await sleep(this.#retryPause(transient), o.signal);
+          continue;
+        }
+      }
+      const busy = await this.#classBusy(disk, cls, owners);
       if (!o.wait) throw busy;
       if (deadline !== undefined && Date.now() >= deadline) {
         throw new LockTimeoutError(`${disk}: still held ${cls.theirMode} when the timeout ran out: ${busy.message}`, { timeout: o.timeout!, resource: disk, cause: busy });
@@ -635,6 +652,15 @@ export class SanlockLockspace implements LockspaceDriver {
       await sleep(deadline === undefined ? pause : Math.min(pause, Math.max(0, deadline - Date.now())), o.signal);
       pause = Math.min(pause * 2, RETRY_MAX_MS);
     }
+  }
+
+  /**
+   * The pause before the nth quick retry of a transient failure: growing, and
+   * offset by the host id, so that two hosts that collided do not collide
+   * again in step (deterministic, unlike jitter).
+   */
+  #retryPause(n: number): number {
+    return RETRY_MIN_MS * n + 10 * (this.config.hostId % 5);
   }
 
   /** The owners of one class resource on the storage; its offset looked up once. */

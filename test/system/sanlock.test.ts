@@ -222,6 +222,34 @@ describe.skipIf(why !== null)('sanlock lockspace', () => {
     }
   });
 
+  it('racing at once on two hosts, five rounds: readonly against shared never both run; readonly with readonly (waiting) both run', async () => {
+    const p = await host2();
+    for (const [mine, theirs] of [
+      ['readonly', 'shared'],
+      ['readonly', 'readonly'],
+    ] as const) {
+      for (let round = 0; round < 5; round++) {
+        await p.call('create', { lockspace: host(2) });
+        await p.call('register', { type: 'disk', path: disk2, mode: theirs });
+        const a = manager(1);
+        a.registerResource({ type: 'disk', path: disk2, mode: mine });
+        // Readers wait (a fail-fast shared acquire can still lose a paxos round to the other host's: see docs/sanlock.md, "Limits").
+        const wait = mine === theirs ? { timeout: 10_000 } : undefined;
+        const [ours, peer] = await Promise.allSettled([a.start('sleep', ['1000'], {}, wait), p.call<number>('start', 'sleep', ['1000'], ...(wait === undefined ? [] : [{}, wait]))]);
+        const ran = [ours.status === 'fulfilled', peer.status === 'fulfilled'];
+        const what = `${mine} against ${theirs}, round ${round}: ${JSON.stringify(ran)}`;
+        if (mine === theirs) expect(ran, `${what} ${[ours, peer].map((r) => (r.status === "rejected" ? `${(r.reason as Error).message} ${JSON.stringify((r.reason as { cause?: unknown }).cause ?? null)}` : "")).join(" / ")}`).toEqual([true, true]);
+        else expect(ran.filter(Boolean).length, what).toBeLessThanOrEqual(1);
+        for (const r of [ours, peer]) if (r.status === 'rejected') expect((r.reason as Error).name, what).toBe('ResourceBusyError');
+        await a.free();
+        managers.splice(managers.indexOf(a), 1);
+        await p.call('free');
+        await waitUntil(() => heldOn(1).length === 0 && heldOn(2).length === 0, 10_000, 'both hosts to let go');
+      }
+    }
+    await cleanupManagers();
+  });
+
   it('a wait for the other class ends when it lets go; a timeout names its holder', async () => {
     const a = manager(1);
     a.registerResource({ type: 'disk', path: disk2, mode: 'readonly' });
