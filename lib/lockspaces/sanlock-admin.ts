@@ -19,7 +19,8 @@ leave     leaves; sanlock kills this host's processes holding leases in it
 joined    exit 0 if joined, 1 if not (also while a join is in progress:
           it then prints 'joining')
 add-disk  creates the lease of each DISK (by its path, which must be the same
-          on every host); existing leases are kept
+          on every host) and its two class leases (readonly, shared);
+          existing leases are kept, missing class leases are added
 add-lease creates each named lease (libvirt's <lease>), given as its file's
           path PATH/LOCKSPACE/KEY (the lease { path, lockspace, key } of the API)
 `;
@@ -79,7 +80,8 @@ export async function sanlockCommand(args: readonly string[], out: (text: string
       if (parsed.positionals.length === 0) throw new InvalidArgumentError(`${action} needs at least one ${what} (see lockmgr sanlock --help)`);
       for (const name of parsed.positionals) {
         const r = action === 'add-disk' ? await createDiskLease({ ...base, disk: name }) : await createNamedLease({ ...base, lease: name });
-        out(`${name}: lease ${r.created ? 'created' : 'exists'} at offset ${r.offset}\n`);
+        const c = r.classes;
+        out(`${name}: lease ${r.created ? 'created' : 'exists'} at offset ${r.offset}; class leases ${c.created ? 'created' : 'exist'} at offsets ${c.readonly} (readonly), ${c.shared} (shared)\n`);
       }
       return 0;
     }

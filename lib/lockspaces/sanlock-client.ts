@@ -223,10 +223,13 @@ function checkInt(value: unknown, what: string, min: number, max: number, fallba
  * the SHA-256 of its path. The path is the disk's identity across hosts, so
  * every host must name a shared disk by the same path (/dev/disk/by-id/...,
  * /dev/mapper/..., an NFS path), as libvirt's sanlock plugin requires too.
- * Names on shared storage are a wire format: this is version 1 of it
- * (docs/sanlock.md, "Names"); changing it needs a new prefix.
+ * Names on shared storage are a wire format (docs/sanlock.md, "Names"):
+ * 1: one resource per disk or named lease. 2: also its two class resources
+ * (classResourceName), which readonly and shared leases take beside it; the
+ * main names did not change, so a release of version 1 and one of version 2
+ * still exclude each other wherever version 1 did.
  */
-export const SANLOCK_NAMES_VERSION = 1;
+export const SANLOCK_NAMES_VERSION = 2;
 
 export function diskResourceName(path: string): string {
   return `lm-${createHash('sha256').update(path).digest('hex').slice(0, 40)}`;
@@ -236,10 +239,22 @@ export function diskResourceName(path: string): string {
  * The sanlock resource name of a named lease (libvirt's <lease>): 'lml-' and
  * the first 40 hex digits of the SHA-256 of its file's path,
  * <path>/<lockspace>/<key>, the same name every OFD lockspace gives its lock
- * file. Version 1 of the format, like diskResourceName.
+ * file.
  */
 export function leaseResourceName(file: string): string {
   return `lml-${createHash('sha256').update(file).digest('hex').slice(0, 40)}`;
+}
+
+/** The two classes of a non-exclusive lease: readers and shared writers exclude each other (version 2 of the names). */
+export type LeaseClass = 'readonly' | 'shared';
+
+/**
+ * The class resource that a readonly ('r') or shared ('w') lease takes
+ * beside the main one: 'lm-HEX' -> 'lmr-HEX' / 'lmw-HEX', 'lml-HEX' ->
+ * 'lmlr-HEX' / 'lmlw-HEX'.
+ */
+export function classResourceName(resource: string, cls: LeaseClass): string {
+  return resource.replace('-', cls === 'readonly' ? 'r-' : 'w-');
 }
 
 // ---- storage helpers ------------------------------------------------------
@@ -348,23 +363,39 @@ export async function lockspaceJoined(options: JoinOptions): Promise<boolean> {
   return (await lockspaceState(options)) === 'joined';
 }
 
+/** Where a disk's or named lease's resources are in the lease index, and whether this call created them. */
+export interface CreatedLease {
+  offset: number;
+  created: boolean;
+  /** Its class resources (readonly, shared), created with it, or now if the main one predates them. */
+  classes: { readonly: number; shared: number; created: boolean };
+}
+
 /**
  * Creates the lease of a disk in the lease index (once per disk, from any one
- * host that has joined). Exists already: returns its offset.
+ * host that has joined), with its two class resources. Exists already:
+ * returns its offsets (and adds class resources a version 1 add-disk did not create).
  */
-export async function createDiskLease(options: StorageOptions & { disk: string }): Promise<{ offset: number; created: boolean }> {
+export async function createDiskLease(options: StorageOptions & { disk: string }): Promise<CreatedLease> {
   const disk = checkStoragePath(options?.disk, 'disk');
-  return createResource(options, diskResourceName(disk), `createDiskLease: ${disk}`);
+  return createLease(options, diskResourceName(disk), `createDiskLease: ${disk}`);
 }
 
 /**
  * Creates the lease of a named lease (libvirt's <lease>) in the lease index,
  * by its file's path `<path>/<lockspace>/<key>` (the name every lockspace
- * gives it). Exists already: returns its offset.
+ * gives it), with its two class resources. Exists already: returns its offsets.
  */
-export async function createNamedLease(options: StorageOptions & { lease: string }): Promise<{ offset: number; created: boolean }> {
+export async function createNamedLease(options: StorageOptions & { lease: string }): Promise<CreatedLease> {
   const lease = checkStoragePath(options?.lease, 'lease');
-  return createResource(options, leaseResourceName(lease), `createNamedLease: ${lease}`);
+  return createLease(options, leaseResourceName(lease), `createNamedLease: ${lease}`);
+}
+
+async function createLease(options: StorageOptions, res: string, what: string): Promise<CreatedLease> {
+  const main = await createResource(options, res, what);
+  const r = await createResource(options, classResourceName(res, 'readonly'), `${what} (its readonly class)`);
+  const w = await createResource(options, classResourceName(res, 'shared'), `${what} (its shared class)`);
+  return { ...main, classes: { readonly: r.offset, shared: w.offset, created: r.created || w.created } };
 }
 
 async function createResource(options: StorageOptions, res: string, what: string): Promise<{ offset: number; created: boolean }> {
@@ -406,9 +437,16 @@ export function inquireRaw(pid: number): Promise<Result> {
   return run(Op.INQUIRE, [], [pid]);
 }
 
-/** Host ids (and generations) that own a resource lease, from the storage. */
-export async function leaseOwners(lease: LeaseAddress, offset: number): Promise<Array<{ hostId: number; generation: number }>> {
+/**
+ * Host ids (and generations) that own a resource lease, from the storage: the
+ * exclusive owner and every host with a shared hold (sanlock's per-host mode
+ * blocks; a host is listed once however many of its processes hold it).
+ * Best effort ([] when it cannot be read) unless `strict`: then a read
+ * failure throws.
+ */
+export async function leaseOwners(lease: LeaseAddress, offset: number, strict = false): Promise<Array<{ hostId: number; generation: number }>> {
   const r = await run(Op.READ_OWNERS, [lease.lockspace, lease.resource, lease.path], [offset]);
+  if (r.rv < 0 && strict) throw errorFor(r.rv, 'sanlock_read_resource_owners', `reading the owners of ${lease.resource} on ${lease.path}`);
   if (r.rv < 0) return [];
   const owners: Array<{ hostId: number; generation: number }> = [];
   for (let i = 0; i + 1 < r.out.length; i += 2) owners.push({ hostId: r.out[i]!, generation: r.out[i + 1]! });

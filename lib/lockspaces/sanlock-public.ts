@@ -9,6 +9,7 @@ export {
   leaveLockspace,
   lockspaceJoined,
   lockspaceState,
+  type CreatedLease,
   type InitOptions,
   type JoinOptions,
   type StorageOptions,

@@ -26,6 +26,7 @@ import { leaseFilePath } from './named-lease.js';
 import { openDiskFile } from './ofd.js';
 import {
   acquireFor,
+  classResourceName,
   diskResourceName,
   leaseResourceName,
   lookupLease,
@@ -42,6 +43,7 @@ import {
   RV,
   sanlockCause,
   type LeaseAddress,
+  type LeaseClass,
 } from './sanlock-client.js';
 import { spawnSupervised, type ExitStatus, type SpawnOptions, type SupervisedProcess } from '../os/supervise.js';
 import { describe } from '../os/validate.js';
@@ -52,7 +54,15 @@ const HELPER_TIMEOUT_MS = 10_000;
 const RETRY_MIN_MS = 50;
 const RETRY_MAX_MS = 1000;
 
-const BUSY = new Set<number>([RV.SANLK_ACQUIRE_IDLIVE, RV.EAGAIN, RV.EEXIST]);
+/**
+ * A paxos round lost to another host taking the same lease at the same moment
+ * (OWNED, OTHER: "acquired by another host in other ballot / in local
+ * commit"; SHRETRY), or a release or round still on the storage (EAGAIN):
+ * seen when two hosts take a shared lease at once. Worth a few quick retries
+ * even without a wait.
+ */
+const TRANSIENT = new Set<number>([RV.EAGAIN, RV.SANLK_ACQUIRE_OWNED, RV.SANLK_ACQUIRE_OTHER, RV.SANLK_ACQUIRE_SHRETRY]);
+const BUSY = new Set<number>([RV.SANLK_ACQUIRE_IDLIVE, RV.EEXIST, ...TRANSIENT]);
 /** How long exitFailure() waits for the daemon to drop an exited owner's leases. */
 const EXIT_RELEASE_MS = 5000;
 /** How often a fail-fast acquire retries EAGAIN, RETRY_MIN_MS apart. */
@@ -188,11 +198,29 @@ export function checkSanlockConfig(config: unknown): SanlockLockspaceConfig {
   return { kind: 'sanlock', lockspace, path, hostId };
 }
 
+type Owner = { hostId: number; generation: number };
+
+/** A readonly or shared lease's class resources (version 2 of the names): its own and the other class's, with their offsets once known. */
+interface ClassLeases {
+  mode: LeaseClass;
+  theirMode: LeaseClass;
+  mine: LeaseAddress;
+  theirs: LeaseAddress;
+  offsets: { mine: number; theirs: number };
+}
+
+/** A lease whose class resources are not in the index: created by a release of lockmgr before class leases (names version 1). */
+function missingClass(disk: string, cls: ClassLeases): ResourceAccessError {
+  return new ResourceAccessError(
+    `${disk} has no ${cls.mode} class lease (${cls.mine.resource}) in sanlock lockspace ${cls.mine.lockspace}: its lease was created by a lockmgr before sanlock names version 2, which cannot keep readonly and shared leases apart; run \`lockmgr sanlock add-disk\` (or createDiskLease(), add-lease for a named lease) for it again`,
+  );
+}
+
 /** One sanlock lease, and the image (QEMU's locks, identity) of a disk. */
 interface OwnedLease {
   take(o: TakeOptions): Promise<void>;
-  /** Marks the lease held by the owner already (adopt()): at `offset` in the lease index. */
-  adopted(offset: number): void;
+  /** Marks the lease held by the owner already (adopt()): at `offset` in the lease index, with its class resource at `classOffset` (readonly, shared). */
+  adopted(offset: number, classOffset?: number): void;
   release(): void;
   stillHeld(): Promise<boolean>;
 }
@@ -235,9 +263,9 @@ export class SanlockLockspace implements LockspaceDriver {
     hotplugHeldByChild: true,
     migrationState: true,
     multiHost: true,
-    // Not yet: a sanlock lease has only two modes (shared, exclusive); the
-    // three-class rule needs a second resource per disk (docs/lockspaces.md).
-    readersExcludeWriters: false,
+    // A sanlock lease has only shared and exclusive: readonly and shared take
+    // a class resource each beside the main lease, take-then-check (#takeClass).
+    readersExcludeWriters: true,
   });
   onWarning: (err: unknown) => void = () => undefined;
   /** The registered process the leases are acquired for; null when there is none (yet, or any more). */
@@ -336,17 +364,36 @@ export class SanlockLockspace implements LockspaceDriver {
       if (r.rv < 0) throw errorFor(r.rv, 'sanlock_inquire', `${lease.path}: asking the sanlock daemon which leases process ${holder.pid} holds`);
       const resource = lease.key.slice(`sanlock:${this.config.lockspace}:`.length);
       // "lockspace:resource:path:offset:lver", ":SH" appended for a shared lease (sanlock_res_to_str).
-      const entry = r.text
-        .split(/\s+/)
-        .map((e) => e.replace(/^"|"$/g, ''))
-        .find((e) => e.startsWith(`${this.config.lockspace}:${resource}:`));
-      if (entry === undefined) throw new InvalidArgumentError(`process ${holder.pid} does not hold ${mode === 'exclusive' ? 'an' : 'a'} ${mode} lease on ${lease.path}: sanlock lists no lease ${this.config.lockspace}:${resource} for it`);
+      const entries = r.text.split(/\s+/).map((e) => e.replace(/^"|"$/g, ''));
+      const find = (res: string) => entries.find((e) => e.startsWith(`${this.config.lockspace}:${res}:`));
+      const offsetOf = (entry: string) => {
+        const at = Number(entry.split(':')[3]);
+        if (!Number.isSafeInteger(at) || at < 0) throw new ResourceAccessError(`sanlock reported an unreadable lease for process ${holder.pid}: ${entry}`);
+        return at;
+      };
+      const a = mode === 'exclusive' ? 'an' : 'a';
+      const entry = find(resource);
+      if (entry === undefined) throw new InvalidArgumentError(`process ${holder.pid} does not hold ${a} ${mode} lease on ${lease.path}: sanlock lists no lease ${this.config.lockspace}:${resource} for it`);
       const shared = entry.endsWith(':SH');
-      if (shared !== (mode !== 'exclusive')) {
-        throw new InvalidArgumentError(`process ${holder.pid} does not hold ${mode === 'exclusive' ? 'an' : 'a'} ${mode} lease on ${lease.path}: it holds it ${shared ? 'shared' : 'exclusively'}, not ${mode}`);
+      // Which of readonly and shared: the class resource it holds beside the main lease.
+      const held: ResourceMode | null = !shared
+        ? 'exclusive'
+        : find(classResourceName(resource, 'readonly')) !== undefined
+          ? 'readonly'
+          : find(classResourceName(resource, 'shared')) !== undefined
+            ? 'shared'
+            : null;
+      if (held === null) {
+        throw new InvalidArgumentError(
+          `process ${holder.pid} does not hold ${a} ${mode} lease on ${lease.path} as this lockmgr takes one: it holds the sanlock lease shared without a class lease (taken by a lockmgr before sanlock names version 2)`,
+        );
       }
-      const offset = Number(entry.split(':')[3]);
-      if (!Number.isSafeInteger(offset) || offset < 0) throw new ResourceAccessError(`sanlock reported an unreadable lease for process ${holder.pid}: ${entry}`);
+      if (held !== mode) {
+        throw new InvalidArgumentError(`process ${holder.pid} does not hold ${a} ${mode} lease on ${lease.path}: it holds it ${held === 'exclusive' ? 'exclusively' : held}, not ${mode}`);
+      }
+      const classEntry = mode === 'exclusive' ? undefined : find(classResourceName(resource, mode));
+      const offset = offsetOf(entry);
+      const classOffset = classEntry === undefined ? undefined : offsetOf(classEntry);
       if (this.#owner === null) {
         this.#owner = holder.pid;
         void holder.exited.then(() => {
@@ -355,7 +402,7 @@ export class SanlockLockspace implements LockspaceDriver {
         });
       }
       this.#state = r.text;
-      lease.owned.adopted(offset);
+      lease.owned.adopted(offset, classOffset);
       return lease;
     } catch (err) {
       lease.close();
@@ -380,25 +427,26 @@ export class SanlockLockspace implements LockspaceDriver {
     return `sanlock:${this.config.lockspace}:${this.config.path}:${this.config.hostId}`;
   }
 
+  /** The main lease and its two class resources (version 2 of the names), each with the hosts the storage lists as owners. */
   async inspect(name: ResourceName): Promise<LeaseStatus> {
     const resource = name.type === 'lease' ? leaseResourceName(leaseFilePath(name)) : diskResourceName(name.path);
     const address: LeaseAddress = { lockspace: this.config.lockspace, resource, path: this.config.path };
-    const path = `${address.lockspace}:${address.resource} on ${address.path}`;
-    const offset = await lookupLease(address.lockspace, address.path, resource);
-    if (offset === null) return { lockspace: this.describe(), locations: [{ what: 'sanlock lease', path, exists: false, lease: { state: 'free', holder: null }, guard: null }] };
-    const owners = await leaseOwners(address, offset);
-    const hosts = await Promise.all(owners.map(async (o) => `host ${o.hostId}${await hostName(address.path, o.hostId).then((n) => (n === null ? '' : ` (${n})`))}`));
+    const one = async (what: string, res: string, onlyShared: boolean): Promise<LeaseStatus['locations'][number]> => {
+      const path = `${address.lockspace}:${res} on ${address.path}`;
+      const offset = await lookupLease(address.lockspace, address.path, res);
+      if (offset === null) return { what, path, exists: false, lease: { state: 'free', holder: null }, guard: null };
+      const owners = await leaseOwners({ ...address, resource: res }, offset);
+      const hosts = await this.#hostNames(owners);
+      // A class resource is only ever held shared; the main lease by one owner may be either.
+      const state = owners.length === 0 ? 'free' : owners.length > 1 || onlyShared ? 'shared' : 'held';
+      return { what, path, exists: true, lease: { state, holder: null, ...(hosts.length > 0 ? { host: hosts.join(', ') } : {}) }, guard: null, detail: { offset, owners } };
+    };
     return {
       lockspace: this.describe(),
       locations: [
-        {
-          what: 'sanlock lease',
-          path,
-          exists: true,
-          lease: { state: owners.length === 0 ? 'free' : owners.length > 1 ? 'shared' : 'held', holder: null, ...(hosts.length > 0 ? { host: hosts.join(', ') } : {}) },
-          guard: null,
-          detail: { offset, owners },
-        },
+        await one('sanlock lease', resource, false),
+        await one('sanlock readonly class', classResourceName(resource, 'readonly'), true),
+        await one('sanlock shared class', classResourceName(resource, 'shared'), true),
       ],
     };
   }
@@ -407,19 +455,15 @@ export class SanlockLockspace implements LockspaceDriver {
     let offset = -1;
     let heldBy: number | null = null;
     const shared = mode !== 'exclusive';
-    const release = () => {
-      const pid = heldBy;
-      heldBy = null;
-      this.#held.delete(address.resource);
-      // The owner has exited: its connection closed and the daemon released
-      // the lease already. (A release by pid now could reach a stranger that
-      // reused the number.)
-      if (pid === null || pid !== this.#owner || offset < 0) return;
-      const entry = this.#onStorage.get(address.resource);
-      const p = releaseFor(pid, address, offset).then(
+    const cls = mode === 'exclusive' ? null : this.#classes(address, mode);
+    let classHeld = false;
+    /** Queues the release of one resource for pid; the daemon answers once it is written. */
+    const queueRelease = (pid: number, at: LeaseAddress, atOffset: number) => {
+      const entry = this.#onStorage.get(at.resource);
+      const p = releaseFor(pid, at, atOffset).then(
         (r) => {
           // Answered: the daemon has written the release (a take-back since then has an entry of its own).
-          if (r.rv === 0 && this.#onStorage.get(address.resource) === entry) this.#onStorage.delete(address.resource);
+          if (r.rv === 0 && this.#onStorage.get(at.resource) === entry) this.#onStorage.delete(at.resource);
           // -3: the process exited meanwhile, and the daemon released with it.
           if (r.rv < 0 && r.rv !== RV.ESRCH) this.onWarning?.(errorFor(r.rv, 'sanlock_release', `${disk}: releasing its sanlock lease`));
         },
@@ -428,12 +472,33 @@ export class SanlockLockspace implements LockspaceDriver {
       const tracked = p.finally(() => this.#releases.delete(tracked));
       this.#releases.add(tracked);
     };
+    const release = () => {
+      const pid = heldBy;
+      const withClass = classHeld;
+      heldBy = null;
+      classHeld = false;
+      this.#held.delete(address.resource);
+      if (cls !== null) this.#held.delete(cls.mine.resource);
+      // The owner has exited: its connection closed and the daemon released
+      // the lease already. (A release by pid now could reach a stranger that
+      // reused the number.)
+      if (pid === null || pid !== this.#owner || offset < 0) return;
+      // The class first, as the OFD lockspaces release their class byte before byte 0.
+      if (withClass && cls !== null) queueRelease(pid, cls.mine, cls.offsets.mine);
+      queueRelease(pid, address, offset);
+    };
     return {
-      adopted: (at: number) => {
+      adopted: (at: number, classAt?: number) => {
         offset = at;
         heldBy = this.#owner;
         this.#held.add(address.resource);
         this.#onStorage.set(address.resource, { disk, address, offset, shared });
+        if (cls !== null && classAt !== undefined) {
+          cls.offsets.mine = classAt;
+          classHeld = true;
+          this.#held.add(cls.mine.resource);
+          this.#onStorage.set(cls.mine.resource, { disk, address: cls.mine, offset: classAt, shared: true });
+        }
       },
       take: async (o: TakeOptions) => {
         const pid = this.#owner;
@@ -458,7 +523,7 @@ export class SanlockLockspace implements LockspaceDriver {
               release();
               throw new AbortError('The wait for a sanlock lease was aborted; the lease acquired meanwhile was released', { cause: o.signal.reason });
             }
-            return;
+            break;
           }
           if (r.rv === RV.ENOENT && offset < 0) {
             // The daemon looks leases up only in a lockspace it has joined.
@@ -477,10 +542,10 @@ export class SanlockLockspace implements LockspaceDriver {
             );
           }
           if (!BUSY.has(r.rv)) throw errorFor(r.rv, 'sanlock_acquire', `${disk}: acquiring its sanlock lease for pid ${pid}`);
-          // EAGAIN also means "in transition" (a holder's release or a paxos
-          // round still on the storage): even a fail-fast acquire retries it briefly.
-          if (r.rv === RV.EAGAIN && !o.wait && transient++ < TRANSIENT_RETRIES) {
-            await sleep(RETRY_MIN_MS, o.signal);
+          // Even a fail-fast acquire retries these briefly (TRANSIENT); a shared one also
+          // IDLIVE: another host's shared acquire owns the leader for the moment of its round.
+          if ((TRANSIENT.has(r.rv) || (shared && r.rv === RV.SANLK_ACQUIRE_IDLIVE)) && !o.wait && transient++ < TRANSIENT_RETRIES) {
+            await sleep(this.#retryPause(transient), o.signal);
             continue;
           }
           if (!o.wait || (deadline !== undefined && Date.now() >= deadline)) {
@@ -496,6 +561,15 @@ export class SanlockLockspace implements LockspaceDriver {
           await sleep(left, o.signal);
           delay = Math.min(delay * 2, RETRY_MAX_MS);
         }
+        if (cls === null) return;
+        try {
+          await this.#takeClass(pid, disk, cls, o, deadline, (held) => {
+            classHeld = held;
+          });
+        } catch (err) {
+          release();
+          throw err;
+        }
       },
       release,
       stillHeld: async () => {
@@ -506,9 +580,139 @@ export class SanlockLockspace implements LockspaceDriver {
         // ESRCH while the VM runs: it closed its registration (the daemon dropped every lease with it).
         if (r.rv === RV.ESRCH) return pid !== this.#owner;
         if (r.rv < 0) throw errorFor(r.rv, 'sanlock_inquire', `${disk}: checking its sanlock lease for pid ${pid}`);
-        return r.text.split(/\s+/).some((e) => e.replace(/^"/, '').startsWith(`${address.lockspace}:${address.resource}:`));
+        const entries = r.text.split(/\s+/).map((e) => e.replace(/^"/, ''));
+        const wanted = [address.resource, ...(classHeld && cls !== null ? [cls.mine.resource] : [])];
+        return wanted.every((res) => entries.some((e) => e.startsWith(`${address.lockspace}:${res}:`)));
       },
     };
+  }
+
+  /** The class resources of a readonly or shared lease: its own, and the other class's (docs/sanlock.md, "readonly and shared"). */
+  #classes(address: LeaseAddress, mode: LeaseClass): ClassLeases {
+    const other: LeaseClass = mode === 'readonly' ? 'shared' : 'readonly';
+    return {
+      mode,
+      theirMode: other,
+      mine: { ...address, resource: classResourceName(address.resource, mode) },
+      theirs: { ...address, resource: classResourceName(address.resource, other) },
+      offsets: { mine: -1, theirs: -1 },
+    };
+  }
+
+  /**
+   * After the main lease (sanlock-shared): the lease's own class resource,
+   * sanlock-shared, then the other class's must have no owner on the storage
+   * (take, then check, as the OFD lockspaces do with bytes 3 and 4: of two
+   * racers both may back off, never both hold). Held by the other class: the
+   * own class is released again, and a wait looks again on a timer.
+   * `onHeld` tells release() whether the class is held.
+   */
+  async #takeClass(pid: number, disk: string, cls: ClassLeases, o: TakeOptions, deadline: number | undefined, onHeld: (held: boolean) => void): Promise<void> {
+    let pause = RETRY_MIN_MS;
+    let told = o.onBusy === undefined;
+    let transient = 0;
+    for (;;) {
+      const r = await acquireFor(pid, cls.mine, cls.offsets.mine, true, -1);
+      if (r.out.length > 0 && r.out[0]! >= 0) cls.offsets.mine = r.out[0]!;
+      let owners: Owner[] | null = null;
+      if (r.rv === 0) {
+        onHeld(true);
+        this.#held.add(cls.mine.resource);
+        this.#onStorage.set(cls.mine.resource, { disk, address: cls.mine, offset: cls.offsets.mine, shared: true });
+        if (r.text !== '') this.#state = r.text;
+        if (o.signal?.aborted) throw new AbortError('The wait for a sanlock lease was aborted; the lease acquired meanwhile was released', { cause: o.signal.reason });
+        owners = await this.#classOwners(pid, disk, cls);
+        if (owners.length === 0) return;
+        onHeld(false);
+        await this.#dropClass(pid, disk, cls);
+      } else if (r.rv === RV.ENOENT) {
+        throw missingClass(disk, cls);
+      } else if (!BUSY.has(r.rv)) {
+        throw errorFor(r.rv, 'sanlock_acquire', `${disk}: acquiring its ${cls.mode} class lease for pid ${pid}`);
+      }
+      if (owners === null) {
+        // Busy on the own class: the other class's holder probes it (#classOwners), or a paxos
+        // round of another taker of the own class is on the storage (transient, as EAGAIN on the main lease).
+        owners = await this.#ownersOf(cls.theirs, disk, cls, 'theirs');
+        if (owners.length === 0 && !o.wait && transient++ < TRANSIENT_RETRIES) {
+          await sleep(this.#retryPause(transient), o.signal);
+          continue;
+        }
+      }
+      const busy = await this.#classBusy(disk, cls, owners);
+      if (!o.wait) throw busy;
+      if (deadline !== undefined && Date.now() >= deadline) {
+        throw new LockTimeoutError(`${disk}: still held ${cls.theirMode} when the timeout ran out: ${busy.message}`, { timeout: o.timeout!, resource: disk, cause: busy });
+      }
+      if (!told) {
+        // A wait begins: who is in the way, as for the main lease.
+        told = true;
+        o.onBusy!(busy);
+      }
+      await sleep(deadline === undefined ? pause : Math.min(pause, Math.max(0, deadline - Date.now())), o.signal);
+      pause = Math.min(pause * 2, RETRY_MAX_MS);
+    }
+  }
+
+  /**
+   * The pause before the nth quick retry of a transient failure: growing, and
+   * offset by the host id, so that two hosts that collided do not collide
+   * again in step (deterministic, unlike jitter).
+   */
+  #retryPause(n: number): number {
+    return RETRY_MIN_MS * n + 10 * (this.config.hostId % 5);
+  }
+
+  /** The owners of one class resource on the storage; its offset looked up once. */
+  async #ownersOf(at: LeaseAddress, disk: string, cls: ClassLeases, which: 'mine' | 'theirs'): Promise<Owner[]> {
+    if (cls.offsets[which] < 0) {
+      const found = await lookupLease(at.lockspace, at.path, at.resource);
+      if (found === null) throw missingClass(disk, cls);
+      cls.offsets[which] = found;
+    }
+    return leaseOwners(at, cls.offsets[which], true);
+  }
+
+  /**
+   * Who holds the other class now. The storage lists every host with a
+   * shared hold, and also a dead host's, until someone takes the resource
+   * exclusively (sanlock then clears a dead host's hold). So a listed owner
+   * is confirmed with a momentary exclusive acquire: if that succeeds, nobody
+   * live holds the class (and from now on it is free, since this lease holds
+   * its own class).
+   */
+  async #classOwners(pid: number, disk: string, cls: ClassLeases): Promise<Owner[]> {
+    const owners = await this.#ownersOf(cls.theirs, disk, cls, 'theirs');
+    if (owners.length === 0) return owners;
+    const probe = await acquireFor(pid, cls.theirs, cls.offsets.theirs, false, -1);
+    if (probe.rv !== 0) return owners;
+    const r = await releaseFor(pid, cls.theirs, cls.offsets.theirs);
+    if (r.rv < 0 && r.rv !== RV.ESRCH) throw errorFor(r.rv, 'sanlock_release', `${disk}: releasing its ${cls.theirMode} class lease after checking it is free`);
+    return [];
+  }
+
+  /** Releases the own class again (the other class is in the way), and waits for the daemon's answer: a retry must not find it still held. */
+  async #dropClass(pid: number, disk: string, cls: ClassLeases): Promise<void> {
+    this.#held.delete(cls.mine.resource);
+    const r = await releaseFor(pid, cls.mine, cls.offsets.mine);
+    if (r.rv === 0 || r.rv === RV.ESRCH) this.#onStorage.delete(cls.mine.resource);
+    else throw errorFor(r.rv, 'sanlock_release', `${disk}: releasing its ${cls.mode} class lease again`);
+  }
+
+  /** The busy error of a readonly lease beside shared ones, or the other way round, naming the hosts that hold the other class. */
+  async #classBusy(disk: string, cls: ClassLeases, owners: Owner[]): Promise<ResourceBusyError> {
+    const by = owners.length > 0 ? `by ${(await this.#hostNames(owners)).join(', ')}` : 'by another host';
+    return new ResourceBusyError(`${disk} is held ${cls.theirMode} ${by} in sanlock lockspace ${cls.mine.lockspace}: a ${cls.mode} lease and a ${cls.theirMode} one exclude each other`, { resource: disk });
+  }
+
+  /** 'host 2 (host2)' for each owner: the name its daemon joined with, where the storage has it. */
+  async #hostNames(owners: Owner[]): Promise<string[]> {
+    return Promise.all(
+      owners.map(async (o) => {
+        const name = await hostName(this.config.path, o.hostId);
+        return name === null ? `host ${o.hostId}` : `host ${o.hostId} (${name})`;
+      }),
+    );
   }
 
   /** The busy error for a lease someone else holds, naming the host(s) sanlock reports as owners. */
@@ -518,12 +722,7 @@ export class SanlockLockspace implements LockspaceDriver {
       return new ResourceBusyError(`${disk} is held by another process on this host (${this.config.hostId}) through sanlock lockspace ${address.lockspace}`, { resource: disk, cause });
     }
     const owners = offset < 0 ? [] : (await leaseOwners(address, offset)).filter((o) => o.hostId !== this.config.hostId);
-    const names = await Promise.all(
-      owners.map(async (o) => {
-        const name = await hostName(address.path, o.hostId);
-        return name === null ? `host ${o.hostId}` : `host ${o.hostId} (${name})`;
-      }),
-    );
+    const names = await this.#hostNames(owners);
     const by = names.length > 0 ? `by ${names.join(', ')}` : 'by another host';
     return new ResourceBusyError(`${disk} is held ${by} in sanlock lockspace ${address.lockspace}${shared ? ' (this acquire: shared)' : ''}`, { resource: disk, cause });
   }

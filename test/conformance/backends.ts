@@ -265,7 +265,7 @@ export class IndirectBackend extends OfdBackend {
 /** The sanlock lockspace: two simulated hosts (test/harness/sanlock.ts). */
 export class SanlockBackend implements Backend {
   readonly name = 'sanlock';
-  readonly capabilities: Capabilities = { attach: false, adopt: true, handoverGuard: false, losable: true, hotplugHeldByChild: true, migrationState: true, multiHost: true, readersExcludeWriters: false };
+  readonly capabilities: Capabilities = { attach: false, adopt: true, handoverGuard: false, losable: true, hotplugHeldByChild: true, migrationState: true, multiHost: true, readersExcludeWriters: true };
   readonly cluster: SanlockCluster;
   readonly #pool: Pool;
   /** Each pool lease's offset on the storage. */

@@ -85,13 +85,22 @@ export class SanlockCluster {
     await Promise.all(others);
   }
 
-  #startDaemon(h: number): void {
+  /** Starts host h's daemon again after it died, and joins it to the lockspace again (a host that rebooted). */
+  async revive(h: number): Promise<void> {
+    if (this.daemonAlive(h)) throw new Error(`host ${h}'s daemon still runs`);
+    rmSync(join(this.runDir(h), 'sanlock.sock'), { force: true });
+    this.#startDaemon(h, h - 1);
+    await waitUntil(() => existsSync(join(this.runDir(h), 'sanlock.sock')), 10_000, `host ${h}'s daemon`);
+    this.client(h, 'add_lockspace', '-o', '1', '-s', `${this.lockspace}:${h}:${this.loop}:0`);
+  }
+
+  #startDaemon(h: number, slot = this.daemons.length): void {
     mkdirSync(this.runDir(h), { recursive: true });
     const d = spawn('sanlock', ['daemon', '-D', '-w', '0', '-e', `host${h}`, '-U', '0', '-G', '0'], {
       env: { ...this.env(h), SANLOCK_PRIVILEGED: '0' },
       stdio: 'ignore',
     });
-    this.daemons.push(d);
+    this.daemons[slot] = d;
   }
 
   async createDiskLease(disk: string): Promise<{ offset: number; created: boolean }> {

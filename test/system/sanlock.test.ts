@@ -5,12 +5,12 @@
 // one lockspace on a loop device. The sanlock client library reads
 // SANLOCK_RUN_DIR once per process, so one host is one process: this test
 // process is host 1, and host 2 is a manager peer process.
-import { execFileSync, spawnSync } from 'node:child_process';
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { AbortError, LockManager, LockTimeoutError, ResourceAccessError, ResourceBusyError, SpawnError, InvalidStateError, UnsupportedError } from '../../lib/index.js';
-import { createDiskLease, initStorage, joinLockspace, leaveLockspace, lockspaceJoined, lockspaceState } from '../../lib/lockspaces/sanlock-client.js';
+import { AbortError, InvalidArgumentError, LockManager, LockTimeoutError, ResourceAccessError, ResourceBusyError, SpawnError, InvalidStateError, UnsupportedError } from '../../lib/index.js';
+import { SANLOCK_NAMES_VERSION, classResourceName, createDiskLease, diskResourceName, initStorage, joinLockspace, leaveLockspace, lockspaceJoined, lockspaceState, leaseOwners, lookupLease } from '../../lib/lockspaces/sanlock-client.js';
 import { SanlockCluster, sanlockUnavailable } from '../harness/sanlock.js';
 import { Peer, fdCount, managerPeerScript, processExists, threadCount, waitUntil } from '../helpers.js';
 
@@ -172,17 +172,167 @@ describe.skipIf(why !== null)('sanlock lockspace', () => {
     await cleanupManagers();
   });
 
-  it('shared leases coexist across hosts; exclusive against them is busy', async () => {
+  it('shared leases coexist across hosts, and readonly ones too; exclusive against them is busy', async () => {
+    for (const mode of ['shared', 'readonly'] as const) {
+      const a = manager(1);
+      a.registerResource({ type: 'disk', path: disk2, mode });
+      await a.start('sleep', ['1000']);
+      const p = await host2();
+      await p.call('create', { lockspace: host(2) });
+      await p.call('register', { type: 'disk', path: disk2, mode });
+      const vm2 = await p.call<number>('start', 'sleep', ['1000']);
+      expect(heldOn(2).some((l) => l.endsWith(` p ${vm2}`))).toBe(true);
+      const x = manager(1);
+      x.registerResource({ type: 'disk', path: disk2, mode: 'exclusive' });
+      await expect(x.start('sleep', ['1000'])).rejects.toThrow(ResourceBusyError);
+      await cleanupManagers();
+    }
+  });
+
+  it('readonly and shared exclude each other across hosts, both ways, through their class leases', async () => {
+    const main = diskResourceName(disk2);
+    for (const [held, wanted] of [
+      ['readonly', 'shared'],
+      ['shared', 'readonly'],
+    ] as const) {
+      const a = manager(1);
+      a.registerResource({ type: 'disk', path: disk2, mode: held });
+      await a.start('sleep', ['1000']);
+      // Host 1's VM holds the main lease and its own class, both sanlock-shared.
+      const vm = a.getChild().pid;
+      expect(heldOn(1).filter((l) => l.endsWith(`:SH p ${vm}`)).map((l) => l.split(':')[1])).toEqual(expect.arrayContaining([main, classResourceName(main, held)]));
+      // lockmgr status shows the class resources and who holds them.
+      const status = spawnSync(process.execPath, [bin, 'status', '--lockspace', `sanlock:${LS}:${cluster.loop}:1`, disk2], { encoding: 'utf8', env: cluster.env(1) });
+      expect(status.stdout).toMatch(new RegExp(`sanlock ${held} class +${LS}:${classResourceName(main, held)} on \\S+: lease held shared by host 1 \\(host1\\)`));
+      expect(status.stdout).toMatch(new RegExp(`sanlock ${wanted} class +${LS}:${classResourceName(main, wanted)} on \\S+: lease free`));
+      const p = await host2();
+      await p.call('create', { lockspace: host(2) });
+      await p.call('register', { type: 'disk', path: disk2, mode: wanted });
+      const err = await p.callError('start', 'sleep', ['1000']);
+      expect(err.name).toBe('ResourceBusyError');
+      expect(err.message).toMatch(new RegExp(`held ${held} by host 1 \\(host1\\).*a ${wanted} lease and a ${held} one exclude each other`));
+      expect(await p.call('state')).toBe('new');
+      // All or nothing: the refused start left nothing held on host 2, nor on the storage.
+      expect(heldOn(2)).toEqual([]);
+      // And on the same host: a second manager of host 1 is refused alike.
+      const b = manager(1);
+      b.registerResource({ type: 'disk', path: disk2, mode: wanted });
+      await expect(b.start('sleep', ['1000'])).rejects.toThrow(new RegExp(`held ${held} by host 1 \\(host1\\)`));
+      await cleanupManagers();
+    }
+  });
+
+  it('racing at once on two hosts, five rounds: readonly against shared never both run; readonly with readonly (waiting) both run', async () => {
+    const p = await host2();
+    for (const [mine, theirs] of [
+      ['readonly', 'shared'],
+      ['readonly', 'readonly'],
+    ] as const) {
+      for (let round = 0; round < 5; round++) {
+        await p.call('create', { lockspace: host(2) });
+        await p.call('register', { type: 'disk', path: disk2, mode: theirs });
+        const a = manager(1);
+        a.registerResource({ type: 'disk', path: disk2, mode: mine });
+        // Readers wait (a fail-fast shared acquire can still lose a paxos round to the other host's: see docs/sanlock.md, "Limits").
+        const wait = mine === theirs ? { timeout: 10_000 } : undefined;
+        const [ours, peer] = await Promise.allSettled([a.start('sleep', ['1000'], {}, wait), p.call<number>('start', 'sleep', ['1000'], ...(wait === undefined ? [] : [{}, wait]))]);
+        const ran = [ours.status === 'fulfilled', peer.status === 'fulfilled'];
+        const what = `${mine} against ${theirs}, round ${round}: ${JSON.stringify(ran)}`;
+        if (mine === theirs) expect(ran, `${what} ${[ours, peer].map((r) => (r.status === "rejected" ? `${(r.reason as Error).message} ${JSON.stringify((r.reason as { cause?: unknown }).cause ?? null)}` : "")).join(" / ")}`).toEqual([true, true]);
+        else expect(ran.filter(Boolean).length, what).toBeLessThanOrEqual(1);
+        for (const r of [ours, peer]) if (r.status === 'rejected') expect((r.reason as Error).name, what).toBe('ResourceBusyError');
+        await a.free();
+        managers.splice(managers.indexOf(a), 1);
+        await p.call('free');
+        await waitUntil(() => heldOn(1).length === 0 && heldOn(2).length === 0, 10_000, 'both hosts to let go');
+      }
+    }
+    await cleanupManagers();
+  });
+
+  it('a wait for the other class ends when it lets go; a timeout names its holder', async () => {
     const a = manager(1);
-    a.registerResource({ type: 'disk', path: disk2, mode: 'shared' });
+    a.registerResource({ type: 'disk', path: disk2, mode: 'readonly' });
     await a.start('sleep', ['1000']);
     const p = await host2();
     await p.call('create', { lockspace: host(2) });
-    await p.call('register', { type: 'disk', path: disk2, mode: 'readonly' });
-    await p.call('start', 'sleep', ['1000']);
-    const x = manager(1);
-    x.registerResource({ type: 'disk', path: disk2, mode: 'exclusive' });
-    await expect(x.start('sleep', ['1000'])).rejects.toThrow(ResourceBusyError);
+    await p.call('register', { type: 'disk', path: disk2, mode: 'shared' });
+    const timeout = await p.callError('start', 'sleep', ['1000'], {}, { timeout: 300 });
+    expect(timeout.name).toBe('LockTimeoutError');
+    expect(timeout.message).toMatch(/held readonly by host 1 \(host1\)/);
+    expect(heldOn(2)).toEqual([]);
+    const started = p.call<number>('start', 'sleep', ['1000'], {}, { timeout: 30_000 });
+    // The wait has begun once host 2 holds the main lease (it keeps it while it looks at the class again).
+    const main = diskResourceName(disk2);
+    await waitUntil(() => heldOn(2).some((l) => l.includes(`:${main}:`)), 10_000, 'host 2 to wait for the readonly class');
+    await a.shutdown({ graceMs: 2000 });
+    const vm2 = await started;
+    expect(heldOn(2).filter((l) => l.endsWith(`:SH p ${vm2}`)).map((l) => l.split(':')[1])).toEqual(expect.arrayContaining([main, classResourceName(main, 'shared')]));
+    await cleanupManagers();
+  });
+
+  it('adopt: the class lease tells readonly from shared, is taken over with the main lease, and goes at shutdown', async () => {
+    const main = diskResourceName(disk2);
+    // A supervisor on host 1 whose VM keeps its leases when it dies (lockLifetime 'child').
+    const p = await Peer.start({ ...process.env, SANLOCK_RUN_DIR: runDir(1) }, managerPeerScript);
+    peers.push(p);
+    await p.call('create', { lockspace: host(1), lockLifetime: 'child' });
+    await p.call('register', { type: 'disk', path: disk2, mode: 'shared' });
+    const vm = await p.call<number>('start', 'sleep', ['1000']);
+    await p.kill('SIGKILL');
+    const wrong = await LockManager.adopt(vm, { lockspace: host(1), resources: [{ type: 'disk', path: disk2, mode: 'readonly' }] }).then(() => null, (e: unknown) => e as Error);
+    expect(wrong).toBeInstanceOf(InvalidArgumentError);
+    expect(wrong!.message).toMatch(/holds it shared, not readonly/);
+    const m = await LockManager.adopt(vm, { lockspace: host(1), resources: [{ type: 'disk', path: disk2, mode: 'shared' }] });
+    managers.push(m);
+    expect(await m.verify()).toEqual({ lost: [] });
+    // Still a shared writer for everyone else: a reader on host 2 is refused.
+    const r = await host2();
+    await r.call('create', { lockspace: host(2) });
+    await r.call('register', { type: 'disk', path: disk2, mode: 'readonly' });
+    expect((await r.callError('start', 'sleep', ['1000'])).message).toMatch(/held shared by host 1 \(host1\)/);
+    await m.shutdown({ graceMs: 2000 });
+    // Both the main lease and the class lease went with the VM.
+    await waitUntil(() => !heldOn(1).some((l) => l.includes(`:${main}:`) || l.includes(`:${classResourceName(main, 'shared')}:`)), 10_000, 'host 1 to release both leases');
+    expect(await r.call<number>('start', 'sleep', ['1000'])).toBeGreaterThan(0);
+    await cleanupManagers();
+  });
+
+  it('names version 2 beside version 1: the main lease is unchanged, so exclusive excludes a version 1 holder; a lease without class leases is refused for readonly and shared until add-disk adds them', async () => {
+    expect(SANLOCK_NAMES_VERSION).toBe(2);
+    // A version 1 add-disk: the main resource only.
+    const old = join(root, 'v1.img');
+    writeFileSync(old, 'x'.repeat(4096));
+    const main = diskResourceName(old);
+    const rindex = `${LS}:${cluster.loop}:${8 * 1024 * 1024}`;
+    client(1, 'create', '-x', rindex, '-e', main);
+    const offset = (await lookupLease(LS, cluster.loop, main))!;
+    // A version 1 shared holder on host 2: the main lease sanlock-shared, as version 1 took it for readonly and shared.
+    const v1 = spawn('sanlock', ['client', 'command', '-r', `${LS}:${main}:${cluster.loop}:${offset}:SH`, '-c', '/bin/sleep', '1000'], { env: cluster.env(2), stdio: 'ignore' });
+    try {
+      await waitUntil(() => heldOn(2).some((l) => l.includes(`:${main}:`) && !l.endsWith(' ADD')), 10_000, 'the version 1 holder on host 2');
+      const x = manager(1);
+      x.registerResource({ type: 'disk', path: old, mode: 'exclusive' });
+      await expect(x.start('sleep', ['1000'])).rejects.toThrow(/held by host 2 \(host2\)/);
+      for (const mode of ['readonly', 'shared'] as const) {
+        const m = manager(1);
+        m.registerResource({ type: 'disk', path: old, mode });
+        const err = (await m.start('sleep', ['1000']).then(() => null, (e: unknown) => e)) as Error;
+        expect(err).toBeInstanceOf(ResourceAccessError);
+        expect(err.message).toMatch(new RegExp(`no ${mode} class lease .*before sanlock names version 2.*lockmgr sanlock add-disk`));
+        expect(heldOn(1)).toEqual([]);
+      }
+    } finally {
+      v1.kill('SIGKILL');
+      await new Promise((r) => (v1.exitCode === null && v1.signalCode === null ? v1.once('exit', r) : r(null)));
+    }
+    await cleanupManagers();
+    // add-disk again adds the class leases; the main lease keeps its offset.
+    const again = await createDiskLease({ lockspace: LS, path: cluster.loop, disk: old });
+    expect(again).toMatchObject({ offset, created: false, classes: { created: true } });
+    const m = manager(1);
+    m.registerResource({ type: 'disk', path: old, mode: 'readonly' });
+    await m.start('sleep', ['1000']);
     await cleanupManagers();
   });
 
@@ -302,7 +452,7 @@ describe.skipIf(why !== null)('sanlock lockspace', () => {
     expect(cli('joined', '--lockspace', LS, '--path', cluster.loop, '--host-id', '7').status).toBe(1);
     const add = cli('add-disk', '--lockspace', LS, '--path', cluster.loop, disk);
     expect(add.status).toBe(0);
-    expect(add.stdout).toMatch(/lease exists at offset \d+/);
+    expect(add.stdout).toMatch(/lease exists at offset \d+; class leases exist at offsets \d+ \(readonly\), \d+ \(shared\)/);
     const none = spawnSync(process.execPath, [join(import.meta.dirname, '..', '..', 'bin', 'lockmgr.js'), 'sanlock', 'joined', '--lockspace', LS, '--path', cluster.loop, '--host-id', '1'], { encoding: 'utf8', env: { ...process.env, SANLOCK_RUN_DIR: join(root, 'nowhere') } });
     expect(none.status).toBe(69);
     expect(none.stderr).toMatch(/no sanlock daemon answers/);
@@ -508,6 +658,29 @@ describe.skipIf(why !== null)('sanlock lockspace', () => {
     // The sanlock worker threads exit after a second idle.
     await waitUntil(() => threadCount() <= threads, 5000, 'idle sanlock workers to exit');
   });
+
+  it.skipIf(process.env.LOCKMGR_SANLOCK_FAILOVER !== '1')('host death of a shared writer: a reader acquires once that host is dead, its left-over class hold cleared (about 70 s; LOCKMGR_SANLOCK_FAILOVER=1)', async () => {
+    const main = diskResourceName(disk2);
+    const p = await host2();
+    await p.call('create', { lockspace: host(2) });
+    await p.call('register', { type: 'disk', path: disk2, mode: 'shared' });
+    const vm2 = await p.call<number>('start', 'sleep', ['1000']);
+    // Host 2 dies: its daemon stops renewing; its shared holds stay on the storage.
+    daemons[1]!.kill('SIGKILL');
+    await waitUntil(() => !cluster.daemonAlive(2), 5000, "host 2's daemon to die");
+    process.kill(vm2, 'SIGKILL');
+    const offset = (await lookupLease(LS, cluster.loop, classResourceName(main, 'shared')))!;
+    expect((await leaseOwners({ lockspace: LS, resource: classResourceName(main, 'shared'), path: cluster.loop }, offset)).map((o) => o.hostId)).toEqual([2]);
+    const m = manager(1);
+    m.registerResource({ type: 'disk', path: disk2, mode: 'readonly' });
+    const t0 = Date.now();
+    await m.start('sleep', ['1000'], {}, { timeout: 150_000 });
+    timings.classFailover = Date.now() - t0;
+    // The momentary exclusive acquire cleared the dead host's hold.
+    expect(await leaseOwners({ lockspace: LS, resource: classResourceName(main, 'shared'), path: cluster.loop }, offset)).toEqual([]);
+    await cleanupManagers();
+    await cluster.revive(2);
+  }, 200_000);
 
   it.skipIf(process.env.LOCKMGR_SANLOCK_FAILOVER !== '1')('host death: host 2 acquires once host 1 is dead (about 70 s; LOCKMGR_SANLOCK_FAILOVER=1)', async () => {
     const m = manager(1);

@@ -7,7 +7,7 @@ import { describe, expect, it } from 'vitest';
 import { inodeIdentity, LOCK_FILE_NAMES_VERSION, lockFileName } from '../../lib/lockspaces/indirect.js';
 import { leaseFilePath } from '../../lib/lockspaces/named-lease.js';
 import { GUARD_RANGE, LEASE_RANGE, PIN_RANGE, READONLY_CLASS_RANGE, SHARED_CLASS_RANGE } from '../../lib/lockspaces/ofd.js';
-import { diskResourceName, leaseResourceName, SANLOCK_NAMES_VERSION } from '../../lib/lockspaces/sanlock-client.js';
+import { classResourceName, diskResourceName, leaseResourceName, SANLOCK_NAMES_VERSION } from '../../lib/lockspaces/sanlock-client.js';
 import { STATUS_JSON_VERSION } from '../../lib/cli/status.js';
 import { decodeToken, encodeToken, TOKEN_VERSION } from '../../lib/manager/token.js';
 import { QEMU_PERM_BASE, QEMU_PERMISSIONS, QEMU_SHARED_BASE } from '../../lib/os/qemu.js';
@@ -26,13 +26,19 @@ describe('formats that outlive a process', () => {
     expect(leaseFilePath({ path: '/var/lib/libvirt/lockd/leases', lockspace: 'cluster', key: 'vm1-disk0' })).toBe('/var/lib/libvirt/lockd/leases/cluster/vm1-disk0');
   });
 
-  it('sanlock resource names, version 1: lm- and lml- with 40 hex digits of sha256', () => {
-    expect(SANLOCK_NAMES_VERSION).toBe(1);
-    expect(diskResourceName('/dev/disk/by-id/wwn-0x5000c500a1b2c3d4')).toBe('lm-92b2646d1f6f83fb9047d2a2a35643043a84f469');
-    expect(leaseResourceName('/var/lib/libvirt/lockd/leases/cluster/vm1-disk0')).toBe('lml-90b36bc8cfa10a005f5b4313e279f8c37a683dfa');
+  it('sanlock resource names, version 2: lm- and lml- with 40 hex digits of sha256, and their class resources lmr-/lmw- and lmlr-/lmlw-', () => {
+    // Version 1 had the main names only; version 2 adds the class resources
+    // beside them and keeps the main names, so version 1 still excludes all it
+    // did (test/system/sanlock.test.ts, "names version 2 beside version 1").
+    expect(SANLOCK_NAMES_VERSION).toBe(2);
+    const disk = diskResourceName('/dev/disk/by-id/wwn-0x5000c500a1b2c3d4');
+    expect(disk).toBe('lm-92b2646d1f6f83fb9047d2a2a35643043a84f469');
+    expect([classResourceName(disk, 'readonly'), classResourceName(disk, 'shared')]).toEqual(['lmr-92b2646d1f6f83fb9047d2a2a35643043a84f469', 'lmw-92b2646d1f6f83fb9047d2a2a35643043a84f469']);
+    const lease = leaseResourceName('/var/lib/libvirt/lockd/leases/cluster/vm1-disk0');
+    expect(lease).toBe('lml-90b36bc8cfa10a005f5b4313e279f8c37a683dfa');
+    expect([classResourceName(lease, 'readonly'), classResourceName(lease, 'shared')]).toEqual(['lmlr-90b36bc8cfa10a005f5b4313e279f8c37a683dfa', 'lmlw-90b36bc8cfa10a005f5b4313e279f8c37a683dfa']);
     // sanlock's names have at most 48 bytes.
-    expect(diskResourceName('/x').length).toBeLessThanOrEqual(48);
-    expect(leaseResourceName('/x').length).toBeLessThanOrEqual(48);
+    for (const name of [disk, lease]) for (const cls of ['readonly', 'shared'] as const) expect(classResourceName(name, cls).length).toBeLessThanOrEqual(48);
   });
 
   it('the lease file bytes: 0 the lease, 1 the handover guard, 2 the pin, 3 and 4 the shared and readonly classes; QEMU\'s at 100+i and 200+i', () => {
