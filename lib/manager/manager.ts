@@ -156,9 +156,9 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
       throw new InvalidArgumentError(`start() needs a command, got ${describe(command)}`);
     }
     const spawnOpts = this.#spawnOptions(spawnOptions);
-    // Before any lease is taken, in every lockspace alike (sanlock spawns
-    // first, the others acquire first): bad arguments are never reported as
-    // a busy disk, and cost nothing.
+    // Before any lease is taken, in every lockspace alike (some spawn before
+    // they acquire, some after): bad arguments are never reported as a busy
+    // disk, and cost nothing.
     if (command !== undefined) checkSpawn(command, args, spawnOpts);
     this.#startAbort = new AbortController();
     const abort = signal === undefined ? this.#startAbort.signal : AbortSignal.any([signal, this.#startAbort.signal]);
