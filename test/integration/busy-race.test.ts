@@ -54,8 +54,13 @@ for (const lockspace of ['direct', 'indirect'] as const) {
       return [c.pid!, Number(readFileSync(pidFile, 'utf8'))];
     }
 
-    it('the holder exits between the conflict and the /proc scan: the error says it has just let go, not "in this process"', async () => {
-      const pids = await holder();
+    /**
+     * A `held`-mode holder killed between the conflict and the /proc scan,
+     * while a `wanted`-mode start fails on it: the error, after which the
+     * disk is free again for another `wanted` start.
+     */
+    async function busyFromAGoneHolder(held: 'exclusive' | 'readonly', wanted: 'exclusive' | 'shared'): Promise<Error> {
+      const pids = await holder(held);
       let ran = 0;
       busyHooks.afterConflict = () => {
         ran++;
@@ -63,43 +68,31 @@ for (const lockspace of ['direct', 'indirect'] as const) {
         waitDeadSync(pids);
       };
       const m = new LockManager(options());
-      m.registerResource({ type: 'disk', path: fx.path, mode: 'exclusive' });
+      m.registerResource({ type: 'disk', path: fx.path, mode: wanted });
       const err = await m.start('true', []).catch((e: unknown) => e);
       await m.free();
+      busyHooks.afterConflict = undefined;
       expect(ran).toBe(1);
       expect(err).toBeInstanceOf(ResourceBusyError);
-      expect((err as Error).message).not.toContain('in this process');
-      expect((err as Error).message).toContain('a holder that has just let go (it exited or closed the file; nobody else has it open now): try again');
       // And it is so: the lease is free now.
-      busyHooks.afterConflict = undefined;
       const again = new LockManager(options());
-      again.registerResource({ type: 'disk', path: fx.path, mode: 'exclusive' });
+      again.registerResource({ type: 'disk', path: fx.path, mode: wanted });
       await again.start('true', []);
       await again.free();
+      return err as Error;
+    }
+
+    it('the holder exits between the conflict and the /proc scan: the error says it has just let go, not "in this process"', async () => {
+      const err = await busyFromAGoneHolder('exclusive', 'exclusive');
+      expect(err.message).not.toContain('in this process');
+      expect(err.message).toContain('a holder that has just let go (it exited or closed the file; nobody else has it open now): try again');
     });
 
     // The class byte's busy error (a shared lease against a readonly one) once
     // skipped the re-probe and said "in this process" for a holder that had gone.
     it('a readonly holder exits between the class conflict and the scan: a shared acquirer is told it has just let go', async () => {
-      const pids = await holder('readonly');
-      let ran = 0;
-      busyHooks.afterConflict = () => {
-        ran++;
-        for (const p of pids) process.kill(p, 'SIGKILL');
-        waitDeadSync(pids);
-      };
-      const m = new LockManager(options());
-      m.registerResource({ type: 'disk', path: fx.path, mode: 'shared' });
-      const err = await m.start('true', []).catch((e: unknown) => e);
-      await m.free();
-      expect(ran).toBe(1);
-      expect(err).toBeInstanceOf(ResourceBusyError);
-      expect((err as Error).message).toContain('is held readonly by a holder that has just let go (it exited or closed the file; nobody else has it open now): try again');
-      busyHooks.afterConflict = undefined;
-      const again = new LockManager(options());
-      again.registerResource({ type: 'disk', path: fx.path, mode: 'shared' });
-      await again.start('true', []);
-      await again.free();
+      const err = await busyFromAGoneHolder('readonly', 'shared');
+      expect(err.message).toContain('is held readonly by a holder that has just let go (it exited or closed the file; nobody else has it open now): try again');
     });
 
     it('a holder in this very process is still named as such', async () => {

@@ -25,6 +25,16 @@ function qemu(tool: string, ...args: string[]) {
 // The suite runs on a regular file, and as root on a loop block device too.
 const targets = [{ name: 'a regular file', block: false }, ...(canLoop ? [{ name: 'a loop block device', block: true }] : [])];
 
+/** After each test: its managers freed, its servers (qemu-nbd, ...) killed and reaped. */
+async function endAll(managers: LockManager[], servers: ChildProcess[]): Promise<void> {
+  for (const m of managers.splice(0)) await m.free();
+  for (const s of servers.splice(0)) {
+    const gone = new Promise((r) => s.once('exit', r));
+    s.kill('SIGKILL');
+    await gone;
+  }
+}
+
 describe.skipIf(!haveQemu).each(targets)('QEMU interop on $name', ({ block }) => {
   let tmp: ReturnType<typeof tempDir>;
   let image: string;
@@ -44,14 +54,7 @@ describe.skipIf(!haveQemu).each(targets)('QEMU interop on $name', ({ block }) =>
     if (device) execFileSync('losetup', ['-d', device]);
     tmp.cleanup();
   });
-  afterEach(async () => {
-    for (const m of managers.splice(0)) await m.free();
-    for (const s of servers.splice(0)) {
-      const gone = new Promise((r) => s.once('exit', r));
-      s.kill('SIGKILL');
-      await gone;
-    }
-  });
+  afterEach(() => endAll(managers, servers));
 
   async function hold(mode: 'exclusive' | 'shared' | 'readonly', qemuCompatible: boolean): Promise<LockManager> {
     const m = new LockManager();
@@ -172,14 +175,7 @@ describe.skipIf(!haveQemu || !canLoop)('QEMU locks on a loop device cover its ba
     if (loop !== '') execFileSync('losetup', ['-d', loop]);
     tmp.cleanup();
   });
-  afterEach(async () => {
-    for (const m of managers.splice(0)) await m.free();
-    for (const s of servers.splice(0)) {
-      const gone = new Promise((r) => s.once('exit', r));
-      s.kill('SIGKILL');
-      await gone;
-    }
-  });
+  afterEach(() => endAll(managers, servers));
 
   const expected = {
     exclusive: { held: ['consistent-read', 'write'], unshared: ['write', 'resize'] },
