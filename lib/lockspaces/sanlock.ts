@@ -212,7 +212,7 @@ interface ClassLeases {
 /** A lease whose class resources are not in the index: created by a release of lockmgr before class leases (names version 1). */
 function missingClass(disk: string, cls: ClassLeases): ResourceAccessError {
   return new ResourceAccessError(
-    `${disk} has no ${cls.mode} class lease (${cls.mine.resource}) in sanlock lockspace ${cls.mine.lockspace}: its lease was created by a lockmgr before sanlock names version 2, which cannot keep readonly and shared leases apart; run \`lockmgr sanlock add-disk\` (or createDiskLease(), add-lease for a named lease) for it again`,
+    `${disk} has no ${cls.mode} class lease (${cls.mine.resource}) in sanlock lockspace ${cls.mine.lockspace}: its lease was created by a lockmgr before sanlock names version 2, which cannot keep readonly and shared leases apart; create its leases again (${cls.mine.resource.startsWith('lml') ? 'createNamedLease(), or lockmgr sanlock add-lease' : 'createDiskLease(), or lockmgr sanlock add-disk'})`,
   );
 }
 
