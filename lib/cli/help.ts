@@ -35,7 +35,8 @@ options:
   --verify-interval SECONDS
                        check that every lease is still held this often; 0
                        never. Default: 10 where the lockspace declares that its
-                       leases can be lost (losable), else never
+                       leases can be lost (losable) or with --on-lock-failure,
+                       else never
   --on-lock-failure poweroff|pause|ignore
                        what to do with COMMAND when a lease is found lost:
                        SIGKILL (the default), SIGSTOP, or nothing; always

@@ -70,7 +70,8 @@ export function parseRun(argv: readonly string[]): RunArgs {
   }
   let adopt: number | undefined;
   if (values.adopt !== undefined) {
-    if (!/^\d+$/.test(values.adopt) || Number(values.adopt) < 1 || !Number.isSafeInteger(Number(values.adopt))) throw usage(`--adopt needs a process id (an integer > 0), got '${values.adopt}'`, 'run');
+    // Beyond a pid_t the API's own check would speak, in its words.
+    if (!/^\d+$/.test(values.adopt) || Number(values.adopt) < 1 || Number(values.adopt) > 0x7fffffff) throw usage(`--adopt needs a process id (an integer from 1 to 2147483647), got '${values.adopt}'`, 'run');
     if (dash >= 0) throw usage("--adopt takes no command: the process runs already (drop '-- COMMAND')", 'run');
     for (const flag of ['wait', 'lifetime', 'name', 'uuid', 'id', 'uri'] as const) {
       if (values[flag] !== undefined) throw usage(`--${flag} cannot be used with --adopt: the process runs already, under the lifetime 'child'`, 'run');

@@ -1,7 +1,7 @@
 // `lockmgr status`: who holds what on each PATH (docs/cli.md).
 import type { ByteStatus, LeaseStatus, LockspaceDriver } from '../lockspaces/driver.js';
 import { openLockspace, parseLockspaceSpec } from '../lockspaces/index.js';
-import type { FileOpener, LockHolder, LockHolderProcess, LockHolders, LockManagerError, ProcessInfo, UnreadableHolder } from '../os/errors.js';
+import { LockManagerError, type FileOpener, type LockHolder, type LockHolderProcess, type LockHolders, type ProcessInfo, type UnreadableHolder } from '../os/errors.js';
 import { loopBacking, openDiskFile } from '../os/disks.js';
 import type { LockableFile } from '../os/locks.js';
 import { lockHolders, lockmgrWatchers, locksOn, runsLockmgr, sameDescription, supervisedByLockmgr, type ProcLock } from '../os/proc-locks.js';
@@ -95,9 +95,18 @@ function markOrphans(h: LockHolders): LockHolders {
 
 /** A loop device's backing file, its byte 0 and its holders; undefined for anything else. */
 function backingLease(device: LockableFile): StatusEntry['backingFile'] {
-  const bound = loopBacking(device);
-  if (bound === null) return undefined;
-  const file = openDiskFile(bound.path, 'read');
+  let bound: ReturnType<typeof loopBacking>;
+  let file: LockableFile;
+  try {
+    bound = loopBacking(device);
+    if (bound === null) return undefined;
+    file = openDiskFile(bound.path, 'read');
+  } catch (err) {
+    // A backing file deleted or replaced (run refuses the device), or one we may not open:
+    // the device itself, and who holds it, is still worth showing.
+    if (err instanceof LockManagerError) return undefined;
+    throw err;
+  }
   try {
     const lease = byteState(file, 0);
     const who = lockHolders(file.fd, 'exclusive', { start: 0, length: 1 }, { conflict: lease.holder });

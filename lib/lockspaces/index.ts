@@ -7,7 +7,7 @@ import { checkOneOf, checkOptions, describe } from '../os/validate.js';
 import { directLockspace, type DirectLockspaceConfig } from './direct.js';
 import type { LockspaceDriver } from './driver.js';
 import { indirectLockspace, type IndirectLockspaceConfig } from './indirect.js';
-import { sanlockLockspace, type SanlockLockspaceConfig } from './sanlock.js';
+import { checkSanlockConfig, sanlockLockspace, type SanlockLockspaceConfig } from './sanlock.js';
 
 export type { DirectLockspaceConfig, IndirectLockspaceConfig, SanlockLockspaceConfig };
 /** Where a manager's leases live (docs/lockspaces.md). */
@@ -39,7 +39,15 @@ export function parseLockspaceSpec(spec: string, cwd: string, flag = '--lockspac
   if (spec.startsWith('sanlock:')) {
     const m = /^sanlock:([^:]+):([^:]+):(\d+)$/.exec(spec);
     if (m === null) throw new InvalidArgumentError(`${flag} sanlock:NAME:PATH:HOSTID (the lockspace's name, its shared storage and this host's id), got ${describe(spec)}`);
-    return { kind: 'sanlock', lockspace: m[1]!, path: m[2]!, hostId: Number(m[3]) };
+    const config = { kind: 'sanlock' as const, lockspace: m[1]!, path: m[2]!, hostId: Number(m[3]) };
+    try {
+      checkSanlockConfig(config);
+    } catch (err) {
+      // In the spec's words (NAME, PATH, HOSTID), not the API's lockspace.* fields.
+      const part: Record<string, string> = { lockspace: 'NAME', path: 'PATH', hostId: 'HOSTID' };
+      throw new InvalidArgumentError(`${flag} sanlock:NAME:PATH:HOSTID: ${(err as Error).message.replace(/^lockspace\.(\w+)/, (w, f: string) => part[f] ?? w)}`);
+    }
+    return config;
   }
   if (spec === '') throw new InvalidArgumentError(`${flag} needs 'direct', a directory, or sanlock:NAME:PATH:HOSTID`);
   return { kind: 'indirect', dir: resolve(cwd, spec) };

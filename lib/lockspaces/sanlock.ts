@@ -209,10 +209,15 @@ interface ClassLeases {
   offsets: { mine: number; theirs: number };
 }
 
+/** How to create a lease: the API call, or the command ('(apiCall(), or lockmgr COMMAND)', which the CLI shortens to the command). */
+function createAdvice(resource: string): string {
+  return resource.startsWith('lml') ? 'createNamedLease(), or lockmgr sanlock add-lease' : 'createDiskLease(), or lockmgr sanlock add-disk';
+}
+
 /** A lease whose class resources are not in the index: created by a release of lockmgr before class leases (names version 1). */
 function missingClass(disk: string, cls: ClassLeases): ResourceAccessError {
   return new ResourceAccessError(
-    `${disk} has no ${cls.mode} class lease (${cls.mine.resource}) in sanlock lockspace ${cls.mine.lockspace}: its lease was created by a lockmgr before sanlock names version 2, which cannot keep readonly and shared leases apart; run \`lockmgr sanlock add-disk\` (or createDiskLease(), add-lease for a named lease) for it again`,
+    `${disk} has no ${cls.mode} class lease (${cls.mine.resource}) in sanlock lockspace ${cls.mine.lockspace}: its lease was created by a lockmgr before sanlock names version 2, which cannot keep readonly and shared leases apart; create its leases again (${createAdvice(cls.mine.resource)})`,
   );
 }
 
@@ -531,7 +536,7 @@ export class SanlockLockspace implements LockspaceDriver {
               throw errorFor(RV.SANLK_ACQUIRE_LOCKSPACE, 'sanlock_lookup_rindex', `${disk}: looking up its sanlock lease in lockspace ${address.lockspace}`);
             }
             throw new ResourceAccessError(
-              `${disk} has no sanlock lease in lockspace ${address.lockspace} on ${address.path}: create it once with createDiskLease() or \`lockmgr sanlock add-disk\``,
+              `${disk} has no sanlock lease in lockspace ${address.lockspace} on ${address.path}: create it once (${createAdvice(address.resource)})`,
               { cause: sanlockCause(r.rv, 'sanlock_lookup_rindex') },
             );
           }

@@ -11,7 +11,7 @@ import type { Capability } from '../lockspaces/driver.js';
 import { openLockspace } from '../lockspaces/index.js';
 import type { LockspaceDriver } from '../lockspaces/driver.js';
 import { AbortError, InvalidArgumentError, InvalidStateError, LockManagerError, LockTimeoutError, ResourceBusyError, UnsupportedError, holdersOf, type ProcessInfo } from '../os/errors.js';
-import { describeProcess, processStartTime, watchingParent } from '../os/proc-locks.js';
+import { describeProcess, processStartTime, runsLockmgr, watchedBy, watchingParent } from '../os/proc-locks.js';
 import { attachProcess, checkSpawn, type ExitStatus, type SpawnOptions, type SupervisedProcess } from '../os/supervise.js';
 import { CHANNELS, publish, traced } from '../os/trace.js';
 import { checkOptions, checkSignal, checkTimeout, describe } from '../os/validate.js';
@@ -378,6 +378,12 @@ export class LockManager extends EventEmitter<LockManagerEvents> implements Asyn
     const mgr = new LockManager({ ...managerOptions, lockLifetime: 'child' });
     mgr.#requireCapability('adopt', `adopt a running process's leases`);
     checkSignallable(pid);
+    // A live `lockmgr run` given for its VM: it holds the VM's leases too, but
+    // taking it over would make two managers of that VM.
+    const watched = runsLockmgr(pid) ? watchedBy(pid) : [];
+    if (watched.length > 0) {
+      throw new InvalidArgumentError(`process ${pid} is a lockmgr supervisor (it watches process ${watched.join(', ')}): take over the process it supervises once it is gone, not it`);
+    }
     // Two managers of one VM would each release the other's leases.
     const supervisor = watchingParent(pid);
     if (supervisor !== null) {

@@ -8,6 +8,8 @@ import { once } from 'node:events';
 import { readdirSync } from 'node:fs';
 import { afterEach, describe, expect, it } from 'vitest';
 import { InvalidArgumentError, LockManager, ResourceBusyError } from '../../lib/index.js';
+import { fileURLToPath } from 'node:url';
+import { watchedBy } from '../../lib/os/proc-locks.js';
 import { distUrl, fdCount, lockFixture, processExists, waitUntil } from '../helpers.js';
 
 const fx = lockFixture();
@@ -111,6 +113,20 @@ describe('adopt() and the processes that share the lease', () => {
     third.registerResource({ type: 'disk', path: fx.path, mode: 'exclusive' });
     await expect(third.start('true')).rejects.toBeInstanceOf(ResourceBusyError);
     await third.free();
+  });
+
+  it('a live lockmgr supervisor is no VM to take over: InvalidArgumentError naming what it supervises, nothing taken', async () => {
+    const run = spawn(process.execPath, [fileURLToPath(new URL('../../bin/lockmgr.js', import.meta.url)), 'run', '--exclusive', fx.path, '--', 'sleep', '1000'], { stdio: 'ignore' });
+    children.push(run);
+    await waitUntil(() => watchedBy(run.pid!).length > 0, 10_000, 'lockmgr run to start its command');
+    const [vm] = watchedBy(run.pid!);
+    daemons.push(vm!);
+    const fds = fdCount();
+    const err = (await LockManager.adopt(run.pid!, { resources: [{ type: 'disk', path: fx.path, mode: 'exclusive' }] }).catch((e: unknown) => e)) as Error;
+    expect(err).toBeInstanceOf(InvalidArgumentError);
+    expect(err.message).toBe(`process ${run.pid} is a lockmgr supervisor (it watches process ${vm}): take over the process it supervises once it is gone, not it`);
+    expect(fdCount()).toBe(fds);
+    expect(run.exitCode).toBe(null);
   });
 
   it('a process that runs lockmgr and shares the lease (an earlier adopter) is its supervisor: ResourceBusyError naming it, nothing taken', async () => {

@@ -244,5 +244,10 @@ describe.skipIf(!canLoop)('a loop device and its backing file (real losetup)', (
     expect(() => m.registerResource({ type: 'disk', path: loop, mode: 'exclusive' })).toThrow(ResourceAccessError);
     expect(() => m.registerResource({ type: 'disk', path: loop, mode: 'exclusive' })).toThrow(/no longer names that file \(deleted, renamed or replaced\)/);
     void m.free();
+    // status still shows the device itself (who holds it), without a backing file to show.
+    const r = spawnSync(process.execPath, [BIN, 'status', '--json', loop], { encoding: 'utf8', timeout: 30_000, killSignal: 'SIGKILL' });
+    expect(r.status, r.stdout + r.stderr).toBe(0);
+    const entry = (JSON.parse(r.stdout) as { entries: StatusEntry[] }).entries[0]!;
+    expect([entry.path, entry.kind, entry.error, entry.backingFile]).toEqual([loop, 'block-device', undefined, undefined]);
   });
 });

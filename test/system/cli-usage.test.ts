@@ -124,12 +124,15 @@ describe('usage errors: one line, a pointer to --help, exit 64', () => {
       [['--conflict-exit-code', '256'], /^lockmgr: --conflict-exit-code needs an exit status 0-255, got '256'/],
       [['-E', 'x'], /^lockmgr: --conflict-exit-code needs an exit status 0-255, got 'x'/],
       [['--lockspace', 'sanlock:x'], /^lockmgr: --lockspace sanlock:NAME:PATH:HOSTID/],
+      [['--lockspace', 'sanlock:x:/dev/lun:0'], /^lockmgr: --lockspace sanlock:NAME:PATH:HOSTID: HOSTID must be this host's id in the lockspace \(1 to 2000\), got 0\n$/],
+      [['--lockspace', 'sanlock:x:dev/lun:1'], /^lockmgr: --lockspace sanlock:NAME:PATH:HOSTID: PATH must be the absolute path of the shared lease storage/],
+      [['--lockspace', `sanlock:${'x'.repeat(49)}:/dev/lun:1`], /^lockmgr: --lockspace sanlock:NAME:PATH:HOSTID: NAME must be a sanlock lockspace name \(1 to 48 bytes/],
     ];
     for (const [flags, message] of cases) {
       const r = lockmgr(['run', ...flags, '--exclusive', fx.path, '--', 'true']);
       expect({ flags, code: r.code }).toEqual({ flags, code: 64 });
       expect(r.stderr).toMatch(message);
-      expect(r.stderr).not.toMatch(/lockLifetime|params\.|resource\.path/);
+      expect(r.stderr).not.toMatch(/lockLifetime|params\.|resource\.path|lockspace\./);
     }
   });
 });

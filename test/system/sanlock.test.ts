@@ -336,6 +336,22 @@ describe.skipIf(why !== null)('sanlock lockspace', () => {
     await cleanupManagers();
   });
 
+  it('lockmgr run on a disk without its lease, or without class leases: the advice names the command only, no API call', async () => {
+    const old = join(root, 'v1-cli.img');
+    writeFileSync(old, 'x'.repeat(4096));
+    client(1, 'create', '-x', `${LS}:${cluster.loop}:${8 * 1024 * 1024}`, '-e', diskResourceName(old));
+    const r = spawnSync(process.execPath, [bin, 'run', '--lockspace', `sanlock:${LS}:${cluster.loop}:1`, '--readonly', old, '--', 'true'], { encoding: 'utf8', env: cluster.env(1) });
+    expect(r.stderr).toMatch(/no readonly class lease .*\(lockmgr sanlock add-disk\)/);
+    expect(r.stderr).not.toMatch(/\w\(\)/);
+    expect(heldOn(1)).toEqual([]);
+    // No lease at all: the same.
+    const none = join(root, 'no-lease-cli.img');
+    writeFileSync(none, 'x'.repeat(4096));
+    const n = spawnSync(process.execPath, [bin, 'run', '--lockspace', `sanlock:${LS}:${cluster.loop}:1`, '--exclusive', none, '--', 'true'], { encoding: 'utf8', env: cluster.env(1) });
+    expect(n.stderr).toMatch(/has no sanlock lease .*: create it once \(lockmgr sanlock add-disk\)\n$/);
+    expect(heldOn(1)).toEqual([]);
+  });
+
   it('all or nothing: the second disk busy leaves the first released and the command never run', async () => {
     const p = await host2();
     await p.call('create', { lockspace: host(2) });
