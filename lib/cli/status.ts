@@ -1,6 +1,6 @@
 // `lockmgr status`: who holds what on each PATH (docs/cli.md).
 import type { ByteStatus, LeaseStatus, LockspaceDriver } from '../lockspaces/driver.js';
-import { openLockspace, parseLockspaceSpec } from '../lockspaces/index.js';
+import { LAST_LEASE_BYTE, openLockspace, parseLockspaceSpec } from '../lockspaces/index.js';
 import { LockManagerError, type FileOpener, type LockHolder, type LockHolderProcess, type LockHolders, type ProcessInfo, type UnreadableHolder } from '../os/errors.js';
 import { loopBacking, openDiskFile } from '../os/disks.js';
 import type { LockableFile } from '../os/locks.js';
@@ -36,8 +36,9 @@ export interface StatusEntry {
   locks?: Array<Omit<ProcLock, 'ino'> & { ino: string }>;
   /**
    * Every process that holds a lock on the file, one entry per lock (from
-   * /proc/PID/fdinfo and /proc/locks); `orphan`: no live lockmgr supervises
-   * the lease it holds (markOrphans; docs/contract.md, "Orphans").
+   * /proc/PID/fdinfo and /proc/locks); `orphan`, on holders of a lease lock
+   * only: no live lockmgr supervises the lease it holds (markOrphans;
+   * docs/contract.md, "Orphans").
    */
   holders?: LockHolderProcess[];
   /** The other processes that have it open, those waiting for a lock marked. */
@@ -77,12 +78,14 @@ function lockFilesOf(status: LeaseStatus): StatusEntry['lockFiles'] {
 }
 
 /**
- * Each holder marked `orphan` when no live lockmgr supervises the lease it
+ * Each holder of a lease lock (an OFD lock on the lease's bytes, which only
+ * lockmgr takes) marked `orphan` when no live lockmgr supervises the lease it
  * holds (docs/contract.md, "Orphans"): it neither runs lockmgr nor descends
  * from a process that does (a command, QEMU's own locks), its lock's open file
  * description is shared with no process that runs lockmgr (a command's
  * daemon while its `run` lives; an adopted VM), and no lockmgr watches it
- * through a pidfd (an adopted VM whose leases the lock service keeps).
+ * through a pidfd (an adopted VM whose leases the lock service keeps). Other
+ * holders (QEMU's own bytes, a flock or POSIX lock) hold no lease: no mark.
  */
 function markOrphans(h: LockHolders): LockHolders {
   const managers = h.holders.filter((x) => x.fds !== null && runsLockmgr(x.pid));
@@ -90,7 +93,8 @@ function markOrphans(h: LockHolders): LockHolders {
     (x.fds ?? []).some((fd) => managers.some((m) => m.pid !== x.pid && m.fds!.some((mfd) => sameDescription(x.pid, fd, m.pid, mfd))));
   const supervised = new Map<number, boolean>();
   const supervisedPid = (pid: number): boolean => supervised.get(pid) ?? supervised.set(pid, supervisedByLockmgr(pid) || lockmgrWatchers(pid).length > 0).get(pid)!;
-  return { ...h, holders: h.holders.map((x) => ({ ...x, orphan: !(shared(x) || supervisedPid(x.pid)) })) };
+  const leaseLock = (x: LockHolderProcess): boolean => x.kind === 'OFD' && x.start <= LAST_LEASE_BYTE;
+  return { ...h, holders: h.holders.map((x) => (leaseLock(x) ? { ...x, orphan: !(shared(x) || supervisedPid(x.pid)) } : x)) };
 }
 
 /** A loop device's backing file, its byte 0 and its holders; undefined for anything else. */

@@ -53,4 +53,5 @@ export function parseLockspaceSpec(spec: string, cwd: string, flag = '--lockspac
   return { kind: 'indirect', dir: resolve(cwd, spec) };
 }
 
+export { LAST_LEASE_BYTE } from './ofd.js';
 export { LOCKSPACE_SPEC_HELP, LOCKSPACE_TOOLS, type LockspaceTool } from './tools.js';

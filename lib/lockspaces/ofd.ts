@@ -42,6 +42,8 @@ export const GUARD_RANGE: Readonly<ByteRange> = Object.freeze({ start: 1, length
 export const PIN_RANGE: Readonly<ByteRange> = Object.freeze({ start: 2, length: 1 });
 export const SHARED_CLASS_RANGE: Readonly<ByteRange> = Object.freeze({ start: 3, length: 1 });
 export const READONLY_CLASS_RANGE: Readonly<ByteRange> = Object.freeze({ start: 4, length: 1 });
+/** The last of the bytes 0-N a lease takes on an image or lock file (lease, guard, pin, the two classes): what only lockmgr locks. */
+export const LAST_LEASE_BYTE: number = READONLY_CLASS_RANGE.start!;
 
 /** The class byte a mode takes, and the one it must find free; null for exclusive (byte 0 says it all). */
 function classOf(mode: ResourceMode): { mine: Readonly<ByteRange>; theirs: Readonly<ByteRange>; theirMode: ResourceMode } | null {

@@ -230,6 +230,8 @@ describe('holders that are not lockmgr, named by the real binary', () => {
     expect(kinds(flock.pid!)).toEqual([['FLOCK', 'shared', 0, null]]);
     // flock(1)'s command inherited the flock lock's open file description: it holds it too.
     expect(e.holders!.filter((h) => h.kind === 'FLOCK' && h.pid !== flock.pid).map((h) => h.command)).toEqual(['sleep 1000']);
+    // None of them holds a lease (lockmgr's OFD bytes 0-4): none is anybody's orphan, in JSON or in the table.
+    expect(e.holders!.filter((h) => h.orphan !== undefined)).toEqual([]);
 
     const table = lockmgr(['status', fx.path]).stdout.split('\n');
     // The lease names only the byte-range holder of byte 0: flock and QEMU's bytes are not it.
@@ -238,6 +240,7 @@ describe('holders that are not lockmgr, named by the real binary', () => {
     expect(after(qemu.pid!)).toMatch(/^ +a shared OFD lock on bytes 100-101 \(QEMU holds "consistent-read", "write"\) \(fd \d+\)$/);
     expect(after(py.pid!)).toMatch(/^ +an exclusive POSIX lock on byte 0 \(fd 3\)$/);
     expect(after(flock.pid!)).toMatch(/^ +a shared flock lock on the whole file \(fd \d+\)$/);
+    expect(table.filter((l) => l.includes('orphan'))).toEqual([]);
 
     const r = lockmgr(['run', '--exclusive', fx.path, '--', 'true']);
     expect(r.code).toBe(75);
