@@ -101,7 +101,8 @@ export function checkSignallable(pid: number): void {
     if ((err as NodeJS.ErrnoException).code === 'EPERM') {
       throw new UnsupportedError(`cannot attach to process ${pid}: this process may not signal it, so it could never stop or kill it (${cause.message})`, { cause });
     }
-    throw new InvalidArgumentError(`cannot attach to process ${pid}: ${cause.message}`, { cause });
+    const why = (err as NodeJS.ErrnoException).code === 'ESRCH' ? 'there is no such process' : cause.message;
+    throw new InvalidArgumentError(`cannot attach to process ${pid}: ${why}`, { cause });
   }
 }
 

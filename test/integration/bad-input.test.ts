@@ -991,6 +991,8 @@ describe('lockmgr: flags and combinations (exit codes of docs/cli.md)', () => {
     ['run of a file that is not executable', () => ['run', '--exclusive', disk, '--', disk], 126, /cannot spawn '.*disk\.img': EACCES/],
     ['run of a directory', () => ['run', '--exclusive', disk, '--', tmp.dir], 126, /EACCES/],
     ['run --adopt beyond any process id', () => ['run', '--adopt', '99999999999', '--exclusive', disk], 64, /^lockmgr: --adopt needs a process id \(an integer from 1 to 2147483647\), got '99999999999' \(see 'lockmgr run --help'\)\n$/],
+    // Above pid_max: no process has it. Said so, not as kill(2)'s ESRCH.
+    ['run --adopt of a process that does not exist', () => ['run', '--adopt', '2147483647', '--exclusive', disk], 64, /^lockmgr: cannot attach to process 2147483647: there is no such process\n$/],
     ['status without a PATH', () => ['status', '--json'], 64, /a PATH is needed/],
     ['status with an unknown flag', () => ['status', '--yaml', disk], 64, /unknown option '--yaml'/],
     ['status --lockspace that is a symlink', () => ['status', '--lockspace', join(tmp.dir, 'dir-link'), disk], 64, /symbolic link/],
