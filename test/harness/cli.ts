@@ -5,7 +5,7 @@ import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import * as hooks from 'vitest';
-import { waitUntil } from '../helpers.js';
+import { processExists, waitUntil } from '../helpers.js';
 
 export const BIN = fileURLToPath(new URL('../../bin/lockmgr.js', import.meta.url));
 
@@ -29,6 +29,35 @@ export function lockmgr(args: readonly string[], options: { cwd?: string; env?: 
 }
 
 /**
+ * Ends each lockmgr still running: SIGTERM, which `run` forwards to its
+ * command (a SIGKILLed lockmgr would leave its command running: lifetime
+ * 'child' keeps it alive on purpose), SIGKILL after 5 s; waits for each exit.
+ * Empties the list.
+ */
+export async function endRuns(children: ChildProcess[]): Promise<void> {
+  for (const c of children.splice(0)) {
+    if (c.exitCode !== null || c.signalCode !== null) continue;
+    const gone = new Promise((r) => c.once('exit', r));
+    c.kill('SIGTERM');
+    const timer = setTimeout(() => c.kill('SIGKILL'), 5000);
+    await gone;
+    clearTimeout(timer);
+  }
+}
+
+/** SIGKILLs each pid (a process a test left outside any supervision: an orphan, a SIGKILLed run's command) and waits until it is gone. Empties the list. */
+export async function killPids(pids: number[]): Promise<void> {
+  for (const pid of pids.splice(0)) {
+    try {
+      process.kill(pid, 'SIGKILL');
+    } catch {
+      // Gone already.
+    }
+    await waitUntil(() => !processExists(pid), 10_000, `pid ${pid} to go`);
+  }
+}
+
+/**
  * Background lockmgr processes of a test, ended after it: SIGTERM (which
  * `run` forwards to its command), SIGKILL after 5 s.
  */
@@ -37,16 +66,7 @@ export function backgroundRuns(): {
   children: ChildProcess[];
 } {
   const children: ChildProcess[] = [];
-  hooks.afterEach(async () => {
-    for (const c of children.splice(0)) {
-      if (c.exitCode !== null || c.signalCode !== null) continue;
-      const gone = new Promise((r) => c.once('exit', r));
-      c.kill('SIGTERM');
-      const timer = setTimeout(() => c.kill('SIGKILL'), 5000);
-      await gone;
-      clearTimeout(timer);
-    }
-  });
+  hooks.afterEach(() => endRuns(children));
   return {
     children,
     /** Starts `lockmgr ARGS`; with `ready` (a file the command touches), resolves once it exists. */

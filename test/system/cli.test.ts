@@ -8,6 +8,7 @@ import { LockManager, openLockable } from '../../lib/index.js';
 import { lockFileName } from '../../lib/lockspaces/indirect.js';
 import type { StatusEntry } from '../../lib/cli/main.js';
 import { lockFixture, makeFile, waitUntil } from '../helpers.js';
+import { endRuns, killPids, lockmgr as runLockmgr } from '../harness/cli.js';
 
 const fx = lockFixture();
 const BIN = fileURLToPath(new URL('../../bin/lockmgr.js', import.meta.url));
@@ -16,30 +17,11 @@ const running: ChildProcess[] = [];
 const leftovers: number[] = [];
 
 afterEach(async () => {
-  for (const pid of leftovers.splice(0)) {
-    try {
-      process.kill(pid, 'SIGKILL');
-    } catch {
-      // Gone already.
-    }
-  }
-  for (const c of running.splice(0)) {
-    if (c.exitCode !== null || c.signalCode !== null) continue;
-    // SIGTERM, which lockmgr forwards: a SIGKILLed lockmgr would leave its
-    // command running (lifetime 'child' keeps it alive on purpose).
-    const gone = new Promise((r) => c.once('exit', r));
-    c.kill('SIGTERM');
-    const timer = setTimeout(() => c.kill('SIGKILL'), 5000);
-    await gone;
-    clearTimeout(timer);
-  }
+  await killPids(leftovers);
+  await endRuns(running);
 });
 
-function lockmgr(...args: string[]) {
-  // Bounded: a lockmgr that never exits must fail the test, not hang the runner.
-  const r = spawnSync(process.execPath, [BIN, ...args], { encoding: 'utf8', timeout: 30_000, killSignal: 'SIGKILL' });
-  return { code: r.status, stdout: r.stdout, stderr: r.stderr, signal: r.signal };
-}
+const lockmgr = (...args: string[]) => runLockmgr(args);
 
 /**
  * Starts `lockmgr run ... -- sh -c SCRIPT` in the background; resolves once

@@ -13,27 +13,16 @@ import { LockManager, qemuLockState } from '../../lib/index.js';
 import type { Orphans } from '../../lib/manager/types.js';
 import { supervisedByLockmgr } from '../../lib/os/proc-locks.js';
 import { lockFixture, processExists, waitUntil } from '../helpers.js';
+import { killPids, lockmgr as runLockmgr } from '../harness/cli.js';
 
 const fx = lockFixture();
 const BIN = fileURLToPath(new URL('../../bin/lockmgr.js', import.meta.url));
 /** Pids this file started outside lockmgr's supervision (orphans by design), killed by pid after each test. */
 const leftovers: number[] = [];
 
-afterEach(async () => {
-  for (const pid of leftovers.splice(0)) {
-    try {
-      process.kill(pid, 'SIGKILL');
-    } catch {
-      // Already gone.
-    }
-    await waitUntil(() => !processExists(pid), 10_000, `pid ${pid} to go`);
-  }
-});
+afterEach(() => killPids(leftovers));
 
-function lockmgr(...args: string[]) {
-  const r = spawnSync(process.execPath, [BIN, ...args], { encoding: 'utf8', timeout: 30_000, killSignal: 'SIGKILL' });
-  return { code: r.status, stdout: r.stdout, stderr: r.stderr };
-}
+const lockmgr = (...args: string[]) => runLockmgr(args);
 
 function status(...args: string[]): StatusEntry {
   const r = lockmgr('status', '--json', ...args);
