@@ -29,7 +29,7 @@ import {
   type ResourceSpec,
 } from '../../lib/index.js';
 import { supervisionInfo } from '../../lib/os/supervise.js';
-import { fdCount, waitUntil } from '../helpers.js';
+import { fdCount, uniqueName, waitUntil } from '../helpers.js';
 import type { Backend, Host, PoolResource } from './backends.js';
 import { LocalSide, RemoteSide, type Side } from './sides.js';
 
@@ -172,7 +172,7 @@ class Rig {
 
   /** A marker a command touches before it execs: whether it ever ran. */
   marker(name: string): string {
-    return join(this.b.scratch, `${name}-${Math.random().toString(36).slice(2, 8)}`);
+    return join(this.b.scratch, uniqueName(name));
   }
 }
 
